@@ -1,0 +1,105 @@
+"""The one cache for downloaded files (checkpoints, the AudioSet label table) and its downloader.
+
+Files live in `$EFFICIENTAT_MODEL_DIR` if set, else in the repository's `resources/` folder. A file
+already in the cache is used as it is, without any network access. A missing file is streamed into
+a temporary file next to its destination, checked, and only then renamed into place, so an
+interrupted or failed download never leaves a partial file behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "EFFICIENTAT_MODEL_DIR"
+_DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "resources"
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched or failed its check; the message says where to put it by hand."""
+
+
+def cache_dir() -> Path:
+    """Folder holding checkpoints and label files: $EFFICIENTAT_MODEL_DIR or resources/."""
+    return Path(os.environ.get(CACHE_ENV) or _DEFAULT_CACHE)
+
+
+def sha256sum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch(url: str, dest: Path, timeout: float, progress: bool) -> None:
+    """Stream `url` into `dest`; raise if the transfer is shorter than announced."""
+    request = urllib.request.Request(url, headers={"User-Agent": "EfficientAT"})
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name[:40],
+                  disable=not progress, leave=False) as bar:
+            for chunk in iter(lambda: response.read(1 << 16), b""):
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and received != total:
+            raise DownloadError(f"connection closed after {received} of {total} bytes")
+
+
+def download(urls: str | Sequence[str], dest: Path, sha256: Optional[str] = None,
+             validate: Optional[Callable[[Path], None]] = None, timeout: float = 60.0,
+             progress: bool = True) -> Path:
+    """Download the first of `urls` that works into `dest` (atomically) and return `dest`.
+
+    `sha256`, when given, must match; otherwise `validate(path)` may raise to reject the file.
+    Raises DownloadError naming the URL(s) and the path where the file can be put by hand.
+    """
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    problems = []
+    for url in urls:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            logger.info("downloading %s to %s", url, dest)
+            _fetch(url, tmp, timeout, progress)
+            if sha256 is not None:
+                actual = sha256sum(tmp)
+                if actual != sha256:
+                    raise DownloadError(f"sha256 mismatch (expected {sha256}, got {actual})")
+            if validate is not None:
+                validate(tmp)
+            os.replace(tmp, dest)
+            return dest
+        except urllib.error.HTTPError as e:
+            problems.append(f"{url}: HTTP {e.code} {e.reason}")
+        except (urllib.error.URLError, http.client.HTTPException, OSError, DownloadError, ValueError) as e:
+            reason = e.reason if isinstance(e, urllib.error.URLError) else e
+            problems.append(f"{url}: {reason}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise DownloadError(f"could not download {dest.name} ({'; '.join(problems)}); "
+                        f"download it by hand and put it at {dest}")
+
+
+def cached_file(filename: str, urls: str | Sequence[str], sha256: Optional[str] = None,
+                validate: Optional[Callable[[Path], None]] = None, progress: bool = True) -> Path:
+    """Path of `filename` in the cache, downloading it first if it is not there yet."""
+    path = cache_dir() / filename
+    if path.is_file():
+        return path
+    return download(urls, path, sha256=sha256, validate=validate, progress=progress)

@@ -1,0 +1,126 @@
+"""Waveform -> normalized log-mel spectrogram, the input every MN and DyMN model expects.
+
+Bit-exact with the original EfficientAT frontend in eval mode: pre-emphasis, centered STFT with a
+symmetric Hann window, Kaldi-style mel filterbank, log(x + 1e-5), (x + 4.5) / 5. In training mode
+the filterbank edges are randomized per call and optional frequency/time masks are drawn
+independently for every example.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def _mel(freq: float) -> float:
+    return 1127.0 * math.log(1.0 + freq / 700.0)
+
+
+def kaldi_mel_banks(n_mels: int, n_fft: int, sr: float, fmin: float, fmax: float) -> torch.Tensor:
+    """Kaldi's triangular mel filterbank (natural-log mel scale, triangles in the mel domain, no
+    area normalization), shape (n_mels, n_fft // 2 + 1); the Nyquist column is all zeros.
+
+    Computed in float32 the way Kaldi/torchaudio compute it, which the released models were
+    trained with."""
+    if n_mels <= 3:
+        raise ValueError(f"n_mels must be greater than 3, got {n_mels}")
+    if n_fft % 2:
+        raise ValueError(f"n_fft must be even, got {n_fft}")
+    nyquist = 0.5 * sr
+    if fmax <= 0.0:
+        fmax += nyquist
+    if not (0.0 <= fmin < nyquist and 0.0 < fmax <= nyquist and fmin < fmax):
+        raise ValueError(f"invalid mel band edges fmin={fmin}, fmax={fmax} for sample rate {sr}")
+    mel_low, mel_high = _mel(fmin), _mel(fmax)
+    mel_delta = (mel_high - mel_low) / (n_mels + 1)
+    band = torch.arange(n_mels, dtype=torch.float32).unsqueeze(1)
+    left = mel_low + band * mel_delta
+    center = mel_low + (band + 1.0) * mel_delta
+    right = mel_low + (band + 2.0) * mel_delta
+    bin_freqs = (sr / n_fft) * torch.arange(n_fft // 2, dtype=torch.float32)
+    bin_mels = (1127.0 * (1.0 + bin_freqs / 700.0).log()).unsqueeze(0)
+    up = (bin_mels - left) / (center - left)
+    down = (right - bin_mels) / (right - center)
+    banks = torch.clamp(torch.minimum(up, down), min=0.0)
+    return nn.functional.pad(banks, (0, 1))  # zero weight for the Nyquist bin
+
+
+def _random_band_mask(spec: torch.Tensor, max_width: int, axis: int) -> torch.Tensor:
+    """Boolean mask (broadcastable to spec) of one band per example along `axis` (1 = mel,
+    2 = time): width floor(u1 * max_width), start floor(u2 * (size - width_real))."""
+    batch, size = spec.shape[0], spec.shape[axis]
+    width = torch.rand(batch, 1, device=spec.device) * max_width
+    start = (torch.rand(batch, 1, device=spec.device) * (size - width)).floor()
+    end = start + width.floor()
+    idx = torch.arange(size, device=spec.device).unsqueeze(0)
+    mask = (idx >= start) & (idx < end)  # (B, size)
+    return mask.unsqueeze(2) if axis == 1 else mask.unsqueeze(1)
+
+
+class AugmentMelSTFT(nn.Module):
+    """Log-mel frontend with train-time fmin/fmax jitter and SpecAugment-style masking.
+
+    Input (B, L) float waveforms at `sr`; output (B, n_mels, 1 + (L - 1) // hopsize).
+    """
+
+    def __init__(self, n_mels: int = 128, sr: int = 32000, win_length: int = 800,
+                 hopsize: int = 320, n_fft: int = 1024, freqm: int = 48, timem: int = 192,
+                 fmin: float = 0.0, fmax: Optional[float] = None, fmin_aug_range: int = 10,
+                 fmax_aug_range: int = 2000) -> None:
+        super().__init__()
+        if fmin_aug_range < 1 or fmax_aug_range < 1:
+            raise ValueError("fmin_aug_range and fmax_aug_range must be at least 1 (1 = no jitter)")
+        if win_length > n_fft:
+            raise ValueError(f"win_length ({win_length}) must not exceed n_fft ({n_fft})")
+        if hopsize < 1:
+            raise ValueError(f"hopsize must be positive, got {hopsize}")
+        self.n_mels, self.sr, self.win_length, self.hopsize, self.n_fft = n_mels, sr, win_length, hopsize, n_fft
+        self.freqm, self.timem = freqm, timem
+        self.fmin = fmin
+        self.fmax = sr // 2 - fmax_aug_range // 2 if fmax is None else fmax
+        self.fmin_aug_range, self.fmax_aug_range = fmin_aug_range, fmax_aug_range
+        self.register_buffer("window", torch.hann_window(win_length, periodic=False), persistent=False)
+        self.register_buffer("preemphasis_coefficient", torch.tensor([[[-0.97, 1.0]]]), persistent=False)
+        # eval-mode filterbank, built once; training builds one per call with jittered edges
+        self.register_buffer("mel_basis", kaldi_mel_banks(n_mels, n_fft, sr, self.fmin, self.fmax),
+                             persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"n_mels={self.n_mels}, sr={self.sr}, win_length={self.win_length}, "
+                f"hopsize={self.hopsize}, n_fft={self.n_fft}, freqm={self.freqm}, timem={self.timem}, "
+                f"fmin={self.fmin}, fmax={self.fmax}")
+
+    def num_frames(self, num_samples: int) -> int:
+        """Number of spectrogram frames produced for a waveform of `num_samples` samples."""
+        return 1 + (num_samples - 1) // self.hopsize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"expected waveforms shaped (batch, samples), got {tuple(x.shape)}")
+        if x.shape[-1] < 2:
+            raise ValueError("waveform must have at least 2 samples")
+        x = x.float()
+        x = nn.functional.conv1d(x.unsqueeze(1), self.preemphasis_coefficient).squeeze(1)
+        spec = torch.stft(x, self.n_fft, hop_length=self.hopsize, win_length=self.win_length,
+                          window=self.window, center=True, pad_mode="reflect", normalized=False,
+                          onesided=True, return_complex=True)
+        power = torch.view_as_real(spec).pow(2).sum(-1)  # (B, n_fft // 2 + 1, T)
+
+        if self.training:
+            fmin = self.fmin + torch.randint(self.fmin_aug_range, (1,)).item()
+            fmax = self.fmax + self.fmax_aug_range // 2 - torch.randint(self.fmax_aug_range, (1,)).item()
+            mel_basis = kaldi_mel_banks(self.n_mels, self.n_fft, self.sr, fmin, fmax).to(power.device)
+        else:
+            mel_basis = self.mel_basis
+        with torch.autocast(device_type=power.device.type, enabled=False):
+            melspec = torch.matmul(mel_basis, power)
+        melspec = (melspec + 0.00001).log()
+
+        if self.training:
+            if self.freqm > 0:
+                melspec = melspec.masked_fill(_random_band_mask(melspec, self.freqm, axis=1), 0.0)
+            if self.timem > 0:
+                melspec = melspec.masked_fill(_random_band_mask(melspec, self.timem, axis=2), 0.0)
+        return (melspec + 4.5) / 5.0
