@@ -1,0 +1,123 @@
+"""Datasets kept as audio files plus a metadata table (ESC-50, DCASE2020, the user's own data):
+locating the dataset folder, reading and checking the table, and the clip dataset itself.
+
+Every problem with the files on disk is raised as `DatasetError` with a one-line message that
+names the file, while the datasets are being built, i.e. before training starts.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datasets.audio import load_audio
+from datasets.cache import WaveformCache, file_signature
+
+
+class DatasetError(ValueError):
+    """Missing or malformed dataset files; the message is one line naming the file."""
+
+
+def resolve_dataset_dir(given: Optional[str | os.PathLike], env_var: str, name: str) -> Path:
+    """The dataset folder: `given` (--dataset_dir) or else $env_var; it must exist."""
+    value = given if given else os.environ.get(env_var)
+    if not value:
+        raise DatasetError(f"no {name} folder given: pass --dataset_dir or set ${env_var}")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        source = "--dataset_dir" if given else f"${env_var}"
+        raise DatasetError(f"{path}: {name} folder not found (from {source})")
+    return path
+
+
+def read_table(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
+    """Rows of a CSV/TSV file with a header line, as dicts; checks that `required` columns exist."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: metadata file not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            sep = "tab" if delimiter == "\t" else repr(delimiter)
+            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} (found: "
+                               f"{', '.join(columns) or 'nothing'}; expected {sep}-separated "
+                               f"columns {', '.join(required)})")
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    if not rows:
+        raise DatasetError(f"{path}: no rows after the header")
+    return rows
+
+
+def check_files_exist(files: Sequence[Path], table: Path) -> None:
+    """Raise naming `table` and the first missing file (and how many are missing)."""
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DatasetError(f"{table}: lists {missing[0]}, which does not exist{more}")
+
+
+def fit_length(waveform: np.ndarray, length: int, offset: int = 0) -> np.ndarray:
+    """Zero-pad at the end, or cut `length` samples starting at `offset`."""
+    if len(waveform) < length:
+        return np.pad(waveform, (0, length - len(waveform)))
+    return waveform[offset:offset + length]
+
+
+class AudioFileDataset(Dataset):
+    """Clips read with the project's audio loader, mono at `sample_rate`.
+
+    Items are (waveform (1, L) float32 tensor, name, target float32 tensor). With `clip_samples`
+    every waveform is padded or cut to that length: from the start, or from a random offset when
+    `random_crop` (training on clips longer than the model's input). `cache` keeps the decoded,
+    resampled waveforms on disk.
+    """
+
+    def __init__(self, files: Sequence[Path], targets: np.ndarray, names: Sequence[str],
+                 sample_rate: int = 32000, clip_samples: Optional[int] = None,
+                 random_crop: bool = False, cache: Optional[WaveformCache] = None) -> None:
+        if not len(files) == len(targets) == len(names):
+            raise ValueError("files, targets and names must have the same length")
+        self.files = list(files)
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+        self.names = list(names)
+        self.sample_rate = sample_rate
+        self.clip_samples = clip_samples
+        self.random_crop = random_crop
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def waveform(self, index: int) -> np.ndarray:
+        """Full-length waveform of clip `index` (from the cache where possible)."""
+        path = self.files[index]
+        if self.cache is None:
+            return load_audio(path, self.sample_rate)
+        return self.cache.get(file_signature(path), lambda: load_audio(path, self.sample_rate))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+        wave = self.waveform(index)
+        if self.clip_samples is not None:
+            extra = len(wave) - self.clip_samples
+            offset = int(torch.randint(extra + 1, ())) if self.random_crop and extra > 0 else 0
+            wave = fit_length(wave, self.clip_samples, offset)
+        return torch.from_numpy(np.ascontiguousarray(wave)).unsqueeze(0), self.names[index], self.targets[index]
+
+
+def one_hot(labels: Sequence[int], num_classes: int) -> np.ndarray:
+    """float32 one-hot matrix (N, num_classes) of integer labels."""
+    out = np.zeros((len(labels), num_classes), dtype=np.float32)
+    out[np.arange(len(labels)), np.asarray(labels, dtype=np.int64)] = 1.0
+    return out
+
+
+def make_cache(cache_path: Optional[str | os.PathLike], namespace: str,
+               sample_rate: int) -> Optional[WaveformCache]:
+    """A WaveformCache under `cache_path`, or None when no cache was asked for."""
+    return WaveformCache(cache_path, namespace, sample_rate) if cache_path else None
