@@ -500,6 +500,27 @@ def restore_training_state(state: Mapping[str, Any], model: nn.Module,
     return int(state["epoch"]) + 1
 
 
+def load_finetuned(checkpoint_path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], list[str], bool]:
+    """(model in eval mode, frontend keyword arguments, class names, multilabel) of a checkpoint
+    written by a training script (`training_state`), rebuilt from the configuration stored in it:
+    no command line and no download needed. Apply sigmoid to the logits of multi-label models and
+    softmax to those of single-label ones (checkpoints without the flag count as multi-label, like
+    AudioSet's)."""
+    state = load_checkpoint(checkpoint_path)
+    missing = [k for k in ("model", "model_config", "frontend_config", "class_names") if k not in state]
+    if missing:
+        raise InputError(f"{checkpoint_path}: not a checkpoint of a training script (no "
+                         f"{', '.join(missing)}); released models are loaded by name")
+    model = model_from_config(state["model_config"], load_pretrained=False, epoch=state.get("epoch"))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise InputError(f"{checkpoint_path}: weights do not fit the stored model configuration "
+                         f"({str(e).splitlines()[0]})") from None
+    return (model.eval(), dict(state["frontend_config"]), list(state["class_names"]),
+            bool(state.get("multilabel", True)))
+
+
 def epoch_file_name(width: float, task: str, epoch: int, metric: str, value: float) -> str:
     """The original's per-epoch weight file name, e.g. mn10_as_epoch_5_mAP_450.pt."""
     return f"mn{str(width).replace('.', '')}_{task}_epoch_{epoch}_{metric}_{round(value * 1000)}.pt"
