@@ -23,8 +23,8 @@ from typing import Optional
 
 import numpy as np
 
-from datasets.files import (AudioFileDataset, DatasetError, check_files_exist, make_cache,
-                            read_table, resolve_dataset_dir)
+from datasets.files import AudioFileDataset, check_files_exist, make_cache, read_table
+from helpers.errors import InputError
 
 ENV_VAR = "EFFICIENTAT_CUSTOM_DIR"
 DEFAULT_CSV = "labels.csv"
@@ -64,24 +64,24 @@ def read_clips(csv_path: Path, audio_dir: Path) -> list[Clip]:
     columns = list(rows[0])
     label_cols = _label_columns(columns)
     if not label_cols:
-        raise DatasetError(f"{csv_path}: no label column (expected 'label', 'labels' or "
+        raise InputError(f"{csv_path}: no label column (expected 'label', 'labels' or "
                            f"'label1', 'label2', ...; found: {', '.join(columns)})")
     clips = []
     for line, row in enumerate(rows, start=2):
         if not row["filename"]:
-            raise DatasetError(f"{csv_path}: line {line}: empty filename")
+            raise InputError(f"{csv_path}: line {line}: empty filename")
         labels = [lab.strip() for col in label_cols for lab in row[col].split(LABEL_SEPARATOR) if lab.strip()]
         clip = Clip(audio_dir / row["filename"], row["filename"], list(dict.fromkeys(labels)))
         if "split" in row:
             clip.split = SPLIT_NAMES.get(row["split"].lower())
             if clip.split is None:
-                raise DatasetError(f"{csv_path}: line {line}: split must be one of "
+                raise InputError(f"{csv_path}: line {line}: split must be one of "
                                    f"{', '.join(sorted(SPLIT_NAMES))}, got {row['split']!r}")
         elif "fold" in row:
             try:
                 clip.fold = int(row["fold"])
             except ValueError:
-                raise DatasetError(f"{csv_path}: line {line}: fold must be an integer, "
+                raise InputError(f"{csv_path}: line {line}: fold must be an integer, "
                                    f"got {row['fold']!r}") from None
         clips.append(clip)
     check_files_exist([c.path for c in clips], csv_path)
@@ -104,15 +104,14 @@ def _stratified_holdout(clips: list[Clip], fraction: float, seed: int) -> tuple[
     return [c for i, c in enumerate(clips) if i not in held], [c for i, c in enumerate(clips) if i in held]
 
 
-def get_datasets(dataset_dir: Optional[str | os.PathLike], csv_path: Optional[str | os.PathLike] = None,
+def get_datasets(root: Path, csv_path: Optional[str | os.PathLike] = None,
                  fold: Optional[int] = None, val_fraction: float = 0.2, seed: int = 0,
                  multilabel: Optional[bool] = None, sample_rate: int = 32000,
                  clip_seconds: float = 10.0, cache_path: Optional[str | os.PathLike] = None) -> CustomData:
-    """Build the training, validation and (if the CSV defines one) test sets.
+    """Training, validation and (if the CSV defines one) test sets of the clips in folder `root`.
 
     multilabel None decides from the CSV. Clips are padded or cut to `clip_seconds`: from a random
     offset when training, from the start otherwise."""
-    root = resolve_dataset_dir(dataset_dir, ENV_VAR, "audio")
     table = Path(csv_path) if csv_path else root / DEFAULT_CSV
     clips = read_clips(table, root)
     if multilabel is None:
@@ -120,12 +119,12 @@ def get_datasets(dataset_dir: Optional[str | os.PathLike], csv_path: Optional[st
     if not multilabel:
         bad = next((i for i, c in enumerate(clips) if len(c.labels) != 1), None)
         if bad is not None:
-            raise DatasetError(f"{table}: line {bad + 2}: a single-label dataset needs exactly one label "
+            raise InputError(f"{table}: line {bad + 2}: a single-label dataset needs exactly one label "
                                f"per clip, got {len(clips[bad].labels)} (use --multilabel for clips "
                                "with zero or several labels)")
     class_names = sorted({lab for c in clips for lab in c.labels})
     if len(class_names) < 2 and not multilabel:
-        raise DatasetError(f"{table}: a single-label dataset needs at least two classes, found "
+        raise InputError(f"{table}: a single-label dataset needs at least two classes, found "
                            f"{', '.join(class_names) or 'none'}")
     folds = sorted({c.fold for c in clips if c.fold is not None})
     if any(c.split for c in clips):
@@ -134,14 +133,14 @@ def get_datasets(dataset_dir: Optional[str | os.PathLike], csv_path: Optional[st
     elif folds:
         fold = folds[0] if fold is None else fold
         if fold not in folds:
-            raise DatasetError(f"{table}: no clip in fold {fold} (folds: {', '.join(map(str, folds))})")
+            raise InputError(f"{table}: no clip in fold {fold} (folds: {', '.join(map(str, folds))})")
         train, val, test = [c for c in clips if c.fold != fold], [c for c in clips if c.fold == fold], []
     else:
         if not 0.0 < val_fraction < 1.0:
-            raise DatasetError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+            raise InputError(f"val_fraction must be between 0 and 1, got {val_fraction}")
         (train, val), test = _stratified_holdout(clips, val_fraction, seed), []
     if not train or not val:
-        raise DatasetError(f"{table}: the {'training' if not train else 'validation'} split is empty")
+        raise InputError(f"{table}: the {'training' if not train else 'validation'} split is empty")
     cache = make_cache(cache_path, "custom", sample_rate)
     index = {name: k for k, name in enumerate(class_names)}
 

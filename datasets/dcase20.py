@@ -1,7 +1,7 @@
 """DCASE2020 Task 1a: TAU Urban Acoustic Scenes 2020 Mobile, development set (10 scenes,
 recorded with several devices in several cities).
 
-Layout of the dataset folder (`--dataset_dir` or $EFFICIENTAT_DCASE20_DIR); all tables are
+Layout of the dataset folder (`--dataset_dir`, default $EFFICIENTAT_DCASE20_DIR); all tables are
 tab-separated:
 
     meta.csv                            filename, scene_label, identifier, source_label [, ...]
@@ -20,8 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-from datasets.files import (AudioFileDataset, DatasetError, check_files_exist, make_cache, one_hot,
-                            read_table, resolve_dataset_dir)
+from datasets.files import AudioFileDataset, check_files_exist, make_cache, one_hot, read_table
+from helpers.errors import InputError
 
 ENV_VAR = "EFFICIENTAT_DCASE20_DIR"
 CLIP_SECONDS = 10
@@ -41,12 +41,11 @@ class DCASE20Dataset(AudioFileDataset):
         self.device_names, self.city_names = device_names, city_names
 
 
-def get_datasets(dataset_dir: Optional[str | os.PathLike], sample_rate: int = 32000,
+def get_datasets(root: Path, sample_rate: int = 32000,
                  cache_path: Optional[str | os.PathLike] = None
                  ) -> tuple[DCASE20Dataset, DCASE20Dataset, list[str]]:
-    """(training set, test set, scene names) of the official fold-1 setup; items are
+    """(training set, test set, scene names) of the official fold-1 setup in the folder `root`; items are
     (waveform (1, 10 s), file name, one-hot scene target (10))."""
-    root = resolve_dataset_dir(dataset_dir, ENV_VAR, "DCASE2020 Task 1")
     meta = read_table(root / META, ("filename", "scene_label", "identifier", "source_label"), "\t")
     scenes = sorted({r["scene_label"] for r in meta})
     devices = sorted({r["source_label"] for r in meta})
@@ -59,7 +58,7 @@ def get_datasets(dataset_dir: Optional[str | os.PathLike], sample_rate: int = 32
         listed = [r["filename"] for r in read_table(root / table, ("filename",), "\t")]
         unknown = [f for f in listed if f not in row_of]
         if unknown:
-            raise DatasetError(f"{root / table}: lists {unknown[0]}, which is not in {root / META}"
+            raise InputError(f"{root / table}: lists {unknown[0]}, which is not in {root / META}"
                                + (f" ({len(unknown)} such files)" if len(unknown) > 1 else ""))
         rows = [meta[row_of[f]] for f in listed]
         return DCASE20Dataset(

@@ -1,6 +1,6 @@
 """ESC-50: 2,000 five-second environmental recordings, 50 classes, five folds.
 
-Layout of the dataset folder (`--dataset_dir` or $EFFICIENTAT_ESC50_DIR):
+Layout of the dataset folder (`--dataset_dir`, default $EFFICIENTAT_ESC50_DIR):
 
     meta/esc50.csv    comma-separated; columns filename, fold (1..5), target (0..49)
                       [, category, ...]; category gives the class names where present
@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from datasets.files import (AudioFileDataset, DatasetError, check_files_exist, make_cache, one_hot,
-                            read_table, resolve_dataset_dir)
+from datasets.files import AudioFileDataset, check_files_exist, make_cache, one_hot, read_table
+from helpers.errors import InputError
 
 ENV_VAR = "EFFICIENTAT_ESC50_DIR"
 NUM_CLASSES = 50
@@ -31,7 +31,7 @@ def _int(value: str, low: int, high: int, column: str, line: int, path: Path) ->
     except ValueError:
         number = None
     if number is None or not low <= number <= high:
-        raise DatasetError(f"{path}: line {line}: {column} must be an integer in {low}..{high}, got {value!r}")
+        raise InputError(f"{path}: line {line}: {column} must be an integer in {low}..{high}, got {value!r}")
     return number
 
 
@@ -51,14 +51,13 @@ def read_meta(dataset_dir: Path) -> tuple[list[dict], list[str]]:
     return clips, names
 
 
-def get_datasets(dataset_dir: Optional[str | os.PathLike], fold: int = 1, sample_rate: int = 32000,
+def get_datasets(root: Path, fold: int = 1, sample_rate: int = 32000,
                  cache_path: Optional[str | os.PathLike] = None
                  ) -> tuple[AudioFileDataset, AudioFileDataset, list[str]]:
-    """(training set, test set, class names) for test fold `fold`; items are (waveform (1, 5 s),
+    """(training set, test set, class names) of the ESC-50 folder `root` for test fold `fold`; items are (waveform (1, 5 s),
     file name, one-hot target (50))."""
     if not 1 <= fold <= NUM_FOLDS:
-        raise DatasetError(f"fold must be in 1..{NUM_FOLDS}, got {fold}")
-    root = resolve_dataset_dir(dataset_dir, ENV_VAR, "ESC-50")
+        raise InputError(f"fold must be in 1..{NUM_FOLDS}, got {fold}")
     clips, class_names = read_meta(root)
     cache = make_cache(cache_path, "esc50", sample_rate)
 
@@ -70,5 +69,5 @@ def get_datasets(dataset_dir: Optional[str | os.PathLike], fold: int = 1, sample
     train = subset([c for c in clips if c["fold"] != fold])
     test = subset([c for c in clips if c["fold"] == fold])
     if not len(train) or not len(test):
-        raise DatasetError(f"{root / META}: fold {fold} leaves an empty training or test set")
+        raise InputError(f"{root / META}: fold {fold} leaves an empty training or test set")
     return train, test, class_names

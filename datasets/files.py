@@ -1,7 +1,7 @@
 """Datasets kept as audio files plus a metadata table (ESC-50, DCASE2020, the user's own data):
 locating the dataset folder, reading and checking the table, and the clip dataset itself.
 
-Every problem with the files on disk is raised as `DatasetError` with a one-line message that
+Every problem with the files on disk is raised as `InputError` with a one-line message that
 names the file, while the datasets are being built, i.e. before training starts.
 """
 from __future__ import annotations
@@ -16,41 +16,27 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.audio import load_audio
+from datasets.augment import fit_length
 from datasets.cache import WaveformCache, file_signature
-
-
-class DatasetError(ValueError):
-    """Missing or malformed dataset files; the message is one line naming the file."""
-
-
-def resolve_dataset_dir(given: Optional[str | os.PathLike], env_var: str, name: str) -> Path:
-    """The dataset folder: `given` (--dataset_dir) or else $env_var; it must exist."""
-    value = given if given else os.environ.get(env_var)
-    if not value:
-        raise DatasetError(f"no {name} folder given: pass --dataset_dir or set ${env_var}")
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        source = "--dataset_dir" if given else f"${env_var}"
-        raise DatasetError(f"{path}: {name} folder not found (from {source})")
-    return path
+from helpers.errors import InputError
 
 
 def read_table(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
     """Rows of a CSV/TSV file with a header line, as dicts; checks that `required` columns exist."""
     if not path.is_file():
-        raise DatasetError(f"{path}: metadata file not found")
+        raise InputError(f"{path}: metadata file not found")
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in required if c not in columns]
         if missing:
             sep = "tab" if delimiter == "\t" else repr(delimiter)
-            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} (found: "
+            raise InputError(f"{path}: missing column(s) {', '.join(missing)} (found: "
                                f"{', '.join(columns) or 'nothing'}; expected {sep}-separated "
                                f"columns {', '.join(required)})")
         rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
     if not rows:
-        raise DatasetError(f"{path}: no rows after the header")
+        raise InputError(f"{path}: no rows after the header")
     return rows
 
 
@@ -59,14 +45,7 @@ def check_files_exist(files: Sequence[Path], table: Path) -> None:
     missing = [f for f in files if not f.is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DatasetError(f"{table}: lists {missing[0]}, which does not exist{more}")
-
-
-def fit_length(waveform: np.ndarray, length: int, offset: int = 0) -> np.ndarray:
-    """Zero-pad at the end, or cut `length` samples starting at `offset`."""
-    if len(waveform) < length:
-        return np.pad(waveform, (0, length - len(waveform)))
-    return waveform[offset:offset + length]
+        raise InputError(f"{table}: lists {missing[0]}, which does not exist{more}")
 
 
 class AudioFileDataset(Dataset):
@@ -104,9 +83,7 @@ class AudioFileDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
         wave = self.waveform(index)
         if self.clip_samples is not None:
-            extra = len(wave) - self.clip_samples
-            offset = int(torch.randint(extra + 1, ())) if self.random_crop and extra > 0 else 0
-            wave = fit_length(wave, self.clip_samples, offset)
+            wave = fit_length(wave, self.clip_samples, self.random_crop)
         return torch.from_numpy(np.ascontiguousarray(wave)).unsqueeze(0), self.names[index], self.targets[index]
 
 

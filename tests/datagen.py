@@ -6,13 +6,12 @@ pre-trained model fine-tuned for a few steps must tell them apart perfectly.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import av
-import h5py
 import numpy as np
 import soundfile as sf
+
+from datasets.hdf5 import Mp3HDF5Writer, encode_mp3
 
 
 def tone(seconds: float, sr: int, freq: float = 440.0, phase: float = 0.0) -> np.ndarray:
@@ -94,29 +93,11 @@ def make_custom(root: Path, clips_per_class: int = 6, seconds: float = 1.0, sr: 
     return root
 
 
-def mp3_bytes(wave: np.ndarray, sr: int = 32000) -> np.ndarray:
-    """The bytes of an mp3 file of a mono waveform, as uint8 (the HDF5 containers' `mp3` rows)."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp3") as container:
-        stream = container.add_stream("mp3", rate=sr)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="fltp", layout="mono")
-        frame.sample_rate = sr
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
-
-
 def write_mp3_hdf5(path: Path, names: list[str], waves: list[np.ndarray], targets: np.ndarray) -> None:
-    """An HDF5 file in the PaSST/EfficientAT layout: audio_name (S20), mp3 (vlen uint8), target."""
-    with h5py.File(path, "w") as f:
-        f.create_dataset("audio_name", data=np.array([n.encode() for n in names], dtype="S20"))
-        mp3 = f.create_dataset("mp3", (len(names),), dtype=h5py.vlen_dtype(np.uint8))
-        for i, w in enumerate(waves):
-            mp3[i] = mp3_bytes(w)
-        f.create_dataset("target", data=targets)
+    """An HDF5 file in the PaSST/EfficientAT layout: audio_name, mp3 bytes, target rows."""
+    with Mp3HDF5Writer(path, targets.shape[1], targets.dtype) as writer:
+        for name, wave, target in zip(names, waves, targets):
+            writer.append(name, encode_mp3(wave), target)
 
 
 def make_fsd50k(root: Path, clips_per_split: int = 4, seconds: float = 1.0, seed: int = 0) -> Path:

@@ -13,7 +13,7 @@ import torch
 from datasets import custom, dcase20, esc50
 from datasets.audio import load_audio
 from datasets.cache import WaveformCache, file_signature
-from datasets.files import DatasetError
+from helpers.errors import InputError
 from tests.datagen import make_custom, make_dcase20, make_esc50
 
 
@@ -36,32 +36,24 @@ def test_esc50_folds_targets_and_lengths(esc_dir: Path) -> None:
     assert not wave[0, 32000:].any()
 
 
-def test_esc50_dataset_dir_from_environment(esc_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(esc50.ENV_VAR, str(esc_dir))
-    assert len(esc50.get_datasets(None, fold=1)[1]) == 2
-    monkeypatch.delenv(esc50.ENV_VAR)
-    with pytest.raises(DatasetError, match=r"pass --dataset_dir or set \$EFFICIENTAT_ESC50_DIR"):
-        esc50.get_datasets(None)
-
-
 def test_esc50_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="ESC-50 folder not found"):
+    with pytest.raises(InputError, match=r"nowhere/meta/esc50.csv: metadata file not found"):
         esc50.get_datasets(tmp_path / "nowhere")
     root = make_esc50(tmp_path / "esc")
     meta = root / "meta" / "esc50.csv"
     text = meta.read_text()
     meta.write_text(text.replace("fold,target", "fold,label"))
-    with pytest.raises(DatasetError) as err:
+    with pytest.raises(InputError) as err:
         esc50.get_datasets(root)
     assert str(err.value).startswith(f"{meta}: missing column(s) target") and "\n" not in str(err.value)
     meta.write_text(text.replace(",1,0,tone", ",9,0,tone", 1))
-    with pytest.raises(DatasetError, match=r"esc50.csv: line 2: fold must be an integer in 1..5, got '9'"):
+    with pytest.raises(InputError, match=r"esc50.csv: line 2: fold must be an integer in 1..5, got '9'"):
         esc50.get_datasets(root)
     meta.write_text(text)
     (root / "audio_32k" / "2-1001-A-1.wav").unlink()
-    with pytest.raises(DatasetError, match=r"esc50.csv: lists .*2-1001-A-1.wav, which does not exist"):
+    with pytest.raises(InputError, match=r"esc50.csv: lists .*2-1001-A-1.wav, which does not exist"):
         esc50.get_datasets(root)
-    with pytest.raises(DatasetError, match="fold must be in 1..5"):
+    with pytest.raises(InputError, match="fold must be in 1..5"):
         esc50.get_datasets(root, fold=6)
 
 
@@ -79,10 +71,10 @@ def test_dcase20_splits_encodings_and_devices(tmp_path: Path) -> None:
     assert test[0][0].shape == (1, 320000)
     split = root / "evaluation_setup" / "fold1_evaluate.csv"
     split.write_text(split.read_text() + "audio/unknown-x-0-0-a.wav\tairport\n")
-    with pytest.raises(DatasetError, match=r"fold1_evaluate.csv: lists audio/unknown-x-0-0-a.wav, which is not in"):
+    with pytest.raises(InputError, match=r"fold1_evaluate.csv: lists audio/unknown-x-0-0-a.wav, which is not in"):
         dcase20.get_datasets(root)
     (root / "meta.csv").write_text((root / "meta.csv").read_text().replace("\t", ","))
-    with pytest.raises(DatasetError, match=r"meta.csv: missing column\(s\) filename, scene_label.*tab-separated"):
+    with pytest.raises(InputError, match=r"meta.csv: missing column\(s\) filename, scene_label.*tab-separated"):
         dcase20.get_datasets(root)
 
 
@@ -122,18 +114,18 @@ def test_custom_errors(tmp_path: Path) -> None:
     csv_path = root / "labels.csv"
     text = csv_path.read_text()
     csv_path.write_text(text.replace("filename,label", "file,label"))
-    with pytest.raises(DatasetError, match=r"labels.csv: missing column\(s\) filename \(found: file, label"):
+    with pytest.raises(InputError, match=r"labels.csv: missing column\(s\) filename \(found: file, label"):
         custom.get_datasets(root)
     csv_path.write_text(text.replace("filename,label", "filename,category"))
-    with pytest.raises(DatasetError, match="labels.csv: no label column"):
+    with pytest.raises(InputError, match="labels.csv: no label column"):
         custom.get_datasets(root)
     csv_path.write_text(text + "clips/a/missing.wav,tone\n")
-    with pytest.raises(DatasetError, match=r"labels.csv: lists .*missing.wav, which does not exist"):
+    with pytest.raises(InputError, match=r"labels.csv: lists .*missing.wav, which does not exist"):
         custom.get_datasets(root)
     csv_path.write_text(text.replace(",tone\n", ",\n", 1))
-    with pytest.raises(DatasetError, match="line 2: a single-label dataset needs exactly one label per clip, got 0"):
+    with pytest.raises(InputError, match="line 2: a single-label dataset needs exactly one label per clip, got 0"):
         custom.get_datasets(root, multilabel=False)
-    with pytest.raises(DatasetError, match="audio folder not found"):
+    with pytest.raises(InputError, match="absent/labels.csv: metadata file not found"):
         custom.get_datasets(tmp_path / "absent")
 
 

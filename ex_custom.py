@@ -1,0 +1,101 @@
+"""Fine-tune an MN or DyMN on your own labelled audio: a folder of clips plus a CSV.
+
+    python ex_custom.py --pretrained --model_name=mn10_as --dataset_dir=my_sounds
+    python ex_custom.py --pretrained --model_name=mn04_as --dataset_dir=my_sounds --csv=labels.csv \\
+        --clip_length=5 --n_epochs=30
+    python inference.py --checkpoint runs/Custom/best.pt --audio_path new_clip.wav
+
+labels.csv (in --dataset_dir unless --csv says otherwise):
+
+    filename,label[,split | fold]
+    dogs/bark_01.wav,dog
+    street/0003.flac,car;horn          <- several labels: a multi-label task
+
+The task is single-label (softmax, cross-entropy, accuracy) when every clip has one label and
+multi-label (sigmoid, binary cross-entropy, mAP) when any clip has several; --multilabel forces
+multi-label (clips may then also have no label). A `split` column (train/val/test) or `fold` column
+(--fold = the validation fold, --all_folds = cross-validation) fixes the evaluation data; otherwise
+a stratified --val_fraction is held out. The best epoch on the validation data is kept as
+best.pt, which carries the class names, and is evaluated on the test split when there is one.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from datasets import custom
+from helpers.errors import InputError, run_cli
+from helpers.finetune import (Task, add_finetune_args, augment_training_set, classification_metrics,
+                              evaluate_model, fine_tune, mean_std, model_for_evaluation, multilabel_loss,
+                              single_label_loss, tagging_metrics)
+from helpers.training import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
+                              cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
+                              resolve_out_dir, setup_distributed)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Fine-tune on your own folder of labelled audio.")
+    add_run_args(parser, experiment_name="Custom", batch_size=32, dataset_env=custom.ENV_VAR)
+    add_model_args(parser)
+    add_optimizer_args(parser, lr=6e-5, n_epochs=80, warm_up_len=10, ramp_down_start=10, ramp_down_len=65)
+    add_preprocessing_args(parser)
+    add_finetune_args(parser, gain_augment=12)
+    g = parser.add_argument_group("your data")
+    g.add_argument("--csv", type=str, default=None, help="label table (default: <dataset_dir>/labels.csv)")
+    g.add_argument("--clip_length", type=float, default=10.0,
+                   help="seconds per clip: shorter clips are zero-padded, longer ones cut (randomly when training)")
+    g.add_argument("--multilabel", action="store_true", help="multi-label even if every clip has one label")
+    g.add_argument("--fold", type=int, default=None, help="validation fold of a CSV with a fold column")
+    g.add_argument("--all_folds", action="store_true", help="cross-validate over every fold of the fold column")
+    g.add_argument("--val_fraction", type=float, default=0.2,
+                   help="share of clips held out for validation when the CSV has no split or fold column")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    root = resolve_dataset_dir(args.dataset_dir, custom.ENV_VAR)
+
+    def load(fold: Optional[int]) -> custom.CustomData:
+        return custom.get_datasets(root, args.csv, fold, args.val_fraction, args.seed,
+                                   True if args.multilabel else None, frontend_config_from_args(args)["sr"],
+                                   args.clip_length, args.cache_path)
+
+    first = load(args.fold)
+    if (args.all_folds or args.fold is not None) and not first.folds:
+        raise InputError(f"--fold and --all_folds need a fold column in {args.csv or root / custom.DEFAULT_CSV}")
+    runs = {fold: load(fold) for fold in first.folds} if args.all_folds else {args.fold: first}
+    dist = setup_distributed(args.cuda)
+    if dist.is_main:
+        kind = "multi-label" if first.multilabel else "single-label"
+        print(f"{kind} task, {len(first.class_names)} classes: {', '.join(first.class_names)}")
+
+    scores = []
+    for fold, data in runs.items():
+        if data.multilabel:
+            task = Task("custom", data.class_names, True, multilabel_loss(args.mixup_alpha), tagging_metrics,
+                        selection="mAP", metric_tag="mAP", project="EfficientAT-custom")
+        else:
+            task = Task("custom", data.class_names, False, single_label_loss(args.mixup_alpha),
+                        classification_metrics, selection="accuracy", metric_tag="acc", project="EfficientAT-custom")
+        name = f"fold {fold}" if fold is not None else "validation"
+        if not args.checkpoint:  # else evaluate the given checkpoint only
+            out_dir = resolve_out_dir(args) / (f"fold{fold}" if args.all_folds else "")
+            result = fine_tune(args, task, augment_training_set(data.train, args), data.val, dist, out_dir)
+        checkpoint = args.checkpoint or result.checkpoints["best"]
+        model, frontend, loaded = model_for_evaluation(checkpoint, args, task, dist)
+        evaluations = {name: data.val, **({"test": data.test} if data.test is not None else {})}
+        for split, dataset in evaluations.items():
+            metrics = evaluate_model(model, frontend, dataset, task, args, dist)
+            if dist.is_main:
+                print(f"{split} ({loaded}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if split == name:
+                    scores.append(metrics[task.selection])
+    if dist.is_main and len(scores) > 1:
+        mean, std = mean_std(scores)
+        print(f"{task.selection} over {len(scores)} folds: {mean:.4f} +- {std:.4f} (sample std)")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,69 @@
+"""Fine-tune an MN or DyMN on ESC-50 (2,000 clips, 50 classes, 5 folds), reporting accuracy.
+
+    python ex_esc50.py --pretrained --model_name=mn10_as --fold=1 --dataset_dir=/data/ESC-50
+    python ex_esc50.py --pretrained --model_name=mn10_as --all_folds     # 5 folds, mean +- std
+    python ex_esc50.py --checkpoint runs/ESC50/fold1/last.pt --fold=1     # evaluation only
+
+One run trains on four folds and evaluates on the test fold after every epoch; the reported
+accuracy is the last epoch's, as in the original. Checkpoints go to <out_dir>/fold<k>/.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from datasets import esc50
+from helpers.errors import InputError, run_cli
+from helpers.finetune import (Task, add_finetune_args, augment_training_set, classification_metrics,
+                              evaluate_model, fine_tune, model_for_evaluation, mean_std, single_label_loss)
+from helpers.training import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
+                              cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
+                              resolve_out_dir, setup_distributed)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Fine-tune on ESC-50.")
+    add_run_args(parser, experiment_name="ESC50", batch_size=128, dataset_env=esc50.ENV_VAR)
+    add_model_args(parser)
+    add_optimizer_args(parser, lr=6e-5, n_epochs=80, warm_up_len=10, ramp_down_start=10, ramp_down_len=65)
+    add_preprocessing_args(parser)
+    add_finetune_args(parser, gain_augment=12)
+    parser.add_argument("--fold", type=int, default=1, choices=range(1, esc50.NUM_FOLDS + 1), help="test fold")
+    parser.add_argument("--all_folds", action="store_true",
+                        help="run folds 1-5 one after another and report mean +- std accuracy")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.all_folds and args.checkpoint:
+        raise InputError("--checkpoint evaluates one model on its own test --fold; drop --all_folds")
+
+    # data: every fold's files are checked before anything trains
+    root = resolve_dataset_dir(args.dataset_dir, esc50.ENV_VAR)
+    sample_rate = frontend_config_from_args(args)["sr"]
+    folds = list(range(1, esc50.NUM_FOLDS + 1)) if args.all_folds else [args.fold]
+    splits = {fold: esc50.get_datasets(root, fold, sample_rate, args.cache_path) for fold in folds}
+    dist = setup_distributed(args.cuda)
+
+    accuracies = []
+    for fold, (train_set, test_set, class_names) in splits.items():
+        task = Task("esc50", class_names, multilabel=False, loss_fn=single_label_loss(args.mixup_alpha),
+                    metrics_fn=classification_metrics, selection="accuracy", metric_tag="acc",
+                    project="ESC50", tags=("Environmental Sound Classification", "Fine-Tuning"))
+        if args.checkpoint:
+            model, frontend, _ = model_for_evaluation(args.checkpoint, args, task, dist)
+            metrics = evaluate_model(model, frontend, test_set, task, args, dist)
+        else:
+            out_dir = resolve_out_dir(args) / f"fold{fold}"
+            metrics = fine_tune(args, task, augment_training_set(train_set, args), test_set, dist, out_dir).last
+        if dist.is_main:
+            print(f"fold {fold}: accuracy {metrics['accuracy']:.4f} (val_loss {metrics['val_loss']:.4f})")
+            accuracies.append(metrics["accuracy"])
+    if dist.is_main and len(accuracies) > 1:
+        mean, std = mean_std(accuracies)
+        print(f"accuracy over {len(accuracies)} folds: {mean:.4f} +- {std:.4f} (sample std)")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

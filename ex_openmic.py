@@ -1,0 +1,65 @@
+"""Fine-tune an MN or DyMN on OpenMIC-2018 (20 instruments, partially annotated multi-label),
+reporting masked mAP / ROC AUC on the test split.
+
+    python ex_openmic.py --train --pretrained --model_name=mn10_as --dataset_dir=/data/openmic
+    python ex_openmic.py --checkpoint runs/OpenMic/last.pt          # evaluation only
+
+Loss and metrics count only the annotated (observed) instrument labels of each clip. Without
+--train the script evaluates --checkpoint, or the released --model_name with a new (untrained)
+20-class classifier (the original has no working evaluation mode).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from datasets import openmic
+from datasets.mp3clips import is_decoded
+from helpers.errors import InputError, run_cli
+from helpers.finetune import (Task, add_finetune_args, augment_training_set, evaluate_model, fine_tune,
+                              model_for_evaluation, masked_multilabel_loss, masked_tagging_metrics)
+from helpers.training import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
+                              cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
+                              resolve_out_dir, setup_distributed)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Fine-tune on OpenMIC-2018.")
+    add_run_args(parser, experiment_name="OpenMic", batch_size=64, dataset_env=openmic.ENV_VAR)
+    add_model_args(parser)
+    add_optimizer_args(parser, lr=1e-5, n_epochs=80, warm_up_len=10, ramp_down_start=10, ramp_down_len=65)
+    add_preprocessing_args(parser)
+    add_finetune_args(parser, gain_augment=12)
+    parser.add_argument("--train", action="store_true", help="fine-tune (without it: evaluate only)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.train and args.checkpoint:
+        raise InputError("--checkpoint is for evaluation only; drop it or --train")
+
+    root = resolve_dataset_dir(args.dataset_dir, openmic.ENV_VAR)
+    train_set, test_set, class_names = openmic.get_datasets(root, frontend_config_from_args(args)["sr"],
+                                                            args.cache_path)
+    dist = setup_distributed(args.cuda)
+    n = openmic.NUM_CLASSES
+    task = Task("openmic", class_names, multilabel=True, loss_fn=masked_multilabel_loss(args.mixup_alpha, n),
+                metrics_fn=masked_tagging_metrics(n), selection="mAP", metric_tag="mAP", project="OpenMic",
+                tags=("OpenMic", "Instrument Recognition"), keep_fn=is_decoded)
+
+    if args.train:
+        train_set = augment_training_set(train_set, args, mix_target=openmic.mix_targets)
+        metrics = fine_tune(args, task, train_set, test_set, dist, resolve_out_dir(args)).last
+        loaded = "fine-tuned (last epoch)"
+    else:
+        model, frontend, loaded = model_for_evaluation(args.checkpoint, args, task, dist)
+        metrics = evaluate_model(model, frontend, test_set, task, args, dist)
+    if dist.is_main:
+        print(f"Results on OpenMIC test split for model: {loaded}")
+        print(f"  mAP: {metrics['mAP']:.3f}")
+        print(f"  ROC: {metrics['ROC']:.3f}")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
