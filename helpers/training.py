@@ -248,6 +248,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def broadcast_buffers(model: nn.Module, dist: DistInfo) -> None:
+    """Copy rank 0's buffers (e.g. BatchNorm running statistics) to all ranks."""
+    if dist.distributed:
+        for buffer in model.buffers():
+            torch_dist.broadcast(buffer.data, src=0)
+
+
 def all_reduce_mean(values: Mapping[str, float], dist: DistInfo) -> dict[str, float]:
     """Average scalar values over all ranks (identity on one process)."""
     if not dist.distributed or not values:
@@ -300,6 +307,41 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+class DistributedWeightedSampler(Sampler[int]):
+    """Weighted sampling for one or many processes: every epoch draws `num_samples` indices with
+    probability proportional to `weights` (torch.multinomial, like WeightedRandomSampler; without
+    replacement by default) from a generator seeded with seed + epoch, identical on all ranks;
+    rank r takes every world_size-th index from position r (the draw is padded by wrapping so that
+    all ranks get the same count and run the same number of steps). Call set_epoch(epoch) before
+    each epoch."""
+
+    def __init__(self, weights: Sequence[float] | np.ndarray | torch.Tensor, num_samples: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0,
+                 replacement: bool = False) -> None:
+        self.weights = torch.as_tensor(np.asarray(weights), dtype=torch.float64)
+        positive = int((self.weights > 0).sum())
+        if num_samples < 1:
+            raise InputError(f"the number of samples per epoch must be positive, got {num_samples}")
+        if not replacement and num_samples > positive:
+            raise InputError(f"cannot draw {num_samples} distinct clips per epoch from {positive} "
+                             "clips with a non-zero weight")
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.replacement, self.epoch = seed, replacement, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        idx = torch.multinomial(self.weights, self.num_samples, self.replacement, generator=g)
+        padded = len(self) * self.world_size
+        idx = torch.cat([idx, idx[:padded - len(idx)]])
+        return iter(idx[self.rank::self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.world_size)
 
 
 def train_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo, seed: int,
@@ -403,10 +445,13 @@ def evaluate(model: nn.Module, frontend: nn.Module, loader: DataLoader, precisio
     (logits as float32, targets) concatenated over all ranks in dataset order, on the CPU.
     `target_index` is the position of the target in a batch; `keep_fn(batch)` (optional) returns a
     boolean mask of the rows to keep (e.g. to drop undecodable clips). The model runs unwrapped,
-    so ranks with different shard lengths never wait for each other inside the loop."""
+    so ranks with different shard lengths never wait for each other inside the loop; its buffers
+    (BatchNorm statistics, which each rank updates on its own last batch) are first copied from
+    rank 0, so every rank evaluates the model rank 0 saves."""
     net = unwrap(model)
     net.eval()
     frontend.eval()
+    broadcast_buffers(net, dist)
     outputs, targets = [], []
     for batch in tqdm(loader, desc="eval", disable=not (progress and dist.is_main),
                       dynamic_ncols=True, leave=False):
@@ -576,16 +621,21 @@ def model_from_config(config: Mapping[str, Any], load_pretrained: bool = True,
     return get_mn(**common, head_type=config["head_type"], se_dims=config["se_dims"])
 
 
+def frontend_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The AugmentMelSTFT settings given by `add_preprocessing_args` arguments, without the
+    ones left unset (None)."""
+    given = {"sr": args.resample_rate, "win_length": args.window_size, "hopsize": args.hop_size,
+             "n_fft": args.n_fft, "n_mels": args.n_mels, "freqm": args.freqm, "timem": args.timem,
+             "fmin": args.fmin, "fmax": args.fmax, "fmin_aug_range": args.fmin_aug_range,
+             "fmax_aug_range": args.fmax_aug_range}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def frontend_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """AugmentMelSTFT keyword arguments from `add_preprocessing_args` arguments. Settings left
-    unset (None) take the registry value of --model_name (n_mels, hop size of the variants),
-    then the standard defaults."""
+    """AugmentMelSTFT keyword arguments: the preprocessing arguments given, then the registry
+    settings of --model_name (n_mels, hop size of the variants), then the standard defaults."""
     name = getattr(args, "model_name", None)
-    return frontend_kwargs(name if name in REGISTRY else None, sr=args.resample_rate,
-                           win_length=args.window_size, hopsize=args.hop_size, n_fft=args.n_fft,
-                           n_mels=args.n_mels, freqm=args.freqm, timem=args.timem, fmin=args.fmin,
-                           fmax=args.fmax, fmin_aug_range=args.fmin_aug_range,
-                           fmax_aug_range=args.fmax_aug_range)
+    return frontend_kwargs(name if name in REGISTRY else None, **frontend_overrides(args))
 
 
 def frontend_from_args(args: argparse.Namespace) -> AugmentMelSTFT:
