@@ -17,7 +17,7 @@ import sys
 from typing import Optional
 
 from datasets import fsd50k
-from datasets.mp3clips import is_decoded
+from datasets.audioset import is_valid
 from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, add_finetune_args, augment_training_set, evaluate_model, fine_tune,
                               model_for_evaluation, multilabel_loss, tagging_metrics)
@@ -49,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     eval_batch_size = 1 if args.variable_eval_length else args.batch_size
     task = Task("fsd50k", class_names, multilabel=True, loss_fn=multilabel_loss(args.mixup_alpha),
                 metrics_fn=tagging_metrics, selection="mAP", metric_tag="mAP", project="FSD50K",
-                tags=("FSD50K", "Audio Tagging"), keep_fn=is_decoded)
+                tags=("FSD50K", "Audio Tagging"), keep_fn=is_valid)
 
     if args.train:
         result = fine_tune(args, task, augment_training_set(train_set, args), val_set, dist,

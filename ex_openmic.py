@@ -16,7 +16,7 @@ import sys
 from typing import Optional
 
 from datasets import openmic
-from datasets.mp3clips import is_decoded
+from datasets.audioset import is_valid
 from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, add_finetune_args, augment_training_set, evaluate_model, fine_tune,
                               model_for_evaluation, masked_multilabel_loss, masked_tagging_metrics)
@@ -45,7 +45,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     n = openmic.NUM_CLASSES
     task = Task("openmic", class_names, multilabel=True, loss_fn=masked_multilabel_loss(args.mixup_alpha, n),
                 metrics_fn=masked_tagging_metrics(n), selection="mAP", metric_tag="mAP", project="OpenMic",
-                tags=("OpenMic", "Instrument Recognition"), keep_fn=is_decoded)
+                tags=("OpenMic", "Instrument Recognition"), keep_fn=is_valid)
 
     if args.train:
         train_set = augment_training_set(train_set, args, mix_target=openmic.mix_targets)

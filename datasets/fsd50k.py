@@ -1,7 +1,8 @@
 """FSD50K: 51k clips of up to 30 s, 200 sound classes (multi-label), official train/val/eval split.
 
 Files in the dataset folder (`--dataset_dir`, default $EFFICIENTAT_FSD50K_DIR), made with the
-PaSST preparation scripts or `python -m datasets.prepare_hdf5`:
+PaSST preparation scripts (or `python -m datasets.prepare_hdf5 --classes <200 label names>` from
+the FSD50K clips and a `filename,labels` CSV):
 
     FSD50K.train_mp3.hdf, FSD50K.val_mp3.hdf, FSD50K.eval_mp3.hdf
         mp3 HDF5 containers (32 kHz mono); target = 200 bit-packed labels (25 uint8)

@@ -3,12 +3,12 @@
 Items are (waveform (1, L) float32 tensor, clip name, float32 target tensor, row index). A row
 whose mp3 cannot be decoded is logged once (file, row, name); for training it is replaced by the
 next decodable row, and for evaluation it is returned as silence with row index -1 so that the
-evaluation can drop it (`is_decoded`).
+evaluation can drop it (`datasets.audioset.is_valid`).
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -95,7 +95,3 @@ class Mp3ClipDataset(Dataset):
         raise InputError(f"{self.hdf5.path}: {MAX_CONSECUTIVE_BAD_ROWS} consecutive rows from {index} are "
                          "not decodable mp3s: is the file corrupt?")
 
-
-def is_decoded(batch: Sequence) -> torch.Tensor:
-    """Rows of an evaluation batch that hold a decoded clip (row index >= 0)."""
-    return torch.as_tensor(batch[3]) >= 0

@@ -1,7 +1,7 @@
 """OpenMIC-2018: 20,000 ten-second clips, 20 instruments, partially annotated (masked labels).
 
 Files in the dataset folder (`--dataset_dir`, default $EFFICIENTAT_OPENMIC_DIR), made with the
-PaSST preparation scripts or `python -m datasets.prepare_hdf5`:
+PaSST preparation scripts (openmic/ folder there):
 
     openmic_train.csv_mp3.hdf, openmic_test.csv_mp3.hdf   (official split01 partitions)
         target = 40 float32 values: 20 soft relevances in [0, 1], then 20 observation-mask
