@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -220,13 +221,16 @@ def fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set:
         seed_epoch(args.seed, epoch, dist.rank)
         if model_config["family"] == "dymn":
             unwrap(model).update_params(epoch)
+        started = time.perf_counter()
         stats = train_one_epoch(model, frontend, train_dl, optimizer, task.loss_fn, precision, dist, epoch)
         scheduler.step()
+        trained = time.perf_counter()
         logits, targets = evaluate(model, frontend, val_dl, precision, dist, task.target_index, task.keep_fn)
         if not dist.is_main:
             continue
         last = task.metrics_fn(logits, targets)
-        run.log({"train_loss": stats["loss"], "learning_rate": optimizer.param_groups[0]["lr"], **last},
+        run.log({"train_loss": stats["loss"], "learning_rate": optimizer.param_groups[0]["lr"], **last,
+                 "train_seconds": trained - started, "epoch_seconds": time.perf_counter() - started},
                 step=epoch)
         logger.info("epoch %d: train_loss %.4f, %s", epoch, stats["loss"],
                     ", ".join(f"{k} {v:.4f}" for k, v in last.items()))

@@ -95,6 +95,33 @@ def test_esc50_trains_saves_and_evaluates_its_checkpoint(tmp_path: Path, capsys:
     assert f"fold 2: accuracy {accuracy:.4f}" in evaluated
 
 
+def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data_dir = make_esc50(tmp_path / "ESC-50", seconds=0.5)
+    common = ["--dataset_dir", data_dir, *SCRATCH, "--fold", 1, *FAST]
+    run("esc50", [*common, "--n_epochs", 2, "--out_dir", tmp_path / "whole"], capsys)
+    run("esc50", [*common, "--n_epochs", 1, "--out_dir", tmp_path / "parts"], capsys)
+    printed = run("esc50", [*common, "--n_epochs", 2, "--out_dir", tmp_path / "parts", "--resume"], capsys)
+    whole = torch.load(tmp_path / "whole" / "fold1" / "last.pt", weights_only=True)
+    parts = torch.load(tmp_path / "parts" / "fold1" / "last.pt", weights_only=True)
+    assert whole["epoch"] == parts["epoch"] == 1
+    assert all(torch.equal(whole["model"][k], parts["model"][k]) for k in whole["model"])
+    assert whole["metrics"] == parts["metrics"] and f"accuracy {whole['metrics']['accuracy']:.4f}" in printed
+
+
+def test_dymn_from_scratch_checkpoint_keeps_its_temperature(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data_dir = make_esc50(tmp_path / "ESC-50", seconds=0.5)
+    out = tmp_path / "run"
+    run("esc50", ["--dataset_dir", data_dir, "--model_name", "dymn04_as", "--model_width", 0.2, "--n_epochs", 2,
+                  "--out_dir", out, *FAST], capsys)
+    model, _, _, _ = load_finetuned(out / "fold1" / "last.pt")
+    assert type(model).__name__ == "DyMN"
+    assert {m.temperature for m in model.modules() if hasattr(m, "temperature")} == {29.0}  # T_max 30, epoch 1
+    _, test_set, _ = esc50.get_datasets(data_dir, fold=1)
+    logits, targets, _, _ = predictions(out / "fold1" / "last.pt", test_set)
+    assert last_logged(out / "fold1")["val_loss"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(targets))), rel=1e-5)
+
+
 def test_esc50_all_folds_reports_mean_and_std(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data_dir = make_esc50(tmp_path / "ESC-50", clips_per_fold=2, seconds=0.5)
     printed = run("esc50", ["--dataset_dir", data_dir, *SCRATCH, "--n_epochs", 1, "--all_folds",
