@@ -12,7 +12,8 @@ from torch import nn
 
 from models.dymn.dy_block import DynamicConv, DynamicInvertedResidual
 from models import pretrained
-from models.layers import ConvNormActivation, classification_head, init_weights, make_divisible
+from models.layers import (ConvNormActivation, classification_head, init_weights, make_divisible,
+                           tagger_forward)
 from models.mn.block_types import InvertedResidual, InvertedResidualConfig
 from models.mn.model import mn_block_configs
 
@@ -78,15 +79,7 @@ class DyMN(nn.Module):
                 m.update_params(epoch)
 
     def forward(self, x: torch.Tensor, return_fmaps: bool = False):
-        fmaps = []
-        for layer in (self.in_c, *self.layers, self.out_c):
-            x = layer(x)
-            if return_fmaps:
-                fmaps.append(x)
-        logits = self.classifier(x).flatten(1)
-        if return_fmaps:
-            return logits, fmaps
-        return logits, x.mean(dim=(2, 3))
+        return tagger_forward((self.in_c, *self.layers, self.out_c), self.classifier, x, return_fmaps)
 
 
 def get_model(num_classes: int = 527, pretrained_name: Optional[str] = None,

@@ -12,7 +12,7 @@ from torch import nn
 
 from models import pretrained
 from models.layers import (ConvNormActivation, classification_head, conv_output_size,
-                           init_weights, make_divisible)
+                           init_weights, make_divisible, tagger_forward)
 from models.mn.block_types import SE_DIMS, InvertedResidual, InvertedResidualConfig
 
 # (input ch, kernel, expanded ch, output ch, SE, activation, stride index or 1)
@@ -90,15 +90,7 @@ class MN(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor, return_fmaps: bool = False):
-        fmaps = []
-        for layer in self.features:
-            x = layer(x)
-            if return_fmaps:
-                fmaps.append(x)
-        logits = self.classifier(x).flatten(1)
-        if return_fmaps:
-            return logits, fmaps
-        return logits, x.mean(dim=(2, 3))
+        return tagger_forward(self.features, self.classifier, x, return_fmaps)
 
 
 def get_model(num_classes: int = 527, pretrained_name: Optional[str] = None,
