@@ -182,6 +182,11 @@ def test_dymn_ablations_build_and_run():
         assert model(torch.randn(2, 1, 64, 50))[0].shape == (2, 527)
 
 
+def test_dropout_option():
+    assert get_mn(width_mult=0.1, dropout=0.5).classifier[4].p == 0.5
+    assert get_dymn(width_mult=0.4, dropout=0.0).classifier[4].p == 0.0
+
+
 def test_building_prints_nothing(capsys):
     get_mn(width_mult=0.4)
     get_dymn(width_mult=0.4)
