@@ -5,7 +5,7 @@ Everything is read from one traced forward pass of a single 10-second spectrogra
 hooks record every executed convolution (static Conv2d and DyMN's DynamicConv), every Linear call
 and every inverted residual block with its input and output sizes. Only shapes matter, so models
 are built and traced on the "meta" device: no weights are allocated, nothing is computed, and even
-the width-4.0 models take milliseconds.
+the width-4.0 models take well under a second.
 
 MACs: Conv2d = Cout * (kh * kw * Cin / groups + [bias]) * Hout * Wout; Linear = its weight and
 bias elements, once per call (the original counter's rules). The original counter skips DyMN's
@@ -37,8 +37,22 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+class _Tensors:
+    """Element counts of a recorded call's input and output."""
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def in_numel(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def out_numel(self) -> int:
+        return math.prod(self.out_shape)
+
+
 @dataclass(frozen=True)
-class ConvCall:
+class ConvCall(_Tensors):
     """One executed convolution: its geometry, tensor shapes and enclosing block."""
     name: str
     in_shape: tuple[int, ...]
@@ -52,14 +66,6 @@ class ConvCall:
     num_kernels: int = 1
     block: Optional[int] = None  # index into ModelTrace.blocks, None outside the blocks
     reads_block_input: bool = False  # its input is the enclosing block's input tensor itself
-
-    @property
-    def in_numel(self) -> int:
-        return math.prod(self.in_shape)
-
-    @property
-    def out_numel(self) -> int:
-        return math.prod(self.out_shape)
 
     @property
     def kernel_numel(self) -> int:
@@ -90,21 +96,13 @@ class LinearCall:
 
 
 @dataclass(frozen=True)
-class BlockCall:
+class BlockCall(_Tensors):
     """One executed inverted residual block (MN or DyMN)."""
     name: str
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     residual: bool
     squeeze_excitation: bool
-
-    @property
-    def in_numel(self) -> int:
-        return math.prod(self.in_shape)
-
-    @property
-    def out_numel(self) -> int:
-        return math.prod(self.out_shape)
 
 
 @dataclass(frozen=True)
@@ -346,25 +344,32 @@ class ModelCost:
 
 def analyze(model: nn.Module, input_size: Sequence[int], bits_per_elem: int = 16) -> ModelCost:
     """All costs of `model` for one input of `input_size` from a single traced forward pass."""
-    trace = trace_model(model, input_size)
-    return ModelCost(trace.input_shape, count_params(model), count_macs(trace),
-                     peak_memory_cnn(trace, bits_per_elem), peak_memory_mnv3(trace, bits_per_elem),
-                     receptive_field(trace))
+    return _cost(trace_model(model, input_size), count_params(model), bits_per_elem)
+
+
+def _cost(trace: ModelTrace, params: int, bits_per_elem: int) -> ModelCost:
+    return ModelCost(trace.input_shape, params, count_macs(trace), peak_memory_cnn(trace, bits_per_elem),
+                     peak_memory_mnv3(trace, bits_per_elem), receptive_field(trace))
+
+
+# (family, model arguments, input size) -> (trace, parameter count): re-runs of one architecture
+# (mn40_as(2), ...) and repeated tables in one process share a trace
+_REGISTRY_TRACES: dict[tuple, tuple[ModelTrace, int]] = {}
 
 
 def registry_costs(bits_per_elem: int = 16) -> list[dict[str, Any]]:
     """One row per AudioSet model of the registry: architecture and input size (from its model and
     frontend settings), computed costs, and the published mAP, parameters and MACs."""
     rows = []
-    costs: dict[tuple, ModelCost] = {}  # re-runs of one architecture (mn40_as(2), ...) share a trace
     for name in [n for n, e in REGISTRY.items() if e.audioset]:
         entry = get_entry(name)
         arch = entry.model_kwargs
         size = clip_input_size(create_frontend(name))
         key = (entry.family, tuple(sorted(arch.items())), size)
-        if key not in costs:
-            costs[key] = analyze(build_model(name, input_size=size), size, bits_per_elem)
-        cost = costs[key]
+        if key not in _REGISTRY_TRACES:
+            model = build_model(name, input_size=size)
+            _REGISTRY_TRACES[key] = trace_model(model, size), count_params(model)
+        cost = _cost(*_REGISTRY_TRACES[key], bits_per_elem)
         rows.append({
             "name": name, "family": entry.family, "width_mult": arch["width_mult"],
             "head_type": arch.get("head_type", "mlp"), "strides": ",".join(map(str, arch["strides"])),

@@ -227,10 +227,10 @@ def test_plot_single_png(registry_rows: dict, tmp_path: Path) -> None:
 
 # --- command line --------------------------------------------------------------------------------------
 
-def test_cli_sentence_mn10_as() -> None:
-    result = subprocess.run([sys.executable, "complexity.py"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == (
+def test_cli_sentence_mn10_as(cli: Callable) -> None:
+    code, out, err = cli()
+    assert code == 0, err
+    assert out.splitlines()[-1] == (
         "Model 'mn10_as' has 4.88 million parameters and inference of a single 10-seconds audio clip "
         "requires 0.54 billion multiply-accumulate operations.")
 
@@ -267,6 +267,7 @@ def test_cli_registry_and_frontend_settings(cli: Callable) -> None:
 
 
 def test_cli_unknown_name() -> None:
+    """In a separate interpreter, as a user runs it: one line on stderr, exit code 2."""
     result = subprocess.run([sys.executable, "complexity.py", "--model_name", "mn10_ass"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
