@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from tqdm import tqdm
 
 from datasets.audio import AudioLoadError, find_audio_files, load_audio
 from helpers.download import DownloadError
+from helpers.files import atomic_write
 from helpers.tagging import Tagger, build_tagger, format_tags, select_device, top_k
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
@@ -106,26 +105,19 @@ def ranked(probs: np.ndarray) -> list[dict]:
 
 if args.output and results:
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            if out.suffix.lower() == ".json":
-                json.dump({"model": tagger.name, "sample_rate": tagger.sample_rate,
-                           "results": [{"file": str(p), "tags": ranked(results[p])} for p in files if p in results],
-                           "errors": [{"file": str(p), "error": msg} for p, msg in errors.items()]},
-                          f, indent=2)
-            else:
-                writer = csv.writer(f)
-                writer.writerow(["file", "rank", "index", "mid", "label", "probability"])
-                for p in files:
-                    if p in results:
-                        for tag in ranked(results[p]):
-                            writer.writerow([str(p), *tag.values()])
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(out, newline="", encoding="utf-8") as f:
+        if out.suffix.lower() == ".json":
+            json.dump({"model": tagger.name, "sample_rate": tagger.sample_rate,
+                       "results": [{"file": str(p), "tags": ranked(results[p])} for p in files if p in results],
+                       "errors": [{"file": str(p), "error": msg} for p, msg in errors.items()]},
+                      f, indent=2)
+        else:
+            writer = csv.writer(f)
+            writer.writerow(["file", "rank", "index", "mid", "label", "probability"])
+            for p in files:
+                if p in results:
+                    for tag in ranked(results[p]):
+                        writer.writerow([str(p), *tag.values()])
     print(f"wrote {len(results)} result(s) to {out}", file=sys.stderr)
 
 if not results:
