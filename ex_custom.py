@@ -20,28 +20,22 @@ best.pt, which carries the class names, and is evaluated on the test split when 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import Optional
 
 from datasets import custom
 from helpers.errors import InputError, run_cli
-from helpers.finetune import (Task, add_finetune_args, augment_training_set, classification_metrics,
-                              evaluate_model, fine_tune, mean_std, model_for_evaluation, multilabel_loss,
+from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
+                              finetune_parser, mean_std, model_for_evaluation, multilabel_loss,
                               single_label_loss, tagging_metrics)
-from helpers.training import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
-                              cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
+from helpers.training import (cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
                               resolve_out_dir, setup_distributed)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Fine-tune on your own folder of labelled audio.")
-    add_run_args(parser, experiment_name="Custom", batch_size=32, dataset_env=custom.ENV_VAR)
-    add_model_args(parser)
-    add_optimizer_args(parser, lr=6e-5, n_epochs=80, warm_up_len=10, ramp_down_start=10, ramp_down_len=65)
-    add_preprocessing_args(parser)
-    add_finetune_args(parser, gain_augment=12)
+    parser = finetune_parser("Fine-tune on your own folder of labelled audio.", experiment_name="Custom",
+                             batch_size=32, lr=6e-5, dataset_env=custom.ENV_VAR)
     g = parser.add_argument_group("your data")
     g.add_argument("--csv", type=str, default=None, help="label table (default: <dataset_dir>/labels.csv)")
     g.add_argument("--clip_length", type=float, default=10.0,

@@ -9,7 +9,6 @@ resampled waveforms (recommended: the resampling is the bottleneck of an epoch).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import Any, Optional, Sequence
@@ -19,20 +18,15 @@ import torch.nn.functional as F
 
 from datasets import dcase20
 from helpers.errors import run_cli
-from helpers.finetune import (Task, add_finetune_args, augment_training_set, classification_metrics,
-                              evaluate_model, fine_tune, model_for_evaluation, mixstyle, single_label_loss)
-from helpers.training import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
-                              cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
+from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
+                              finetune_parser, mixstyle, model_for_evaluation, single_label_loss)
+from helpers.training import (cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
                               resolve_out_dir, setup_distributed)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Fine-tune on DCASE2020 Task 1a (TAU Urban Acoustic Scenes 2020 Mobile).")
-    add_run_args(parser, experiment_name="DCASE20", batch_size=64, dataset_env=dcase20.ENV_VAR)
-    add_model_args(parser)
-    add_optimizer_args(parser, lr=8e-4, n_epochs=80, warm_up_len=10, ramp_down_start=10, ramp_down_len=65)
-    add_preprocessing_args(parser)
-    add_finetune_args(parser, gain_augment=12)
+    parser = finetune_parser("Fine-tune on DCASE2020 Task 1a (TAU Urban Acoustic Scenes 2020 Mobile).",
+                             experiment_name="DCASE20", batch_size=64, lr=8e-4, dataset_env=dcase20.ENV_VAR)
     parser.add_argument("--mixstyle_p", type=float, default=0.0,
                         help="probability of frequency-wise MixStyle per batch (replaces mixup)")
     parser.add_argument("--mixstyle_alpha", type=float, default=0.4)

@@ -9,27 +9,21 @@ accuracy is the last epoch's, as in the original. Checkpoints go to <out_dir>/fo
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import Optional
 
 from datasets import esc50
 from helpers.errors import InputError, run_cli
-from helpers.finetune import (Task, add_finetune_args, augment_training_set, classification_metrics,
-                              evaluate_model, fine_tune, model_for_evaluation, mean_std, single_label_loss)
-from helpers.training import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
-                              cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
+from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
+                              finetune_parser, mean_std, model_for_evaluation, single_label_loss)
+from helpers.training import (cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
                               resolve_out_dir, setup_distributed)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Fine-tune on ESC-50.")
-    add_run_args(parser, experiment_name="ESC50", batch_size=128, dataset_env=esc50.ENV_VAR)
-    add_model_args(parser)
-    add_optimizer_args(parser, lr=6e-5, n_epochs=80, warm_up_len=10, ramp_down_start=10, ramp_down_len=65)
-    add_preprocessing_args(parser)
-    add_finetune_args(parser, gain_augment=12)
+    parser = finetune_parser("Fine-tune on ESC-50.", experiment_name="ESC50", batch_size=128, lr=6e-5,
+                             dataset_env=esc50.ENV_VAR)
     parser.add_argument("--fold", type=int, default=1, choices=range(1, esc50.NUM_FOLDS + 1), help="test fold")
     parser.add_argument("--all_folds", action="store_true",
                         help="run folds 1-5 one after another and report mean +- std accuracy")

@@ -11,7 +11,6 @@ released --model_name with a new (untrained) 200-class classifier.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import Optional
@@ -19,20 +18,15 @@ from typing import Optional
 from datasets import fsd50k
 from datasets.audioset import is_valid
 from helpers.errors import InputError, run_cli
-from helpers.finetune import (Task, add_finetune_args, augment_training_set, evaluate_model, fine_tune,
+from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
                               model_for_evaluation, multilabel_loss, tagging_metrics)
-from helpers.training import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
-                              cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
+from helpers.training import (cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
                               resolve_out_dir, setup_distributed)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Fine-tune on FSD50K.")
-    add_run_args(parser, experiment_name="FSD50K", batch_size=64, dataset_env=fsd50k.ENV_VAR)
-    add_model_args(parser)
-    add_optimizer_args(parser, lr=7e-5, n_epochs=80, warm_up_len=10, ramp_down_start=10, ramp_down_len=65)
-    add_preprocessing_args(parser)
-    add_finetune_args(parser, gain_augment=12)
+    parser = finetune_parser("Fine-tune on FSD50K.", experiment_name="FSD50K", batch_size=64, lr=7e-5,
+                             dataset_env=fsd50k.ENV_VAR)
     parser.add_argument("--train", action="store_true", help="fine-tune (without it: evaluate only)")
     parser.add_argument("--variable_eval_length", action="store_true",
                         help="evaluate whole clips (batch size 1) instead of 10-s crops")

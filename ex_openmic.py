@@ -10,7 +10,6 @@ Loss and metrics count only the annotated (observed) instrument labels of each c
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import Optional
@@ -18,20 +17,15 @@ from typing import Optional
 from datasets import openmic
 from datasets.audioset import is_valid
 from helpers.errors import InputError, run_cli
-from helpers.finetune import (Task, add_finetune_args, augment_training_set, evaluate_model, fine_tune,
-                              model_for_evaluation, masked_multilabel_loss, masked_tagging_metrics)
-from helpers.training import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
-                              cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
+from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
+                              masked_multilabel_loss, masked_tagging_metrics, model_for_evaluation)
+from helpers.training import (cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
                               resolve_out_dir, setup_distributed)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Fine-tune on OpenMIC-2018.")
-    add_run_args(parser, experiment_name="OpenMic", batch_size=64, dataset_env=openmic.ENV_VAR)
-    add_model_args(parser)
-    add_optimizer_args(parser, lr=1e-5, n_epochs=80, warm_up_len=10, ramp_down_start=10, ramp_down_len=65)
-    add_preprocessing_args(parser)
-    add_finetune_args(parser, gain_augment=12)
+    parser = finetune_parser("Fine-tune on OpenMIC-2018.", experiment_name="OpenMic", batch_size=64,
+                             lr=1e-5, dataset_env=openmic.ENV_VAR)
     parser.add_argument("--train", action="store_true", help="fine-tune (without it: evaluate only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -14,12 +14,13 @@ import hashlib
 import logging
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+from helpers.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +76,11 @@ class WaveformCache:
     def store(self, key: str, waveform: np.ndarray) -> None:
         """Write `waveform` atomically (temporary file in the same folder, then rename)."""
         path = self.path(key)
-        path.parent.mkdir(exist_ok=True)
         payload = np.ascontiguousarray(waveform, dtype="<f4").tobytes()
         header = _HEADER.pack(_MAGIC, self.sample_rate, len(payload) // 4, zlib.crc32(payload))
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".wav32")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(header)
-                f.write(payload)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, "wb") as f:  # creates the sub-folder
+            f.write(header)
+            f.write(payload)
 
     def get(self, key: str, decode: Callable[[], np.ndarray]) -> np.ndarray:
         """Cached waveform for `key`; on a miss, `decode()` it and store the result."""

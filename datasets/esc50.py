@@ -54,8 +54,8 @@ def read_meta(dataset_dir: Path) -> tuple[list[dict], list[str]]:
 def get_datasets(root: Path, fold: int = 1, sample_rate: int = 32000,
                  cache_path: Optional[str | os.PathLike] = None
                  ) -> tuple[AudioFileDataset, AudioFileDataset, list[str]]:
-    """(training set, test set, class names) of the ESC-50 folder `root` for test fold `fold`; items are (waveform (1, 5 s),
-    file name, one-hot target (50))."""
+    """(training set, test set, class names) of the ESC-50 folder `root` for test fold `fold`;
+    items are (waveform (1, 5 s), file name, one-hot target (50))."""
     if not 1 <= fold <= NUM_FOLDS:
         raise InputError(f"fold must be in 1..{NUM_FOLDS}, got {fold}")
     clips, class_names = read_meta(root)

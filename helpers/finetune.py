@@ -35,9 +35,9 @@ from torch.utils.data import Dataset
 from datasets.augment import GainDataset, RollDataset, WavMixDataset, mix_targets
 from helpers.errors import InputError
 from helpers.metrics import accuracy, multilabel_metrics
-from helpers.training import (DistInfo, LossFn, Precision, RunLogger, epoch_file_name, eval_loader,
-                              evaluate, frontend_config_from_args, load_checkpoint, load_finetuned,
-                              make_optimizer,
+from helpers.training import (DistInfo, LossFn, Precision, RunLogger, add_model_args, add_optimizer_args,
+                              add_preprocessing_args, add_run_args, epoch_file_name, eval_loader, evaluate,
+                              frontend_config_from_args, load_checkpoint, load_finetuned, make_optimizer,
                               make_scheduler, mix, mixup, model_config_from_args, model_from_config,
                               restore_training_state, save_checkpoint, seed_epoch, seed_everything,
                               train_loader, train_one_epoch, training_state, unwrap, wrap_ddp)
@@ -50,24 +50,34 @@ MetricsFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
 
 # ---------------------------------------------------------------- arguments and augmentation
 
-def add_finetune_args(parser: argparse.ArgumentParser, gain_augment: int = 12) -> None:
-    """Fine-tuning data arguments: --cache_path, --no_roll, --no_wavmix, --gain_augment and
-    --checkpoint (evaluate a fine-tuned checkpoint instead of training)."""
+def finetune_parser(description: str, experiment_name: str, batch_size: int, lr: float,
+                    dataset_env: str) -> argparse.ArgumentParser:
+    """The arguments every fine-tuning script has, with the original's defaults where the scripts
+    differ (run name, batch size, learning rate) and where they agree (80 epochs, warm-up 10,
+    ramp-down from epoch 10 over 65 epochs, gain 12 dB, roll and waveform mixing on): the
+    `helpers.training` groups (run, model, optimization, preprocessing) plus the fine-tuning data
+    group: --cache_path, --no_roll, --no_wavmix, --gain_augment and --checkpoint (evaluate a
+    fine-tuned checkpoint instead of training)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_run_args(parser, experiment_name=experiment_name, batch_size=batch_size, dataset_env=dataset_env)
+    add_model_args(parser)
+    add_optimizer_args(parser, lr=lr, n_epochs=80, warm_up_len=10, ramp_down_start=10, ramp_down_len=65)
+    add_preprocessing_args(parser)
     g = parser.add_argument_group("fine-tuning data")
     g.add_argument("--cache_path", type=str, default=None,
                    help="folder for decoded, resampled waveforms (later epochs skip decoding)")
     g.add_argument("--no_roll", action="store_true", help="no random time shift of the waveforms")
     g.add_argument("--no_wavmix", action="store_true", help="no waveform mixing of training clips")
-    g.add_argument("--gain_augment", type=int, default=gain_augment,
-                   help="random gain range in dB (0 disables)")
+    g.add_argument("--gain_augment", type=int, default=12, help="random gain range in dB (0 disables)")
     g.add_argument("--checkpoint", type=str, default=None,
-                   help="evaluate this fine-tuned checkpoint (best.pt / last.pt) and exit")
+                   help="evaluate this fine-tuned checkpoint (best.pt / last.pt) instead of training")
+    return parser
 
 
 def augment_training_set(dataset: Dataset, args: argparse.Namespace,
                          mix_target: Callable[[Any, Any, float], Any] = mix_targets) -> Dataset:
     """Training wrappers in the original's order: roll, gain, waveform mixing (as switched by the
-    `add_finetune_args` flags)."""
+    `finetune_parser` flags)."""
     if not args.no_roll:
         dataset = RollDataset(dataset)
     if args.gain_augment > 0:
@@ -117,6 +127,20 @@ def masked_multilabel_loss(mixup_alpha: float, num_classes: int) -> LossFn:
     return loss_fn
 
 
+def mixstyle(x: torch.Tensor, p: float, alpha: float) -> torch.Tensor:
+    """Frequency-wise MixStyle (DCASE20): with probability p (one NumPy draw per batch) normalize
+    every example per frequency bin by its mean and standard deviation over channels and time,
+    then re-scale and shift with statistics mixed with those of a permuted example
+    (lam ~ Beta(alpha, alpha) per example, torch RNG)."""
+    if np.random.rand() > p:
+        return x
+    mu = x.mean(dim=(1, 3), keepdim=True).detach()
+    sigma = (x.var(dim=(1, 3), keepdim=True) + 1e-6).sqrt().detach()
+    lam = torch.distributions.Beta(alpha, alpha).sample((len(x), 1, 1, 1)).to(x.device, x.dtype)
+    perm = torch.randperm(len(x), device=x.device)
+    return (x - mu) / sigma * (lam * sigma + (1 - lam) * sigma[perm]) + lam * mu + (1 - lam) * mu[perm]
+
+
 # ---------------------------------------------------------------- metrics
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -149,8 +173,9 @@ def masked_tagging_metrics(num_classes: int) -> MetricsFn:
 @dataclass
 class Task:
     """What a fine-tuning script tells `fine_tune` about its dataset. `selection` names the
-    metric (higher is better) that picks best.pt; `metric_tag` is its short form in the original's
-    file names ("acc" or "mAP"), ties are broken by the lower val_loss; `keep_fn` drops rows of an evaluation batch (undecodable clips)."""
+    metric (higher is better; ties go to the lower val_loss) that picks best.pt; `metric_tag` is
+    its short form in the original's file names ("acc" or "mAP"); `keep_fn` drops rows of an
+    evaluation batch (undecodable clips)."""
     name: str
     class_names: list[str]
     multilabel: bool
@@ -284,16 +309,3 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=np.float64)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
-
-def mixstyle(x: torch.Tensor, p: float, alpha: float) -> torch.Tensor:
-    """Frequency-wise MixStyle (DCASE20): with probability p (one NumPy draw per batch) normalize
-    every example per frequency bin by its mean and standard deviation over channels and time,
-    then re-scale and shift with statistics mixed with those of a permuted example
-    (lam ~ Beta(alpha, alpha) per example, torch RNG)."""
-    if np.random.rand() > p:
-        return x
-    mu = x.mean(dim=(1, 3), keepdim=True).detach()
-    sigma = (x.var(dim=(1, 3), keepdim=True) + 1e-6).sqrt().detach()
-    lam = torch.distributions.Beta(alpha, alpha).sample((len(x), 1, 1, 1)).to(x.device, x.dtype)
-    perm = torch.randperm(len(x), device=x.device)
-    return (x - mu) / sigma * (lam * sigma + (1 - lam) * sigma[perm]) + lam * mu + (1 - lam) * mu[perm]

@@ -136,7 +136,7 @@ def test_cache_skips_decoding_and_recovers_from_corrupt_files(esc_dir: Path, tmp
     train, _, _ = esc50.get_datasets(esc_dir, cache_path=cache_root)
     first = [train[i][0] for i in range(3)]
     files = sorted(cache_root.rglob("*.wav32"))
-    assert len(files) == 3 and not list(cache_root.rglob(".tmp-*"))
+    assert len(files) == 3 and not list(cache_root.rglob("*.tmp"))
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although cached")

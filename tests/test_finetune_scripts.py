@@ -191,7 +191,8 @@ def test_openmic_masked_metrics_and_evaluation_without_train(tmp_path: Path, cap
     ("custom", "custom", "wrong_columns", "labels.csv: missing column(s) filename"),
     ("custom", "custom", "missing_file", "labels.csv: lists"),
     ("fsd50k", "fsd50k", "missing_file", "FSD50K.val_mp3.hdf: dataset file not found"),
-    ("openmic", "openmic", "missing_dir", "no dataset folder given: pass --dataset_dir or set $EFFICIENTAT_OPENMIC_DIR"),
+    ("openmic", "openmic", "missing_dir", "no dataset folder given: pass --dataset_dir or set "
+                                          "$EFFICIENTAT_OPENMIC_DIR"),
 ])
 def test_input_errors_are_one_line_before_training(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch, script: str, layout: str,
