@@ -27,10 +27,9 @@ from typing import Optional
 from datasets import custom
 from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
-                              finetune_parser, mean_std, model_for_evaluation, multilabel_loss,
+                              finetune_parser, mean_std, model_for_evaluation, multilabel_loss, sample_rate,
                               single_label_loss, tagging_metrics)
-from helpers.training import (cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
-                              resolve_out_dir, setup_distributed)
+from helpers.training import (cleanup_distributed, resolve_dataset_dir, resolve_out_dir, setup_distributed)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -39,7 +38,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     g = parser.add_argument_group("your data")
     g.add_argument("--csv", type=str, default=None, help="label table (default: <dataset_dir>/labels.csv)")
     g.add_argument("--clip_length", type=float, default=10.0,
-                   help="seconds per clip: shorter clips are zero-padded, longer ones cut (randomly when training)")
+                   help="seconds per clip: shorter ones are zero-padded, longer ones cut (randomly when training)")
     g.add_argument("--multilabel", action="store_true", help="multi-label even if every clip has one label")
     g.add_argument("--fold", type=int, default=None, help="validation fold of a CSV with a fold column")
     g.add_argument("--all_folds", action="store_true", help="cross-validate over every fold of the fold column")
@@ -52,9 +51,11 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     def load(fold: Optional[int]) -> custom.CustomData:
         return custom.get_datasets(root, args.csv, fold, args.val_fraction, args.seed,
-                                   True if args.multilabel else None, frontend_config_from_args(args)["sr"],
+                                   True if args.multilabel else None, sample_rate(args),
                                    args.clip_length, args.cache_path)
 
+    if args.all_folds and args.checkpoint:
+        raise InputError("--checkpoint evaluates one model on its own validation --fold; drop --all_folds")
     first = load(args.fold)
     if (args.all_folds or args.fold is not None) and not first.folds:
         raise InputError(f"--fold and --all_folds need a fold column in {args.csv or root / custom.DEFAULT_CSV}")
@@ -71,7 +72,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         selection="mAP", metric_tag="mAP", project="EfficientAT-custom")
         else:
             task = Task("custom", data.class_names, False, single_label_loss(args.mixup_alpha),
-                        classification_metrics, selection="accuracy", metric_tag="acc", project="EfficientAT-custom")
+                        classification_metrics, selection="accuracy", metric_tag="acc",
+                        project="EfficientAT-custom")
         name = f"fold {fold}" if fold is not None else "validation"
         if not args.checkpoint:  # else evaluate the given checkpoint only
             out_dir = resolve_out_dir(args) / (f"fold{fold}" if args.all_folds else "")

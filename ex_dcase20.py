@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from datasets import dcase20
 from helpers.errors import run_cli
 from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
-                              finetune_parser, mixstyle, model_for_evaluation, single_label_loss)
-from helpers.training import (cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
-                              resolve_out_dir, setup_distributed)
+                              finetune_parser, mixstyle, model_for_evaluation, sample_rate,
+                              single_label_loss)
+from helpers.training import (cleanup_distributed, resolve_dataset_dir, resolve_out_dir, setup_distributed)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -34,7 +34,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     root = resolve_dataset_dir(args.dataset_dir, dcase20.ENV_VAR)
-    train_set, test_set, scenes = dcase20.get_datasets(root, frontend_config_from_args(args)["sr"], args.cache_path)
+    train_set, test_set, scenes = dcase20.get_datasets(root, sample_rate(args), args.cache_path)
     dist = setup_distributed(args.cuda)
 
     def loss_fn(model: torch.nn.Module, x: torch.Tensor, batch: Sequence[Any]) -> dict[str, torch.Tensor]:

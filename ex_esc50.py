@@ -16,9 +16,9 @@ from typing import Optional
 from datasets import esc50
 from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
-                              finetune_parser, mean_std, model_for_evaluation, single_label_loss)
-from helpers.training import (cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
-                              resolve_out_dir, setup_distributed)
+                              finetune_parser, mean_std, model_for_evaluation, sample_rate,
+                              single_label_loss)
+from helpers.training import (cleanup_distributed, resolve_dataset_dir, resolve_out_dir, setup_distributed)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -34,9 +34,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # data: every fold's files are checked before anything trains
     root = resolve_dataset_dir(args.dataset_dir, esc50.ENV_VAR)
-    sample_rate = frontend_config_from_args(args)["sr"]
     folds = list(range(1, esc50.NUM_FOLDS + 1)) if args.all_folds else [args.fold]
-    splits = {fold: esc50.get_datasets(root, fold, sample_rate, args.cache_path) for fold in folds}
+    splits = {fold: esc50.get_datasets(root, fold, sample_rate(args), args.cache_path) for fold in folds}
     dist = setup_distributed(args.cuda)
 
     accuracies = []

@@ -19,9 +19,8 @@ from datasets import fsd50k
 from datasets.audioset import is_valid
 from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
-                              model_for_evaluation, multilabel_loss, tagging_metrics)
-from helpers.training import (cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
-                              resolve_out_dir, setup_distributed)
+                              model_for_evaluation, multilabel_loss, sample_rate, tagging_metrics)
+from helpers.training import (cleanup_distributed, resolve_dataset_dir, resolve_out_dir, setup_distributed)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -36,9 +35,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise InputError("--checkpoint is for evaluation only; drop it or --train")
 
     root = resolve_dataset_dir(args.dataset_dir, fsd50k.ENV_VAR)
-    sample_rate = frontend_config_from_args(args)["sr"]
-    train_set, val_set, eval_set, class_names = fsd50k.get_datasets(root, sample_rate, args.variable_eval_length,
-                                                                    args.cache_path)
+    train_set, val_set, eval_set, class_names = fsd50k.get_datasets(
+        root, sample_rate(args), args.variable_eval_length, args.cache_path)
     dist = setup_distributed(args.cuda)
     eval_batch_size = 1 if args.variable_eval_length else args.batch_size
     task = Task("fsd50k", class_names, multilabel=True, loss_fn=multilabel_loss(args.mixup_alpha),

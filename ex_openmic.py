@@ -18,9 +18,9 @@ from datasets import openmic
 from datasets.audioset import is_valid
 from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
-                              masked_multilabel_loss, masked_tagging_metrics, model_for_evaluation)
-from helpers.training import (cleanup_distributed, frontend_config_from_args, resolve_dataset_dir,
-                              resolve_out_dir, setup_distributed)
+                              masked_multilabel_loss, masked_tagging_metrics, model_for_evaluation,
+                              sample_rate)
+from helpers.training import (cleanup_distributed, resolve_dataset_dir, resolve_out_dir, setup_distributed)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -33,7 +33,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise InputError("--checkpoint is for evaluation only; drop it or --train")
 
     root = resolve_dataset_dir(args.dataset_dir, openmic.ENV_VAR)
-    train_set, test_set, class_names = openmic.get_datasets(root, frontend_config_from_args(args)["sr"],
+    train_set, test_set, class_names = openmic.get_datasets(root, sample_rate(args),
                                                             args.cache_path)
     dist = setup_distributed(args.cuda)
     n = openmic.NUM_CLASSES

@@ -1,5 +1,5 @@
 """Datasets kept as audio files plus a metadata table (ESC-50, DCASE2020, the user's own data):
-locating the dataset folder, reading and checking the table, and the clip dataset itself.
+reading and checking the table, and the clip dataset itself.
 
 Every problem with the files on disk is raised as `InputError` with a one-line message that
 names the file, while the datasets are being built, i.e. before training starts.

@@ -11,6 +11,9 @@ checkpoints. Each epoch writes
     <out_dir>/best.pt      the same for the epoch with the best validation score so far
     <out_dir>/mn{w}_<task>_epoch_{e}_<metric>_{m}.pt   the latest weights alone, named as the
                            original names them
+    <out_dir>/metrics.jsonl    one line per epoch: losses, metrics, learning rate, and the epoch's
+                           wall-clock seconds (training alone and with evaluation) and the CPU
+                           seconds of this process (which exclude DataLoader workers)
 
 Losses follow the spec: single-label tasks use cross-entropy with probability targets (mixing the
 targets is the same as mixing the two losses, cross-entropy being linear in the target),
@@ -72,6 +75,14 @@ def finetune_parser(description: str, experiment_name: str, batch_size: int, lr:
     g.add_argument("--checkpoint", type=str, default=None,
                    help="evaluate this fine-tuned checkpoint (best.pt / last.pt) instead of training")
     return parser
+
+
+def sample_rate(args: argparse.Namespace) -> int:
+    """The rate to load clips at: that of --checkpoint's frontend when evaluating one, else the
+    frontend the arguments describe."""
+    if args.checkpoint:
+        return int(load_checkpoint(args.checkpoint).get("frontend_config", {}).get("sr", 32000))
+    return int(frontend_config_from_args(args)["sr"])
 
 
 def augment_training_set(dataset: Dataset, args: argparse.Namespace,
@@ -246,7 +257,7 @@ def fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set:
         seed_epoch(args.seed, epoch, dist.rank)
         if model_config["family"] == "dymn":
             unwrap(model).update_params(epoch)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         stats = train_one_epoch(model, frontend, train_dl, optimizer, task.loss_fn, precision, dist, epoch)
         scheduler.step()
         trained = time.perf_counter()
@@ -255,7 +266,8 @@ def fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set:
             continue
         last = task.metrics_fn(logits, targets)
         run.log({"train_loss": stats["loss"], "learning_rate": optimizer.param_groups[0]["lr"], **last,
-                 "train_seconds": trained - started, "epoch_seconds": time.perf_counter() - started},
+                 "train_seconds": trained - started, "epoch_seconds": time.perf_counter() - started,
+                 "cpu_seconds": time.process_time() - cpu_started},
                 step=epoch)
         logger.info("epoch %d: train_loss %.4f, %s", epoch, stats["loss"],
                     ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
