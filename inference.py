@@ -12,18 +12,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from datasets.audio import AudioLoadError, find_audio_files, load_audio
+from datasets.audio import AudioLoadError, find_audio_files
 from helpers.download import DownloadError
-from helpers.tagging import Tagger, build_tagger, format_tags, select_device, top_k
+from helpers.files import atomic_output
+from helpers.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -63,32 +60,9 @@ except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
     fail(str(e))
 
 # tag: consecutive files of equal length share a batch; results keep the input order
-results: dict[Path, np.ndarray] = {}
-errors: dict[Path, str] = {}
-pending: list[tuple[Path, np.ndarray]] = []
-
-
-def flush() -> None:
-    if pending:
-        batch = torch.from_numpy(np.stack([w for _, w in pending]))
-        for (path, _), probs in zip(pending, tagger.predict(batch)):
-            results[path] = probs
-        pending.clear()
-
-
-for path in tqdm(files, desc="tagging", unit="file", disable=len(files) == 1, file=sys.stderr):
-    try:
-        waveform = load_audio(path, tagger.sample_rate)
-        if len(waveform) < 2:
-            raise AudioLoadError(f"{path}: too short to analyze ({len(waveform)} sample)")
-    except AudioLoadError as e:
-        errors[path] = str(e)
-        print(f"error: {e}", file=sys.stderr)
-        continue
-    if pending and (len(pending) == args.batch_size or len(pending[0][1]) != len(waveform)):
-        flush()
-    pending.append((path, waveform))
-flush()
+results, errors = run_on_files(files, tagger.sample_rate, tagger.predict, args.batch_size)
+for message in errors.values():
+    print(f"error: {message}", file=sys.stderr)
 
 for path in files:
     if path in results:
@@ -106,10 +80,8 @@ def ranked(probs: np.ndarray) -> list[dict]:
 
 if args.output and results:
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+    with atomic_output(out) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             if out.suffix.lower() == ".json":
                 json.dump({"model": tagger.name, "sample_rate": tagger.sample_rate,
                            "results": [{"file": str(p), "tags": ranked(results[p])} for p in files if p in results],
@@ -122,10 +94,6 @@ if args.output and results:
                     if p in results:
                         for tag in ranked(results[p]):
                             writer.writerow([str(p), *tag.values()])
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     print(f"wrote {len(results)} result(s) to {out}", file=sys.stderr)
 
 if not results:
