@@ -19,7 +19,7 @@ import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
 from helpers.download import DownloadError
-from helpers.files import atomic_output
+from helpers.files import atomic_write
 from helpers.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
@@ -80,20 +80,19 @@ def ranked(probs: np.ndarray) -> list[dict]:
 
 if args.output and results:
     out = Path(args.output)
-    with atomic_output(out) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            if out.suffix.lower() == ".json":
-                json.dump({"model": tagger.name, "sample_rate": tagger.sample_rate,
-                           "results": [{"file": str(p), "tags": ranked(results[p])} for p in files if p in results],
-                           "errors": [{"file": str(p), "error": msg} for p, msg in errors.items()]},
-                          f, indent=2)
-            else:
-                writer = csv.writer(f)
-                writer.writerow(["file", "rank", "index", "mid", "label", "probability"])
-                for p in files:
-                    if p in results:
-                        for tag in ranked(results[p]):
-                            writer.writerow([str(p), *tag.values()])
+    with atomic_write(out, "w", newline="", encoding="utf-8") as f:
+        if out.suffix.lower() == ".json":
+            json.dump({"model": tagger.name, "sample_rate": tagger.sample_rate,
+                       "results": [{"file": str(p), "tags": ranked(results[p])} for p in files if p in results],
+                       "errors": [{"file": str(p), "error": msg} for p, msg in errors.items()]},
+                      f, indent=2)
+        else:
+            writer = csv.writer(f)
+            writer.writerow(["file", "rank", "index", "mid", "label", "probability"])
+            for p in files:
+                if p in results:
+                    for tag in ranked(results[p]):
+                        writer.writerow([str(p), *tag.values()])
     print(f"wrote {len(results)} result(s) to {out}", file=sys.stderr)
 
 if not results:
