@@ -80,7 +80,7 @@ def ranked(probs: np.ndarray) -> list[dict]:
 
 if args.output and results:
     out = Path(args.output)
-    with atomic_write(out, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(out, newline="", encoding="utf-8") as f:
         if out.suffix.lower() == ".json":
             json.dump({"model": tagger.name, "sample_rate": tagger.sample_rate,
                        "results": [{"file": str(p), "tags": ranked(results[p])} for p in files if p in results],
