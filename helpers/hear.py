@@ -26,9 +26,7 @@ import torch
 from torch import nn
 
 from helpers.tagging import Tagger
-from models.dymn.model import get_model as get_dymn
 from models.factory import create_model, frontend_kwargs
-from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
 from models.pretrained import get_entry
 
@@ -70,10 +68,9 @@ def _model_from_file(model_name: str, path: Path) -> nn.Module:
     state = _read_weights(path)
     bias = state.get("classifier.5.bias", state.get("classifier.1.bias"))
     num_classes = 527 if bias is None else bias.shape[0]
-    if entry.family == "dymn":  # released and fine-tuned DyMNs run at softmax temperature 1
-        model = get_dymn(num_classes=num_classes, T_max=1.0, **entry.model_kwargs)
-    else:
-        model = get_mn(num_classes=num_classes, **entry.model_kwargs)
+    # released and fine-tuned DyMNs run at softmax temperature 1
+    extra = {"T_max": 1.0} if entry.family == "dymn" else {}
+    model = create_model(model_name, num_classes, pretrained=False, **extra)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
