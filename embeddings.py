@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from datasets.audio import AudioLoadError, find_audio_files
+from helpers.cli import fail
 from helpers.download import DownloadError
 from helpers.embeddings import embed_files, save_embeddings
 from helpers.tagging import build_tagger, select_device
@@ -31,10 +32,6 @@ parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autoca
 parser.add_argument("--batch_size", type=int, default=16, help="files of equal length run together")
 args = parser.parse_args()
 
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if args.batch_size < 1:

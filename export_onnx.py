@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, load_audio
+from helpers.cli import fail
 from helpers.download import DownloadError
 from helpers.onnx_export import DEFAULT_OPSET, compare_with_torch, export_onnx
 from helpers.tagging import build_tagger, top_k
@@ -37,10 +38,6 @@ parser.add_argument("--tolerance", type=float, default=1e-4, help="largest absol
 args = parser.parse_args()
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
 
 output = Path(args.output or f"{args.model_name}{'_frontend' if args.with_frontend else ''}.onnx")
 if output.suffix.lower() != ".onnx":
@@ -48,12 +45,14 @@ if output.suffix.lower() != ".onnx":
 try:
     tagger = build_tagger(args.model_name)
     clip = load_audio(args.check, tagger.sample_rate) if args.check else None
+    if clip is not None and len(clip) <= tagger.frontend.n_fft // 2 + 1:
+        raise AudioLoadError(f"{args.check}: too short for the check ({len(clip)} samples)")
+    n_mels = tagger.frontend.n_mels
+    export_onnx(tagger.model, output, tagger.frontend if args.with_frontend else None, args.opset, n_mels)
 except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
     fail(str(e))
 
-export_onnx(tagger.model, output, tagger.frontend if args.with_frontend else None, args.opset,
-            tagger.frontend.n_mels)
-shape = "waveform (batch, samples)" if args.with_frontend else f"spectrogram (batch, 1, {tagger.frontend.n_mels}, frames)"
+shape = "waveform (batch, samples)" if args.with_frontend else f"spectrogram (batch, 1, {n_mels}, frames)"
 print(f"exported {tagger.name} to {output} ({output.stat().st_size / 2 ** 20:.1f} MiB, opset {args.opset}): "
       f"input {shape} at {tagger.sample_rate} Hz; outputs logits (batch, {tagger.model.num_classes}), "
       f"embedding (batch, {tagger.model.embedding_dim})")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
+from helpers.cli import fail
 from helpers.download import DownloadError
 from helpers.files import atomic_write
 from helpers.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
@@ -40,10 +41,6 @@ parser.add_argument("--all_classes", action="store_true", help="write every clas
 parser.add_argument("--batch_size", type=int, default=16, help="files of equal length run together")
 args = parser.parse_args()
 
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if args.top_k < 1 or args.batch_size < 1:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
+from helpers.cli import fail
 from helpers.download import DownloadError
 from helpers.files import atomic_write
 from helpers.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
@@ -48,10 +49,6 @@ parser.add_argument("--plot", default=None, help="save a .png of class activity 
 parser.add_argument("--plot_classes", type=int, default=10, help="classes shown in --plot")
 args = parser.parse_args()
 
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if args.batch_size < 1 or args.top_k < 0 or args.plot_classes < 1:

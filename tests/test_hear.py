@@ -83,7 +83,8 @@ def test_load_model_from_weights_file(model: hear.HearModel, audio: torch.Tensor
     torch.testing.assert_close(hear.get_scene_embeddings(audio, from_file), hear.get_scene_embeddings(audio, model))
     # a fine-tuned checkpoint with another class count, stored as {"model": state_dict}
     state = torch.load(mn04_checkpoint, weights_only=True)
-    state["classifier.5.weight"], state["classifier.5.bias"] = state["classifier.5.weight"][:10], state["classifier.5.bias"][:10]
+    for key in ("classifier.5.weight", "classifier.5.bias"):
+        state[key] = state[key][:10]
     torch.save({"model": state}, tmp_path / "ft.pt")
     finetuned = hear.load_model(tmp_path / "ft.pt", model_name="mn04_as")
     assert finetuned.model.num_classes == 10
