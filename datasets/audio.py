@@ -3,7 +3,8 @@
 soundfile reads wav/flac/ogg (and the other libsndfile formats); PyAV (FFmpeg) reads mp3, m4a and
 everything else. Channels are averaged, and a different rate is converted with soxr at quality
 "HQ" (librosa's default resampler), which reproduces the waveforms the released models were
-evaluated on.
+evaluated on. `load_audio` returns a whole file; `stream_audio` yields it block by block (decoded
+and resampled incrementally, the same samples) for recordings too long to hold in memory.
 """
 from __future__ import annotations
 
