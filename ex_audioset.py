@@ -118,9 +118,9 @@ def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
             try:
                 model.load_state_dict(state)
             except RuntimeError as e:
+                detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1][:200]
                 raise InputError(f"{args.checkpoint}: does not fit the model given by --model_name "
-                                 f"/ --model_width / --head_type / --strides "
-                                 f"({str(e).splitlines()[0]})") from None
+                                 f"/ --model_width / --head_type / --strides ({detail})") from None
             frontend_settings = frontend_config_from_args(args)
         title = args.checkpoint
     elif args.ensemble:

@@ -358,7 +358,11 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: Dist
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo) -> DataLoader:
-    """Sequential evaluation DataLoader over this rank's `ShardSampler` slice."""
+    """Sequential evaluation DataLoader over this rank's `ShardSampler` slice (InputError when the
+    set has fewer clips than there are processes)."""
+    if len(dataset) < dist.world_size:
+        raise InputError(f"the evaluation set has {len(dataset)} clips, fewer than the "
+                         f"{dist.world_size} processes")
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), dist.rank,
                                                                            dist.world_size),
                       num_workers=num_workers, worker_init_fn=worker_init_fn,
@@ -463,12 +467,9 @@ def evaluate(model: nn.Module, frontend: nn.Module, loader: DataLoader, precisio
             logits, target = logits[keep], target[keep]
         outputs.append(logits)
         targets.append(target)
-    if outputs:
-        logits, target = torch.cat(outputs), torch.cat(targets)
-    else:  # a rank with an empty shard (fewer clips than ranks) still joins the gather
-        num_classes = getattr(net, "num_classes", 0)
-        logits, target = torch.zeros(0, num_classes), torch.zeros(0)
-    return gather_cat(logits, dist), gather_cat(target, dist)
+    if not outputs:
+        raise InputError("the evaluation loader yielded no batch (empty evaluation set?)")
+    return gather_cat(torch.cat(outputs), dist), gather_cat(torch.cat(targets), dist)
 
 
 # ---------------------------------------------------------------- checkpoints

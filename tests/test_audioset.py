@@ -27,6 +27,16 @@ from helpers.metrics import multilabel_metrics
 from helpers.training import DistributedWeightedSampler, load_checkpoint
 from tests.conftest import REPO, shared_path
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two spinning threads per process make these
+    small training runs many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 SR = 32000
 CLASS_FREQS = {0: 440.0, 1: 1200.0, 2: 3000.0, 3: 6000.0}
 
@@ -293,24 +303,24 @@ def _log(out: Path) -> list[dict]:
 
 def test_training_lowers_loss_and_resume_matches_uninterrupted(audioset_dir, tmp_path, capsys):
     full, part = tmp_path / "full", tmp_path / "part"
-    code, out, _ = _run(_train_args(audioset_dir, full, 3), capsys)
-    assert code == 0 and "  mAP: " in out and "  ROC: " in out and "undecodable clips" in out
+    code, out, _ = _run(_train_args(audioset_dir, full, 2), capsys)
+    assert code == 0 and "  mAP: " in out and "  ROC: " in out and "  d': " in out
     log = _log(full)
-    assert [e["epoch"] for e in log] == [0, 1, 2]
+    assert [e["epoch"] for e in log] == [0, 1]
     assert log[-1]["train_loss"] < log[0]["train_loss"]
-    assert sum(e["bad_rows"] for e in log) >= 0 and set(log[0]) >= {
-        "train_loss", "label_loss", "distillation_loss", "learning_rate", "mAP", "ROC", "val_loss"}
-    assert len(list(full.glob("mn01_as_epoch_2_mAP_*.pt"))) == 1 and not list(full.glob("*epoch_1*"))
+    assert set(log[0]) >= {"train_loss", "label_loss", "distillation_loss", "learning_rate", "mAP",
+                           "ROC", "val_loss", "bad_rows"}
+    assert len(list(full.glob("mn01_as_epoch_1_mAP_*.pt"))) == 1 and not list(full.glob("*epoch_0*"))
 
-    assert _run(_train_args(audioset_dir, part, 2), capsys)[0] == 0
-    code, out, _ = _run(_train_args(audioset_dir, part, 3, "--resume"), capsys)
+    assert _run(_train_args(audioset_dir, part, 1), capsys)[0] == 0
+    code, out, _ = _run(_train_args(audioset_dir, part, 2, "--resume"), capsys)
     assert code == 0 and "resumed from" in out
     a, b = _weights(full / "last.pt"), _weights(part / "last.pt")
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert _log(part)[2] == log[2]
+    assert _log(part)[1] == log[1]
     state = load_checkpoint(part / "last.pt")
-    assert state["epoch"] == 2 and state["class_names"][0] == "Speech"
+    assert state["epoch"] == 1 and state["class_names"][0] == "Speech"
     assert state["model_config"]["width_mult"] == 0.1
 
 

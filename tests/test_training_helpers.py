@@ -18,6 +18,16 @@ from helpers import training as T
 from helpers.errors import InputError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two spinning threads per process make these
+    small training runs many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _schedule(**kw) -> T.WarmupRampdown:
     return T.WarmupRampdown(kw["W"], kw["S"], kw["R"], kw["last"])
 
