@@ -13,10 +13,18 @@ from models.pretrained import get_entry
 FRONTEND_DEFAULTS = {"n_mels": 128, "sr": 32000, "win_length": 800, "hopsize": 320, "n_fft": 1024}
 
 
-def create_model(name: str, num_classes: int = 527, **kwargs: Any) -> nn.Module:
-    """The model `name` (MN or DyMN) with its released weights, in train mode like any new module."""
-    build = get_dymn if get_entry(name).family == "dymn" else get_mn
-    return build(num_classes=num_classes, pretrained_name=name, **kwargs)
+def create_model(name: str, num_classes: int = 527, pretrained: bool = True, **kwargs: Any) -> nn.Module:
+    """The model `name` (MN or DyMN) with its released weights, in train mode like any new module.
+
+    With pretrained=False the same architecture (the registry's model arguments, where `kwargs`
+    that are not None override them) is built with fresh weights and nothing is downloaded, e.g.
+    for complexity analysis or training from scratch."""
+    entry = get_entry(name)
+    build = get_dymn if entry.family == "dymn" else get_mn
+    if pretrained:
+        return build(num_classes=num_classes, pretrained_name=name, **kwargs)
+    arch = {**entry.model_kwargs, **{k: v for k, v in kwargs.items() if v is not None}}
+    return build(num_classes=num_classes, **arch)
 
 
 def frontend_kwargs(name: str | None = None, **overrides: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Building blocks shared by MN and DyMN: channel rounding, Conv-BN-Act, weight init."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -113,3 +113,17 @@ class MultiHeadAttentionPooling(nn.Module):
         attention = attention / attention.sum(dim=1, keepdim=True)
         pooled = (attention * x[:, :, 1]).sum(dim=1)  # (B, heads, N)
         return (pooled * self.head_weight).sum(dim=1)
+
+
+def tagger_forward(stages: Iterable[nn.Module], classifier: nn.Module, x: torch.Tensor,
+                   return_fmaps: bool = False):
+    """Shared forward of MN and DyMN: run the stages, then the head. Returns (logits (B, N),
+    embedding (B, C) = global average of the last feature map), or (logits, list of every stage's
+    output) with return_fmaps."""
+    fmaps = []
+    for stage in stages:
+        x = stage(x)
+        if return_fmaps:
+            fmaps.append(x)
+    logits = classifier(x).flatten(1)
+    return (logits, fmaps) if return_fmaps else (logits, x.mean(dim=(2, 3)))

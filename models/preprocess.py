@@ -62,7 +62,8 @@ def _random_band_mask(spec: torch.Tensor, max_width: int, axis: int) -> torch.Te
 class AugmentMelSTFT(nn.Module):
     """Log-mel frontend with train-time fmin/fmax jitter and SpecAugment-style masking.
 
-    Input (B, L) float waveforms at `sr`; output (B, n_mels, 1 + (L - 1) // hopsize).
+    Input (B, L) float waveforms at `sr` (L >= 2); output (B, n_mels, 1 + (L - 1) // hopsize).
+    Waveforms too short for reflect padding (L <= n_fft // 2 + 1) are zero-extended first.
     """
 
     def __init__(self, n_mels: int = 128, sr: int = 32000, win_length: int = 800,
@@ -103,9 +104,12 @@ class AugmentMelSTFT(nn.Module):
             raise ValueError("waveform must have at least 2 samples")
         x = x.float()
         x = nn.functional.conv1d(x.unsqueeze(1), self.preemphasis_coefficient).squeeze(1)
+        length = x.shape[-1]
+        if length <= self.n_fft // 2:  # too short to reflect-pad: zero-extend, keep the frames it has
+            x = nn.functional.pad(x, (0, self.n_fft // 2 + 1 - length))
         spec = torch.stft(x, self.n_fft, hop_length=self.hopsize, win_length=self.win_length,
                           window=self.window, center=True, pad_mode="reflect", normalized=False,
-                          onesided=True, return_complex=True)
+                          onesided=True, return_complex=True)[..., :1 + length // self.hopsize]
         power = torch.view_as_real(spec).pow(2).sum(-1)  # (B, n_fft // 2 + 1, T)
 
         if self.training:

@@ -41,18 +41,20 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["EFFICIENTAT_MODEL_DIR"] = old
 
 
+def _cached(cache: Path, filename: str) -> Path:
+    path = cache / filename
+    if not path.exists():
+        pytest.skip(f"{SKIP_REASON}: no {filename}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def mn04_checkpoint(model_cache: Path) -> Path:
     """The released mn04_as checkpoint in the test cache (skips where ../shared is absent)."""
-    path = model_cache / "mn04_as_mAP_432.pt"
-    if not path.exists():
-        pytest.skip(f"{SKIP_REASON}: no released checkpoint")
-    return path
+    return _cached(model_cache, "mn04_as_mAP_432.pt")
 
 
 @pytest.fixture(scope="session")
 def labels_file(model_cache: Path) -> Path:
-    path = model_cache / "class_labels_indices.csv"
-    if not path.exists():
-        pytest.skip(f"{SKIP_REASON}: no label table")
-    return path
+    """The AudioSet label table in the test cache (skips where ../shared is absent)."""
+    return _cached(model_cache, "class_labels_indices.csv")

@@ -12,7 +12,8 @@ from torch import nn
 
 from models.dymn.dy_block import DynamicConv, DynamicInvertedResidual
 from models import pretrained
-from models.layers import ConvNormActivation, classification_head, init_weights, make_divisible
+from models.layers import (ConvNormActivation, classification_head, init_weights, make_divisible,
+                           tagger_forward)
 from models.mn.block_types import InvertedResidual, InvertedResidualConfig
 from models.mn.model import mn_block_configs
 
@@ -78,15 +79,7 @@ class DyMN(nn.Module):
                 m.update_params(epoch)
 
     def forward(self, x: torch.Tensor, return_fmaps: bool = False):
-        fmaps = []
-        for layer in (self.in_c, *self.layers, self.out_c):
-            x = layer(x)
-            if return_fmaps:
-                fmaps.append(x)
-        logits = self.classifier(x).flatten(1)
-        if return_fmaps:
-            return logits, fmaps
-        return logits, x.mean(dim=(2, 3))
+        return tagger_forward((self.in_c, *self.layers, self.out_c), self.classifier, x, return_fmaps)
 
 
 def get_model(num_classes: int = 527, pretrained_name: Optional[str] = None,
@@ -95,7 +88,7 @@ def get_model(num_classes: int = 527, pretrained_name: Optional[str] = None,
               dyrelu_k: int = 2, no_dyrelu: bool = False, dyconv_k: int = 4, no_dyconv: bool = False,
               T_max: float = 30.0, T0_slope: float = 1.0, T1_slope: float = 0.02, T_min: float = 1,
               pretrain_final_temp: float = 1.0, no_ca: bool = False,
-              use_dy_blocks: Optional[str] = None, head_type: str = "mlp") -> DyMN:
+              use_dy_blocks: Optional[str] = None, head_type: str = "mlp", dropout: float = 0.2) -> DyMN:
     """Build a DyMN. With `pretrained_name` the width and block layout come from the registry,
     T_max becomes `pretrain_final_temp` (1.0: the temperature AudioSet-trained DyMNs run at) and
     the released weights are loaded strictly (a different `num_classes` re-initializes only the
@@ -115,7 +108,7 @@ def get_model(num_classes: int = 527, pretrained_name: Optional[str] = None,
                  min_context_size=min_context_size, dyrelu_k=dyrelu_k, dyconv_k=dyconv_k,
                  no_dyrelu=no_dyrelu, no_dyconv=no_dyconv, no_ca=no_ca,
                  temp_schedule=(T_max, T_min, T0_slope, T1_slope),
-                 use_dy_blocks=arch["use_dy_blocks"] or "all")
+                 use_dy_blocks=arch["use_dy_blocks"] or "all", dropout=dropout)
     if pretrained_name:
         pretrained.load_pretrained_weights(model, pretrained_name)
     return model

@@ -12,7 +12,7 @@ from torch import nn
 
 from models import pretrained
 from models.layers import (ConvNormActivation, classification_head, conv_output_size,
-                           init_weights, make_divisible)
+                           init_weights, make_divisible, tagger_forward)
 from models.mn.block_types import SE_DIMS, InvertedResidual, InvertedResidualConfig
 
 # (input ch, kernel, expanded ch, output ch, SE, activation, stride index or 1)
@@ -90,22 +90,14 @@ class MN(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor, return_fmaps: bool = False):
-        fmaps = []
-        for layer in self.features:
-            x = layer(x)
-            if return_fmaps:
-                fmaps.append(x)
-        logits = self.classifier(x).flatten(1)
-        if return_fmaps:
-            return logits, fmaps
-        return logits, x.mean(dim=(2, 3))
+        return tagger_forward(self.features, self.classifier, x, return_fmaps)
 
 
 def get_model(num_classes: int = 527, pretrained_name: Optional[str] = None,
               width_mult: Optional[float] = None, reduced_tail: bool = False, dilated: bool = False,
               strides: Optional[Sequence[int]] = None, head_type: Optional[str] = None,
               multihead_attention_heads: int = 4, input_dim_f: int = 128, input_dim_t: int = 1000,
-              se_dims: str = "c", se_agg: str = "max", se_r: int = 4) -> MN:
+              se_dims: str = "c", se_agg: str = "max", se_r: int = 4, dropout: float = 0.2) -> MN:
     """Build an MN. With `pretrained_name` (a registry name such as "mn04_as") the width, head and
     strides come from the registry and the released weights are loaded strictly; arguments left
     at None take the registry's (or the architecture's default) value. A `num_classes` other than
@@ -122,7 +114,8 @@ def get_model(num_classes: int = 527, pretrained_name: Optional[str] = None,
                                              (2, 2, 2, 2) if arch["strides"] is None else arch["strides"])
     model = MN(configs, last_channel, num_classes=num_classes, head_type=arch["head_type"] or "mlp",
                multihead_attention_heads=multihead_attention_heads,
-               input_dims=(input_dim_f, input_dim_t), se_dims=se_dims, se_agg=se_agg, se_r=se_r)
+               input_dims=(input_dim_f, input_dim_t), se_dims=se_dims, se_agg=se_agg, se_r=se_r,
+               dropout=dropout)
     if pretrained_name:
         pretrained.load_pretrained_weights(model, pretrained_name)
     return model

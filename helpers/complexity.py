@@ -1,0 +1,382 @@
+"""What a model costs: parameters, multiply-accumulate operations (MACs), analytical peak memory
+and receptive field, computed the way the original EfficientAT tools compute them.
+
+Everything is read from one traced forward pass of a single 10-second spectrogram (batch 1):
+hooks record every executed convolution (static Conv2d and DyMN's DynamicConv), every Linear call
+and every inverted residual block with its input and output sizes. Only shapes matter, so models
+are built and traced on the "meta" device: no weights are allocated, nothing is computed, and even
+the width-4.0 models take well under a second.
+
+MACs: Conv2d = Cout * (kh * kw * Cin / groups + [bias]) * Hout * Wout; Linear = its weight and
+bias elements, once per call (the original counter's rules). The original counter skips DyMN's
+dynamic convolutions; here each DynamicConv counts as a bias-free conv of its kernel shape plus
+the mixing of its K kernels (K * kernel elements), see `MacCount`.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from models.dymn.dy_block import DynamicConv, DynamicInvertedResidual
+from models.factory import create_frontend, create_model
+from models.mn.block_types import ConcurrentSEBlock, InvertedResidual
+from models.mn.model import get_model as get_mn
+from models.preprocess import AugmentMelSTFT
+from models.pretrained import REGISTRY, get_entry
+
+CLIP_SECONDS = 10.0
+BLOCK_TYPES = (InvertedResidual, DynamicInvertedResidual)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class _Tensors:
+    """Element counts of a recorded call's input and output."""
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def in_numel(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def out_numel(self) -> int:
+        return math.prod(self.out_shape)
+
+
+@dataclass(frozen=True)
+class ConvCall(_Tensors):
+    """One executed convolution: its geometry, tensor shapes and enclosing block."""
+    name: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    bias: bool
+    dynamic: bool = False  # DyMN DynamicConv: per-sample mixture of `num_kernels` kernels
+    num_kernels: int = 1
+    block: Optional[int] = None  # index into ModelTrace.blocks, None outside the blocks
+    reads_block_input: bool = False  # its input is the enclosing block's input tensor itself
+
+    @property
+    def kernel_numel(self) -> int:
+        return self.out_shape[1] * (self.in_shape[1] // self.groups) * self.kernel[0] * self.kernel[1]
+
+    @property
+    def macs(self) -> int:
+        """Cout * (kh * kw * Cin / groups + bias) * Hout * Wout."""
+        per_output = self.kernel[0] * self.kernel[1] * self.in_shape[1] // self.groups + int(self.bias)
+        return self.out_numel * per_output
+
+    @property
+    def mixing_macs(self) -> int:
+        """MACs of a dynamic conv's kernel aggregation (K attention weights times K kernels)."""
+        return self.num_kernels * self.kernel_numel if self.dynamic else 0
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    name: str
+    weight_numel: int
+    bias_numel: int
+
+    @property
+    def macs(self) -> int:
+        """Weight plus bias elements, once per call, however many positions the layer is applied to."""
+        return self.weight_numel + self.bias_numel
+
+
+@dataclass(frozen=True)
+class BlockCall(_Tensors):
+    """One executed inverted residual block (MN or DyMN)."""
+    name: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    residual: bool
+    squeeze_excitation: bool
+
+
+@dataclass(frozen=True)
+class ModelTrace:
+    """Everything the cost functions need, recorded from one forward pass."""
+    input_shape: tuple[int, ...]
+    convs: tuple[ConvCall, ...]
+    linears: tuple[LinearCall, ...]
+    blocks: tuple[BlockCall, ...]
+    uncounted: dict[str, int]  # leaf module type -> number of calls (BatchNorm2d, ReLU, ...)
+
+    def block_convs(self, index: int) -> list[ConvCall]:
+        return [c for c in self.convs if c.block == index]
+
+
+def trace_model(model: nn.Module, input_size: Sequence[int] = (1, 1, 128, 1000)) -> ModelTrace:
+    """Run `model` once on a random tensor of `input_size` (batch 1, on the model's device, in eval
+    mode and without gradients) and record its convolutions, Linear calls and blocks."""
+    input_size = tuple(int(s) for s in input_size)
+    if len(input_size) != 4 or input_size[0] != 1:
+        raise ValueError(f"input size must be (batch 1, channels, mel bins, frames), got {input_size}")
+    names = {m: n for n, m in model.named_modules()}
+    convs: list[ConvCall] = []
+    linears: list[LinearCall] = []
+    blocks: list[BlockCall] = []
+    uncounted: Counter[str] = Counter()
+    open_blocks: list[tuple[int, torch.Tensor]] = []
+
+    def block_start(module: nn.Module, inputs: tuple) -> None:
+        open_blocks.append((len(blocks), inputs[0]))
+        has_se = any(isinstance(m, ConcurrentSEBlock) for m in module.modules())
+        blocks.append(BlockCall(names[module], tuple(inputs[0].shape), (), module.use_res_connect, has_se))
+
+    def block_end(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        index, _ = open_blocks.pop()
+        blocks[index] = replace(blocks[index], out_shape=tuple(output.shape))
+
+    def conv_done(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        block, block_input = open_blocks[-1] if open_blocks else (None, None)
+        dynamic = isinstance(module, DynamicConv)
+        convs.append(ConvCall(
+            names[module], tuple(inputs[0].shape), tuple(output.shape), _pair(module.kernel_size),
+            _pair(module.stride), _pair(getattr(module, "dilation", 1)), module.groups,
+            getattr(module, "bias", None) is not None, dynamic, module.k if dynamic else 1, block,
+            inputs[0] is block_input))
+
+    def linear_done(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
+        linears.append(LinearCall(names[module], module.weight.numel(),
+                                  0 if module.bias is None else module.bias.numel()))
+
+    def other_leaf_done(module: nn.Module, inputs: tuple, output: Any) -> None:
+        uncounted[type(module).__name__] += 1
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, BLOCK_TYPES):
+            handles += [module.register_forward_pre_hook(block_start), module.register_forward_hook(block_end)]
+        if isinstance(module, (nn.Conv2d, DynamicConv)):
+            handles.append(module.register_forward_hook(conv_done))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_done))
+        elif not any(True for _ in module.children()):
+            handles.append(module.register_forward_hook(other_leaf_done))
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(input_size, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return ModelTrace(input_size, tuple(convs), tuple(linears), tuple(blocks), dict(uncounted))
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of elements of all parameters (buffers such as BN running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class MacCount:
+    """MACs of one forward pass, by kind. `reference_total` is what the original counter reports
+    (static convs and Linear layers only); `total` adds DyMN's dynamic convolutions, counted as
+    bias-free convs of their kernel shape, and their kernel mixing. Both are equal for MN.
+    Batch norm, activations (DyReLU included), pooling, SE/coordinate-attention rescaling and
+    residual additions are not counted."""
+    conv: int
+    conv_layers: int
+    dynamic_conv: int
+    dynamic_conv_layers: int
+    kernel_mixing: int
+    linear: int
+    linear_layers: int
+    uncounted: dict[str, int]
+
+    @property
+    def reference_total(self) -> int:
+        return self.conv + self.linear
+
+    @property
+    def total(self) -> int:
+        return self.conv + self.dynamic_conv + self.kernel_mixing + self.linear
+
+
+def count_macs(trace: ModelTrace) -> MacCount:
+    """MACs of the traced forward pass (see MacCount for what is counted)."""
+    static = [c for c in trace.convs if not c.dynamic]
+    dynamic = [c for c in trace.convs if c.dynamic]
+    return MacCount(sum(c.macs for c in static), len(static), sum(c.macs for c in dynamic), len(dynamic),
+                    sum(c.mixing_macs for c in dynamic), sum(l.macs for l in trace.linears),
+                    len(trace.linears), trace.uncounted)
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Activation memory per recorded entry (label, elements) and its maximum."""
+    entries: tuple[tuple[str, int], ...]
+    bits_per_elem: int = 16
+
+    def kilobytes(self, elements: int) -> float:
+        """Elements -> kB (1 kB = 1000 bytes) at `bits_per_elem` bits per element."""
+        return elements * self.bits_per_elem / 8 / 1000
+
+    @property
+    def peak_elements(self) -> int:
+        return max(elements for _, elements in self.entries)
+
+    @property
+    def peak_kb(self) -> float:
+        return self.kilobytes(self.peak_elements)
+
+
+def _check_bits(bits_per_elem: int) -> None:
+    if bits_per_elem < 1:
+        raise ValueError(f"bits per element must be positive, got {bits_per_elem}")
+
+
+def peak_memory_cnn(trace: ModelTrace, bits_per_elem: int = 16) -> PeakMemory:
+    """Layer-by-layer inference: every convolution holds its input and output; inside a block with
+    a residual connection, a conv that does not read the block input itself also holds that input
+    (the copy kept for the addition). Weights are streamed from flash and not counted."""
+    _check_bits(bits_per_elem)
+    entries = []
+    for i, conv in enumerate(trace.convs, 1):
+        elements = conv.in_numel + conv.out_numel
+        if conv.block is not None:
+            block = trace.blocks[conv.block]
+            if block.residual and not conv.reads_block_input:
+                elements += block.in_numel
+        entries.append((f"conv {i}", elements))
+    return PeakMemory(tuple(entries), bits_per_elem)
+
+
+def peak_memory_mnv3(trace: ModelTrace, bits_per_elem: int = 16) -> PeakMemory:
+    """Memory-efficient inverted-residual inference (the expanded representation is computed in
+    8 slices, Lin et al., NeurIPS 2021): one entry per block, with the original's rules.
+
+    - Block 1, fused with the stem: spectrogram + block output + 2 slices of the block input
+      (before and after the depthwise conv).
+    - A block with squeeze-excitation (which needs the whole expanded map): projection input +
+      projection output + block input.
+    - Any other block: block input + output + one slice of the expanded map before and one after
+      the strided depthwise conv, F_in*T_in*E/8 + floor(F_in/s)*floor(T_in/s)*E/8. A block without
+      expansion conv (width 0.1; the original raises here) has no expanded map: its depthwise conv
+      reads the stored block input, so only the slice after it counts (E = input channels).
+      DyMN blocks follow this rule: their context is computed from the block input beforehand,
+      and dynamic convs, dynamic ReLU and coordinate attention then work slice by slice.
+    The stem alone, the last conv and the head are not recorded."""
+    _check_bits(bits_per_elem)
+    entries = []
+    for index, block in enumerate(trace.blocks):
+        convs = trace.block_convs(index)
+        _, c_in, f_in, t_in = block.in_shape
+        if index == 0:
+            elements = math.prod(trace.input_shape) + block.out_numel + 2 * (f_in * t_in * c_in // 8)
+        elif block.squeeze_excitation:
+            projection = convs[-1]
+            elements = projection.in_numel + projection.out_numel + block.in_numel
+        else:
+            expansion = next((c for c in convs if c.reads_block_input and c.groups == 1), None)
+            depthwise = next(c for c in convs if c.groups > 1)
+            expanded = c_in if expansion is None else expansion.out_shape[1]
+            s_f, s_t = depthwise.stride
+            elements = block.in_numel + block.out_numel + (f_in // s_f) * (t_in // s_t) * expanded // 8
+            if expansion is not None:
+                elements += f_in * t_in * expanded // 8
+        entries.append((f"block {index + 1}", elements))
+    return PeakMemory(tuple(entries), bits_per_elem)
+
+
+def receptive_field(trace: ModelTrace) -> tuple[int, int]:
+    """Receptive field (frequency bins, frames) of the executed convolutions: from r = 1 at the last
+    conv back to the first, r = s * r + (k_eff - s) with k_eff = (k - 1) * d + 1, per axis. DyMN's
+    context pooling (global by construction) is not part of it."""
+    rf = [1, 1]
+    for conv in reversed(trace.convs):
+        for axis in (0, 1):
+            k_eff = (conv.kernel[axis] - 1) * conv.dilation[axis] + 1
+            rf[axis] = conv.stride[axis] * rf[axis] + k_eff - conv.stride[axis]
+    return rf[0], rf[1]
+
+
+def clip_input_size(frontend: AugmentMelSTFT, clip_seconds: float = CLIP_SECONDS) -> tuple[int, int, int, int]:
+    """Model input size (1, 1, n_mels, frames) for one clip of `clip_seconds` through `frontend`."""
+    return 1, 1, frontend.n_mels, frontend.num_frames(round(clip_seconds * frontend.sr))
+
+
+def build_model(name: Optional[str] = None, width_mult: Optional[float] = None,
+                head_type: Optional[str] = None, strides: Optional[Sequence[int]] = None,
+                se_dims: Optional[str] = None, input_size: Sequence[int] = (1, 1, 128, 1000),
+                device: str | torch.device = "meta") -> nn.Module:
+    """The architecture of registry model `name` (or, without a name, a plain MN of `width_mult`)
+    with fresh weights on `device`; nothing is downloaded. Arguments that are not None override
+    the registry's. MN squeeze-excitation on 'f'/'t' is sized for `input_size`."""
+    family = get_entry(name).family if name else "mn"
+    kwargs: dict[str, Any] = {"head_type": head_type, "strides": strides}
+    if family == "mn":
+        kwargs.update(se_dims=se_dims, input_dim_f=input_size[2], input_dim_t=input_size[3])
+    elif se_dims is not None:
+        raise ValueError(f"{name} is a DyMN, which has no squeeze-excitation (se_dims is for MN only)")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    with torch.device(device):
+        if name:
+            return create_model(name, pretrained=False, **kwargs)
+        return get_mn(width_mult=width_mult, **kwargs)
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    input_size: tuple[int, ...]
+    params: int
+    macs: MacCount
+    peak_memory: PeakMemory  # layer-by-layer
+    peak_memory_efficient: PeakMemory  # memory-efficient inverted-residual inference
+    receptive_field: tuple[int, int]
+
+
+def analyze(model: nn.Module, input_size: Sequence[int], bits_per_elem: int = 16) -> ModelCost:
+    """All costs of `model` for one input of `input_size` from a single traced forward pass."""
+    return _cost(trace_model(model, input_size), count_params(model), bits_per_elem)
+
+
+def _cost(trace: ModelTrace, params: int, bits_per_elem: int) -> ModelCost:
+    return ModelCost(trace.input_shape, params, count_macs(trace), peak_memory_cnn(trace, bits_per_elem),
+                     peak_memory_mnv3(trace, bits_per_elem), receptive_field(trace))
+
+
+# (family, model arguments, input size) -> (trace, parameter count): re-runs of one architecture
+# (mn40_as(2), ...) and repeated tables in one process share a trace
+_REGISTRY_TRACES: dict[tuple, tuple[ModelTrace, int]] = {}
+
+
+def registry_costs(bits_per_elem: int = 16) -> list[dict[str, Any]]:
+    """One row per AudioSet model of the registry: architecture and input size (from its model and
+    frontend settings), computed costs, and the published mAP, parameters and MACs."""
+    rows = []
+    for name in [n for n, e in REGISTRY.items() if e.audioset]:
+        entry = get_entry(name)
+        arch = entry.model_kwargs
+        size = clip_input_size(create_frontend(name))
+        key = (entry.family, tuple(sorted(arch.items())), size)
+        if key not in _REGISTRY_TRACES:
+            model = build_model(name, input_size=size)
+            _REGISTRY_TRACES[key] = trace_model(model, size), count_params(model)
+        cost = _cost(*_REGISTRY_TRACES[key], bits_per_elem)
+        rows.append({
+            "name": name, "family": entry.family, "width_mult": arch["width_mult"],
+            "head_type": arch.get("head_type", "mlp"), "strides": ",".join(map(str, arch["strides"])),
+            "n_mels": size[2], "frames": size[3], "params": cost.params, "macs": cost.macs.total,
+            "peak_memory_kB": cost.peak_memory.peak_kb,
+            "peak_memory_efficient_kB": cost.peak_memory_efficient.peak_kb,
+            "receptive_field": f"{cost.receptive_field[0]}x{cost.receptive_field[1]}",
+            "map": entry.map, "published_params_m": entry.params_m, "published_macs_g": entry.macs_g,
+        })
+    return rows

@@ -1,0 +1,125 @@
+"""Tag audio files with a pre-trained EfficientAT model (or an ensemble).
+
+    python inference.py --model_name mn04_as --audio_path resources/demo.wav
+    python inference.py --model_name dymn10_as --audio_path clips/ more.mp3 --top_k 5 --output tags.json
+
+Each file is analyzed whole, in one pass, at 32 kHz mono. Files of equal length are batched.
+Exit code: 0 all files tagged, 1 some files failed (the others are tagged), 2 nothing tagged
+(bad arguments, unknown model, unreadable input).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets.audio import AudioLoadError, find_audio_files, load_audio
+from helpers.download import DownloadError
+from helpers.files import atomic_write
+from helpers.tagging import Tagger, build_tagger, format_tags, select_device, top_k
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
+parser.add_argument("--model_name", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
+parser.add_argument("--ensemble", nargs="+", default=None, help="several model names; averages logits")
+parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
+parser.add_argument("--strides", nargs=4, type=int, default=None, help="MN/DyMN strides (default: registry)")
+parser.add_argument("--head_type", default=None, help="MN head (default: registry)")
+parser.add_argument("--sample_rate", type=int, default=32000)
+parser.add_argument("--window_size", type=int, default=None, help="STFT window in samples (default: registry)")
+parser.add_argument("--hop_size", type=int, default=None, help="STFT hop in samples (default: registry)")
+parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: registry)")
+parser.add_argument("--top_k", type=int, default=10, help="labels printed / written per file")
+parser.add_argument("--output", default=None, help="write results to a .json or .csv file")
+parser.add_argument("--all_classes", action="store_true", help="write every class's probability to --output")
+parser.add_argument("--batch_size", type=int, default=16, help="files of equal length run together")
+args = parser.parse_args()
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if args.top_k < 1 or args.batch_size < 1:
+    fail("--top_k and --batch_size must be at least 1")
+if args.output and Path(args.output).suffix.lower() not in (".json", ".csv"):
+    fail(f"{args.output}: --output must end in .json or .csv")
+
+try:
+    files = find_audio_files(args.audio_path)
+    tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda), args.strides,
+                                  args.head_type, sr=args.sample_rate, win_length=args.window_size,
+                                  hopsize=args.hop_size, n_mels=args.n_mels)
+except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
+    fail(str(e))
+
+# tag: consecutive files of equal length share a batch; results keep the input order
+results: dict[Path, np.ndarray] = {}
+errors: dict[Path, str] = {}
+pending: list[tuple[Path, np.ndarray]] = []
+
+
+def flush() -> None:
+    if pending:
+        batch = torch.from_numpy(np.stack([w for _, w in pending]))
+        for (path, _), probs in zip(pending, tagger.predict(batch)):
+            results[path] = probs
+        pending.clear()
+
+
+for path in tqdm(files, desc="tagging", unit="file", disable=len(files) == 1, file=sys.stderr):
+    try:
+        waveform = load_audio(path, tagger.sample_rate)
+        if len(waveform) < 2:
+            raise AudioLoadError(f"{path}: too short to analyze ({len(waveform)} sample)")
+    except AudioLoadError as e:
+        errors[path] = str(e)
+        print(f"error: {e}", file=sys.stderr)
+        continue
+    if pending and (len(pending) == args.batch_size or len(pending[0][1]) != len(waveform)):
+        flush()
+    pending.append((path, waveform))
+flush()
+
+for path in files:
+    if path in results:
+        if len(files) > 1:
+            print(path)
+        print(format_tags(results[path], tagger.class_names, args.top_k))
+
+
+def ranked(probs: np.ndarray) -> list[dict]:
+    order = top_k(probs, len(probs) if args.all_classes else args.top_k)
+    return [{"rank": r + 1, "index": int(i), "mid": tagger.class_ids[i] if tagger.class_ids else "",
+             "label": tagger.class_names[i], "probability": round(float(probs[i]), 6)}
+            for r, i in enumerate(order)]
+
+
+if args.output and results:
+    out = Path(args.output)
+    with atomic_write(out, newline="", encoding="utf-8") as f:
+        if out.suffix.lower() == ".json":
+            json.dump({"model": tagger.name, "sample_rate": tagger.sample_rate,
+                       "results": [{"file": str(p), "tags": ranked(results[p])} for p in files if p in results],
+                       "errors": [{"file": str(p), "error": msg} for p, msg in errors.items()]},
+                      f, indent=2)
+        else:
+            writer = csv.writer(f)
+            writer.writerow(["file", "rank", "index", "mid", "label", "probability"])
+            for p in files:
+                if p in results:
+                    for tag in ranked(results[p]):
+                        writer.writerow([str(p), *tag.values()])
+    print(f"wrote {len(results)} result(s) to {out}", file=sys.stderr)
+
+if not results:
+    sys.exit(2)
+sys.exit(1 if errors else 0)

@@ -1,0 +1,149 @@
+"""Checkpoint / label download and cache, against a local HTTP server on 127.0.0.1."""
+import hashlib
+import http.server
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import labels
+from helpers.download import DownloadError, cached_file, download
+from models import pretrained
+
+PAYLOAD = bytes(range(256)) * 400
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path == "/drop":  # announces the full length, sends half, hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404, "Not Found")
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/nothing"
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_download_success_is_checked_and_atomic(server, tmp_path):
+    Handler.files["/file.bin"] = PAYLOAD
+    dest = download(f"{server}/file.bin", tmp_path / "file.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest(),
+                    progress=False)
+    assert dest.read_bytes() == PAYLOAD and leftovers(tmp_path) == ["file.bin"]
+
+
+@pytest.mark.parametrize("path, problem", [("/drop", "connection closed after"), ("/missing", "HTTP 404"),
+                                           ("/file.bin", "sha256 mismatch")])
+def test_failed_download_leaves_nothing_and_says_where_to_put_the_file(server, tmp_path, path, problem):
+    Handler.files["/file.bin"] = PAYLOAD
+    dest = tmp_path / "model.pt"
+    with pytest.raises(DownloadError) as err:
+        download(f"{server}{path}", dest, sha256="0" * 64, progress=False)
+    message = str(err.value)
+    assert problem in message and f"{server}{path}" in message and str(dest) in message
+    assert "\n" not in message and leftovers(tmp_path) == []
+
+
+def test_no_network(tmp_path):
+    url = closed_port_url()
+    with pytest.raises(DownloadError, match="download it by hand and put it at"):
+        download(url, tmp_path / "x.pt", progress=False)
+    assert leftovers(tmp_path) == []
+
+
+def test_cached_file_is_used_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path))
+    (tmp_path / "present.pt").write_bytes(b"anything")
+    assert cached_file("present.pt", closed_port_url()) == tmp_path / "present.pt"
+
+
+def test_checkpoint_download_through_the_registry(server, tmp_path, monkeypatch, mn04_checkpoint):
+    monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrained, "RELEASE_URL", f"{server}/release/")
+    Handler.files["/release/mn04_as_mAP_432.pt"] = mn04_checkpoint.read_bytes()
+    path = pretrained.checkpoint_path("mn04_as", progress=False)
+    assert path == tmp_path / "cache" / "mn04_as_mAP_432.pt" and path.read_bytes() == mn04_checkpoint.read_bytes()
+    # tampered bytes under the same name fail the known sha256
+    Handler.files["/release/mn04_as_mAP_432.pt"] = mn04_checkpoint.read_bytes()[:-10] + b"0123456789"
+    path.unlink()
+    with pytest.raises(DownloadError, match="sha256 mismatch"):
+        pretrained.checkpoint_path("mn04_as", progress=False)
+    assert not path.exists()
+
+
+def test_checkpoint_without_known_hash_must_load_as_a_state_dict(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path))
+    monkeypatch.setattr(pretrained, "RELEASE_URL", f"{server}/release/")
+    Handler.files["/release/mn01_as_mAP_298.pt"] = b"<html>not a checkpoint</html>"
+    with pytest.raises(DownloadError, match="not a PyTorch checkpoint"):
+        pretrained.checkpoint_path("mn01_as", progress=False)
+    assert leftovers(tmp_path) == []
+    buffer = tmp_path / "sd.pt"
+    torch.save({"w": torch.zeros(2)}, buffer)
+    Handler.files["/release/mn01_as_mAP_298.pt"] = buffer.read_bytes()
+    assert pretrained.checkpoint_path("mn01_as", progress=False).exists()
+
+
+def test_label_table_falls_back_and_is_validated(server, tmp_path, monkeypatch, labels_file):
+    monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path))
+    labels._load.cache_clear()
+    Handler.files["/repo/labels.csv"] = labels_file.read_bytes()
+    monkeypatch.setattr(labels, "LABELS_URLS", (f"{server}/audioset/missing.csv", f"{server}/repo/labels.csv"))
+    names = labels.class_names()
+    assert len(names) == 527 and names[0] == "Speech" and names[137] == "Music"
+    # a broken table from every source is rejected and not cached
+    (tmp_path / "class_labels_indices.csv").unlink()
+    labels._load.cache_clear()
+    Handler.files["/repo/labels.csv"] = labels_file.read_bytes()[:5000]
+    with pytest.raises(DownloadError, match="expected 527 classes"):
+        labels.class_names()
+    assert leftovers(tmp_path) == []
+    labels._load.cache_clear()
+
+
+def test_label_table_checks(tmp_path, labels_file):
+    rows = labels_file.read_text().splitlines()
+    assert len(labels.read_label_table(labels_file)) == 527
+    bad = tmp_path / "dup.csv"
+    bad.write_text("\n".join(rows[:2] + [rows[2].replace(rows[2].split(",")[1], rows[1].split(",")[1])] + rows[3:]))
+    with pytest.raises(ValueError, match="MIDs are not unique"):
+        labels.read_label_table(bad)
+    bad.write_text("id,mid,name\n" + "\n".join(rows[1:]))
+    with pytest.raises(ValueError, match="header"):
+        labels.read_label_table(bad)
