@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from helpers.errors import InputError
+from helpers.files import atomic_write
 from models.dymn.model import get_model as get_dymn
 from models.factory import frontend_kwargs
 from models.mn.model import get_model as get_mn
@@ -475,16 +476,10 @@ def evaluate(model: nn.Module, frontend: nn.Module, loader: DataLoader, precisio
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    """torch.save `state` to a temp file in the same folder, then rename it over `path`: a crash
-    never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(dict(state), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save `state` atomically (helpers.files.atomic_write): a crash never leaves a
+    half-written checkpoint."""
+    with atomic_write(path, "wb") as f:
+        torch.save(dict(state), f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -26,16 +26,8 @@ from helpers.errors import InputError, run_cli
 from helpers.metrics import multilabel_metrics
 from helpers.training import DistributedWeightedSampler, load_checkpoint
 from tests.conftest import REPO, shared_path
+from tests.test_training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning threads per process make these
-    small training runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 SR = 32000
 CLASS_FREQS = {0: 440.0, 1: 1200.0, 2: 3000.0, 3: 6000.0}
@@ -277,6 +269,9 @@ def test_cli_errors_are_one_line_exit_2(audioset_dir, tmp_path, capsys):
     assert code == 2 and err.strip().endswith(f"{tmp_path / EVAL_FILE}: dataset file not found")
     assert len(err.strip().splitlines()) == 1
 
+    code, _, err = _run(["--dataset_dir", str(audioset_dir), "--model_name", "mn04_ass"], capsys)
+    assert code == 2 and "unknown model name 'mn04_ass'; did you mean mn04_as" in err
+
     np.save(tmp_path / "wrong.npy", np.zeros((4, 100), dtype=np.float32))
     args = _train_args(audioset_dir, tmp_path / "run", 1)
     args[args.index("--teacher_preds") + 1] = str(tmp_path / "wrong.npy")
@@ -377,7 +372,7 @@ def test_torchrun_two_processes_match_single_process_evaluation(audioset_dir, tm
 
 def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys):
     from sklearn.metrics import average_precision_score, roc_auc_score
-    from models.factory import create_frontend, create_model
+    from helpers.tagging import build_tagger
 
     metro = shared_path("audio", "metro_station-paris.wav")
     audio = tmp_path / "audio"
@@ -398,13 +393,11 @@ def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys):
                          "--batch_size", "2", "--save_predictions", str(tmp_path / "p.npz")], capsys)
     assert code == 0 and out.startswith("Results on AudioSet test split for loaded model: mn04_as")
 
-    # the same clips through the frontend and model directly, as inference does
+    # the same clips through inference.py's tagger (same model, same frontend)
     h = Mp3HDF5(data / EVAL_FILE)
-    model, frontend = create_model("mn04_as").eval(), create_frontend("mn04_as")
     waves = torch.stack([torch.from_numpy(np.pad(w, (0, max(0, 320000 - len(w))))[:320000])
                          for w in (decode_mp3(h.mp3(i)) for i in range(len(h)))])
-    with torch.no_grad():
-        logits = model(frontend(waves).unsqueeze(1))[0].numpy()
+    logits = build_tagger("mn04_as").forward(waves)[0].numpy()
     pred = np.load(tmp_path / "p.npz")
     np.testing.assert_allclose(pred["logits"], logits, rtol=1e-5, atol=1e-5)
     assert list(pred["names"]) == ["metro", "tone0", "tone1", "tone2", "noise"]
