@@ -13,6 +13,7 @@ prints, logs and writes checkpoints.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -96,6 +97,7 @@ def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, known: torch.
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     dist = setup_distributed(args.cuda)
     try:
         (train if args.train else evaluate_only)(args, dist)

@@ -11,6 +11,7 @@ A script is its configuration plus a loss callback; it reads top to bottom like 
     args = parser.parse_args()
 
     dist = setup_distributed(args.cuda)              # torchrun's RANK/WORLD_SIZE, or one process
+    data_dir = resolve_dataset_dir(args.dataset_dir, "ESC50_DIR", ["meta/esc50.csv"])
     seed_everything(args.seed)
     model_config = model_config_from_args(args, num_classes=50)
     model = wrap_ddp(model_from_config(model_config).to(dist.device), dist)
@@ -26,17 +27,27 @@ A script is its configuration plus a loss callback; it reads top to bottom like 
         logits = model(mix(x, perm, lam))[0]
         return {"loss": F.binary_cross_entropy_with_logits(logits, mix(batch[2], perm, lam))}
 
-    start = restore_training_state(load_checkpoint(path), model, optimizer, scheduler, precision)
-    run = RunLogger(args.logger, "ESC50", args.experiment_name, vars(args), args.out_dir, dist)
+    out_dir = resolve_out_dir(args)                  # --out_dir or runs/<experiment_name>
+    path = out_dir / "last.pt"
+    start = 0
+    if args.resume:                                  # "auto" (flag alone) or a path
+        state = load_checkpoint(path if args.resume == "auto" else args.resume)
+        start = restore_training_state(state, model, optimizer, scheduler, precision)
+    run = RunLogger(args.logger, "ESC50", args.experiment_name, vars(args), out_dir, dist)
     for epoch in range(start, args.n_epochs):
         seed_epoch(args.seed, epoch, dist.rank)      # all randomness = f(seed, epoch, rank)
         stats = train_one_epoch(model, frontend, train_dl, optimizer, loss_fn, precision, dist, epoch)
         scheduler.step()
-        logits, targets = evaluate(model, frontend, eval_dl, precision, dist)
-        run.log({...}, step=epoch)
+        logits, targets = evaluate(model, frontend, eval_dl, precision, dist)   # all ranks
+        run.log({"train_loss": stats["loss"], "accuracy": accuracy(targets, logits)}, step=epoch)
         if dist.is_main:
-            save_checkpoint(path, training_state(model, optimizer, scheduler, precision, epoch, ...))
+            save_checkpoint(path, training_state(model, optimizer, scheduler, precision, epoch,
+                                                 args.seed, vars(args), model_config,
+                                                 frontend_config_from_args(args), class_names))
     run.finish(); cleanup_distributed()
+
+Errors in the user's input raise helpers.errors.InputError; wrap `main` in
+helpers.errors.run_cli to turn them into one line on stderr and exit status 2.
 
 Losses for single-label CE, multi-label BCE, distillation or masked BCE all fit the callback:
 it receives the model, the spectrogram batch and the loader's batch (tensors already on the
@@ -51,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import random
@@ -76,8 +86,6 @@ from models.factory import frontend_kwargs
 from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
 from models.pretrained import REGISTRY, get_entry
-
-logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 CHECKPOINT_FORMAT = "efficientat-training-checkpoint"

@@ -383,7 +383,7 @@ def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys):
     for k, name in enumerate(["tone0.wav", "tone1.wav", "tone2.wav", "noise.wav"]):
         sf.write(audio / name, _clip([k % 4], k, seconds=10.0) if name != "noise.wav"
                  else 0.1 * np.random.default_rng(9).standard_normal(SR * 4).astype(np.float32), SR)
-    rows = "".join(f'{f},"{l}"\n' for f, l in labels.items())
+    rows = "".join(f'{f},"{names}"\n' for f, names in labels.items())
     (tmp_path / "eval.csv").write_text("filename,labels\n" + rows)
     data = tmp_path / "as"
     prepare_main(["--audio_dir", str(audio), "--csv", str(tmp_path / "eval.csv"),
