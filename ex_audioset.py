@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     kd.add_argument("--kd_lambda", type=float, default=0.1, help="weight of the label loss")
     add_preprocessing_args(parser)
     args = parser.parse_args(argv)
+    if args.train and (args.ensemble or args.checkpoint or args.save_predictions):
+        parser.error("--ensemble, --checkpoint and --save_predictions are for evaluation (without --train)")
     if not 0.0 <= args.kd_lambda <= 1.0:
         parser.error(f"--kd_lambda must be in [0, 1], got {args.kd_lambda}")
     return args
