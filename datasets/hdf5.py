@@ -1,0 +1,201 @@
+"""HDF5 containers of mp3 clips (AudioSet, FSD50K, OpenMIC): reading, writing, mp3 coding.
+
+Layout (one row per clip, all datasets of length N):
+    audio_name  fixed-length bytes (S20 by default)    clip file name, e.g. b"Y--4gqARaEJE.mp3"
+    mp3         variable-length uint8                   the complete bytes of one mp3 file
+    target      uint8 (N, ceil(C / 8)) packed bits      multi-hot labels (big-endian bit order),
+                or float32 (N, P)                       or plain float targets (OpenMIC)
+
+mp3 clips are 32 kHz mono, encoded with LAME at 128 kbit/s (FFmpeg's default) and decoded with
+PyAV to planar float32 without resampling.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Optional
+
+import av
+import h5py
+import numpy as np
+
+from helpers.errors import InputError
+
+REQUIRED_DATASETS = ("audio_name", "mp3", "target")
+MP3_BITRATE = 128_000
+
+
+class Mp3DecodeError(ValueError):
+    """The bytes of one row are not a decodable mp3 (corrupt, truncated or empty)."""
+
+
+def decode_mp3(data: np.ndarray | bytes) -> np.ndarray:
+    """Decode the bytes of an mp3 file to a float32 1-D array in [-1, 1] at the file's own rate:
+    the first audio stream, every frame flattened and concatenated in order."""
+    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    if not raw:
+        raise Mp3DecodeError("empty mp3 data")
+    chunks = []
+    try:
+        with av.open(io.BytesIO(raw), format="mp3") as container:
+            streams = [s for s in container.streams if s.type == "audio"]
+            if not streams:
+                raise Mp3DecodeError("no audio stream")
+            for packet in container.demux(streams[0]):
+                for frame in packet.decode():
+                    if frame.format.name not in ("flt", "fltp"):
+                        raise Mp3DecodeError(f"decoded sample format {frame.format.name}, "
+                                             "expected float32")
+                    chunks.append(frame.to_ndarray().reshape(-1))
+    except (av.FFmpegError, OSError, ValueError) as e:
+        if isinstance(e, Mp3DecodeError):
+            raise
+        raise Mp3DecodeError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}") from None
+    if not chunks:
+        raise Mp3DecodeError("no audio frames")
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def encode_mp3(waveform: np.ndarray, sample_rate: int = 32000, bitrate: int = MP3_BITRATE) -> bytes:
+    """Encode a mono float waveform as mp3 file bytes (LAME through PyAV), as
+    `ffmpeg -i x -codec:a mp3 -ar 32000` does for a mono source."""
+    samples = np.ascontiguousarray(np.clip(waveform, -1.0, 1.0), dtype=np.float32).reshape(1, -1)
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp3") as container:
+        stream = container.add_stream("mp3", rate=sample_rate)
+        stream.layout = "mono"
+        stream.bit_rate = bitrate
+        frame_size = stream.codec_context.frame_size or 1152
+        for start in range(0, samples.shape[1], frame_size):
+            frame = av.AudioFrame.from_ndarray(samples[:, start:start + frame_size], format="fltp",
+                                               layout="mono")
+            frame.sample_rate = sample_rate
+            frame.pts = start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def pack_targets(multi_hot: np.ndarray) -> np.ndarray:
+    """Multi-hot rows (..., C) -> packed uint8 (..., ceil(C / 8)), class 0 in the top bit."""
+    return np.packbits(np.asarray(multi_hot) > 0.5, axis=-1)
+
+
+def unpack_targets(packed: np.ndarray, num_classes: int) -> np.ndarray:
+    """Packed uint8 rows -> float32 multi-hot rows (..., num_classes)."""
+    return np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=-1, count=num_classes).astype(np.float32)
+
+
+class Mp3HDF5:
+    """Read access to one mp3 HDF5 file. The file is checked when the object is made and opened
+    lazily in each process that reads it (h5py handles must not cross fork), so one object can be
+    shared with DataLoader workers. `in_mem` loads the whole file into memory when opened."""
+
+    def __init__(self, path: str | os.PathLike, in_mem: bool = False) -> None:
+        self.path = Path(path)
+        self.in_mem = in_mem
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: dataset file not found")
+        try:
+            with h5py.File(self.path, "r") as f:
+                missing = [k for k in REQUIRED_DATASETS if k not in f]
+                if missing:
+                    raise InputError(f"{self.path}: not an mp3 dataset file (no {', '.join(missing)} "
+                                     "dataset)")
+                lengths = {k: len(f[k]) for k in REQUIRED_DATASETS}
+                self.target_shape = tuple(f["target"].shape[1:])
+                self.target_dtype = f["target"].dtype
+        except OSError as e:
+            raise InputError(f"{self.path}: not a readable HDF5 file ({e})") from None
+        if len(set(lengths.values())) != 1:
+            raise InputError(f"{self.path}: datasets have different lengths {lengths}")
+        self.length = lengths["audio_name"]
+        self._file: Optional[h5py.File] = None
+        self._pid: Optional[int] = None
+
+    def _open(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r", driver="core" if self.in_mem else None)
+            self._pid = os.getpid()
+        return self._file
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def name(self, index: int) -> str:
+        return self._open()["audio_name"][index].decode()
+
+    def names(self) -> list[str]:
+        return [n.decode() for n in self._open()["audio_name"][:]]
+
+    def mp3(self, index: int) -> np.ndarray:
+        return self._open()["mp3"][index]
+
+    def target(self, index: int) -> np.ndarray:
+        return self._open()["target"][index]
+
+    def targets(self) -> np.ndarray:
+        """All target rows as stored (packed bytes or floats)."""
+        return self._open()["target"][:]
+
+
+class Mp3HDF5Writer:
+    """Write an mp3 HDF5 file row by row into a temp file beside `path`, renamed to `path` when the
+    `with` block ends without error (deleted otherwise), so readers never see a partial file.
+    `target_width` and `target_dtype` give the target row (66 uint8 for packed AudioSet labels).
+    `name_length` is the fixed byte length of audio_name (20 as in the original files; longer
+    for longer names)."""
+
+    def __init__(self, path: str | os.PathLike, target_width: int, target_dtype: Any = np.uint8,
+                 name_length: int = 20) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.target_width = target_width
+        self.target_dtype = np.dtype(target_dtype)
+        self.name_length = name_length
+        self.count = 0
+        self._file: Optional[h5py.File] = None
+
+    def __enter__(self) -> "Mp3HDF5Writer":
+        # a real temp path rather than helpers.files.atomic_write's write-only file object:
+        # HDF5 reads back chunks it has written while the datasets grow
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = f = h5py.File(self.tmp, "w")
+        f.create_dataset("audio_name", shape=(0,), maxshape=(None,), dtype=f"S{self.name_length}",
+                         chunks=(1024,))
+        f.create_dataset("mp3", shape=(0,), maxshape=(None,), dtype=h5py.vlen_dtype(np.uint8),
+                         chunks=(64,))
+        f.create_dataset("target", shape=(0, self.target_width), maxshape=(None, self.target_width),
+                         dtype=self.target_dtype, chunks=(1024, self.target_width))
+        return self
+
+    def append(self, name: str, mp3: bytes, target: np.ndarray) -> None:
+        """Add one clip: its file name, the mp3 file bytes and its (packed or float) target row."""
+        encoded = name.encode()
+        if len(encoded) > self.name_length:
+            raise ValueError(f"name {name!r} is longer than {self.name_length} bytes")
+        target = np.asarray(target, dtype=self.target_dtype).reshape(-1)
+        if target.shape != (self.target_width,):
+            raise ValueError(f"target of {name!r} has {target.size} values, expected {self.target_width}")
+        f, i = self._file, self.count
+        for key in REQUIRED_DATASETS:
+            f[key].resize(i + 1, axis=0)
+        f["audio_name"][i] = encoded
+        f["mp3"][i] = np.frombuffer(mp3, dtype=np.uint8)
+        f["target"][i] = target
+        self.count += 1
+
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self._file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
