@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from helpers.cli import fail
+from helpers.errors import fail
 from helpers.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
 from helpers.complexity_plots import plot_tradeoffs
 from helpers.files import atomic_write

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.cli import fail
+from helpers.errors import fail
 from helpers.download import DownloadError
 from helpers.embeddings import embed_files, save_embeddings
 from helpers.tagging import build_tagger, select_device

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, load_audio
-from helpers.cli import fail
+from helpers.errors import fail
 from helpers.download import DownloadError
 from helpers.onnx_export import DEFAULT_OPSET, compare_with_torch, export_onnx
 from helpers.tagging import build_tagger, top_k

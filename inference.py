@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.cli import fail
+from helpers.errors import fail
 from helpers.download import DownloadError
 from helpers.files import atomic_write
 from helpers.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
@@ -40,7 +40,6 @@ parser.add_argument("--output", default=None, help="write results to a .json or 
 parser.add_argument("--all_classes", action="store_true", help="write every class's probability to --output")
 parser.add_argument("--batch_size", type=int, default=16, help="files of equal length run together")
 args = parser.parse_args()
-
 
 
 if args.top_k < 1 or args.batch_size < 1:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.cli import fail
+from helpers.errors import fail
 from helpers.download import DownloadError
 from helpers.files import atomic_write
 from helpers.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,

@@ -263,7 +263,7 @@ def test_cli_errors_are_one_line_exit_2(audioset_dir, tmp_path, capsys):
     proc = subprocess.run([sys.executable, "ex_audioset.py", "--dataset_dir", str(tmp_path / "no")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"ex_audioset.py: error: {tmp_path / 'no'}: dataset folder does not exist"
+    assert proc.stderr.strip() == f"error: {tmp_path / 'no'}: dataset folder does not exist"
 
     code, _, err = _run(["--dataset_dir", str(tmp_path)], capsys)
     assert code == 2 and err.strip().endswith(f"{tmp_path / EVAL_FILE}: dataset file not found")
