@@ -19,8 +19,8 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
 
+from helpers.errors import fail
 from helpers.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
 from helpers.complexity_plots import plot_tradeoffs
 from helpers.files import atomic_write
@@ -57,10 +57,6 @@ parser.add_argument("--plot", default=None,
                     help="write the mAP-vs-complexity figures: one .png file, or a folder for three PNGs")
 args = parser.parse_args()
 
-
-def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if args.bits_per_elem < 1:

@@ -13,6 +13,7 @@ prints, logs and writes checkpoints.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -25,8 +26,10 @@ from datasets.audioset import (BALANCED_FILE, DATASET_ENV, EVAL_FILE, UNBALANCED
                                teacher_paths)
 from datasets.augment import RollDataset, WavMixDataset
 from helpers.errors import InputError, run_cli
+from helpers.files import atomic_write
 from helpers.labels import class_names
 from helpers.metrics import multilabel_metrics
+from helpers.tagging import build_tagger
 from helpers.training import (DistInfo, DistributedWeightedSampler, Precision, RunLogger,
                               add_model_args, add_optimizer_args, add_preprocessing_args,
                               add_run_args, all_reduce_sum, cleanup_distributed, epoch_file_name,
@@ -37,8 +40,6 @@ from helpers.training import (DistInfo, DistributedWeightedSampler, Precision, R
                               restore_training_state, save_checkpoint, seed_epoch, seed_everything,
                               setup_distributed, train_loader, train_one_epoch, training_state,
                               unwrap, wrap_ddp)
-from models.ensemble import ensemble_frontend_kwargs, get_ensemble_model
-from models.factory import create_model
 from models.preprocess import AugmentMelSTFT
 
 WANDB_PROJECT = "EfficientAudioTagging"
@@ -76,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     kd.add_argument("--kd_lambda", type=float, default=0.1, help="weight of the label loss")
     add_preprocessing_args(parser)
     args = parser.parse_args(argv)
+    if args.train and (args.ensemble or args.checkpoint or args.save_predictions):
+        parser.error("--ensemble, --checkpoint and --save_predictions are for evaluation (without --train)")
     if not 0.0 <= args.kd_lambda <= 1.0:
         parser.error(f"--kd_lambda must be in [0, 1], got {args.kd_lambda}")
     return args
@@ -96,6 +99,7 @@ def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, known: torch.
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     dist = setup_distributed(args.cuda)
     try:
         (train if args.train else evaluate_only)(args, dist)
@@ -110,7 +114,7 @@ def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
         if "model_config" in state:  # a checkpoint written by --train
             model = model_from_config(state["model_config"], load_pretrained=False, epoch=state["epoch"])
             model.load_state_dict(state["model"])
-            frontend_settings = state["frontend_config"]
+            frontend = AugmentMelSTFT(**state["frontend_config"])
         else:  # a bare state dict (e.g. a released file or the original's epoch files)
             config = model_config_from_args(argparse.Namespace(**{**vars(args), "pretrained": False}), 527)
             config["T_max"] = 1.0  # the temperature trained DyMNs run at
@@ -118,21 +122,19 @@ def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
             try:
                 model.load_state_dict(state)
             except RuntimeError as e:
+                detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1][:200]
                 raise InputError(f"{args.checkpoint}: does not fit the model given by --model_name "
-                                 f"/ --model_width / --head_type / --strides "
-                                 f"({str(e).splitlines()[0]})") from None
-            frontend_settings = frontend_config_from_args(args)
+                                 f"/ --model_width / --head_type / --strides ({detail})") from None
+            frontend = AugmentMelSTFT(**frontend_config_from_args(args))
         title = args.checkpoint
-    elif args.ensemble:
-        model = get_ensemble_model(args.ensemble)
-        frontend_settings = {**ensemble_frontend_kwargs(args.ensemble), **frontend_overrides(args)}
-        title = " ".join(args.ensemble)
-    else:
-        arch = {k: v for k, v in (("strides", args.strides), ("head_type", args.head_type)) if v is not None}
-        model = create_model(args.model_name, **arch)
-        frontend_settings = frontend_config_from_args(args)
-        title = args.model_name
-    frontend = AugmentMelSTFT(**frontend_settings).to(dist.device).eval()
+    else:  # a released model or an ensemble, with its frontend, as inference.py builds them
+        try:
+            tagger = build_tagger(args.model_name, args.ensemble, dist.device, args.strides,
+                                  args.head_type, **frontend_overrides(args))
+        except ValueError as e:  # unknown name, members with different frontends, ...
+            raise InputError(str(e)) from None
+        model, frontend, title = tagger.model, tagger.frontend, tagger.name
+    frontend = frontend.to(dist.device).eval()
     model = model.to(dist.device).eval()
     # the original evaluates under fp16 autocast on CUDA
     precision = Precision(args.precision or ("fp16" if dist.device.type == "cuda" else "fp32"), dist.device)
@@ -147,8 +149,8 @@ def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
     metrics = multilabel_metrics(targets.numpy(), logits.numpy())
     if args.save_predictions:
         names = [n for i, n in enumerate(eval_set.names()) if i not in bad_rows]
-        np.savez(args.save_predictions, names=np.array(names), logits=logits.numpy(),
-                 targets=targets.numpy())
+        with atomic_write(args.save_predictions, "wb") as f:
+            np.savez(f, names=np.array(names), logits=logits.numpy(), targets=targets.numpy())
     print(f"Results on AudioSet test split for loaded model: {title}")
     print(f"  mAP: {metrics['mAP']:.3f}")
     print(f"  ROC: {metrics['ROC']:.3f}")
@@ -198,8 +200,11 @@ def train(args: argparse.Namespace, dist: DistInfo) -> None:
             print(f"{len(missing)} training clips have no teacher row; their distillation loss is 0")
 
     # model, optimizer, schedule, precision
-    model_config = model_config_from_args(args, num_classes=527)
-    model = wrap_ddp(model_from_config(model_config).to(dist.device), dist)
+    try:
+        model_config = model_config_from_args(args, num_classes=527)
+        model = wrap_ddp(model_from_config(model_config).to(dist.device), dist)
+    except ValueError as e:  # unknown name, arguments the pretrained checkpoint cannot take
+        raise InputError(str(e)) from None
     frontend = AugmentMelSTFT(**frontend_settings).to(dist.device)
     optimizer = make_optimizer(model, args.max_lr, args.weight_decay, args.adamw)
     scheduler = make_scheduler(optimizer, args)

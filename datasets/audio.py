@@ -3,13 +3,15 @@
 soundfile reads wav/flac/ogg (and the other libsndfile formats); PyAV (FFmpeg) reads mp3, m4a and
 everything else. Channels are averaged, and a different rate is converted with soxr at quality
 "HQ" (librosa's default resampler), which reproduces the waveforms the released models were
-evaluated on.
+evaluated on. `load_audio` returns a whole file; `stream_audio` yields it block by block (decoded
+and resampled incrementally, the same samples) for recordings too long to hold in memory.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Optional
 
 import av
 import numpy as np
@@ -26,36 +28,7 @@ class AudioLoadError(ValueError):
     """A file could not be read as audio; the message names the file and the problem."""
 
 
-def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (frames, channels)
-    return data.T, rate
-
-
-def _read_pyav(path: Path) -> tuple[np.ndarray, int]:
-    with av.open(str(path)) as container:
-        streams = [s for s in container.streams if s.type == "audio"]
-        if not streams:
-            raise AudioLoadError(f"{path}: no audio stream in file")
-        stream = streams[0]
-        # planar float keeps channels apart; rate and layout are left as they are
-        resampler = av.AudioResampler(format="fltp")
-        chunks = []
-        for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray())
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray())
-        rate = stream.rate or stream.codec_context.sample_rate
-    if not chunks:
-        return np.zeros((1, 0), dtype=np.float32), rate
-    return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), rate
-
-
-def load_audio(path: str | os.PathLike, sample_rate: int = 32000) -> np.ndarray:
-    """Mono float32 waveform of `path` at `sample_rate` (1-D array).
-
-    Raises AudioLoadError with a one-line message for missing, empty, unreadable or silent-length
-    (zero samples) files."""
+def _checked_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise AudioLoadError(f"{path}: no such file")
@@ -63,25 +36,146 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 32000) -> np.ndarray:
         raise AudioLoadError(f"{path}: is a folder, not an audio file")
     if path.stat().st_size == 0:
         raise AudioLoadError(f"{path}: file is empty")
+    return path
+
+
+def _unreadable(path: Path, e: Exception) -> AudioLoadError:
+    first_line = str(e).splitlines()[0] if str(e) else "unknown error"
+    return AudioLoadError(f"{path}: not a readable audio file ({type(e).__name__}: {first_line})")
+
+
+_DECODE_ERRORS = (sf.LibsndfileError, av.FFmpegError, OSError, RuntimeError, ValueError)
+
+
+def _soundfile_blocks(f: sf.SoundFile, frames: int) -> Iterator[np.ndarray]:
+    with f:
+        while True:
+            block = f.read(frames, dtype="float32", always_2d=True)  # (frames, channels)
+            if not len(block):
+                return
+            yield block.T
+
+
+def _pyav_blocks(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[np.ndarray]:
+    with container:
+        # planar float keeps channels apart; rate and layout are left as they are
+        resampler = av.AudioResampler(format="fltp")
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                yield out.to_ndarray()
+        for out in resampler.resample(None):
+            yield out.to_ndarray()
+
+
+def _open_blocks(path: Path, block_seconds: Optional[float]) -> tuple[int, Iterator[np.ndarray]]:
+    """Native sample rate and an iterator of (channels, n) float32 blocks of the decoded file:
+    soundfile blocks of `block_seconds` (None: the whole file at once), or PyAV's codec frames."""
+    if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
+        try:
+            f = sf.SoundFile(str(path))
+        except sf.LibsndfileError:
+            pass  # e.g. an mp3 or exotic codec in a .wav container: let FFmpeg try
+        else:
+            frames = -1 if block_seconds is None else max(1, round(block_seconds * f.samplerate))
+            return f.samplerate, _soundfile_blocks(f, frames)
+    container = av.open(str(path))
+    streams = [s for s in container.streams if s.type == "audio"]
+    if not streams:
+        container.close()
+        raise AudioLoadError(f"{path}: no audio stream in file")
+    stream = streams[0]
+    return stream.rate or stream.codec_context.sample_rate, _pyav_blocks(container, stream)
+
+
+def _decoded(path: Path, sample_rate: int, block_seconds: Optional[float]) -> Iterator[np.ndarray]:
+    """Mono float32 blocks at `sample_rate` (see stream_audio); path problems raise at once."""
+    try:
+        rate, blocks = _open_blocks(path, block_seconds)
+    except AudioLoadError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise _unreadable(path, e) from None
+    min_frames = 1 << 62 if block_seconds is None else max(1, round(block_seconds * rate))
+    return _mono_resampled(path, rate, blocks, sample_rate, min_frames)
+
+
+def _mono_resampled(path: Path, rate: int, blocks: Iterator[np.ndarray], sample_rate: int,
+                    min_frames: int) -> Iterator[np.ndarray]:
+    """Average channels and convert to `sample_rate` block by block. soxr's streaming resampler
+    gives exactly the samples its one-shot resampler gives for the whole signal, whatever the
+    block sizes. Small decoder frames are gathered into blocks of at least `min_frames`."""
+    resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ") \
+        if rate != sample_rate else None
+    total = 0
+    pending: list[np.ndarray] = []
+    pending_frames = 0
+    try:
+        for block in itertools.chain(blocks, [None]):
+            last = block is None
+            if not last:
+                pending.append(block)
+                pending_frames += block.shape[1]
+                if pending_frames < min_frames:
+                    continue
+            if pending:
+                data = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
+                mono = np.ascontiguousarray(data.mean(axis=0) if data.shape[0] > 1 else data[0])
+                pending, pending_frames = [], 0
+            else:
+                mono = np.zeros(0, dtype=np.float32)
+            total += len(mono)
+            if resampler is not None:
+                mono = resampler.resample_chunk(mono, last=last)
+            if len(mono):
+                yield np.ascontiguousarray(mono, dtype=np.float32)
+    except AudioLoadError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise _unreadable(path, e) from None
+    if total == 0:
+        raise AudioLoadError(f"{path}: contains no audio samples")
+
+
+def stream_audio(path: str | os.PathLike, sample_rate: int = 32000,
+                 block_seconds: float = 30.0) -> Iterator[np.ndarray]:
+    """Mono float32 blocks of `path` at `sample_rate` (about `block_seconds` each), decoded and
+    resampled incrementally, so a recording of any length is never held in memory whole.
+    Concatenated, the blocks equal `load_audio(path, sample_rate)` exactly.
+
+    Problems with the path or the file header raise AudioLoadError here; decoding errors later in
+    the file raise it while iterating."""
+    if block_seconds <= 0:
+        raise ValueError(f"block_seconds must be positive, got {block_seconds}")
+    return _decoded(_checked_path(path), sample_rate, block_seconds)
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = 32000) -> np.ndarray:
+    """Mono float32 waveform of `path` at `sample_rate` (1-D array).
+
+    Raises AudioLoadError with a one-line message for missing, empty, unreadable or silent-length
+    (zero samples) files."""
+    chunks = list(_decoded(_checked_path(path), sample_rate, None))
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def audio_duration(path: str | os.PathLike) -> Optional[float]:
+    """Duration of `path` in seconds from its header (None where the container does not say);
+    meant for progress bars, not for sample-exact work."""
+    path = _checked_path(path)
     try:
         if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
             try:
-                data, rate = _read_soundfile(path)
+                info = sf.info(str(path))
+                return info.frames / info.samplerate
             except sf.LibsndfileError:
-                data, rate = _read_pyav(path)  # e.g. an mp3 or exotic codec in a .wav container
-        else:
-            data, rate = _read_pyav(path)
-    except AudioLoadError:
-        raise
-    except (sf.LibsndfileError, av.FFmpegError, OSError, RuntimeError, ValueError) as e:
-        raise AudioLoadError(f"{path}: not a readable audio file ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else 'unknown error'})") from None
-    if data.shape[1] == 0:
-        raise AudioLoadError(f"{path}: contains no audio samples")
-    mono = data.mean(axis=0) if data.shape[0] > 1 else data[0]
-    if rate != sample_rate:
-        mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
-    return np.ascontiguousarray(mono, dtype=np.float32)
+                pass
+        with av.open(str(path)) as container:
+            streams = [s for s in container.streams if s.type == "audio"]
+            if streams and streams[0].duration is not None and streams[0].time_base is not None:
+                return float(streams[0].duration * streams[0].time_base)
+            return container.duration / 1e6 if container.duration else None
+    except _DECODE_ERRORS as e:
+        raise _unreadable(path, e) from None
 
 
 def find_audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:

@@ -164,6 +164,8 @@ class Mp3HDF5Writer:
         self._file: Optional[h5py.File] = None
 
     def __enter__(self) -> "Mp3HDF5Writer":
+        # a real temp path rather than helpers.files.atomic_write's write-only file object:
+        # HDF5 reads back chunks it has written while the datasets grow
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = f = h5py.File(self.tmp, "w")
         f.create_dataset("audio_name", shape=(0,), maxshape=(None,), dtype=f"S{self.name_length}",

@@ -14,8 +14,9 @@ Two CSV formats are read (picked automatically, or with --format):
   (YouTube downloads are never complete). Clips are stored as `Y<YTID>.mp3`.
 - simple CSV with a header and the columns `filename,labels`: the path relative to --audio_dir
   and the labels separated by ';' (or by ',' inside a quoted field when no label contains a
-  comma); a label is a class display name, a MID or a class index. A missing or unreadable file is an error. Clips are stored under
-  their relative path with the extension replaced by .mp3.
+  comma); a label is a class display name, a MID or a class index. A missing or unreadable
+  file is an error. Clips are stored under their relative path with the extension replaced by
+  .mp3.
 
 Classes are the 527 AudioSet classes, or those listed one per line in --classes. Each file is
 loaded mono at 32 kHz (soxr resampling), encoded as mp3 (LAME, 128 kbit/s) and stored with its

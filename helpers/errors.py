@@ -1,9 +1,9 @@
-"""Errors caused by the user's input (paths, data files, arguments), and the CLI guard that turns
-them into one clear line on stderr and exit code 2 instead of a traceback."""
+"""Errors caused by the user's input (paths, data files, arguments), and how every script turns
+them into one clear line on stderr and exit code 2 (the argparse convention) instead of a traceback."""
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from datasets.audio import AudioLoadError
 
@@ -13,12 +13,15 @@ class InputError(ValueError):
     arguments. The message is one line that names the file or argument and the problem."""
 
 
+def fail(message: str) -> NoReturn:
+    """Print `error: <message>` on stderr and exit with status 2 (usage or input error)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's `main`; an InputError or AudioLoadError ends the program with
-    `<script>: error: <message>` on stderr and exit status 2 (the argparse convention)."""
+    """Run a script's `main`; an InputError or AudioLoadError ends the program through `fail`."""
     try:
         main()
     except (InputError, AudioLoadError) as e:
-        prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "efficientat"
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))

@@ -6,15 +6,19 @@ batches of waveforms; the frontend settings come from the model's registry entry
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from datasets.audio import AudioLoadError, load_audio
 from helpers.labels import label_table
-from models.ensemble import ensemble_frontend_kwargs, get_ensemble_model
+from models.ensemble import EnsembleModel, ensemble_frontend_kwargs, get_ensemble_model
 from models.factory import create_model, frontend_kwargs
 from models.preprocess import AugmentMelSTFT
 
@@ -48,14 +52,33 @@ class Tagger:
             logits, embedding = self.model(spec)
         return logits.float(), embedding.float()
 
+    @torch.no_grad()
+    def embed(self, waveforms: torch.Tensor | np.ndarray, layer: Optional[int] = None) -> torch.Tensor:
+        """Float32 clip embeddings (B, D): the model's pooled embedding, or with `layer` the global
+        average over frequency and time of that feature map (index into the 17 maps returned with
+        return_fmaps: 0 stem, 1-15 blocks, 16 = -1 last conv, whose average is the embedding)."""
+        waveforms = _batch(waveforms).to(self.device)
+        if layer is None:
+            return self.forward(waveforms)[1]
+        if isinstance(self.model, EnsembleModel):
+            raise ValueError("feature maps of a chosen layer are not available for an ensemble")
+        with self._autocast():
+            _, fmaps = self.model(self.frontend(waveforms).unsqueeze(1), return_fmaps=True)
+        if not -len(fmaps) <= layer < len(fmaps):
+            raise ValueError(f"layer must be in {-len(fmaps)}..{len(fmaps) - 1}, got {layer}")
+        return fmaps[layer].float().mean(dim=(2, 3))
+
     def predict(self, waveforms: torch.Tensor | np.ndarray) -> np.ndarray:
         """Class probabilities (B, N) as float32 NumPy array."""
-        if isinstance(waveforms, np.ndarray):
-            waveforms = torch.from_numpy(waveforms)
-        if waveforms.dim() == 1:
-            waveforms = waveforms.unsqueeze(0)
-        logits, _ = self.forward(waveforms)
+        logits, _ = self.forward(_batch(waveforms))
         return torch.sigmoid(logits).cpu().numpy()
+
+
+def _batch(waveforms: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(B, L) tensor from a tensor or array, 1-D input becoming a batch of one."""
+    if isinstance(waveforms, np.ndarray):
+        waveforms = torch.from_numpy(waveforms)
+    return waveforms.unsqueeze(0) if waveforms.dim() == 1 else waveforms
 
 
 def select_device(cuda: bool) -> torch.device:
@@ -83,6 +106,37 @@ def build_tagger(model_name: str = "mn10_as", ensemble: Optional[Sequence[str]] 
     table = label_table()
     return Tagger(model.to(device).eval(), AugmentMelSTFT(**settings).to(device).eval(),
                   [n for _, n in table], name, device, [mid for mid, _ in table])
+
+
+def run_on_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Tensor], np.ndarray],
+                 batch_size: int = 16, desc: str = "tagging") -> tuple[dict[Path, np.ndarray], dict[Path, str]]:
+    """Load each file whole at `sample_rate` and apply `fn` to batches (B, L) of consecutive files of
+    equal length (so no padding changes a result); `fn` returns one row per waveform. Returns the
+    rows by file, and a one-line error message by file for those that could not be read. A progress
+    bar on stderr appears for more than one file."""
+    results: dict[Path, np.ndarray] = {}
+    errors: dict[Path, str] = {}
+    pending: list[tuple[Path, np.ndarray]] = []
+
+    def flush() -> None:
+        if pending:
+            rows = fn(torch.from_numpy(np.stack([w for _, w in pending])))
+            results.update((path, row) for (path, _), row in zip(pending, rows))
+            pending.clear()
+
+    for path in tqdm(files, desc=desc, unit="file", disable=len(files) <= 1, file=sys.stderr):
+        try:
+            waveform = load_audio(path, sample_rate)
+            if len(waveform) < 2:
+                raise AudioLoadError(f"{path}: too short to analyze ({len(waveform)} sample)")
+        except AudioLoadError as e:
+            errors[path] = str(e)
+            continue
+        if pending and (len(pending) == batch_size or len(pending[0][1]) != len(waveform)):
+            flush()
+        pending.append((path, waveform))
+    flush()
+    return results, errors
 
 
 def top_k(probabilities: np.ndarray, k: int) -> np.ndarray:

@@ -11,6 +11,7 @@ A script is its configuration plus a loss callback; it reads top to bottom like 
     args = parser.parse_args()
 
     dist = setup_distributed(args.cuda)              # torchrun's RANK/WORLD_SIZE, or one process
+    data_dir = resolve_dataset_dir(args.dataset_dir, "ESC50_DIR", ["meta/esc50.csv"])
     seed_everything(args.seed)
     model_config = model_config_from_args(args, num_classes=50)
     model = wrap_ddp(model_from_config(model_config).to(dist.device), dist)
@@ -26,17 +27,27 @@ A script is its configuration plus a loss callback; it reads top to bottom like 
         logits = model(mix(x, perm, lam))[0]
         return {"loss": F.binary_cross_entropy_with_logits(logits, mix(batch[2], perm, lam))}
 
-    start = restore_training_state(load_checkpoint(path), model, optimizer, scheduler, precision)
-    run = RunLogger(args.logger, "ESC50", args.experiment_name, vars(args), args.out_dir, dist)
+    out_dir = resolve_out_dir(args)                  # --out_dir or runs/<experiment_name>
+    path = out_dir / "last.pt"
+    start = 0
+    if args.resume:                                  # "auto" (flag alone) or a path
+        state = load_checkpoint(path if args.resume == "auto" else args.resume)
+        start = restore_training_state(state, model, optimizer, scheduler, precision)
+    run = RunLogger(args.logger, "ESC50", args.experiment_name, vars(args), out_dir, dist)
     for epoch in range(start, args.n_epochs):
         seed_epoch(args.seed, epoch, dist.rank)      # all randomness = f(seed, epoch, rank)
         stats = train_one_epoch(model, frontend, train_dl, optimizer, loss_fn, precision, dist, epoch)
         scheduler.step()
-        logits, targets = evaluate(model, frontend, eval_dl, precision, dist)
-        run.log({...}, step=epoch)
+        logits, targets = evaluate(model, frontend, eval_dl, precision, dist)   # all ranks
+        run.log({"train_loss": stats["loss"], "accuracy": accuracy(targets, logits)}, step=epoch)
         if dist.is_main:
-            save_checkpoint(path, training_state(model, optimizer, scheduler, precision, epoch, ...))
+            save_checkpoint(path, training_state(model, optimizer, scheduler, precision, epoch,
+                                                 args.seed, vars(args), model_config,
+                                                 frontend_config_from_args(args), class_names))
     run.finish(); cleanup_distributed()
+
+Errors in the user's input raise helpers.errors.InputError; wrap `main` in
+helpers.errors.run_cli to turn them into one line on stderr and exit status 2.
 
 Losses for single-label CE, multi-label BCE, distillation or masked BCE all fit the callback:
 it receives the model, the spectrogram batch and the loader's batch (tensors already on the
@@ -51,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import random
@@ -70,13 +80,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from helpers.errors import InputError
+from helpers.files import atomic_write
 from models.dymn.model import get_model as get_dymn
 from models.factory import frontend_kwargs
 from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
 from models.pretrained import REGISTRY, get_entry
-
-logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 CHECKPOINT_FORMAT = "efficientat-training-checkpoint"
@@ -358,7 +367,11 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: Dist
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo) -> DataLoader:
-    """Sequential evaluation DataLoader over this rank's `ShardSampler` slice."""
+    """Sequential evaluation DataLoader over this rank's `ShardSampler` slice (InputError when the
+    set has fewer clips than there are processes)."""
+    if len(dataset) < dist.world_size:
+        raise InputError(f"the evaluation set has {len(dataset)} clips, fewer than the "
+                         f"{dist.world_size} processes")
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), dist.rank,
                                                                            dist.world_size),
                       num_workers=num_workers, worker_init_fn=worker_init_fn,
@@ -463,27 +476,18 @@ def evaluate(model: nn.Module, frontend: nn.Module, loader: DataLoader, precisio
             logits, target = logits[keep], target[keep]
         outputs.append(logits)
         targets.append(target)
-    if outputs:
-        logits, target = torch.cat(outputs), torch.cat(targets)
-    else:  # a rank with an empty shard (fewer clips than ranks) still joins the gather
-        num_classes = getattr(net, "num_classes", 0)
-        logits, target = torch.zeros(0, num_classes), torch.zeros(0)
-    return gather_cat(logits, dist), gather_cat(target, dist)
+    if not outputs:
+        raise InputError("the evaluation loader yielded no batch (empty evaluation set?)")
+    return gather_cat(torch.cat(outputs), dist), gather_cat(torch.cat(targets), dist)
 
 
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    """torch.save `state` to a temp file in the same folder, then rename it over `path`: a crash
-    never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(dict(state), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save `state` atomically (helpers.files.atomic_write): a crash never leaves a
+    half-written checkpoint."""
+    with atomic_write(path, "wb") as f:
+        torch.save(dict(state), f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -18,6 +18,16 @@ from helpers import training as T
 from helpers.errors import InputError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two spinning threads per process make these
+    small training runs many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _schedule(**kw) -> T.WarmupRampdown:
     return T.WarmupRampdown(kw["W"], kw["S"], kw["R"], kw["last"])
 
@@ -179,19 +189,26 @@ def _toy_setup(dist: T.DistInfo, seed: int = 0):
     return frontend, model, opt
 
 
-def test_train_one_epoch_lowers_loss_and_evaluate_matches_manual():
-    dist = T.DistInfo(0, 0, 1, torch.device("cpu"))
+def _train_toy(dist: T.DistInfo, batch_size: int, epochs: int):
+    """Train the toy net on the toy data; returns (frontend, model, epoch losses)."""
     frontend, model, opt = _toy_setup(dist)
     prec = T.Precision("fp32", dist.device)
-    data = _toy_data()
-    loader = T.train_loader(data, 8, 0, dist, seed=0)
+    loader = T.train_loader(_toy_data(), batch_size, 0, dist, seed=0)
     losses = []
-    for epoch in range(4):
-        T.seed_epoch(0, epoch)
+    for epoch in range(epochs):
+        T.seed_epoch(0, epoch, dist.rank)
         stats = T.train_one_epoch(model, frontend, loader, opt, _bce, prec, dist, epoch, progress=False)
         assert set(stats) == {"loss", "mean_logit"}
         losses.append(stats["loss"])
+    return frontend, model, losses
+
+
+def test_train_one_epoch_lowers_loss_and_evaluate_matches_manual():
+    dist = T.DistInfo(0, 0, 1, torch.device("cpu"))
+    frontend, model, losses = _train_toy(dist, 8, 4)
     assert losses[-1] < 0.7 * losses[0]
+    prec = T.Precision("fp32", dist.device)
+    data = _toy_data()
     logits, targets = T.evaluate(model, frontend, T.eval_loader(data, 5, 0, dist), prec, dist,
                                  progress=False)
     assert logits.shape == (32, 2) and torch.equal(targets, data.tensors[2])
@@ -263,15 +280,8 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist = T.setup_distributed(cuda=False)
-    frontend, model, opt = _toy_setup(dist)
+    frontend, model, losses = _train_toy(dist, 4, 3)
     prec = T.Precision("fp32", dist.device)
-    data = _toy_data()
-    loader = T.train_loader(data, 4, 0, dist, seed=0)
-    losses = []
-    for epoch in range(3):
-        T.seed_epoch(0, epoch, dist.rank)
-        losses.append(T.train_one_epoch(model, frontend, loader, opt, _bce, prec, dist, epoch,
-                                        progress=False)["loss"])
     # 33 clips over 2 ranks: shards of 16 and 17, every clip exactly once
     eval_data = _toy_data(33, seed=1)
     logits, targets = T.evaluate(model, frontend, T.eval_loader(eval_data, 5, 0, dist), prec, dist,

@@ -1,0 +1,57 @@
+"""Compute clip embeddings of audio files with a pre-trained EfficientAT model and save them as .npz.
+
+    python embeddings.py --model_name mn10_as --audio_path clips/ --output clips_mn10.npz
+    python embeddings.py --model dymn10_as --audio_path a.wav b.mp3 --layer 12 --output layer12.npz
+
+The embedding is the model's pooled embedding (the global average of the last conv layer: 384
+values for width 0.4, 960 for 1.0, 1920 for 2.0), or with --layer N the global average of feature
+map N (0 stem, 1-15 blocks, 16 last conv). The .npz holds `filenames`, `embeddings` (n, D),
+`model`, `layer` and `sample_rate`; read it with helpers.embeddings.load_embeddings or np.load.
+Exit code: 0 all files embedded, 1 some failed (the others are saved), 2 nothing embedded.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from datasets.audio import AudioLoadError, find_audio_files
+from helpers.errors import fail
+from helpers.download import DownloadError
+from helpers.embeddings import embed_files, save_embeddings
+from helpers.tagging import build_tagger, select_device
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
+parser.add_argument("--output", required=True, help=".npz file to write")
+parser.add_argument("--model_name", "--model", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
+parser.add_argument("--layer", type=int, default=None,
+                    help="feature map to average instead of the pooled embedding (0-16, negative from the end)")
+parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
+parser.add_argument("--batch_size", type=int, default=16, help="files of equal length run together")
+args = parser.parse_args()
+
+
+
+if args.batch_size < 1:
+    fail("--batch_size must be at least 1")
+if Path(args.output).suffix.lower() != ".npz":
+    fail(f"{args.output}: --output must end in .npz")
+if args.layer is not None and not -17 <= args.layer <= 16:
+    fail(f"--layer must be in -17..16 (17 feature maps), got {args.layer}")
+
+try:
+    files = find_audio_files(args.audio_path)
+    tagger = build_tagger(args.model_name, device=select_device(args.cuda))
+except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
+    fail(str(e))
+
+done, embeddings, errors = embed_files(tagger, files, args.layer, args.batch_size)
+for message in errors.values():
+    print(f"error: {message}", file=sys.stderr)
+if not done:
+    sys.exit(2)
+save_embeddings(args.output, done, embeddings, tagger.name, args.layer, tagger.sample_rate)
+print(f"wrote {embeddings.shape[0]} embedding(s) of dimension {embeddings.shape[1]} to {args.output}")
+sys.exit(1 if errors else 0)
