@@ -222,12 +222,12 @@ def test_input_errors_are_one_line_before_training(tmp_path: Path, capsys: pytes
         run_cli(importlib.import_module(f"ex_{script}").main)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2
-    assert err.startswith(f"ex_{script}.py: error: ") and message in err and "\n" not in err
+    assert err.startswith("error: ") and message in err and "\n" not in err
 
 
 def test_cli_exit_code_two_in_a_fresh_process(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "ex_custom.py", "--dataset_dir", str(tmp_path / "absent")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"ex_custom.py: error: {tmp_path / 'absent'}: dataset folder does not exist"
+    assert proc.stderr.strip() == f"error: {tmp_path / 'absent'}: dataset folder does not exist"
     assert not proc.stdout
