@@ -53,17 +53,27 @@ MetricsFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
 
 # ---------------------------------------------------------------- arguments and augmentation
 
+class _PretrainedName(argparse.Action):
+    """--pretrained_name NAME: the same as --pretrained --model_name NAME."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        namespace.model_name, namespace.pretrained = values, True
+
+
 def finetune_parser(description: str, experiment_name: str, batch_size: int, lr: float,
                     dataset_env: str) -> argparse.ArgumentParser:
     """The arguments every fine-tuning script has, with the original's defaults where the scripts
     differ (run name, batch size, learning rate) and where they agree (80 epochs, warm-up 10,
     ramp-down from epoch 10 over 65 epochs, gain 12 dB, roll and waveform mixing on): the
-    `helpers.training` groups (run, model, optimization, preprocessing) plus the fine-tuning data
-    group: --cache_path, --no_roll, --no_wavmix, --gain_augment and --checkpoint (evaluate a
-    fine-tuned checkpoint instead of training)."""
+    `helpers.training` groups (run, model, optimization, preprocessing), --pretrained_name, and
+    the fine-tuning data group: --cache_path, --no_roll, --no_wavmix, --gain_augment and
+    --checkpoint (evaluate a fine-tuned checkpoint instead of training)."""
     parser = argparse.ArgumentParser(description=description)
     add_run_args(parser, experiment_name=experiment_name, batch_size=batch_size, dataset_env=dataset_env)
     add_model_args(parser)
+    parser.add_argument("--pretrained_name", action=_PretrainedName, metavar="NAME",
+                        help="start from the released weights NAME (= --pretrained --model_name NAME)")
     add_optimizer_args(parser, lr=lr, n_epochs=80, warm_up_len=10, ramp_down_start=10, ramp_down_len=65)
     add_preprocessing_args(parser)
     g = parser.add_argument_group("fine-tuning data")
