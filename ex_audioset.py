@@ -34,7 +34,7 @@ from helpers.training import (DistInfo, DistributedWeightedSampler, Precision, R
                               add_model_args, add_optimizer_args, add_preprocessing_args,
                               add_run_args, all_reduce_sum, cleanup_distributed, epoch_file_name,
                               eval_loader, evaluate, frontend_config_from_args,
-                              frontend_overrides, gather_cat, load_checkpoint,
+                              frontend_overrides, gather_cat, load_checkpoint, load_finetuned,
                               make_optimizer, make_scheduler, mix, mixup, model_config_from_args,
                               model_from_config, resolve_dataset_dir, resolve_out_dir,
                               restore_training_state, save_checkpoint, seed_epoch, seed_everything,
@@ -112,9 +112,8 @@ def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
     if args.checkpoint:
         state = load_checkpoint(args.checkpoint)
         if "model_config" in state:  # a checkpoint written by --train
-            model = model_from_config(state["model_config"], load_pretrained=False, epoch=state["epoch"])
-            model.load_state_dict(state["model"])
-            frontend = AugmentMelSTFT(**state["frontend_config"])
+            model, settings, _, _ = load_finetuned(args.checkpoint)
+            frontend = AugmentMelSTFT(**settings)
         else:  # a bare state dict (e.g. a released file or the original's epoch files)
             config = model_config_from_args(argparse.Namespace(**{**vars(args), "pretrained": False}), 527)
             config["T_max"] = 1.0  # the temperature trained DyMNs run at

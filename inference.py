@@ -2,6 +2,7 @@
 
     python inference.py --model_name mn04_as --audio_path resources/demo.wav
     python inference.py --model_name dymn10_as --audio_path clips/ more.mp3 --top_k 5 --output tags.json
+    python inference.py --checkpoint runs/my_data/best.pt --audio_path new_clips/
 
 Each file is analyzed whole, in one pass, at 32 kHz mono. Files of equal length are batched.
 Exit code: 0 all files tagged, 1 some files failed (the others are tagged), 2 nothing tagged
@@ -28,6 +29,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
 parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
 parser.add_argument("--model_name", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
 parser.add_argument("--ensemble", nargs="+", default=None, help="several model names; averages logits")
+parser.add_argument("--checkpoint", default=None,
+                    help="a checkpoint written by a training script (ex_*.py): tags with its own classes")
 parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
 parser.add_argument("--strides", nargs=4, type=int, default=None, help="MN/DyMN strides (default: registry)")
 parser.add_argument("--head_type", default=None, help="MN head (default: registry)")
@@ -52,7 +55,7 @@ if args.output and Path(args.output).suffix.lower() not in (".json", ".csv"):
 try:
     files = find_audio_files(args.audio_path)
     tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda), args.strides,
-                                  args.head_type, sr=args.sample_rate, win_length=args.window_size,
+                                  args.head_type, args.checkpoint, sr=args.sample_rate, win_length=args.window_size,
                                   hopsize=args.hop_size, n_mels=args.n_mels)
 except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
     fail(str(e))

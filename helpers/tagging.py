@@ -1,4 +1,5 @@
-"""Audio tagging with a released model (or an ensemble): model + matching frontend + class names.
+"""Audio tagging with a released model, an ensemble or a fine-tuned checkpoint: model + matching
+frontend + class names.
 
 Scripts (inference.py, windowed inference, embedding extraction) build a `Tagger` once and feed it
 batches of waveforms; the frontend settings come from the model's registry entry unless overridden.
@@ -6,6 +7,7 @@ batches of waveforms; the frontend settings come from the model's registry entry
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from datasets.audio import AudioLoadError, load_audio
 from helpers.labels import label_table
+from helpers.training import load_finetuned
 from models.ensemble import EnsembleModel, ensemble_frontend_kwargs, get_ensemble_model
 from models.factory import create_model, frontend_kwargs
 from models.preprocess import AugmentMelSTFT
@@ -32,6 +35,7 @@ class Tagger:
     name: str
     device: torch.device
     class_ids: Optional[list[str]] = None  # AudioSet MIDs where the classes are AudioSet's
+    multilabel: bool = True  # sigmoid per class; False: softmax over classes (single-label models)
 
     @property
     def sample_rate(self) -> int:
@@ -69,9 +73,11 @@ class Tagger:
         return fmaps[layer].float().mean(dim=(2, 3))
 
     def predict(self, waveforms: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Class probabilities (B, N) as float32 NumPy array."""
+        """Class probabilities (B, N) as float32 NumPy array (sigmoid, or softmax for a
+        single-label model)."""
         logits, _ = self.forward(_batch(waveforms))
-        return torch.sigmoid(logits).cpu().numpy()
+        probs = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
+        return probs.cpu().numpy()
 
 
 def _batch(waveforms: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -88,24 +94,34 @@ def select_device(cuda: bool) -> torch.device:
 
 def build_tagger(model_name: str = "mn10_as", ensemble: Optional[Sequence[str]] = None,
                  device: torch.device | str = "cpu", strides: Optional[Sequence[int]] = None,
-                 head_type: Optional[str] = None, **frontend_overrides: Any) -> Tagger:
-    """A Tagger for a released model (or an ensemble of them). Model arguments left at None come
-    from the registry; frontend overrides that are not None replace the registry's settings."""
+                 head_type: Optional[str] = None, checkpoint: Optional[str | os.PathLike] = None,
+                 **frontend_overrides: Any) -> Tagger:
+    """A Tagger for a released model, an ensemble of them, or a checkpoint written by a training
+    script (fine-tuned on your classes; its class names and settings come from the checkpoint).
+    Model arguments left at None come from the registry; frontend overrides that are not None
+    replace the registry's (or checkpoint's) settings."""
     device = torch.device(device)
-    if ensemble:
-        names = list(ensemble)
-        settings = {**ensemble_frontend_kwargs(names),
-                    **{k: v for k, v in frontend_overrides.items() if v is not None}}
-        model: nn.Module = get_ensemble_model(names)
-        name = "ensemble(" + ", ".join(names) + ")"
+    overrides = {k: v for k, v in frontend_overrides.items() if v is not None}
+    class_ids: Optional[list[str]] = None
+    multilabel = True
+    if checkpoint:
+        model, settings, names, multilabel = load_finetuned(checkpoint)
+        settings = {**settings, **overrides}
+        name = str(checkpoint)
     else:
-        extra = {k: v for k, v in (("strides", strides), ("head_type", head_type)) if v is not None}
-        model = create_model(model_name, **extra)
-        settings = frontend_kwargs(model_name, **frontend_overrides)
-        name = model_name
-    table = label_table()
-    return Tagger(model.to(device).eval(), AugmentMelSTFT(**settings).to(device).eval(),
-                  [n for _, n in table], name, device, [mid for mid, _ in table])
+        if ensemble:
+            model = get_ensemble_model(list(ensemble))
+            settings = {**ensemble_frontend_kwargs(list(ensemble)), **overrides}
+            name = "ensemble(" + ", ".join(ensemble) + ")"
+        else:
+            extra = {k: v for k, v in (("strides", strides), ("head_type", head_type)) if v is not None}
+            model = create_model(model_name, **extra)
+            settings = frontend_kwargs(model_name, **overrides)
+            name = model_name
+        table = label_table()
+        names, class_ids = [n for _, n in table], [mid for mid, _ in table]
+    return Tagger(model.to(device).eval(), AugmentMelSTFT(**settings).to(device).eval(), names, name, device,
+                  class_ids, multilabel)
 
 
 def run_on_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Tensor], np.ndarray],

@@ -60,6 +60,17 @@ def test_custom_tones_vs_noise_reaches_full_accuracy(tmp_path: Path, capsys: pyt
     assert class_names == ["noise", "tone"] and not multilabel
     assert accuracy_score(targets.argmax(1), logits.argmax(1)) == 1.0
     assert [class_names[k] for k in logits.argmax(1)] == [Path(n).stem.split("_")[0] for n in data.test.names]
+    # inference.py --checkpoint tags new files with the checkpoint's own classes (softmax: single-label)
+    clips = [data_dir / "clips" / "a" / f"{kind}_0.wav" for kind in ("tone", "noise")]  # the test clips
+    tags = tmp_path / "tags.json"
+    proc = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(out / "best.pt"),
+                           "--audio_path", *map(str, clips), "--top_k", "2", "--output", str(tags)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for result in json.loads(tags.read_text())["results"]:
+        top = result["tags"]
+        assert top[0]["label"] == Path(result["file"]).stem.split("_")[0] and top[0]["mid"] == ""
+        assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_custom_multilabel_mean_ap_equals_sklearn(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
