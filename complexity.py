@@ -57,8 +57,6 @@ parser.add_argument("--plot", default=None,
                     help="write the mAP-vs-complexity figures: one .png file, or a folder for three PNGs")
 args = parser.parse_args()
 
-
-
 if args.bits_per_elem < 1:
     fail(f"--bits_per_elem must be positive, got {args.bits_per_elem}")
 if args.model_width is not None and args.model_width <= 0:

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.errors import fail
 from helpers.download import DownloadError
+from helpers.errors import fail
 from helpers.embeddings import embed_files, save_embeddings
 from helpers.tagging import build_tagger, select_device
 
@@ -31,8 +31,6 @@ parser.add_argument("--layer", type=int, default=None,
 parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
 parser.add_argument("--batch_size", type=int, default=16, help="files of equal length run together")
 args = parser.parse_args()
-
-
 
 if args.batch_size < 1:
     fail("--batch_size must be at least 1")

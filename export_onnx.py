@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, load_audio
-from helpers.errors import fail
 from helpers.download import DownloadError
+from helpers.errors import fail
 from helpers.onnx_export import DEFAULT_OPSET, compare_with_torch, export_onnx
 from helpers.tagging import build_tagger, top_k
 
@@ -36,8 +36,6 @@ parser.add_argument("--check", default=None, metavar="AUDIO_PATH",
                     help="compare onnxruntime with PyTorch on this audio file after exporting")
 parser.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute difference --check accepts")
 args = parser.parse_args()
-
-
 
 output = Path(args.output or f"{args.model_name}{'_frontend' if args.with_frontend else ''}.onnx")
 if output.suffix.lower() != ".onnx":

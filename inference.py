@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.errors import fail
 from helpers.download import DownloadError
+from helpers.errors import fail
 from helpers.files import atomic_write
 from helpers.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.errors import fail
 from helpers.download import DownloadError
+from helpers.errors import fail
 from helpers.files import atomic_write
 from helpers.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
                          tag_windows, window_samples)
@@ -48,8 +48,6 @@ parser.add_argument("--probabilities", default=None,
 parser.add_argument("--plot", default=None, help="save a .png of class activity over time (one file)")
 parser.add_argument("--plot_classes", type=int, default=10, help="classes shown in --plot")
 args = parser.parse_args()
-
-
 
 if args.batch_size < 1 or args.top_k < 0 or args.plot_classes < 1:
     fail("--batch_size and --plot_classes must be at least 1, --top_k at least 0")
