@@ -32,7 +32,7 @@ from helpers.metrics import multilabel_metrics
 from helpers.tagging import build_tagger
 from helpers.training import (DistInfo, DistributedWeightedSampler, Precision, RunLogger,
                               add_model_args, add_optimizer_args, add_preprocessing_args,
-                              add_run_args, all_reduce_sum, cleanup_distributed, epoch_file_name,
+                              add_run_args, all_reduce_sum, epoch_file_name,
                               eval_loader, evaluate, frontend_config_from_args,
                               frontend_overrides, gather_cat, load_checkpoint, load_finetuned,
                               make_optimizer, make_scheduler, mix, mixup, model_config_from_args,
@@ -101,10 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     dist = setup_distributed(args.cuda)
-    try:
-        (train if args.train else evaluate_only)(args, dist)
-    finally:
-        cleanup_distributed()
+    (train if args.train else evaluate_only)(args, dist)
 
 
 def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:

@@ -29,7 +29,7 @@ from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
                               finetune_parser, mean_std, model_for_evaluation, multilabel_loss, sample_rate,
                               single_label_loss, tagging_metrics)
-from helpers.training import (cleanup_distributed, resolve_dataset_dir, resolve_out_dir, setup_distributed)
+from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -90,7 +90,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     if dist.is_main and len(scores) > 1:
         mean, std = mean_std(scores)
         print(f"{task.selection} over {len(scores)} folds: {mean:.4f} +- {std:.4f} (sample std)")
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

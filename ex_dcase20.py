@@ -21,7 +21,7 @@ from helpers.errors import run_cli
 from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
                               finetune_parser, mixstyle, model_for_evaluation, sample_rate,
                               single_label_loss)
-from helpers.training import (cleanup_distributed, resolve_dataset_dir, resolve_out_dir, setup_distributed)
+from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -66,7 +66,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         for device in test_set.device_names:
             if f"accuracy_{device}" in metrics:
                 print(f"  device {device}: {metrics[f'accuracy_{device}']:.4f}")
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
                               finetune_parser, mean_std, model_for_evaluation, sample_rate,
                               single_label_loss)
-from helpers.training import (cleanup_distributed, resolve_dataset_dir, resolve_out_dir, setup_distributed)
+from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -55,7 +55,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     if dist.is_main and len(accuracies) > 1:
         mean, std = mean_std(accuracies)
         print(f"accuracy over {len(accuracies)} folds: {mean:.4f} +- {std:.4f} (sample std)")
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

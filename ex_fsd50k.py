@@ -20,7 +20,7 @@ from datasets.audioset import is_valid
 from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
                               model_for_evaluation, multilabel_loss, sample_rate, tagging_metrics)
-from helpers.training import (cleanup_distributed, resolve_dataset_dir, resolve_out_dir, setup_distributed)
+from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -55,7 +55,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"Results on FSD50K evaluation split for loaded model: {loaded}")
         print(f"  mAP: {metrics['mAP']:.3f}")
         print(f"  ROC: {metrics['ROC']:.3f}")
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
                               masked_multilabel_loss, masked_tagging_metrics, model_for_evaluation,
                               sample_rate)
-from helpers.training import (cleanup_distributed, resolve_dataset_dir, resolve_out_dir, setup_distributed)
+from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -52,7 +52,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"Results on OpenMIC test split for model: {loaded}")
         print(f"  mAP: {metrics['mAP']:.3f}")
         print(f"  ROC: {metrics['ROC']:.3f}")
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ numbers, so a run resumed from an epoch checkpoint repeats the uninterrupted run
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -221,7 +222,7 @@ def setup_distributed(cuda: bool) -> DistInfo:
     """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE (absent: one process), pick the device
     (cuda:LOCAL_RANK with --cuda when CUDA is available, else CPU) and, for more than one process,
     initialize the default process group (nccl on CUDA, gloo on CPU) from torchrun's
-    MASTER_ADDR / MASTER_PORT."""
+    MASTER_ADDR / MASTER_PORT; it is destroyed when the process exits."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -235,6 +236,7 @@ def setup_distributed(cuda: bool) -> DistInfo:
     if world_size > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                       rank=rank, world_size=world_size)
+        atexit.register(cleanup_distributed)  # also when the script ends with an exception
     return DistInfo(rank, local_rank, world_size, device)
 
 
