@@ -32,8 +32,9 @@ class Mp3DecodeError(ValueError):
 
 
 def decode_mp3(data: np.ndarray | bytes) -> np.ndarray:
-    """Decode the bytes of an mp3 file to a float32 1-D array in [-1, 1] at the file's own rate:
-    the first audio stream, every frame flattened and concatenated in order."""
+    """Decode the bytes of an mp3 file to a mono float32 1-D array in [-1, 1] at the file's own
+    rate: the first audio stream's frames in order, channels averaged (the original laid the
+    channels of a multi-channel file end to end)."""
     raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
     if not raw:
         raise Mp3DecodeError("empty mp3 data")
@@ -48,7 +49,11 @@ def decode_mp3(data: np.ndarray | bytes) -> np.ndarray:
                     if frame.format.name not in ("flt", "fltp"):
                         raise Mp3DecodeError(f"decoded sample format {frame.format.name}, "
                                              "expected float32")
-                    chunks.append(frame.to_ndarray().reshape(-1))
+                    samples = frame.to_ndarray()  # planar: (channels, n); packed: (1, n * channels)
+                    if frame.format.is_planar:
+                        chunks.append(samples.mean(axis=0) if samples.shape[0] > 1 else samples[0])
+                    else:
+                        chunks.append(samples.reshape(-1, len(frame.layout.channels)).mean(axis=1))
     except (av.FFmpegError, OSError, ValueError) as e:
         if isinstance(e, Mp3DecodeError):
             raise

@@ -25,6 +25,25 @@ def test_mp3_roundtrip_keeps_length_and_waveform():
     assert np.abs(y[500:-500] - x[500:-500]).max() < 0.05  # no delay, within mp3 tolerance
 
 
+def test_stereo_mp3_decodes_to_the_channel_average():
+    import io
+
+    import av
+    left = _chirp()
+    right = -0.5 * left
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp3") as out:
+        stream = out.add_stream("mp3", rate=32000)
+        stream.layout = "stereo"
+        frame = av.AudioFrame.from_ndarray(np.stack([left, right]), format="fltp", layout="stereo")
+        frame.sample_rate = 32000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    y = decode_mp3(buffer.getvalue())
+    assert y.shape == left.shape  # one mono signal, not the two channels end to end
+    assert np.abs(y[500:-500] - (left + right)[500:-500] / 2).max() < 0.05
+
+
 def test_decode_errors():
     with pytest.raises(Mp3DecodeError):
         decode_mp3(b"")
