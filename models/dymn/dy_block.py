@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import norm_layer
+from models.layers import ACTIVATIONS, norm_layer
 from models.mn.block_types import InvertedResidualConfig
 
 # The per-block context passed to every dynamic module: (h, g_f, g_t) = global context vector
@@ -137,10 +137,10 @@ class DynamicInvertedResidual(nn.Module):
         if cnf.stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {cnf.stride}")
         cin, exp, cout, k = cnf.input_channels, cnf.expanded_channels, cnf.out_channels, cnf.kernel
-        stride = 1 if cnf.dilation > 1 else cnf.stride
+        stride = cnf.conv_stride
         self.use_res_connect = cnf.stride == 1 and cin == cout
         self.has_expansion = exp != cin
-        activation = nn.Hardswish if cnf.activation == "HS" else nn.ReLU
+        activation = ACTIVATIONS[cnf.activation]
 
         def conv(c_in: int, c_out: int, kernel: int, conv_stride: int = 1, groups: int = 1) -> nn.Module:
             padding = (kernel - 1) // 2

@@ -67,10 +67,7 @@ class DyMN(nn.Module):
         self.head_type = head_type
         self.embedding_dim = 6 * last_in
         self.num_classes = num_classes
-        init_weights(self)
-        for m in self.modules():
-            if isinstance(m, DynamicConv):
-                m.reset_kernels()
+        init_weights(self)  # the dynamic kernels were initialized by DynamicConv itself
 
     def update_params(self, epoch: int) -> None:
         """Set every dynamic conv's softmax temperature for `epoch` (call at each epoch start)."""

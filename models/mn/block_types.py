@@ -25,6 +25,11 @@ class InvertedResidualConfig:
     stride: int
     dilation: int
 
+    @property
+    def conv_stride(self) -> int:
+        """Stride of the depthwise conv: dilated blocks keep the resolution (stride 1)."""
+        return 1 if self.dilation > 1 else self.stride
+
     @classmethod
     def scaled(cls, input_channels: int, kernel: int, expanded_channels: int, out_channels: int,
                use_se: bool, activation: str, stride: int, dilation: int,
@@ -93,9 +98,8 @@ class InvertedResidual(nn.Module):
         if cnf.expanded_channels != cnf.input_channels:
             layers.append(ConvNormActivation(cnf.input_channels, cnf.expanded_channels, kernel_size=1,
                                              activation=activation))
-        stride = 1 if cnf.dilation > 1 else cnf.stride
         layers.append(ConvNormActivation(cnf.expanded_channels, cnf.expanded_channels, cnf.kernel,
-                                         stride=stride, dilation=cnf.dilation,
+                                         stride=cnf.conv_stride, dilation=cnf.dilation,
                                          groups=cnf.expanded_channels, activation=activation))
         if cnf.use_se and se_dims != "none":
             sizes = {"c": cnf.expanded_channels, "f": output_size[0], "t": output_size[1]}

@@ -75,8 +75,7 @@ class MN(nn.Module):
                                                       stride=in_conv_stride, activation=nn.Hardswish)]
         f, t = (conv_output_size(d, in_conv_kernel, in_conv_stride) for d in input_dims)
         for cnf in block_configs:
-            stride = 1 if cnf.dilation > 1 else cnf.stride
-            f, t = (conv_output_size(d, cnf.kernel, stride, cnf.dilation) for d in (f, t))
+            f, t = (conv_output_size(d, cnf.kernel, cnf.conv_stride, cnf.dilation) for d in (f, t))
             layers.append(InvertedResidual(cnf, se_dims, se_r, se_agg, output_size=(f, t)))
         last_in = block_configs[-1].out_channels
         last_out = 6 * last_in
