@@ -11,6 +11,7 @@ PyAV to planar float32 without resampling.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ import h5py
 import numpy as np
 
 from helpers.errors import InputError
+from helpers.files import atomic_path
 
 REQUIRED_DATASETS = ("audio_name", "mp3", "target")
 MP3_BITRATE = 128_000
@@ -161,25 +163,29 @@ class Mp3HDF5Writer:
     def __init__(self, path: str | os.PathLike, target_width: int, target_dtype: Any = np.uint8,
                  name_length: int = 20) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self.target_width = target_width
         self.target_dtype = np.dtype(target_dtype)
         self.name_length = name_length
         self.count = 0
         self._file: Optional[h5py.File] = None
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "Mp3HDF5Writer":
-        # a real temp path rather than helpers.files.atomic_write's write-only file object:
-        # HDF5 reads back chunks it has written while the datasets grow
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = f = h5py.File(self.tmp, "w")
+        # a temp path (helpers.files.atomic_path): HDF5 reads back chunks it wrote as datasets grow
+        with self._stack as stack:
+            tmp = stack.enter_context(atomic_path(self.path))
+            self._file = f = stack.enter_context(h5py.File(tmp, "w"))
+            self._create_datasets(f)
+            self._stack = stack.pop_all()  # keep both open until __exit__; on error both close here
+        return self
+
+    def _create_datasets(self, f: h5py.File) -> None:
         f.create_dataset("audio_name", shape=(0,), maxshape=(None,), dtype=f"S{self.name_length}",
                          chunks=(1024,))
         f.create_dataset("mp3", shape=(0,), maxshape=(None,), dtype=h5py.vlen_dtype(np.uint8),
                          chunks=(64,))
         f.create_dataset("target", shape=(0, self.target_width), maxshape=(None, self.target_width),
                          dtype=self.target_dtype, chunks=(1024, self.target_width))
-        return self
 
     def append(self, name: str, mp3: bytes, target: np.ndarray) -> None:
         """Add one clip: its file name, the mp3 file bytes and its (packed or float) target row."""
@@ -199,8 +205,4 @@ class Mp3HDF5Writer:
 
     def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException],
                  tb: Optional[TracebackType]) -> None:
-        self._file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        self._stack.__exit__(exc_type, exc, tb)  # close the file, then rename it (or delete it on error)

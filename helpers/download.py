@@ -11,13 +11,14 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from tqdm import tqdm
+
+from helpers.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -68,30 +69,24 @@ def download(urls: str | Sequence[str], dest: Path, sha256: Optional[str] = None
     """
     urls = [urls] if isinstance(urls, str) else list(urls)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     problems = []
     for url in urls:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
         try:
-            logger.info("downloading %s to %s", url, dest)
-            _fetch(url, tmp, timeout, progress)
-            if sha256 is not None:
-                actual = sha256sum(tmp)
-                if actual != sha256:
-                    raise DownloadError(f"sha256 mismatch (expected {sha256}, got {actual})")
-            if validate is not None:
-                validate(tmp)
-            os.replace(tmp, dest)
+            with atomic_path(dest, suffix=".part") as tmp:
+                logger.info("downloading %s to %s", url, dest)
+                _fetch(url, tmp, timeout, progress)
+                if sha256 is not None:
+                    actual = sha256sum(tmp)
+                    if actual != sha256:
+                        raise DownloadError(f"sha256 mismatch (expected {sha256}, got {actual})")
+                if validate is not None:
+                    validate(tmp)
             return dest
         except urllib.error.HTTPError as e:
             problems.append(f"{url}: HTTP {e.code} {e.reason}")
         except (urllib.error.URLError, http.client.HTTPException, OSError, DownloadError, ValueError) as e:
             reason = e.reason if isinstance(e, urllib.error.URLError) else e
             problems.append(f"{url}: {reason}")
-        finally:
-            tmp.unlink(missing_ok=True)
     raise DownloadError(f"could not download {dest.name} ({'; '.join(problems)}); "
                         f"download it by hand and put it at {dest}")
 

@@ -1,6 +1,7 @@
 """Checkpoint / label download and cache, against a local HTTP server on 127.0.0.1."""
 import hashlib
 import http.server
+import os
 import socket
 import threading
 from pathlib import Path
@@ -66,6 +67,9 @@ def test_download_success_is_checked_and_atomic(server, tmp_path):
     dest = download(f"{server}/file.bin", tmp_path / "file.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest(),
                     progress=False)
     assert dest.read_bytes() == PAYLOAD and leftovers(tmp_path) == ["file.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by other users of a shared cache
 
 
 @pytest.mark.parametrize("path, problem", [("/drop", "connection closed after"), ("/missing", "HTTP 404"),
