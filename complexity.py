@@ -20,12 +20,11 @@ import json
 import sys
 from pathlib import Path
 
-from helpers.errors import fail
 from helpers.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
 from helpers.complexity_plots import plot_tradeoffs
+from helpers.errors import check_suffix, fail
 from helpers.files import atomic_write
-from models.factory import frontend_kwargs
-from models.preprocess import AugmentMelSTFT
+from models.factory import create_frontend
 from models.pretrained import get_entry
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -71,8 +70,7 @@ if args.table or args.plot:
     given = [flag for flag, value in model_flags.items() if value is not None]
     if given:
         fail(f"--table and --plot use each model's registry settings; drop {', '.join(given)}")
-    if args.table and Path(args.table).suffix.lower() not in (".csv", ".json"):
-        fail(f"{args.table}: --table must end in .csv or .json")
+    check_suffix("--table", args.table, (".csv", ".json"))
     if args.plot and Path(args.plot).suffix.lower() not in ("", ".png"):
         fail(f"{args.plot}: --plot takes a .png file or a folder")
     rows = registry_costs(args.bits_per_elem)
@@ -103,9 +101,8 @@ else:
     name, registry_name, strides = args.model_name, args.model_name, entry.model_kwargs["strides"]
 strides = list(args.strides or strides)
 try:
-    frontend = AugmentMelSTFT(**frontend_kwargs(registry_name, sr=args.resample_rate,
-                                                win_length=args.window_size, hopsize=args.hop_size,
-                                                n_fft=args.n_fft, n_mels=args.n_mels))
+    frontend = create_frontend(registry_name, sr=args.resample_rate, win_length=args.window_size,
+                               hopsize=args.hop_size, n_fft=args.n_fft, n_mels=args.n_mels)
     input_size = clip_input_size(frontend)
     model = build_model(registry_name, args.model_width, args.head_type, args.strides, args.se_dims, input_size)
     cost = analyze(model, input_size, args.bits_per_elem)

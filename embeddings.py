@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from datasets.audio import AudioLoadError, find_audio_files
 from helpers.download import DownloadError
-from helpers.errors import fail
+from helpers.errors import check_suffix, fail
 from helpers.embeddings import embed_files, save_embeddings
 from helpers.tagging import build_tagger, select_device
 
@@ -34,8 +33,7 @@ args = parser.parse_args()
 
 if args.batch_size < 1:
     fail("--batch_size must be at least 1")
-if Path(args.output).suffix.lower() != ".npz":
-    fail(f"{args.output}: --output must end in .npz")
+check_suffix("--output", args.output, (".npz",))
 if args.layer is not None and not -17 <= args.layer <= 16:
     fail(f"--layer must be in -17..16 (17 feature maps), got {args.layer}")
 

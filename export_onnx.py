@@ -21,7 +21,7 @@ import numpy as np
 
 from datasets.audio import AudioLoadError, load_audio
 from helpers.download import DownloadError
-from helpers.errors import fail
+from helpers.errors import check_suffix, fail
 from helpers.onnx_export import DEFAULT_OPSET, compare_with_torch, export_onnx
 from helpers.tagging import build_tagger, top_k
 
@@ -38,8 +38,7 @@ parser.add_argument("--tolerance", type=float, default=1e-4, help="largest absol
 args = parser.parse_args()
 
 output = Path(args.output or f"{args.model_name}{'_frontend' if args.with_frontend else ''}.onnx")
-if output.suffix.lower() != ".onnx":
-    fail(f"{output}: --output must end in .onnx")
+check_suffix("--output", output, (".onnx",))
 try:
     tagger = build_tagger(args.model_name)
     clip = load_audio(args.check, tagger.sample_rate) if args.check else None

@@ -20,7 +20,7 @@ import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
 from helpers.download import DownloadError
-from helpers.errors import fail
+from helpers.errors import check_suffix, fail
 from helpers.files import atomic_write
 from helpers.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
 
@@ -34,7 +34,7 @@ parser.add_argument("--checkpoint", default=None,
 parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
 parser.add_argument("--strides", nargs=4, type=int, default=None, help="MN/DyMN strides (default: registry)")
 parser.add_argument("--head_type", default=None, help="MN head (default: registry)")
-parser.add_argument("--sample_rate", type=int, default=32000)
+parser.add_argument("--sample_rate", type=int, default=None, help="(default: registry or checkpoint, 32000)")
 parser.add_argument("--window_size", type=int, default=None, help="STFT window in samples (default: registry)")
 parser.add_argument("--hop_size", type=int, default=None, help="STFT hop in samples (default: registry)")
 parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: registry)")
@@ -49,8 +49,7 @@ args = parser.parse_args()
 
 if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1):
     fail("--top_k and --batch_size must be at least 1")
-if args.output and Path(args.output).suffix.lower() not in (".json", ".csv"):
-    fail(f"{args.output}: --output must end in .json or .csv")
+check_suffix("--output", args.output, (".json", ".csv"))
 
 try:
     files = find_audio_files(args.audio_path)

@@ -25,7 +25,7 @@ import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
 from helpers.download import DownloadError
-from helpers.errors import fail
+from helpers.errors import check_suffix, fail
 from helpers.files import atomic_write
 from helpers.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
                          tag_windows, window_samples)
@@ -56,8 +56,7 @@ if not 0.0 <= args.threshold <= 1.0:
 for option, value, suffixes in (("--events", args.events, (".csv", ".json")),
                                 ("--probabilities", args.probabilities, (".csv", ".npz")),
                                 ("--plot", args.plot, (".png",))):
-    if value and Path(value).suffix.lower() not in suffixes:
-        fail(f"{value}: {option} must end in {' or '.join(suffixes)}")
+    check_suffix(option, value, suffixes)
 
 try:
     files = find_audio_files(args.audio_path)

@@ -361,8 +361,9 @@ def registry_costs(bits_per_elem: int = 16) -> list[dict[str, Any]]:
     """One row per AudioSet model of the registry: architecture and input size (from its model and
     frontend settings), computed costs, and the published mAP, parameters and MACs."""
     rows = []
-    for name in [n for n, e in REGISTRY.items() if e.audioset]:
-        entry = get_entry(name)
+    for name, entry in REGISTRY.items():
+        if not entry.audioset:
+            continue
         arch = entry.model_kwargs
         size = clip_input_size(create_frontend(name))
         key = (entry.family, tuple(sorted(arch.items())), size)

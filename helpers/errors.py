@@ -2,8 +2,10 @@
 them into one clear line on stderr and exit code 2 (the argparse convention) instead of a traceback."""
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable, NoReturn
+from pathlib import Path
+from typing import Callable, NoReturn, Optional, Sequence
 
 from datasets.audio import AudioLoadError
 
@@ -17,6 +19,12 @@ def fail(message: str) -> NoReturn:
     """Print `error: <message>` on stderr and exit with status 2 (usage or input error)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_suffix(option: str, path: Optional[str | os.PathLike], suffixes: Sequence[str]) -> None:
+    """`fail` unless `path` (when given) ends in one of `suffixes`, e.g. (".json", ".csv")."""
+    if path and Path(path).suffix.lower() not in suffixes:
+        fail(f"{path}: {option} must end in {' or '.join(suffixes)}")
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -39,10 +39,6 @@ def read_label_table(path: Path) -> list[tuple[str, str]]:
     return table
 
 
-def _validate(path: Path) -> None:
-    read_label_table(path)
-
-
 @lru_cache(maxsize=None)
 def _load(path: str) -> tuple[tuple[str, str], ...]:
     return tuple(read_label_table(Path(path)))
@@ -50,7 +46,7 @@ def _load(path: str) -> tuple[tuple[str, str], ...]:
 
 def label_table() -> list[tuple[str, str]]:
     """(mid, display_name) for the 527 AudioSet classes, downloaded into the cache on first use."""
-    return list(_load(str(cached_file(LABELS_FILE, LABELS_URLS, validate=_validate, progress=False))))
+    return list(_load(str(cached_file(LABELS_FILE, LABELS_URLS, validate=read_label_table, progress=False))))
 
 
 def class_names() -> list[str]:

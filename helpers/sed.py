@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datasets.audio import audio_duration, stream_audio
-from helpers.tagging import Tagger
+from helpers.tagging import Tagger, top_k
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def detect_events(predictions: WindowPredictions, class_names: Sequence[str],
 
 def top_classes(predictions: WindowPredictions, k: int) -> np.ndarray:
     """Indices of the k classes with the highest peak probability over the windows."""
-    return np.argsort(-predictions.probabilities.max(axis=0), kind="stable")[:k]
+    return top_k(predictions.probabilities.max(axis=0), k)
 
 
 def plot_activity(predictions: WindowPredictions, class_names: Sequence[str], path: str | os.PathLike | IO[bytes],
