@@ -109,7 +109,7 @@ def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
     if args.checkpoint:
         state = load_checkpoint(args.checkpoint)
         if "model_config" in state:  # a checkpoint written by --train
-            model, settings, _, _ = load_finetuned(args.checkpoint)
+            model, settings, _, _ = load_finetuned(args.checkpoint, state)
             frontend = AugmentMelSTFT(**settings)
         else:  # a bare state dict (e.g. a released file or the original's epoch files)
             config = model_config_from_args(argparse.Namespace(**{**vars(args), "pretrained": False}), 527)
@@ -185,12 +185,12 @@ def train(args: argparse.Namespace, dist: DistInfo) -> None:
     # teacher: the PaSST ensemble's logits, aligned to clips by YouTube ID
     teacher = None
     if args.kd_lambda > 0:
-        teacher = TeacherPredictions(*teacher_paths(args.teacher_preds, args.fname_to_index),
-                                     temperature=args.temperature)
+        logits_path, index_path = teacher_paths(args.teacher_preds, args.fname_to_index)
+        teacher = TeacherPredictions(logits_path, index_path, temperature=args.temperature)
         missing = teacher.missing(train_set.names())
         if missing and args.missing_teacher == "error":
             raise InputError(f"{len(missing)} of {len(train_set)} training clips (e.g. {missing[0]!r}) "
-                             f"are not in {teacher_paths(args.teacher_preds, args.fname_to_index)[1]}; "
+                             f"are not in {index_path}; "
                              "pass --missing_teacher mask to train them on their labels only")
         if missing and dist.is_main:
             print(f"{len(missing)} training clips have no teacher row; their distillation loss is 0")
@@ -209,10 +209,8 @@ def train(args: argparse.Namespace, dist: DistInfo) -> None:
     start_epoch = 0
     if args.resume:
         resume_path = checkpoint_path if args.resume == "auto" else Path(args.resume)
-        state = load_checkpoint(resume_path)
-        start_epoch = restore_training_state(state, model, optimizer, scheduler, precision)
-        if state["seed"] != args.seed:
-            raise InputError(f"{resume_path}: was trained with --seed {state['seed']}, not {args.seed}")
+        start_epoch = restore_training_state(load_checkpoint(resume_path), model, optimizer, scheduler,
+                                             precision, args.seed)
         if dist.is_main:
             print(f"resumed from {resume_path} after epoch {start_epoch - 1}")
     run = RunLogger(args.logger, WANDB_PROJECT, args.experiment_name, vars(args), out_dir, dist,

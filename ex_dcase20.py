@@ -14,7 +14,6 @@ import sys
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from datasets import dcase20
 from helpers.errors import run_cli
@@ -37,11 +36,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     train_set, test_set, scenes = dcase20.get_datasets(root, sample_rate(args), args.cache_path)
     dist = setup_distributed(args.cuda)
 
+    # MixStyle, when on, replaces mixup: plain cross-entropy on the re-styled spectrograms
+    cross_entropy = single_label_loss(0.0 if args.mixstyle_p > 0 else args.mixup_alpha)
+
     def loss_fn(model: torch.nn.Module, x: torch.Tensor, batch: Sequence[Any]) -> dict[str, torch.Tensor]:
-        if args.mixstyle_p > 0:  # MixStyle instead of mixup, plain cross-entropy
-            return {"loss": F.cross_entropy(model(mixstyle(x, args.mixstyle_p, args.mixstyle_alpha))[0].float(),
-                                            batch[2].float())}
-        return single_label_loss(args.mixup_alpha)(model, x, batch)
+        if args.mixstyle_p > 0:
+            x = mixstyle(x, args.mixstyle_p, args.mixstyle_alpha)
+        return cross_entropy(model, x, batch)
 
     def metrics_fn(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         metrics = classification_metrics(logits, targets)

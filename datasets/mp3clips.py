@@ -54,10 +54,6 @@ class Mp3ClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.hdf5)
 
-    def targets(self) -> np.ndarray:
-        """All converted targets (N, classes) in row order."""
-        return np.stack([self.target_fn(t) for t in self.hdf5.targets()])
-
     def _decode(self, row: int) -> np.ndarray:
         if self.cache is None:
             return decode_mp3(self.hdf5.mp3(row))

@@ -91,7 +91,8 @@ def sample_rate(args: argparse.Namespace) -> int:
     """The rate to load clips at: that of --checkpoint's frontend when evaluating one, else the
     frontend the arguments describe."""
     if args.checkpoint:
-        return int(load_checkpoint(args.checkpoint).get("frontend_config", {}).get("sr", 32000))
+        settings = load_checkpoint(args.checkpoint, mmap=True).get("frontend_config", {})
+        return int(settings.get("sr", 32000))
     return int(frontend_config_from_args(args)["sr"])
 
 
@@ -255,7 +256,7 @@ def fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set:
     if args.resume:
         resume_path = paths["last"] if args.resume == "auto" else Path(args.resume)
         state = load_checkpoint(resume_path)
-        start = restore_training_state(state, model, optimizer, scheduler, precision)
+        start = restore_training_state(state, model, optimizer, scheduler, precision, args.seed)
         last = dict(state["metrics"])
         if paths["best"].is_file():
             best_state = load_checkpoint(paths["best"])

@@ -1,6 +1,7 @@
 """The training-loop pieces every `ex_*.py` script shares (AudioSet distillation and fine-tuning).
 
-A script is its configuration plus a loss callback; it reads top to bottom like this:
+ex_audioset.py uses them directly; the fine-tuning scripts through `helpers.finetune.fine_tune`,
+which is this loop. A script is its configuration plus a loss callback, like this:
 
     parser = argparse.ArgumentParser(description=...)
     add_run_args(parser, experiment_name="ESC50", batch_size=128, dataset_env="ESC50_DIR")
@@ -15,7 +16,7 @@ A script is its configuration plus a loss callback; it reads top to bottom like 
     seed_everything(args.seed)
     model_config = model_config_from_args(args, num_classes=50)
     model = wrap_ddp(model_from_config(model_config).to(dist.device), dist)
-    frontend = frontend_from_args(args).to(dist.device)
+    frontend = AugmentMelSTFT(**frontend_config_from_args(args)).to(dist.device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adamw)
     scheduler = make_scheduler(optimizer, args)
     precision = Precision(args.precision, dist.device)
@@ -32,7 +33,7 @@ A script is its configuration plus a loss callback; it reads top to bottom like 
     start = 0
     if args.resume:                                  # "auto" (flag alone) or a path
         state = load_checkpoint(path if args.resume == "auto" else args.resume)
-        start = restore_training_state(state, model, optimizer, scheduler, precision)
+        start = restore_training_state(state, model, optimizer, scheduler, precision, args.seed)
     run = RunLogger(args.logger, "ESC50", args.experiment_name, vars(args), out_dir, dist)
     for epoch in range(start, args.n_epochs):
         seed_epoch(args.seed, epoch, dist.rank)      # all randomness = f(seed, epoch, rank)
@@ -44,7 +45,7 @@ A script is its configuration plus a loss callback; it reads top to bottom like 
             save_checkpoint(path, training_state(model, optimizer, scheduler, precision, epoch,
                                                  args.seed, vars(args), model_config,
                                                  frontend_config_from_args(args), class_names))
-    run.finish(); cleanup_distributed()
+    run.finish()                                     # the process group is destroyed at exit
 
 Errors in the user's input raise helpers.errors.InputError; wrap `main` in
 helpers.errors.run_cli to turn them into one line on stderr and exit status 2.
@@ -85,7 +86,6 @@ from helpers.files import atomic_write
 from models.dymn.model import get_model as get_dymn
 from models.factory import frontend_kwargs
 from models.mn.model import get_model as get_mn
-from models.preprocess import AugmentMelSTFT
 from models.pretrained import REGISTRY, get_entry
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -433,7 +433,7 @@ def train_one_epoch(model: nn.Module, frontend: nn.Module, loader: DataLoader,
     frontend.train()
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, Any] = defaultdict(float)  # device tensors: no GPU sync per batch
     batches = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (progress and dist.is_main),
                dynamic_ncols=True, leave=False)
@@ -443,12 +443,13 @@ def train_one_epoch(model: nn.Module, frontend: nn.Module, loader: DataLoader,
             out = loss_fn(model, mel(frontend, batch[0]), batch)
         precision.step(out["loss"], optimizer)
         for key, value in out.items():
-            sums[key] += float(value.detach() if isinstance(value, torch.Tensor) else value)
+            sums[key] += value.detach().float() if isinstance(value, torch.Tensor) else value
         batches += 1
-        bar.set_postfix(loss=f"{sums['loss'] / batches:.4f}")
+        if batches % 10 == 1 and not bar.disable:  # reading the loss waits for the GPU
+            bar.set_postfix(loss=f"{float(sums['loss']) / batches:.4f}")
     if batches == 0:
         raise InputError("the training loader yielded no batch (empty training set?)")
-    return all_reduce_mean({k: v / batches for k, v in sums.items()}, dist)
+    return all_reduce_mean({k: float(v) / batches for k, v in sums.items()}, dist)
 
 
 @torch.no_grad()
@@ -492,14 +493,14 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
         torch.save(dict(state), f)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint dict on the CPU; InputError naming the file if it is missing or not a
-    torch checkpoint."""
+    torch checkpoint. With mmap=True tensors are only read when used (cheap for reading settings)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for foreign or truncated files
         raise InputError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'unknown error'})") from None
@@ -539,11 +540,14 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 def restore_training_state(state: Mapping[str, Any], model: nn.Module,
                            optimizer: torch.optim.Optimizer,
                            scheduler: torch.optim.lr_scheduler.LRScheduler,
-                           precision: Precision) -> int:
-    """Load a `training_state` checkpoint into the objects; returns the epoch to start from."""
+                           precision: Precision, seed: int) -> int:
+    """Load a `training_state` checkpoint into the objects; returns the epoch to start from. The
+    run must continue with the seed it was started with (epoch randomness derives from it)."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise InputError("checkpoint is not a training checkpoint of this project (no optimizer "
                          "state to resume from)")
+    if state["seed"] != seed:
+        raise InputError(f"checkpoint was trained with --seed {state['seed']}, not {seed}")
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -551,13 +555,15 @@ def restore_training_state(state: Mapping[str, Any], model: nn.Module,
     return int(state["epoch"]) + 1
 
 
-def load_finetuned(checkpoint_path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], list[str], bool]:
+def load_finetuned(checkpoint_path: str | os.PathLike,
+                   state: Optional[dict[str, Any]] = None) -> tuple[nn.Module, dict[str, Any], list[str], bool]:
     """(model in eval mode, frontend keyword arguments, class names, multilabel) of a checkpoint
     written by a training script (`training_state`), rebuilt from the configuration stored in it:
     no command line and no download needed. Apply sigmoid to the logits of multi-label models and
     softmax to those of single-label ones (checkpoints without the flag count as multi-label, like
-    AudioSet's)."""
-    state = load_checkpoint(checkpoint_path)
+    AudioSet's). `state`: the checkpoint's contents when the caller has already loaded them."""
+    if state is None:
+        state = load_checkpoint(checkpoint_path)
     missing = [k for k in ("model", "model_config", "frontend_config", "class_names") if k not in state]
     if missing:
         raise InputError(f"{checkpoint_path}: not a checkpoint of a training script (no "
@@ -642,11 +648,6 @@ def frontend_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     settings of --model_name (n_mels, hop size of the variants), then the standard defaults."""
     name = getattr(args, "model_name", None)
     return frontend_kwargs(name if name in REGISTRY else None, **frontend_overrides(args))
-
-
-def frontend_from_args(args: argparse.Namespace) -> AugmentMelSTFT:
-    """The frontend of `frontend_config_from_args`."""
-    return AugmentMelSTFT(**frontend_config_from_args(args))
 
 
 # ---------------------------------------------------------------- logging
