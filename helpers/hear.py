@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from helpers.tagging import Tagger
+from helpers.training import load_checkpoint, load_finetuned
 from models.factory import create_model, frontend_kwargs
 from models.preprocess import AugmentMelSTFT
 from models.pretrained import get_entry
@@ -50,29 +51,17 @@ class HearModel(nn.Module):
         return Tagger(self.model, self.frontend, [], self.name, next(self.model.parameters()).device)
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt files
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]  # a training checkpoint dict
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+def _model_from_weights(model_name: str, weights: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
+    """Architecture of registry entry `model_name` with `weights` (any class count)."""
+    if not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ValueError(f"{path}: does not hold a state dict")
-    return dict(state)
-
-
-def _model_from_file(model_name: str, path: Path) -> nn.Module:
-    """Architecture of registry entry `model_name` with the weights in `path` (any class count)."""
-    entry = get_entry(model_name)
-    state = _read_weights(path)
-    bias = state.get("classifier.5.bias", state.get("classifier.1.bias"))
+    bias = weights.get("classifier.5.bias", weights.get("classifier.1.bias"))
     num_classes = 527 if bias is None else bias.shape[0]
     # released and fine-tuned DyMNs run at softmax temperature 1
-    extra = {"T_max": 1.0} if entry.family == "dymn" else {}
+    extra = {"T_max": 1.0} if get_entry(model_name).family == "dymn" else {}
     model = create_model(model_name, num_classes, pretrained=False, **extra)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit {model_name} ({str(e).splitlines()[0]})") from None
     return model
@@ -80,14 +69,20 @@ def _model_from_file(model_name: str, path: Path) -> nn.Module:
 
 def load_model(model_file_path: str | os.PathLike = "", model_name: str = "mn10_as",
                timestamp_hop_ms: float = 50.0, timestamp_window_ms: float = 160.0) -> HearModel:
-    """HEAR entry point: the released `model_name` (downloaded on first use), or, with
-    `model_file_path`, that architecture with the weights of the given state-dict file."""
+    """HEAR entry point: the released `model_name` (downloaded on first use); or, with
+    `model_file_path`, a checkpoint of a training script (its own model and frontend settings),
+    or that architecture with the weights of a state-dict file (or {"model": state dict})."""
+    settings = frontend_kwargs(model_name)
     if model_file_path:
-        model = _model_from_file(model_name, Path(model_file_path))
+        path = Path(model_file_path)
+        state = load_checkpoint(path)
+        if "model_config" in state:
+            model, settings, _, _ = load_finetuned(path, state)
+        else:
+            model = _model_from_weights(model_name, state.get("model", state), path)
     else:
         model = create_model(model_name)
-    frontend = AugmentMelSTFT(**frontend_kwargs(model_name))
-    return HearModel(model, frontend, model_name, timestamp_hop_ms, timestamp_window_ms).eval()
+    return HearModel(model, AugmentMelSTFT(**settings), model_name, timestamp_hop_ms, timestamp_window_ms).eval()
 
 
 def _checked_audio(audio: torch.Tensor) -> torch.Tensor:
