@@ -32,7 +32,7 @@ from helpers.metrics import multilabel_metrics
 from helpers.tagging import build_tagger
 from helpers.training import (DistInfo, DistributedWeightedSampler, Precision, RunLogger,
                               add_model_args, add_optimizer_args, add_preprocessing_args,
-                              add_run_args, all_reduce_sum, epoch_file_name,
+                              add_run_args, all_reduce_sum, save_epoch_weights,
                               eval_loader, evaluate, frontend_config_from_args,
                               frontend_overrides, gather_cat, load_checkpoint, load_finetuned,
                               make_optimizer, make_scheduler, mix, mixup, model_config_from_args,
@@ -87,13 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, known: torch.Tensor,
                       perm: torch.Tensor | None = None, lam: torch.Tensor | None = None) -> torch.Tensor:
     """BCE of the student logits against the teacher probabilities, mean over classes per clip,
-    mixed like the inputs (lam * own row + (1 - lam) * partner's row); clips whose own name has no
+    mixed like the inputs: lam * BCE(own row) + (1 - lam) * BCE(partner's row), which equals the
+    BCE against the mixed rows since BCE is linear in its target. Clips whose own name has no
     teacher row contribute 0 but count in the batch mean."""
-    logits = logits.float()
-    per_clip = F.binary_cross_entropy_with_logits(logits, teacher, reduction="none").mean(dim=1)
-    if perm is not None:
-        partner = F.binary_cross_entropy_with_logits(logits, teacher[perm], reduction="none").mean(dim=1)
-        per_clip = lam * per_clip + (1.0 - lam) * partner
+    target = teacher if perm is None else mix(teacher, perm, lam)
+    per_clip = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean(dim=1)
     return (per_clip * known).mean()
 
 
@@ -260,11 +258,7 @@ def train(args: argparse.Namespace, dist: DistInfo) -> None:
         save_checkpoint(checkpoint_path, training_state(
             model, optimizer, scheduler, precision, epoch, args.seed, vars(args), model_config,
             frontend_settings, class_names(), metrics={"mAP": metrics["mAP"], "ROC": metrics["ROC"]}))
-        weights_file = out_dir / epoch_file_name(model_config["width_mult"], "as", epoch, "mAP", metrics["mAP"])
-        save_checkpoint(weights_file, unwrap(model).state_dict())
-        for old_file in out_dir.glob("mn*_as_epoch_*_mAP_*.pt"):  # keep the latest epoch only
-            if old_file != weights_file:
-                old_file.unlink()
+        save_epoch_weights(out_dir, model, model_config["width_mult"], "as", epoch, "mAP", metrics["mAP"])
     run.finish()
 
 

@@ -39,7 +39,7 @@ from datasets.augment import GainDataset, RollDataset, WavMixDataset, mix_target
 from helpers.errors import InputError
 from helpers.metrics import accuracy, multilabel_metrics
 from helpers.training import (DistInfo, LossFn, Precision, RunLogger, add_model_args, add_optimizer_args,
-                              add_preprocessing_args, add_run_args, epoch_file_name, eval_loader, evaluate,
+                              add_preprocessing_args, add_run_args, save_epoch_weights, eval_loader, evaluate,
                               frontend_config_from_args, load_checkpoint, load_finetuned, make_optimizer,
                               make_scheduler, mix, mixup, model_config_from_args, model_from_config,
                               restore_training_state, save_checkpoint, seed_epoch, seed_everything,
@@ -288,12 +288,8 @@ def fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set:
         if best_epoch < 0 or _better(last, best, task.selection):
             best, best_epoch = last, epoch
             save_checkpoint(paths["best"], state)
-        weights = out_dir / epoch_file_name(model_config["width_mult"], task.name, epoch,
-                                            task.metric_tag, last[task.selection])
-        save_checkpoint(weights, unwrap(model).state_dict())
-        for old in out_dir.glob(f"mn*_{task.name}_epoch_*_{task.metric_tag}_*.pt"):
-            if old != weights:
-                old.unlink()
+        save_epoch_weights(out_dir, model, model_config["width_mult"], task.name, epoch, task.metric_tag,
+                           last[task.selection])
     run.finish()
     if dist.distributed:  # the other ranks may read the checkpoints the main process wrote
         torch.distributed.barrier()

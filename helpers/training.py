@@ -578,9 +578,17 @@ def load_finetuned(checkpoint_path: str | os.PathLike,
             bool(state.get("multilabel", True)))
 
 
-def epoch_file_name(width: float, task: str, epoch: int, metric: str, value: float) -> str:
-    """The original's per-epoch weight file name, e.g. mn10_as_epoch_5_mAP_450.pt."""
-    return f"mn{str(width).replace('.', '')}_{task}_epoch_{epoch}_{metric}_{round(value * 1000)}.pt"
+def save_epoch_weights(out_dir: Path, model: nn.Module, width: float, task: str, epoch: int, metric: str,
+                       value: float) -> Path:
+    """Save the model's state dict under the original's per-epoch name (e.g.
+    mn10_as_epoch_5_mAP_450.pt: width, task, epoch, metric x 1000) and delete the file of the
+    previous epoch, so only the latest is kept, as the original does."""
+    path = out_dir / f"mn{str(width).replace('.', '')}_{task}_epoch_{epoch}_{metric}_{round(value * 1000)}.pt"
+    save_checkpoint(path, unwrap(model).state_dict())
+    for old in out_dir.glob(f"mn*_{task}_epoch_*_{metric}_*.pt"):
+        if old != path:
+            old.unlink()
+    return path
 
 
 # ---------------------------------------------------------------- models and frontend from args
