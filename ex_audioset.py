@@ -28,7 +28,7 @@ from datasets.augment import RollDataset, WavMixDataset
 from helpers.errors import InputError, run_cli
 from helpers.files import atomic_write
 from helpers.labels import class_names
-from helpers.metrics import multilabel_metrics
+from helpers.metrics import format_tagging_results, multilabel_metrics
 from helpers.tagging import build_tagger
 from helpers.training import (DistInfo, DistributedWeightedSampler, Precision, RunLogger,
                               add_model_args, add_optimizer_args, add_preprocessing_args,
@@ -146,9 +146,7 @@ def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
         with atomic_write(args.save_predictions, "wb") as f:
             np.savez(f, names=np.array(names), logits=logits.numpy(), targets=targets.numpy())
     print(f"Results on AudioSet test split for loaded model: {title}")
-    print(f"  mAP: {metrics['mAP']:.3f}")
-    print(f"  ROC: {metrics['ROC']:.3f}")
-    print(f"  d': {metrics['d_prime']:.3f}")
+    print(format_tagging_results(metrics))
     if bad_rows:
         print(f"  ({len(bad_rows)} undecodable clips left out)")
     if metrics["ap_classes"] < targets.shape[1]:
@@ -252,9 +250,7 @@ def train(args: argparse.Namespace, dist: DistInfo) -> None:
         run.log(log, step=epoch)
         print(f"epoch {epoch}: train_loss {stats['loss']:.4f}, val_loss {val_loss:.4f}, "
               f"undecodable clips {bad_rows}")
-        print(f"  mAP: {metrics['mAP']:.3f}")
-        print(f"  ROC: {metrics['ROC']:.3f}")
-        print(f"  d': {metrics['d_prime']:.3f}")
+        print(format_tagging_results(metrics))
         save_checkpoint(checkpoint_path, training_state(
             model, optimizer, scheduler, precision, epoch, args.seed, vars(args), model_config,
             frontend_settings, class_names(), metrics={"mAP": metrics["mAP"], "ROC": metrics["ROC"]}))

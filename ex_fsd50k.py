@@ -20,6 +20,7 @@ from datasets.audioset import is_valid
 from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
                               model_for_evaluation, multilabel_loss, sample_rate, tagging_metrics)
+from helpers.metrics import format_tagging_results
 from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
 
 
@@ -53,8 +54,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     metrics = evaluate_model(model, frontend, eval_set, task, args, dist, eval_batch_size)
     if dist.is_main:
         print(f"Results on FSD50K evaluation split for loaded model: {loaded}")
-        print(f"  mAP: {metrics['mAP']:.3f}")
-        print(f"  ROC: {metrics['ROC']:.3f}")
+        print(format_tagging_results(metrics))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
                               masked_multilabel_loss, masked_tagging_metrics, model_for_evaluation,
                               sample_rate)
+from helpers.metrics import format_tagging_results
 from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
 
 
@@ -50,8 +51,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         metrics = evaluate_model(model, frontend, test_set, task, args, dist)
     if dist.is_main:
         print(f"Results on OpenMIC test split for model: {loaded}")
-        print(f"  mAP: {metrics['mAP']:.3f}")
-        print(f"  ROC: {metrics['ROC']:.3f}")
+        print(format_tagging_results(metrics))
 
 
 if __name__ == "__main__":

@@ -119,3 +119,11 @@ def accuracy(targets: np.ndarray, logits: np.ndarray) -> float:
     if not len(labels):
         raise ValueError("accuracy of an empty set")
     return float((logits.argmax(axis=1) == labels).mean())
+
+
+def format_tagging_results(metrics: dict[str, float]) -> str:
+    """The original's result lines (`  mAP: 0.471`, `  ROC: 0.980`), plus d' where computed."""
+    lines = [f"  mAP: {metrics['mAP']:.3f}", f"  ROC: {metrics['ROC']:.3f}"]
+    if "d_prime" in metrics:
+        lines.append(f"  d': {metrics['d_prime']:.3f}")
+    return "\n".join(lines)
