@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ex_esc50  # noqa: E402
 from datasets import esc50  # noqa: E402
+from models.pretrained import name_to_width  # noqa: E402
 from tests.datagen import make_esc50  # noqa: E402
 
 ESC50_CLIPS = 2000
@@ -85,7 +86,7 @@ def main() -> None:
 
         print(f"{'model':6} {'cache':6} {'s/epoch':>8} {'train s':>8} {'eval s':>7} {'CPU s/epoch':>12}")
         for model in args.models:
-            width = float(model[2:]) / 10
+            width = name_to_width(model)
             for use_cache in (False, True):
                 out = work / f"run_{model}_{'cache' if use_cache else 'nocache'}"
                 shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to

@@ -24,6 +24,7 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from datasets.audio import audio_duration  # noqa: E402
 from helpers.sed import detect_events, tag_windows  # noqa: E402
 from helpers.tagging import build_tagger, select_device  # noqa: E402
 
@@ -80,7 +81,7 @@ with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         write_recording(path, args.minutes * 60, args.sample_rate)
         print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.0f} MiB) in {time.perf_counter() - t0:.0f} s")
-    seconds = sf.info(str(path)).duration if path.suffix != ".mp3" else args.minutes * 60
+    seconds = audio_duration(path) or args.minutes * 60
     rss_start = peak_rss_mib()
     tagger = build_tagger(args.model_name, device=select_device(args.cuda))
     tagger.predict(np.zeros((1, 32000), dtype=np.float32))  # warm-up, so the model's memory is counted here
