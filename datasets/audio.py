@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -34,9 +35,15 @@ def _checked_path(path: str | os.PathLike) -> Path:
         raise AudioLoadError(f"{path}: no such file")
     if path.is_dir():
         raise AudioLoadError(f"{path}: is a folder, not an audio file")
-    if path.stat().st_size == 0:
+    if _is_regular(path) and path.stat().st_size == 0:
         raise AudioLoadError(f"{path}: file is empty")
     return path
+
+
+def _is_regular(path: Path) -> bool:
+    """False for pipes and devices (/dev/stdin, a FIFO): their size says nothing, and they can be
+    read only once, from the start."""
+    return stat.S_ISREG(path.stat().st_mode)
 
 
 def _unreadable(path: Path, e: Exception) -> AudioLoadError:
@@ -76,7 +83,10 @@ def _open_blocks(path: Path, block_seconds: Optional[float]) -> tuple[int, Itera
         except sf.LibsndfileError:
             pass  # e.g. an mp3 or exotic codec in a .wav container: let FFmpeg try
         else:
-            frames = -1 if block_seconds is None else max(1, round(block_seconds * f.samplerate))
+            if block_seconds is None and f.seekable():
+                frames = -1
+            else:  # a pipe cannot be read whole in one call
+                frames = max(1, round((block_seconds or 30.0) * f.samplerate))
             return f.samplerate, _soundfile_blocks(f, frames)
     container = av.open(str(path))
     streams = [s for s in container.streams if s.type == "audio"]
@@ -123,6 +133,7 @@ def _mono_resampled(path: Path, rate: int, blocks: Iterator[np.ndarray], sample_
                 pending, pending_frames = [], 0
             else:
                 mono = np.zeros(0, dtype=np.float32)
+            _check_finite(path, mono, total, rate)
             total += len(mono)
             if resampler is not None:
                 mono = resampler.resample_chunk(mono, last=last)
@@ -134,6 +145,15 @@ def _mono_resampled(path: Path, rate: int, blocks: Iterator[np.ndarray], sample_
         raise _unreadable(path, e) from None
     if total == 0:
         raise AudioLoadError(f"{path}: contains no audio samples")
+
+
+def _check_finite(path: Path, block: np.ndarray, start: int, rate: int) -> None:
+    """Raise AudioLoadError if `block` (starting at sample `start` of a file at `rate` Hz) holds
+    NaN or infinite samples: one such sample makes every output of a model NaN."""
+    if not np.isfinite(block).all():
+        first = start + int(np.flatnonzero(~np.isfinite(block))[0])
+        raise AudioLoadError(f"{path}: contains non-finite samples (NaN or infinity), the first at "
+                             f"{first / rate:.3f} s")
 
 
 def stream_audio(path: str | os.PathLike, sample_rate: int = 32000,
@@ -160,8 +180,11 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 32000) -> np.ndarray:
 
 def audio_duration(path: str | os.PathLike) -> Optional[float]:
     """Duration of `path` in seconds from its header (None where the container does not say);
-    meant for progress bars, not for sample-exact work."""
+    meant for progress bars, not for sample-exact work. None for a pipe, which reading the header
+    would consume."""
     path = _checked_path(path)
+    if not _is_regular(path):
+        return None
     try:
         if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
             try:

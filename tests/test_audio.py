@@ -1,4 +1,8 @@
 """The audio loader: formats, rates, channels, bit depths, and one-line errors."""
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import av
@@ -6,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from datasets.audio import AudioLoadError, find_audio_files, load_audio
-from tests.conftest import shared_path
+from datasets.audio import AudioLoadError, find_audio_files, load_audio, stream_audio
+from tests.conftest import REPO, shared_path
 
 
 def tone(rate: int, seconds: float, freq: float = 440.0) -> np.ndarray:
@@ -108,3 +112,32 @@ def test_find_audio_files(tmp_path):
         find_audio_files([tmp_path / "empty"])
     with pytest.raises(AudioLoadError, match="no such file or folder"):
         find_audio_files([tmp_path / "nope"])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_are_rejected_naming_the_file(tmp_path, bad):
+    samples = tone(16000, 1.0)
+    samples[12000] = bad
+    path = tmp_path / "clip.wav"
+    sf.write(path, samples, 16000, subtype="FLOAT")
+    with pytest.raises(AudioLoadError, match=r"clip.wav: contains non-finite samples .* at 0\.750 s"):
+        load_audio(path)
+    with pytest.raises(AudioLoadError, match="non-finite"):
+        list(stream_audio(path, block_seconds=0.1))
+
+
+def test_pipes_are_read_not_reported_empty(tmp_path):
+    """/dev/stdin and named pipes have size 0: they are read, not called empty files."""
+    path = tmp_path / "clip.wav"
+    sf.write(path, tone(32000, 0.5), 32000)
+    code = ("import sys; from datasets.audio import audio_duration, load_audio; "
+            "print(audio_duration('/dev/stdin'), load_audio('/dev/stdin').shape)")
+    result = subprocess.run([sys.executable, "-c", code], input=path.read_bytes(), capture_output=True,
+                            cwd=REPO)
+    assert result.returncode == 0 and result.stdout.split() == [b"None", b"(16000,)"], result.stderr
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(path.read_bytes()))
+    writer.start()
+    np.testing.assert_array_equal(load_audio(fifo), load_audio(path))
+    writer.join()
