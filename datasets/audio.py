@@ -133,7 +133,7 @@ def _mono_resampled(path: Path, rate: int, blocks: Iterator[np.ndarray], sample_
                 pending, pending_frames = [], 0
             else:
                 mono = np.zeros(0, dtype=np.float32)
-            _check_finite(path, mono, total, rate)
+            check_finite(path, mono, rate, total)
             total += len(mono)
             if resampler is not None:
                 mono = resampler.resample_chunk(mono, last=last)
@@ -147,13 +147,14 @@ def _mono_resampled(path: Path, rate: int, blocks: Iterator[np.ndarray], sample_
         raise AudioLoadError(f"{path}: contains no audio samples")
 
 
-def _check_finite(path: Path, block: np.ndarray, start: int, rate: int) -> None:
-    """Raise AudioLoadError if `block` (starting at sample `start` of a file at `rate` Hz) holds
-    NaN or infinite samples: one such sample makes every output of a model NaN."""
-    if not np.isfinite(block).all():
-        first = start + int(np.flatnonzero(~np.isfinite(block))[0])
-        raise AudioLoadError(f"{path}: contains non-finite samples (NaN or infinity), the first at "
+def check_finite(source: str | os.PathLike, samples: np.ndarray, rate: int, start: int = 0) -> np.ndarray:
+    """`samples` (from sample `start` of `source` at `rate` Hz); AudioLoadError naming `source` if
+    they hold NaN or infinity, of which a single one makes every output of a model NaN."""
+    if not np.isfinite(samples).all():
+        first = start + int(np.flatnonzero(~np.isfinite(samples))[0])
+        raise AudioLoadError(f"{source}: contains non-finite samples (NaN or infinity), the first at "
                              f"{first / rate:.3f} s")
+    return samples
 
 
 def stream_audio(path: str | os.PathLike, sample_rate: int = 32000,

@@ -6,14 +6,13 @@ datasets.prepare_hdf5`): balanced_train_segments_mp3.hdf, unbalanced_train_segme
 eval_segments_mp3.hdf. Items are (waveform (1, L) float32 tensor, YouTube ID, target (527) float32
 tensor, row index). The training set is the balanced file followed by the unbalanced one.
 
-A row whose mp3 cannot be decoded is logged once (file, row, name) and counted; for training it is
-replaced by the next decodable row, so it never enters a batch, and for evaluation it is returned
-as silence with row index -1 so that the evaluation can drop it (`is_valid`).
+A row that cannot be used (undecodable mp3, unreadable HDF5 data, NaN or infinite samples) is
+logged once (file, row, name) and counted; for training it is replaced by the next usable row, so
+it never enters a batch, and for evaluation it is returned as silence with row index -1 so that the
+evaluation can drop it (`is_valid`; see `datasets.badclips`).
 """
 from __future__ import annotations
 
-import logging
-import multiprocessing
 import os
 import pickle
 from pathlib import Path
@@ -23,11 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets.audio import check_finite
 from datasets.augment import decimate, fit_length, random_gain
-from datasets.hdf5 import Mp3DecodeError, Mp3HDF5, decode_mp3, unpack_targets
+from datasets.badclips import BadClips, CountsBadClips, row_error
+from datasets.hdf5 import CorruptRowError, Mp3DecodeError, Mp3HDF5, decode_mp3, unpack_targets
 from helpers.errors import InputError
-
-logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 527
 SAMPLE_RATE = 32000
@@ -38,7 +37,6 @@ EVAL_FILE = "eval_segments_mp3.hdf"
 TEACHER_URL = "https://github.com/fschmid56/EfficientAT/releases/download/v0.0.1/"
 TEACHER_PREDS_FILE = "passt_enemble_logits_mAP_495.npy"
 FNAME_TO_INDEX_FILE = "fname_to_index.pkl"
-MAX_CONSECUTIVE_BAD_ROWS = 100
 
 
 def normalize_name(audio_name: str) -> str:
@@ -49,19 +47,17 @@ def normalize_name(audio_name: str) -> str:
     return tail if sep else stem
 
 
-class AudioSetDataset(Dataset):
+class AudioSetDataset(CountsBadClips, Dataset):
     """One or more AudioSet mp3 HDF5 files read as one dataset (rows in file order).
 
     Per item: decode the mp3, random gain (`gain_augment` dB, 0 = off), zero-pad or cut to
     `clip_length` seconds at 32 kHz, decimate to `resample_rate` (32000, 16000 or 8000), unpack the
-    target. `bad_rows` "replace" (training) or "mask" (evaluation) decides what an undecodable
+    target. `bad_rows` "replace" (training) or "mask" (evaluation) decides what an unusable
     row yields (module docstring)."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], resample_rate: int = SAMPLE_RATE,
                  clip_length: float = 10.0, gain_augment: int = 0, bad_rows: str = "replace",
                  in_mem: bool = False) -> None:
-        if bad_rows not in ("replace", "mask"):
-            raise ValueError(f"bad_rows must be 'replace' or 'mask', got {bad_rows!r}")
         self.files = [Mp3HDF5(p, in_mem=in_mem) for p in paths]
         for f in self.files:
             if f.target_shape != ((NUM_CLASSES + 7) // 8,) or f.target_dtype != np.uint8:
@@ -72,10 +68,7 @@ class AudioSetDataset(Dataset):
         self.clip_samples = int(round(clip_length * SAMPLE_RATE))
         decimate(np.zeros(1), SAMPLE_RATE, resample_rate)  # reject other rates now
         self.gain_augment = gain_augment
-        self.bad_rows = bad_rows
-        # shared with DataLoader workers: which rows were reported, how many bad reads this epoch
-        self._reported = multiprocessing.RawArray("b", int(self.offsets[-1]))
-        self._bad_count = multiprocessing.Value("q", 0)
+        self.bad = BadClips(len(self), bad_rows)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -98,47 +91,31 @@ class AudioSetDataset(Dataset):
         return np.concatenate([f.targets() for f in self.files])
 
     def _waveform(self, f: Mp3HDF5, row: int) -> torch.Tensor:
-        waveform = decode_mp3(f.mp3(row))
+        waveform = check_finite(f"{f.path}: row {row}", decode_mp3(f.mp3(row)), SAMPLE_RATE)
         waveform = random_gain(waveform, self.gain_augment)
         waveform = fit_length(waveform, self.clip_samples)
         waveform = decimate(waveform, SAMPLE_RATE, self.resample_rate)
         return torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)).unsqueeze(0)
 
-    def _report(self, index: int, f: Mp3HDF5, row: int, error: Exception) -> None:
-        with self._bad_count.get_lock():
-            self._bad_count.value += 1
-        if not self._reported[index]:
-            self._reported[index] = 1
-            action = "skipped" if self.bad_rows == "replace" else "left out of the evaluation"
-            logger.warning("%s: row %d (%s) is not a decodable mp3 (%s); %s", f.path, row,
-                           f.name(row), error, action)
+    def _read(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+        f, row = self._locate(index)
+        try:
+            target = torch.from_numpy(unpack_targets(f.target(row), NUM_CLASSES))
+            return self._waveform(f, row), normalize_name(f.name(row)), target, index
+        except (Mp3DecodeError, CorruptRowError) as e:
+            raise row_error(f, row, e) from None
+
+    def _placeholder(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+        f, row = self._locate(index)
+        try:
+            name, target = normalize_name(f.name(row)), unpack_targets(f.target(row), NUM_CLASSES)
+        except CorruptRowError:
+            name, target = "", np.zeros(NUM_CLASSES, dtype=np.float32)
+        length = len(decimate(np.zeros(self.clip_samples), SAMPLE_RATE, self.resample_rate))
+        return torch.zeros(1, length), name, torch.from_numpy(target), -1
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
-        for attempt in range(MAX_CONSECUTIVE_BAD_ROWS):
-            i = (index + attempt) % len(self)
-            f, row = self._locate(i)
-            target = torch.from_numpy(unpack_targets(f.target(row), NUM_CLASSES))
-            try:
-                waveform = self._waveform(f, row)
-            except Mp3DecodeError as e:
-                self._report(i, f, row, e)
-                if self.bad_rows == "mask":
-                    length = len(decimate(np.zeros(self.clip_samples), SAMPLE_RATE, self.resample_rate))
-                    return torch.zeros(1, length), normalize_name(f.name(row)), target, -1
-                continue
-            return waveform, normalize_name(f.name(row)), target, i
-        raise InputError(f"{MAX_CONSECUTIVE_BAD_ROWS} consecutive rows from index {index} are not "
-                         "decodable mp3s: is the dataset file corrupt?")
-
-    def bad_indices(self) -> np.ndarray:
-        """Dataset indices of the undecodable rows met so far (int64)."""
-        return np.flatnonzero(np.frombuffer(self._reported, dtype=np.int8)).astype(np.int64)
-
-    def take_bad_count(self) -> int:
-        """Number of undecodable rows met since the last call (in this process and its workers)."""
-        with self._bad_count.get_lock():
-            count, self._bad_count.value = self._bad_count.value, 0
-        return int(count)
+        return self.bad.get(index, self._read, self._placeholder)
 
 
 def is_valid(batch: Sequence) -> torch.Tensor:

@@ -149,7 +149,8 @@ def get_datasets(root: Path, csv_path: Optional[str | os.PathLike] = None,
         for i, c in enumerate(part):
             targets[i, [index[lab] for lab in c.labels]] = 1.0
         return AudioFileDataset([c.path for c in part], targets, [c.filename for c in part], sample_rate,
-                                int(round(clip_seconds * sample_rate)), random_crop=training, cache=cache)
+                                int(round(clip_seconds * sample_rate)), random_crop=training, cache=cache,
+                                bad_clips="replace" if training else "mask")
 
     return CustomData(dataset(train, True), dataset(val, False), dataset(test, False) if test else None,
                       class_names, multilabel, folds)

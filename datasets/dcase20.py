@@ -45,7 +45,7 @@ def get_datasets(root: Path, sample_rate: int = 32000,
                  cache_path: Optional[str | os.PathLike] = None
                  ) -> tuple[DCASE20Dataset, DCASE20Dataset, list[str]]:
     """(training set, test set, scene names) of the official fold-1 setup in the folder `root`; items are
-    (waveform (1, 10 s), file name, one-hot scene target (10))."""
+    (waveform (1, 10 s), file name, one-hot scene target (10), index)."""
     meta = read_table(root / META, ("filename", "scene_label", "identifier", "source_label"), "\t")
     scenes = sorted({r["scene_label"] for r in meta})
     devices = sorted({r["source_label"] for r in meta})
@@ -54,7 +54,7 @@ def get_datasets(root: Path, sample_rate: int = 32000,
     check_files_exist([root / r["filename"] for r in meta], root / META)
     cache = make_cache(cache_path, "tau_urban_acoustic_scenes20", sample_rate)
 
-    def split(table: Path) -> DCASE20Dataset:
+    def split(table: Path, bad_clips: str) -> DCASE20Dataset:
         listed = [r["filename"] for r in read_table(root / table, ("filename",), "\t")]
         unknown = [f for f in listed if f not in row_of]
         if unknown:
@@ -64,9 +64,9 @@ def get_datasets(root: Path, sample_rate: int = 32000,
         return DCASE20Dataset(
             [root / r["filename"] for r in rows],
             one_hot([scenes.index(r["scene_label"]) for r in rows], len(scenes)),
-            [r["filename"] for r in rows], sample_rate, CLIP_SECONDS * sample_rate, cache=cache,
+            [r["filename"] for r in rows], sample_rate, CLIP_SECONDS * sample_rate, cache=cache, bad_clips=bad_clips,
             devices=np.array([devices.index(r["source_label"]) for r in rows], dtype=np.int64),
             cities=np.array([cities.index(r["identifier"].split("-")[0]) for r in rows], dtype=np.int64),
             device_names=devices, city_names=cities)
 
-    return split(TRAIN_SPLIT), split(TEST_SPLIT), scenes
+    return split(TRAIN_SPLIT, "replace"), split(TEST_SPLIT, "mask"), scenes

@@ -55,19 +55,19 @@ def get_datasets(root: Path, fold: int = 1, sample_rate: int = 32000,
                  cache_path: Optional[str | os.PathLike] = None
                  ) -> tuple[AudioFileDataset, AudioFileDataset, list[str]]:
     """(training set, test set, class names) of the ESC-50 folder `root` for test fold `fold`;
-    items are (waveform (1, 5 s), file name, one-hot target (50))."""
+    items are (waveform (1, 5 s), file name, one-hot target (50), index)."""
     if not 1 <= fold <= NUM_FOLDS:
         raise InputError(f"fold must be in 1..{NUM_FOLDS}, got {fold}")
     clips, class_names = read_meta(root)
     cache = make_cache(cache_path, "esc50", sample_rate)
 
-    def subset(rows: list[dict]) -> AudioFileDataset:
+    def subset(rows: list[dict], bad_clips: str) -> AudioFileDataset:
         return AudioFileDataset([r["path"] for r in rows], one_hot([r["target"] for r in rows], NUM_CLASSES),
                                 [r["filename"] for r in rows], sample_rate, CLIP_SECONDS * sample_rate,
-                                cache=cache)
+                                cache=cache, bad_clips=bad_clips)
 
-    train = subset([c for c in clips if c["fold"] != fold])
-    test = subset([c for c in clips if c["fold"] == fold])
+    train = subset([c for c in clips if c["fold"] != fold], "replace")
+    test = subset([c for c in clips if c["fold"] == fold], "mask")
     if not len(train) or not len(test):
         raise InputError(f"{root / META}: fold {fold} leaves an empty training or test set")
     return train, test, class_names

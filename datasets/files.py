@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from datasets.audio import load_audio
 from datasets.augment import fit_length
+from datasets.badclips import BadClips, CountsBadClips
 from datasets.cache import WaveformCache, file_signature
 from helpers.errors import InputError
 
@@ -48,18 +49,21 @@ def check_files_exist(files: Sequence[Path], table: Path) -> None:
         raise InputError(f"{table}: lists {missing[0]}, which does not exist{more}")
 
 
-class AudioFileDataset(Dataset):
+class AudioFileDataset(CountsBadClips, Dataset):
     """Clips read with the project's audio loader, mono at `sample_rate`.
 
-    Items are (waveform (1, L) float32 tensor, name, target float32 tensor). With `clip_samples`
-    every waveform is padded or cut to that length: from the start, or from a random offset when
-    `random_crop` (training on clips longer than the model's input). `cache` keeps the decoded,
-    resampled waveforms on disk.
+    Items are (waveform (1, L) float32 tensor, name, target float32 tensor, index). With
+    `clip_samples` every waveform is padded or cut to that length: from the start, or from a
+    random offset when `random_crop` (training on clips longer than the model's input). `cache`
+    keeps the decoded, resampled waveforms on disk. A file that cannot be read (or holds NaN or
+    infinity) is logged and counted; `bad_clips` "replace" (training) returns the next readable
+    clip instead, "mask" (evaluation) silence with index -1 (`datasets.badclips`).
     """
 
     def __init__(self, files: Sequence[Path], targets: np.ndarray, names: Sequence[str],
                  sample_rate: int = 32000, clip_samples: Optional[int] = None,
-                 random_crop: bool = False, cache: Optional[WaveformCache] = None) -> None:
+                 random_crop: bool = False, cache: Optional[WaveformCache] = None,
+                 bad_clips: str = "replace") -> None:
         if not len(files) == len(targets) == len(names):
             raise ValueError("files, targets and names must have the same length")
         self.files = list(files)
@@ -69,6 +73,7 @@ class AudioFileDataset(Dataset):
         self.clip_samples = clip_samples
         self.random_crop = random_crop
         self.cache = cache
+        self.bad = BadClips(len(self.files), bad_clips)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -80,11 +85,19 @@ class AudioFileDataset(Dataset):
             return load_audio(path, self.sample_rate)
         return self.cache.get(file_signature(path), lambda: load_audio(path, self.sample_rate))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
-        wave = self.waveform(index)
+    def _fit(self, wave: np.ndarray) -> torch.Tensor:
         if self.clip_samples is not None:
             wave = fit_length(wave, self.clip_samples, self.random_crop)
-        return torch.from_numpy(np.ascontiguousarray(wave)).unsqueeze(0), self.names[index], self.targets[index]
+        return torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).unsqueeze(0)
+
+    def _read(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+        return self._fit(self.waveform(index)), self.names[index], self.targets[index], index
+
+    def _placeholder(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+        return self._fit(np.zeros(self.clip_samples or self.sample_rate)), self.names[index], self.targets[index], -1
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+        return self.bad.get(index, self._read, self._placeholder)
 
 
 def one_hot(labels: Sequence[int], num_classes: int) -> np.ndarray:

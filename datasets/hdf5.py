@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 from pathlib import Path
 from types import TracebackType
@@ -25,12 +26,18 @@ import numpy as np
 from helpers.errors import InputError
 from helpers.files import atomic_path
 
+logger = logging.getLogger(__name__)
+
 REQUIRED_DATASETS = ("audio_name", "mp3", "target")
 MP3_BITRATE = 128_000
 
 
 class Mp3DecodeError(ValueError):
     """The bytes of one row are not a decodable mp3 (corrupt, truncated or empty)."""
+
+
+class CorruptRowError(ValueError):
+    """HDF5 cannot read a row of the file (its data is corrupt)."""
 
 
 def decode_mp3(data: np.ndarray | bytes) -> np.ndarray:
@@ -136,21 +143,65 @@ class Mp3HDF5:
     def __len__(self) -> int:
         return self.length
 
+    def _row(self, key: str, index: int) -> Any:
+        try:
+            return self._open()[key][index]
+        except OSError as e:
+            raise CorruptRowError(f"HDF5 error reading {key}: {_first_line(e)}") from None
+
+    def _column(self, key: str) -> np.ndarray:
+        """All rows of dataset `key`; in a corrupt file, rows HDF5 cannot read are zero (logged)."""
+        data = self._open()[key]
+        try:
+            return data[:]
+        except OSError:
+            pass
+        out = np.zeros(data.shape, dtype=data.dtype)
+        step = data.chunks[0] if data.chunks else 1024
+        bad = 0
+        for start in range(0, len(data), step):
+            try:
+                out[start:start + step] = data[start:start + step]
+            except OSError:
+                for i in range(start, min(start + step, len(data))):
+                    try:
+                        out[i] = data[i]
+                    except OSError:
+                        bad += 1
+        logger.warning("%s: %d row(s) of %s cannot be read (corrupt file); they are left empty",
+                       self.path, bad, key)
+        return out
+
     def name(self, index: int) -> str:
-        return self._open()["audio_name"][index].decode()
+        """Stored name of row `index`; CorruptRowError if HDF5 cannot read it."""
+        return self._row("audio_name", index).decode(errors="replace")
 
     def names(self) -> list[str]:
-        return [n.decode() for n in self._open()["audio_name"][:]]
+        return [n.decode(errors="replace") for n in self._column("audio_name")]
+
+    def describe(self, index: int) -> str:
+        """'<file>: row <index> (<name>)' for messages, also where the name is unreadable."""
+        try:
+            name = self.name(index)
+        except CorruptRowError:
+            name = "name unreadable"
+        return f"{self.path}: row {index} ({name})"
 
     def mp3(self, index: int) -> np.ndarray:
-        return self._open()["mp3"][index]
+        """The mp3 bytes of row `index`; CorruptRowError if HDF5 cannot read them."""
+        return self._row("mp3", index)
 
     def target(self, index: int) -> np.ndarray:
-        return self._open()["target"][index]
+        """The target row `index` as stored; CorruptRowError if HDF5 cannot read it."""
+        return self._row("target", index)
 
     def targets(self) -> np.ndarray:
-        """All target rows as stored (packed bytes or floats)."""
-        return self._open()["target"][:]
+        """All target rows as stored (packed bytes or floats); unreadable rows are zero."""
+        return self._column("target")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 class Mp3HDF5Writer:
@@ -180,12 +231,14 @@ class Mp3HDF5Writer:
         return self
 
     def _create_datasets(self, f: h5py.File) -> None:
+        # fletcher32: HDF5 checksums the chunks of names and targets, so corrupt ones fail to read
+        # (CorruptRowError) instead of reading as wrong labels (variable-length data takes no filter)
         f.create_dataset("audio_name", shape=(0,), maxshape=(None,), dtype=f"S{self.name_length}",
-                         chunks=(1024,))
+                         chunks=(1024,), fletcher32=True)
         f.create_dataset("mp3", shape=(0,), maxshape=(None,), dtype=h5py.vlen_dtype(np.uint8),
                          chunks=(64,))
         f.create_dataset("target", shape=(0, self.target_width), maxshape=(None, self.target_width),
-                         dtype=self.target_dtype, chunks=(1024, self.target_width))
+                         dtype=self.target_dtype, chunks=(1024, self.target_width), fletcher32=True)
 
     def append(self, name: str, mp3: bytes, target: np.ndarray) -> None:
         """Add one clip: its file name, the mp3 file bytes and its (packed or float) target row."""

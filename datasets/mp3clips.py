@@ -1,32 +1,30 @@
 """Clips stored as mp3 rows of HDF5 files (FSD50K, OpenMIC), read for fine-tuning.
 
 Items are (waveform (1, L) float32 tensor, clip name, float32 target tensor, row index). A row
-whose mp3 cannot be decoded is logged once (file, row, name); for training it is replaced by the
-next decodable row, and for evaluation it is returned as silence with row index -1 so that the
-evaluation can drop it (`datasets.audioset.is_valid`).
+that cannot be used (undecodable mp3, unreadable HDF5 data, NaN or infinite samples) is logged
+once (file, row, name) and counted; for training it is replaced by the next usable row, and for
+evaluation it is returned as silence with row index -1 so that the evaluation can drop it
+(`datasets.audioset.is_valid`; see `datasets.badclips`).
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets.audio import check_finite
 from datasets.augment import decimate, fit_length
+from datasets.badclips import BadClips, CountsBadClips, row_error
 from datasets.cache import WaveformCache, file_signature
-from datasets.hdf5 import Mp3DecodeError, Mp3HDF5, decode_mp3
-from helpers.errors import InputError
-
-logger = logging.getLogger(__name__)
+from datasets.hdf5 import CorruptRowError, Mp3DecodeError, Mp3HDF5, decode_mp3
 
 SAMPLE_RATE = 32000  # the rate of the mp3s in the HDF5 files
 CROPS = ("start", "random", "fixed")
-MAX_CONSECUTIVE_BAD_ROWS = 100
 
 
-class Mp3ClipDataset(Dataset):
+class Mp3ClipDataset(CountsBadClips, Dataset):
     """One mp3 HDF5 file. Per item: decode (or read from `cache`), zero-pad or cut to
     `clip_samples` at 32 kHz (None: keep the full clip), decimate to `resample_rate`, convert the
     stored target row with `target_fn`.
@@ -34,7 +32,7 @@ class Mp3ClipDataset(Dataset):
     crop: "start" keeps the first samples, "random" a window at a uniform random offset (torch
     RNG, for training), "fixed" a window at an offset drawn once per row from a generator seeded by
     the row index (the original's random evaluation crop, made repeatable). `bad_rows` "replace"
-    (training) or "mask" (evaluation) decides what an undecodable row yields."""
+    (training) or "mask" (evaluation) decides what an unusable row yields."""
 
     def __init__(self, hdf5: Mp3HDF5, target_fn: Callable[[np.ndarray], np.ndarray],
                  clip_samples: Optional[int] = 10 * SAMPLE_RATE, crop: str = "start",
@@ -42,22 +40,21 @@ class Mp3ClipDataset(Dataset):
                  bad_rows: str = "replace") -> None:
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
-        if bad_rows not in ("replace", "mask"):
-            raise ValueError(f"bad_rows must be 'replace' or 'mask', got {bad_rows!r}")
         decimate(np.zeros(1), SAMPLE_RATE, resample_rate)  # reject other rates now
         self.hdf5, self.target_fn = hdf5, target_fn
         self.clip_samples, self.crop, self.resample_rate = clip_samples, crop, resample_rate
-        self.cache, self.bad_rows = cache, bad_rows
+        self.cache = cache
         self._key = file_signature(hdf5.path) if cache is not None else ""
-        self._reported: set[int] = set()  # per process: each worker logs a bad row at most once
+        self.bad = BadClips(len(hdf5), bad_rows)
 
     def __len__(self) -> int:
         return len(self.hdf5)
 
     def _decode(self, row: int) -> np.ndarray:
-        if self.cache is None:
-            return decode_mp3(self.hdf5.mp3(row))
-        return self.cache.get(f"{self._key}|{row}", lambda: decode_mp3(self.hdf5.mp3(row)))
+        def decode() -> np.ndarray:
+            return check_finite(f"{self.hdf5.path}: row {row}", decode_mp3(self.hdf5.mp3(row)), SAMPLE_RATE)
+
+        return decode() if self.cache is None else self.cache.get(f"{self._key}|{row}", decode)
 
     def _fit(self, waveform: np.ndarray, row: int) -> np.ndarray:
         if self.clip_samples is None:
@@ -68,26 +65,24 @@ class Mp3ClipDataset(Dataset):
             return waveform[offset:offset + self.clip_samples]
         return fit_length(waveform, self.clip_samples, random_crop=self.crop == "random")
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
-        for attempt in range(MAX_CONSECUTIVE_BAD_ROWS):
-            row = (index + attempt) % len(self)
+    def _read(self, row: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+        try:
             target = torch.from_numpy(np.asarray(self.target_fn(self.hdf5.target(row)), dtype=np.float32))
-            try:
-                waveform = self._fit(self._decode(row), row)
-            except Mp3DecodeError as e:
-                if row not in self._reported:
-                    self._reported.add(row)
-                    logger.warning("%s: row %d (%s) is not a decodable mp3 (%s); %s", self.hdf5.path, row,
-                                   self.hdf5.name(row), e, "skipped" if self.bad_rows == "replace"
-                                   else "left out of the evaluation")
-                if self.bad_rows == "replace":
-                    continue
-                silence = decimate(np.zeros(self.clip_samples or SAMPLE_RATE, dtype=np.float32),
-                                   SAMPLE_RATE, self.resample_rate)
-                return torch.from_numpy(silence).unsqueeze(0), self.hdf5.name(row), target, -1
-            waveform = decimate(waveform, SAMPLE_RATE, self.resample_rate)
+            waveform = decimate(self._fit(self._decode(row), row), SAMPLE_RATE, self.resample_rate)
             return (torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)).unsqueeze(0),
                     self.hdf5.name(row), target, row)
-        raise InputError(f"{self.hdf5.path}: {MAX_CONSECUTIVE_BAD_ROWS} consecutive rows from {index} are "
-                         "not decodable mp3s: is the file corrupt?")
+        except (Mp3DecodeError, CorruptRowError) as e:
+            raise row_error(self.hdf5, row, e) from None
 
+    def _placeholder(self, row: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+        silence = decimate(np.zeros(self.clip_samples or SAMPLE_RATE, dtype=np.float32),
+                           SAMPLE_RATE, self.resample_rate)
+        try:
+            name, target = self.hdf5.name(row), self.target_fn(self.hdf5.target(row))
+        except CorruptRowError:  # dropped by is_valid: only the shape matters
+            name, target = "", self.target_fn(np.zeros(self.hdf5.target_shape, self.hdf5.target_dtype))
+        return (torch.from_numpy(silence).unsqueeze(0), name,
+                torch.from_numpy(np.asarray(target, dtype=np.float32)), -1)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+        return self.bad.get(index, self._read, self._placeholder)

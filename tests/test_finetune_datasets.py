@@ -27,7 +27,7 @@ def test_esc50_folds_targets_and_lengths(esc_dir: Path) -> None:
     assert (len(train), len(test)) == (8, 2)
     assert all(n.startswith("3-") for n in test.names) and not any(n.startswith("3-") for n in train.names)
     assert names[:2] == ["tone", "noise"] and names[2] == "class_2" and len(names) == 50
-    wave, name, target = test[1]
+    wave, name, target, _ = test[1]
     assert wave.shape == (1, 5 * 32000) and wave.dtype == torch.float32
     assert target.shape == (50,) and target.sum() == 1 and int(target.argmax()) == 1
     # 1-s clip at 44.1 kHz: resampled to 32 kHz, then zero-padded to 5 s
@@ -85,7 +85,7 @@ def test_custom_single_label_holdout_is_stratified_and_seeded(tmp_path: Path) ->
     assert (len(data.train), len(data.val)) == (6, 4)
     assert sorted(int(data.val.targets[i].argmax()) for i in range(4)) == [0, 0, 1, 1]
     assert data.val.names == custom.get_datasets(root, val_fraction=0.4, seed=1).val.names
-    wave, name, target = data.val[0]
+    wave, name, target, _ = data.val[0]
     assert wave.shape == (1, 64000) and target.tolist() in ([1, 0], [0, 1])
     assert data.train.random_crop and not data.val.random_crop
 
