@@ -296,7 +296,7 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_training_lowers_loss_and_resume_matches_uninterrupted(audioset_dir, tmp_path, capsys):
+def test_training_lowers_loss_and_resume_matches_uninterrupted(audioset_dir, tmp_path, capsys, labels_file):
     full, part = tmp_path / "full", tmp_path / "part"
     code, out, _ = _run(_train_args(audioset_dir, full, 2), capsys)
     assert code == 0 and "  mAP: " in out and "  ROC: " in out and "  d': " in out
@@ -319,7 +319,7 @@ def test_training_lowers_loss_and_resume_matches_uninterrupted(audioset_dir, tmp
     assert state["model_config"]["width_mult"] == 0.1
 
 
-def test_dymn_training_updates_temperature(audioset_dir, tmp_path, capsys):
+def test_dymn_training_updates_temperature(audioset_dir, tmp_path, capsys, labels_file):
     out = tmp_path / "dymn"
     args = _train_args(audioset_dir, out, 2, "--kd_lambda", "0", "--balanced_only", "--epoch_len", "8")
     args[args.index("--model_name") + 1] = "dymn04"
@@ -340,7 +340,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_match_single_process_evaluation(audioset_dir, tmp_path, capsys):
+def test_torchrun_two_processes_match_single_process_evaluation(audioset_dir, tmp_path, capsys, labels_file,
+                                                               mn04_checkpoint):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # start from mn04_as: its outputs rank the clips without near-ties, so the metrics are stable
@@ -370,7 +371,7 @@ def test_torchrun_two_processes_match_single_process_evaluation(audioset_dir, tm
     assert m["ROC"] == pytest.approx(state["metrics"]["ROC"], abs=1e-6)
 
 
-def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys):
+def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys, labels_file, mn04_checkpoint):
     from sklearn.metrics import average_precision_score, roc_auc_score
     from helpers.tagging import build_tagger
 

@@ -151,3 +151,12 @@ def test_label_table_checks(tmp_path, labels_file):
     bad.write_text("id,mid,name\n" + "\n".join(rows[1:]))
     with pytest.raises(ValueError, match="header"):
         labels.read_label_table(bad)
+
+
+def test_tests_never_reach_other_hosts_without_opting_in(request):
+    """tests/conftest.py: without --run-network, a lookup of another host skips the test."""
+    if request.config.getoption("--run-network"):
+        pytest.skip("--run-network given")
+    with pytest.raises(pytest.skip.Exception, match="run with --run-network"):
+        socket.getaddrinfo("github.com", 443)
+    assert socket.getaddrinfo("127.0.0.1", 80)  # this machine stays reachable

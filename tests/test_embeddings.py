@@ -17,7 +17,7 @@ from tests.conftest import REPO, shared_path
 
 
 @pytest.fixture(scope="module")
-def tagger():
+def tagger(mn04_checkpoint, labels_file):
     return build_tagger("mn04_as")
 
 
@@ -70,7 +70,7 @@ def test_embed_files_batches_and_reports_errors(tagger, clips: Path, tmp_path: P
     np.testing.assert_array_equal(data["embeddings"], matrix)
 
 
-def test_cli_writes_npz(clips: Path, tmp_path: Path) -> None:
+def test_cli_writes_npz(clips: Path, tmp_path: Path, mn04_checkpoint: Path, labels_file: Path) -> None:
     out = tmp_path / "sub" / "clips.npz"
     result = subprocess.run([sys.executable, str(REPO / "embeddings.py"), "--model", "mn04_as", "--audio_path",
                              str(clips), "--output", str(out), "--layer", "12", "--batch_size", "3"],

@@ -7,24 +7,42 @@ import torch
 
 import models.preprocess as preprocess
 from models.preprocess import AugmentMelSTFT, kaldi_mel_banks
-from tests.conftest import shared_path
+from tests.conftest import expect_path, shared_path
 
 FRONTENDS = ["default", "mels_40", "mels_64", "mels_256", "hop_5", "hop_15", "hop_25"]
 
 
 @pytest.fixture(scope="module")
-def metro() -> torch.Tensor:
-    return torch.from_numpy(np.load(shared_path("golden", "metro_32k.npy"))).unsqueeze(0)
+def expected() -> dict[str, np.ndarray]:
+    with np.load(expect_path("frontend.npz")) as data:
+        return dict(data)
+
+
+@pytest.fixture(scope="module")
+def metro(expected: dict[str, np.ndarray]) -> torch.Tensor:
+    """0.3 s of the metro clip (committed in tests/expect/)."""
+    return torch.from_numpy(expected["waveform"]).unsqueeze(0)
 
 
 @pytest.mark.parametrize("name", FRONTENDS)
-def test_eval_spectrogram_matches_original(name, metro):
+def test_eval_spectrogram_matches_original(name):
+    metro = torch.from_numpy(np.load(shared_path("golden", "metro_32k.npy"))).unsqueeze(0)
     kwargs = json.loads(shared_path("golden", "meta.json").read_text())["frontends"][name]["kwargs"]
     expected = np.load(shared_path("golden", f"mel_{name}.npy"))
     with torch.no_grad():
         out = AugmentMelSTFT(**kwargs).eval()(metro).numpy()
     assert out.shape == expected.shape
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", FRONTENDS)
+def test_excerpt_spectrogram_matches_original(name, metro, expected):
+    """In every clone: the original's frames of a committed excerpt (tests/expect/)."""
+    kwargs = json.loads(expect_path("frontends.json").read_text())[name]
+    with torch.no_grad():
+        out = AugmentMelSTFT(**kwargs).eval()(metro)[0].numpy()
+    first, frames = int(expected[f"{name}_first"]), expected[name]
+    np.testing.assert_allclose(out[:, first:first + frames.shape[1]], frames, rtol=0, atol=1e-4)
 
 
 def test_frame_count_formula():

@@ -15,7 +15,7 @@ from tests.conftest import shared_path
 
 
 @pytest.fixture(scope="module")
-def model() -> hear.HearModel:
+def model(mn04_checkpoint: Path) -> hear.HearModel:
     return hear.load_model(model_name="mn04_as")
 
 
@@ -68,7 +68,7 @@ def test_timestamp_embeddings(model: hear.HearModel, audio: torch.Tensor) -> Non
     assert (embeddings[0] - embeddings[2]).abs().max() > 0.1
 
 
-def test_configurable_hop_and_window(audio: torch.Tensor) -> None:
+def test_configurable_hop_and_window(audio: torch.Tensor, mn04_checkpoint: Path) -> None:
     model = hear.load_model(model_name="mn04_as", timestamp_hop_ms=250.0, timestamp_window_ms=500.0)
     embeddings, timestamps = hear.get_timestamp_embeddings(audio[:1], model)
     assert timestamps.tolist() == [[0.0, 250.0, 500.0, 750.0, 1000.0, 1250.0, 1500.0]]

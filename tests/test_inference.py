@@ -36,7 +36,7 @@ def metro() -> str:
     return str(shared_path("audio", "metro_station-paris.wav"))
 
 
-def test_metro_clip_gives_the_original_tags(metro, mn04_checkpoint):
+def test_metro_clip_gives_the_original_tags(metro, mn04_checkpoint, labels_file):
     result = run("--model_name", "mn04_as", "--audio_path", metro)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -47,7 +47,7 @@ def test_metro_clip_gives_the_original_tags(metro, mn04_checkpoint):
         assert abs(p - expected) <= 0.002
 
 
-def test_many_files_batched_with_outputs_and_a_bad_file(tmp_path, metro, mn04_checkpoint):
+def test_many_files_batched_with_outputs_and_a_bad_file(tmp_path, metro, mn04_checkpoint, labels_file):
     clips = tmp_path / "clips"
     clips.mkdir()
     waveform, rate = sf.read(metro, dtype="float32")
@@ -71,7 +71,7 @@ def test_many_files_batched_with_outputs_and_a_bad_file(tmp_path, metro, mn04_ch
     assert [p.name for p in out.parent.iterdir()] == ["tags.json"]  # no temp files left
 
 
-def test_csv_output_with_all_classes(tmp_path, metro, mn04_checkpoint):
+def test_csv_output_with_all_classes(tmp_path, metro, mn04_checkpoint, labels_file):
     out = tmp_path / "tags.csv"
     result = run("--model_name", "mn04_as", "--audio_path", metro, "--output", str(out), "--all_classes")
     assert result.returncode == 0, result.stderr
@@ -90,7 +90,7 @@ def test_csv_output_with_all_classes(tmp_path, metro, mn04_checkpoint):
     ("zero", ["--audio_path", "{tmp}/clip.wav", "--model_name", "mn04_sa"], "did you mean mn04_as"),
     ("zero", ["--audio_path", "{tmp}/clip.wav", "--output", "{tmp}/out.txt"], "must end in .json or .csv"),
 ])
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, mn04_checkpoint, make, args, problem):
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, mn04_checkpoint, labels_file, make, args, problem):
     clip = tmp_path / "clip.wav"
     if make == "empty":
         clip.write_bytes(b"")

@@ -1,4 +1,5 @@
 """MN and DyMN: key/shape parity with the original, golden outputs, options the original lacks."""
+import gzip
 import json
 
 import numpy as np
@@ -10,7 +11,8 @@ from models.dymn.model import context_size, get_model as get_dymn
 from models.layers import make_divisible
 from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
-from tests.conftest import shared_path
+from tests.conftest import expect_path, shared_path
+from tests.expect.derive import outputs, seeded_mn, seeded_state
 
 
 def golden(name: str) -> np.ndarray:
@@ -51,9 +53,40 @@ def test_random_weights_reproduce_original_outputs(config, meta, random_input):
         spec["params"] if spec["constructor"] == "mn" else 1961239)
 
 
+@pytest.fixture(scope="module")
+def expected_outputs() -> dict[str, np.ndarray]:
+    with np.load(expect_path("models.npz")) as data:
+        return dict(data)
+
+
+@pytest.mark.parametrize("config", ["mn01_mlp", "mn02_fc_s2221", "mn01_mhap"])
+def test_seeded_weights_reproduce_original_outputs(config, expected_outputs):
+    """In every clone (tests/expect/): the original's random weights are torch.manual_seed(1) and
+    the constructor, plus committed batch-norm statistics."""
+    spec = json.loads(expect_path("random_models.json").read_text())[config]
+    model = seeded_mn(spec)
+    stats = {k.split("/", 1)[1]: torch.from_numpy(v) for k, v in expected_outputs.items()
+             if k.startswith(f"{config}/") and k.rsplit(".", 1)[-1] in ("running_mean", "running_var")}
+    assert stats and set(stats) < set(model.state_dict())
+    model.load_state_dict({**model.state_dict(), **stats})
+    logits, embedding = outputs(model)
+    np.testing.assert_allclose(logits, expected_outputs[f"{config}/logits"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(embedding, expected_outputs[f"{config}/embedding"], rtol=0, atol=1e-5)
+
+
+def test_seeded_dymn_outputs_are_unchanged(expected_outputs):
+    """In every clone: DyMN (checked against the original where tests/expect/ was derived) with
+    weights drawn per key gives the committed outputs."""
+    model = get_dymn(width_mult=0.4, T_max=1.0)
+    model.load_state_dict(seeded_state(model))
+    logits, embedding = outputs(model)
+    np.testing.assert_allclose(logits, expected_outputs["dymn04_seeded/logits"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(embedding, expected_outputs["dymn04_seeded/embedding"], rtol=0, atol=1e-5)
+
+
 def _shape_table_configs():
-    table = json.loads(shared_path("golden", "state_dict_shapes.json").read_text())
-    return sorted(table.items())
+    with gzip.open(expect_path("state_dict_shapes.json.gz")) as f:
+        return sorted(json.load(f).items())
 
 
 @pytest.mark.parametrize("key", ["mn_w0.1_mlp", "mn_w0.2_mlp", "mn_w0.4_mlp", "mn_w0.5_mlp", "mn_w1.0_mlp",

@@ -39,7 +39,7 @@ def _dimension_names(path: Path) -> list[list[str]]:
     return [[d.dim_param or str(d.dim_value) for d in i.type.tensor_type.shape.dim] for i in graph.input]
 
 
-def test_cli_exports_mn04_with_frontend_and_checks(tmp_path: Path) -> None:
+def test_cli_exports_mn04_with_frontend_and_checks(tmp_path: Path, mn04_checkpoint: Path, labels_file: Path) -> None:
     out = tmp_path / "models" / "mn04.onnx"
     result = subprocess.run([sys.executable, str(REPO / "export_onnx.py"), "--model", "mn04_as", "--with_frontend",
                              "--output", str(out), "--check", str(shared_path("audio", "metro_station-paris.wav"))],
@@ -58,7 +58,7 @@ def test_cli_exports_mn04_with_frontend_and_checks(tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "mn04_as" in bad.stderr
 
 
-def test_mn04_without_frontend_matches_pytorch(metro: np.ndarray, tmp_path: Path) -> None:
+def test_mn04_without_frontend_matches_pytorch(metro: np.ndarray, tmp_path: Path, mn04_checkpoint: Path) -> None:
     model, frontend = create_model("mn04_as").eval(), create_frontend("mn04_as")
     out = tmp_path / "mn04_spec.onnx"
     export_onnx(model, out, None)

@@ -97,7 +97,7 @@ def test_ideal_detector_with_all_windows_agreeing_localizes_exactly() -> None:
 
 
 @pytest.fixture(scope="module")
-def tagger():
+def tagger(mn04_checkpoint, labels_file):
     return build_tagger("mn04_as")
 
 
@@ -139,7 +139,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_writes_events_plot_and_probabilities(metro_in_silence: Path, tmp_path: Path) -> None:
+def test_cli_writes_events_plot_and_probabilities(metro_in_silence: Path, tmp_path: Path, mn04_checkpoint: Path,
+                                                   labels_file: Path) -> None:
     events_csv, plot, probs_npz = tmp_path / "ev.csv", tmp_path / "out" / "act.png", tmp_path / "p.npz"
     result = _run("--model", "mn04_as", "--audio_path", str(metro_in_silence), "--events", str(events_csv),
                   "--plot", str(plot), "--probabilities", str(probs_npz), "--batch_size", "5")
@@ -164,7 +165,7 @@ def test_cli_writes_events_plot_and_probabilities(metro_in_silence: Path, tmp_pa
     assert not [p for p in tmp_path.rglob(".*")]  # no temporary files left behind
 
 
-def test_cli_short_clip_and_json(tmp_path: Path) -> None:
+def test_cli_short_clip_and_json(tmp_path: Path, mn04_checkpoint: Path, labels_file: Path) -> None:
     clip = load_audio(shared_path("audio", "metro_station-paris.wav"))[:3 * 32000]
     path = tmp_path / "short.wav"
     sf.write(path, clip, 32000, subtype="FLOAT")
@@ -180,7 +181,7 @@ def test_cli_short_clip_and_json(tmp_path: Path) -> None:
     assert set(data["events"][0]) == {"filename", "onset", "offset", "event_label", "probability"}
 
 
-def test_cli_rejects_bad_input(tmp_path: Path) -> None:
+def test_cli_rejects_bad_input(tmp_path: Path, mn04_checkpoint: Path, labels_file: Path) -> None:
     missing = _run("--model", "mn04_as", "--audio_path", str(tmp_path / "nope.wav"))
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "nope.wav" in missing.stderr
     bad = _run("--model", "mn04_as", "--audio_path", str(tmp_path), "--threshold", "1.5", "--events", "x.txt")
