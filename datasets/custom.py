@@ -15,6 +15,7 @@ Without split or fold column a stratified `val_fraction` of the clips is held ou
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import numpy as np
 
 from datasets.files import AudioFileDataset, check_files_exist, make_cache, read_table
 from helpers.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 ENV_VAR = "EFFICIENTAT_CUSTOM_DIR"
 DEFAULT_CSV = "labels.csv"
@@ -67,9 +70,15 @@ def read_clips(csv_path: Path, audio_dir: Path) -> list[Clip]:
         raise InputError(f"{csv_path}: no label column (expected 'label', 'labels' or "
                            f"'label1', 'label2', ...; found: {', '.join(columns)})")
     clips = []
+    first_line: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         if not row["filename"]:
             raise InputError(f"{csv_path}: line {line}: empty filename")
+        key = os.path.normpath(row["filename"])
+        if key in first_line:
+            raise InputError(f"{csv_path}: lines {first_line[key]} and {line} both list {row['filename']} "
+                             "(a clip must appear once, or it could be trained and validated on)")
+        first_line[key] = line
         labels = [lab.strip() for col in label_cols for lab in row[col].split(LABEL_SEPARATOR) if lab.strip()]
         clip = Clip(audio_dir / row["filename"], row["filename"], list(dict.fromkeys(labels)))
         if "split" in row:
@@ -86,6 +95,17 @@ def read_clips(csv_path: Path, audio_dir: Path) -> list[Clip]:
         clips.append(clip)
     check_files_exist([c.path for c in clips], csv_path)
     return clips
+
+
+def _warn_missing_classes(table: Path, class_names: list[str], clips: list[Clip], part: list[Clip],
+                          part_name: str, consequence: str) -> None:
+    """Log the classes that have no clip in `part` (e.g. a class of a single clip, which the
+    stratified hold-out keeps for training)."""
+    present = {lab for c in part for lab in c.labels}
+    counts = {name: sum(name in c.labels for c in clips) for name in class_names if name not in present}
+    if counts:
+        listed = ", ".join(f"{name} ({n} clip{'s' if n > 1 else ''})" for name, n in counts.items())
+        logger.warning("%s: no %s clip of %s: %s", table, part_name, listed, consequence)
 
 
 def _stratified_holdout(clips: list[Clip], fraction: float, seed: int) -> tuple[list[Clip], list[Clip]]:
@@ -141,6 +161,8 @@ def get_datasets(root: Path, csv_path: Optional[str | os.PathLike] = None,
         (train, val), test = _stratified_holdout(clips, val_fraction, seed), []
     if not train or not val:
         raise InputError(f"{table}: the {'training' if not train else 'validation'} split is empty")
+    _warn_missing_classes(table, class_names, clips, train, "training", "never learned")
+    _warn_missing_classes(table, class_names, clips, val, "validation", "never validated")
     cache = make_cache(cache_path, "custom", sample_rate)
     index = {name: k for k, name in enumerate(class_names)}
 

@@ -6,7 +6,10 @@ names the file, while the datasets are being built, i.e. before training starts.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,12 +24,37 @@ from datasets.badclips import BadClips, CountsBadClips
 from datasets.cache import WaveformCache, file_signature
 from helpers.errors import InputError
 
+logger = logging.getLogger(__name__)
+
+
+def read_text(path: Path) -> str:
+    """The text of a CSV as common tools save it: UTF-8 (with or without BOM), UTF-16 with BOM
+    (Excel's "Unicode text"), or else Windows-1252 (Excel's "CSV" on Western Windows), which is
+    logged. InputError naming the line if none fits."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: starts like UTF-16 text but is not; save it as UTF-8") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        where = f"byte 0x{data[e.start]:02x} on line {line}"
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text ({where}); save it as UTF-8") from None
+    logger.warning("%s: not UTF-8 (%s); read as Windows-1252", path, where)
+    return text
+
 
 def read_table(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
     """Rows of a CSV/TSV file with a header line, as dicts; checks that `required` columns exist."""
     if not path.is_file():
         raise InputError(f"{path}: metadata file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in required if c not in columns]

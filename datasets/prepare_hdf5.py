@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import csv
+import io
 import logging
 import multiprocessing
 import sys
@@ -34,13 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-from tqdm import tqdm
+if not __package__:  # run by path (python datasets/prepare_hdf5.py): import from the repository
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from datasets.audio import AudioLoadError, find_audio_files, load_audio
-from datasets.hdf5 import Mp3HDF5Writer, encode_mp3, pack_targets
-from helpers.errors import InputError, run_cli
-from helpers.labels import label_table
+import numpy as np  # noqa: E402 (after the path fix above)
+from tqdm import tqdm  # noqa: E402
+
+from datasets.audio import AudioLoadError, find_audio_files, load_audio  # noqa: E402
+from datasets.files import read_text  # noqa: E402
+from datasets.hdf5 import Mp3HDF5Writer, encode_mp3, pack_targets  # noqa: E402
+from helpers.errors import InputError, run_cli  # noqa: E402
+from helpers.labels import label_table  # noqa: E402
 
 logger = logging.getLogger(__name__)
 SAMPLE_RATE = 32000
@@ -67,7 +72,7 @@ def class_lookup(classes_file: Optional[Path]) -> tuple[int, dict[str, int]]:
     else:
         if not classes_file.is_file():
             raise InputError(f"{classes_file}: classes file not found")
-        names = [line.strip() for line in classes_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        names = [line.strip() for line in read_text(classes_file).splitlines() if line.strip()]
         if not names or len(set(names)) != len(names):
             raise InputError(f"{classes_file}: needs one unique class name per line")
         lookup = {name: i for i, name in enumerate(names)}
@@ -78,8 +83,7 @@ def class_lookup(classes_file: Optional[Path]) -> tuple[int, dict[str, int]]:
 
 def detect_format(csv_path: Path) -> str:
     """'simple' when the first line is a header starting with 'filename', else 'segments'."""
-    with open(csv_path, encoding="utf-8") as f:
-        first = f.readline().strip().lower()
+    first = read_text(csv_path).partition("\n")[0].strip().lower()
     return "simple" if first.replace('"', "").startswith("filename") else "segments"
 
 
@@ -111,22 +115,31 @@ def read_segments_csv(csv_path: Path, audio_dir: Path, lookup: dict[str, int]) -
     stems = {f.stem: f for f in files}
     sorted_stems = sorted(stems)
     clips = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(csv_path), newline="") as f:
         for line, row in enumerate(csv.reader(f, skipinitialspace=True), start=1):
             if not row or row[0].startswith("#"):
                 continue
-            if len(row) != 4:
-                raise InputError(f"{csv_path}, line {line}: expected 'YTID, start, end, \"labels\"', "
-                                 f"got {len(row)} fields")
+            if len(row) != 4 or not (_is_number(row[1]) and _is_number(row[2])):
+                raise InputError(f"{csv_path}, line {line}: expected an AudioSet segments row "
+                                 f"'YTID, start_seconds, end_seconds, \"labels\"', got {','.join(row)[:80]!r} "
+                                 "(a CSV with a header needs the columns 'filename,labels')")
             ytid = row[0].strip()
             clips.append(Clip(_find_segment_file(ytid, stems, sorted_stems), f"Y{ytid}.mp3",
                               _labels(row[3], lookup, csv_path, line), line))
     return clips
 
 
+def _is_number(field: str) -> bool:
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return True
+
+
 def read_simple_csv(csv_path: Path, audio_dir: Path, lookup: dict[str, int]) -> list[Clip]:
     """Clips of a `filename,labels` CSV; a missing file is an InputError."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(csv_path), newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "filename" not in columns or "labels" not in columns:

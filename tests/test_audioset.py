@@ -236,6 +236,34 @@ def test_prepare_hdf5_roundtrip_segments_and_simple(tmp_path, labels_file, capsy
     assert not (tmp_path / "x.hdf").exists()
 
 
+def test_prepare_hdf5_by_path_encodings_and_wrong_columns(tmp_path):
+    """`python datasets/prepare_hdf5.py` works like `-m`; Windows-1252 CSVs are read; a header
+    that fits neither format is one line naming both."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "a.wav", _clip([0], 0, 0.2), SR)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("café\nbells\n", encoding="utf-8")
+    simple = tmp_path / "simple.csv"
+    simple.write_bytes("filename,labels\na.wav,café\n".encode("cp1252"))
+
+    def prepare(csv_path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "datasets/prepare_hdf5.py", "--audio_dir", str(audio), "--csv",
+                               str(csv_path), "--output", str(tmp_path / "out.hdf"), "--classes", str(classes)],
+                              cwd=REPO, capture_output=True, text=True)
+
+    proc = prepare(simple)
+    assert proc.returncode == 0 and "wrote 1 clips (2 classes)" in proc.stdout, proc.stderr
+    assert "read as Windows-1252" in proc.stderr
+    assert unpack_targets(Mp3HDF5(tmp_path / "out.hdf").targets(), 2).tolist() == [[1.0, 0.0]]
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("file,label\na.wav,bells\n")
+    proc = prepare(wrong)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "wrong.csv, line 1: expected an AudioSet segments row 'YTID, start_seconds, end_seconds" in proc.stderr
+    assert "got 'file,label'" in proc.stderr and "needs the columns 'filename,labels'" in proc.stderr
+
+
 # ---------------------------------------------------------------- ex_audioset.py
 
 

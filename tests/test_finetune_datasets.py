@@ -129,6 +129,42 @@ def test_custom_errors(tmp_path: Path) -> None:
         custom.get_datasets(tmp_path / "absent")
 
 
+def test_custom_rejects_duplicate_files_with_their_lines(tmp_path: Path) -> None:
+    root = make_custom(tmp_path / "dup", clips_per_class=3)
+    csv_path = root / "labels.csv"
+    lines = csv_path.read_text().splitlines()
+    first = lines[2].split(",")[0]
+    csv_path.write_text("\n".join(lines + [f"./{first},noise"]) + "\n")  # the same file, other label
+    with pytest.raises(InputError, match=rf"labels.csv: lines 3 and {len(lines) + 1} both list \./{first}"):
+        custom.get_datasets(root)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "cp1252"])
+def test_custom_csv_in_common_encodings(tmp_path: Path, encoding: str, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_custom(tmp_path / "enc", clips_per_class=3)
+    csv_path = root / "labels.csv"
+    csv_path.write_bytes(csv_path.read_text().replace(",noise", ",bruit été").encode(encoding))
+    with caplog.at_level(logging.WARNING, logger="datasets.files"):
+        data = custom.get_datasets(root)
+    assert data.class_names == ["bruit été", "tone"]
+    assert ("read as Windows-1252" in caplog.text) == (encoding == "cp1252")
+    csv_path.write_bytes(b"filename,label\nclips/a/tone_0.wav,\x81\x8d\n")  # undefined in Windows-1252 too
+    with pytest.raises(InputError, match=r"labels.csv: not UTF-8 text \(byte 0x81 on line 2\); save it as UTF-8"):
+        custom.get_datasets(root)
+
+
+def test_custom_warns_about_classes_never_validated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_custom(tmp_path / "rare", clips_per_class=3)
+    csv_path = root / "labels.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join(lines[:-1] + [lines[-1].rsplit(",", 1)[0] + ",bird"]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="datasets.custom"):
+        data = custom.get_datasets(root)
+    assert data.class_names == ["bird", "noise", "tone"]
+    assert "labels.csv: no validation clip of bird (1 clip): never validated" in caplog.text
+    assert "never learned" not in caplog.text
+
+
 def test_cache_skips_decoding_and_recovers_from_corrupt_files(esc_dir: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              caplog: pytest.LogCaptureFixture) -> None:
