@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import logging
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,8 +32,24 @@ class DownloadError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Folder holding checkpoints and label files: $EFFICIENTAT_MODEL_DIR or resources/."""
-    return Path(os.environ.get(CACHE_ENV) or _DEFAULT_CACHE)
+    """Folder holding checkpoints and label files: $EFFICIENTAT_MODEL_DIR or resources/.
+    DownloadError if $EFFICIENTAT_MODEL_DIR names a file."""
+    folder = Path(os.environ.get(CACHE_ENV) or _DEFAULT_CACHE)
+    if folder.exists() and not folder.is_dir():
+        raise DownloadError(f"{CACHE_ENV}={folder} is a file, not a folder: point it to the folder "
+                            "for checkpoints (it is created if missing)")
+    return folder
+
+
+def _check_writable(folder: Path, filename: str) -> None:
+    """DownloadError unless a file can be created in `folder` (made if missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DownloadError(f"cannot write to the checkpoint cache {folder} ({e.strerror or e}): set {CACHE_ENV} "
+                            f"to a writable folder, or put {filename} there by hand") from None
 
 
 def sha256sum(path: Path) -> str:
@@ -97,4 +114,5 @@ def cached_file(filename: str, urls: str | Sequence[str], sha256: Optional[str] 
     path = cache_dir() / filename
     if path.is_file():
         return path
+    _check_writable(path.parent, filename)
     return download(urls, path, sha256=sha256, validate=validate, progress=progress)

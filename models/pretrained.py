@@ -169,15 +169,34 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        first_line = str(e).splitlines()[0] if str(e) else "unknown error"
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {first_line})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict")
     return dict(state)
 
 
 def load_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """The released state dict of `name` (downloaded on first use), on CPU."""
-    return _read_state_dict(checkpoint_path(name))
+    """The released state dict of `name` (downloaded on first use), on CPU. A cached file that
+    does not load says to delete it."""
+    path = checkpoint_path(name)
+    try:
+        return _read_state_dict(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; delete it and run again to download {name} anew") from None
+
+
+def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], name: str, ignored: set[str]) -> None:
+    """One-line ValueError naming the cached file unless `state` (apart from `ignored` keys) has
+    exactly the model's keys and shapes: the file in the cache is not the released one."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in ignored}
+    given = {k: v.shape for k, v in state.items() if k not in ignored}
+    missing, unexpected = expected.keys() - given.keys(), given.keys() - expected.keys()
+    reshaped = [k for k in expected.keys() & given.keys() if expected[k] != given[k]]
+    if missing or unexpected or reshaped:
+        raise ValueError(f"{checkpoint_path(name)} does not fit {name} ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(reshaped)} differently shaped tensors): it is "
+                         "not the released file; delete it and run again to download it")
 
 
 def load_pretrained_weights(model: nn.Module, name: str) -> None:
@@ -193,13 +212,11 @@ def load_pretrained_weights(model: nn.Module, name: str) -> None:
         ckpt_classes, head_prefix = None, "classifier."
     num_classes = getattr(model, "num_classes", None)
     if ckpt_classes is None or ckpt_classes == num_classes:
+        _check_fits(model, state, name, set())
         model.load_state_dict(state)
         return
     dropped = {k for k in state if k.startswith(head_prefix)}
-    state = {k: v for k, v in state.items() if k not in dropped}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) != dropped or unexpected:
-        raise RuntimeError(f"checkpoint {name!r} does not fit the model: missing {sorted(missing)}, "
-                           f"unexpected {sorted(unexpected)}")
+    _check_fits(model, state, name, dropped | {k for k in model.state_dict() if k.startswith(head_prefix)})
+    model.load_state_dict({k: v for k, v in state.items() if k not in dropped}, strict=False)
     logger.info("%s: classifier for %d classes replaced by a new one with %d classes (%s re-initialized)",
                 name, ckpt_classes, num_classes, ", ".join(sorted(dropped)))

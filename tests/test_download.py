@@ -153,6 +153,24 @@ def test_label_table_checks(tmp_path, labels_file):
         labels.read_label_table(bad)
 
 
+def test_cache_folder_problems_are_one_line(tmp_path, monkeypatch):
+    """EFFICIENTAT_MODEL_DIR naming a file, or a folder that cannot be written, is said before any
+    download is tried."""
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path / "file"))
+    with pytest.raises(DownloadError, match=rf"EFFICIENTAT_MODEL_DIR={tmp_path / 'file'} is a file, not a folder"):
+        cached_file("x.pt", closed_port_url())
+    monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path / "file" / "sub"))
+    with pytest.raises(DownloadError, match=rf"cannot write to the checkpoint cache {tmp_path / 'file' / 'sub'} "
+                                            r"\(Not a directory\): set EFFICIENTAT_MODEL_DIR"):
+        cached_file("x.pt", closed_port_url())
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "ro").mkdir(mode=0o555)
+        monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path / "ro"))
+        with pytest.raises(DownloadError, match="Permission denied.*or put x.pt there by hand"):
+            cached_file("x.pt", closed_port_url())
+
+
 def test_tests_never_reach_other_hosts_without_opting_in(request):
     """tests/conftest.py: without --run-network, a lookup of another host skips the test."""
     if request.config.getoption("--run-network"):

@@ -82,11 +82,20 @@ def test_other_class_count_replaces_only_the_last_layer(mn04_checkpoint, caplog)
     assert torch.all(new["classifier.5.bias"] == 0) and new["classifier.5.weight"].std() < 0.02  # fresh init
 
 
-def test_mismatching_checkpoint_is_rejected(tmp_path, monkeypatch):
+def test_mismatching_checkpoint_is_rejected_in_one_line_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path))
-    torch.save(get_mn(width_mult=0.4).state_dict(), tmp_path / get_entry("mn10_as").filename)
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        create_model("mn10_as")  # a width-0.4 file under the width-1.0 name fails loudly
+    path = tmp_path / get_entry("mn10_as").filename
+    torch.save(get_mn(width_mult=0.4).state_dict(), path)  # a width-0.4 file under the width-1.0 name
+    for num_classes in (527, 10):
+        with pytest.raises(ValueError) as error:
+            create_model("mn10_as", num_classes=num_classes)
+        message = str(error.value)
+        assert message.startswith(f"{path} does not fit mn10_as (0 missing, 0 unexpected, ")
+        assert message.endswith("delete it and run again to download it") and "\n" not in message
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=rf"{path} is not a PyTorch checkpoint .*; delete it and run again") as error:
+        create_model("mn10_as")
+    assert "\n" not in str(error.value)
 
 
 def _fake_checkpoint(cache, name, **kwargs):
