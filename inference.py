@@ -61,7 +61,8 @@ except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
 
 # tag: consecutive files of equal length share a batch; results keep the input order
 batch_size = args.batch_size or (16 if tagger.device.type == "cuda" else 1)
-results, errors = run_on_files(files, tagger.sample_rate, tagger.predict, batch_size)
+results, errors = run_on_files(files, tagger.sample_rate, tagger.predict, batch_size,
+                               chunked_fn=tagger.predict_chunks)
 for message in errors.values():
     print(f"error: {message}", file=sys.stderr)
 

@@ -2,7 +2,9 @@
 
 The embedding of a clip is the model's pooled embedding (global average of the last conv output,
 as returned with the logits), or, for another `layer`, the global average over frequency and time
-of that feature map. Each file is embedded whole; files of equal length are batched.
+of that feature map. Each file is embedded whole (recordings longer than
+`helpers.tagging.CHUNK_SECONDS` chunk by chunk, see `Tagger.forward_chunks`); files of equal
+length are batched.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ def embed_files(tagger: Tagger, files: Sequence[Path], layer: Optional[int] = No
     file for those that could not be read). `layer` as in `Tagger.embed`."""
     results, errors = run_on_files(files, tagger.sample_rate,
                                    lambda batch: tagger.embed(batch, layer).cpu().numpy(),
-                                   batch_size, desc="embedding")
+                                   batch_size, desc="embedding",
+                                   chunked_fn=lambda chunks: tagger.embed_chunks(chunks, layer))
     done = [f for f in files if f in results]
     matrix = np.stack([results[f] for f in done]) if done else np.zeros((0, 0), dtype=np.float32)
     return done, matrix, errors

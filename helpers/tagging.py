@@ -7,23 +7,32 @@ batches of waveforms; the frontend settings come from the model's registry entry
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from datasets.audio import AudioLoadError, load_audio
+from datasets.audio import AudioLoadError, stream_audio
 from helpers.labels import label_table
 from helpers.training import load_finetuned
 from models.ensemble import EnsembleModel, ensemble_frontend_kwargs, get_ensemble_model
 from models.factory import create_model, frontend_kwargs
 from models.preprocess import AugmentMelSTFT
+
+# Recordings longer than this are tagged chunk by chunk (Tagger.forward_chunks), so memory does not
+# grow with their length; shorter ones in one pass.
+CHUNK_SECONDS = 60.0
+# heads whose output depends on the last feature map only through its average over frequency and
+# time, so that chunks combine exactly (mlp: pooling first; fully convolutional: linear, then pooling)
+POOLING_HEADS = ("mlp", "fully_convolutional")
 
 
 @dataclass
@@ -75,9 +84,60 @@ class Tagger:
     def predict(self, waveforms: torch.Tensor | np.ndarray) -> np.ndarray:
         """Class probabilities (B, N) as float32 NumPy array (sigmoid, or softmax for a
         single-label model)."""
-        logits, _ = self.forward(_batch(waveforms))
+        return self.probabilities(self.forward(_batch(waveforms))[0])
+
+    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        """Sigmoid (softmax for a single-label model) of logits (B, N), as a float32 NumPy array."""
         probs = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
         return probs.cpu().numpy()
+
+    def predict_chunks(self, chunks: Iterable[np.ndarray]) -> np.ndarray:
+        """Class probabilities (N,) of one recording given in chunks (`forward_chunks`)."""
+        return self.probabilities(self.forward_chunks(chunks)[0])[0]
+
+    def embed_chunks(self, chunks: Iterable[np.ndarray], layer: Optional[int] = None) -> np.ndarray:
+        """Embedding (D,) of one recording given in chunks (`forward_chunks`)."""
+        return self.forward_chunks(chunks, layer)[1][0].cpu().numpy()
+
+    def _members(self) -> list[nn.Module]:
+        members = list(self.model.models) if isinstance(self.model, EnsembleModel) else [self.model]
+        for m in members:
+            if getattr(m, "head_type", "mlp") not in POOLING_HEADS:
+                raise ValueError(f"a {m.head_type} head cannot combine chunks: recordings longer than "
+                                 f"{CHUNK_SECONDS:g} s cannot be tagged with this model")
+        return members
+
+    @torch.no_grad()
+    def forward_chunks(self, chunks: Iterable[np.ndarray], layer: Optional[int] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (1, N) and embedding (1, D) of one recording given as consecutive waveform
+        chunks, holding one chunk at a time (see README, "long recordings"). Each model's last
+        feature map is averaged over frequency and time across all chunks (every chunk weighted by
+        its number of frames), which is the embedding, and the model's head is applied to that
+        average, as it is to the average of one whole feature map. With `layer`, the embedding is
+        feature map `layer` averaged the same way."""
+        members = self._members()
+        sums: list[Optional[torch.Tensor]] = [None] * (len(members) + 1)
+        counts = [0] * (len(members) + 1)
+        for chunk in chunks:
+            with self._autocast():
+                spec = self.frontend(_batch(chunk).to(self.device)).unsqueeze(1)
+                for k, member in enumerate(members):
+                    fmaps = member(spec, return_fmaps=True)[1]
+                    maps = [fmaps[-1]] + ([fmaps[layer]] if layer is not None and k == 0 else [])
+                    for slot, fmap in zip((k, len(members)), maps):
+                        total = fmap.float().sum(dim=(2, 3))
+                        sums[slot] = total if sums[slot] is None else sums[slot] + total
+                        counts[slot] += fmap.shape[2] * fmap.shape[3]
+        if sums[0] is None:
+            raise ValueError("no audio to tag")
+        means = [s / c if s is not None else None for s, c in zip(sums, counts)]
+        with self._autocast():
+            logits = torch.stack([m.classifier(mean[:, :, None, None]).flatten(1).float()
+                                  for m, mean in zip(members, means)]).mean(dim=0)
+        if isinstance(self.model, EnsembleModel):
+            return logits, logits
+        return logits, means[-1] if layer is not None else means[0]
 
 
 def _batch(waveforms: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -124,12 +184,47 @@ def build_tagger(model_name: str = "mn10_as", ensemble: Optional[Sequence[str]] 
                   class_ids, multilabel)
 
 
+def read_or_chunk(path: Path, sample_rate: int, chunk_seconds: float = CHUNK_SECONDS
+                  ) -> tuple[Optional[np.ndarray], Iterator[np.ndarray]]:
+    """(whole waveform, no chunks) for a recording of at most `chunk_seconds`; otherwise (None,
+    chunks of `chunk_seconds`, the last up to a second longer), decoded while they are consumed.
+    Raises AudioLoadError for unreadable files (also while iterating)."""
+    chunk = chunk_seconds * sample_rate
+    blocks = stream_audio(path, sample_rate)
+    head: list[np.ndarray] = []
+    size = 0
+    for block in blocks:
+        head.append(block)
+        size += len(block)
+        if size > chunk:
+            return None, _chunks(np.concatenate(head), blocks, int(chunk), sample_rate)
+    if size < 2:
+        raise AudioLoadError(f"{path}: too short to analyze ({size} sample)")
+    return np.concatenate(head), iter(())
+
+
+def _chunks(start: np.ndarray, blocks: Iterator[np.ndarray], chunk: int, tail: int) -> Iterator[np.ndarray]:
+    """Chunks of `chunk` samples of `start` followed by `blocks`; a remainder shorter than `tail`
+    samples joins the last chunk."""
+    buffer = start
+    for block in itertools.chain(blocks, [None]):
+        if block is not None:
+            buffer = np.concatenate([buffer, block])
+        while len(buffer) >= chunk + tail:
+            yield buffer[:chunk]
+            buffer = buffer[chunk:]
+    yield buffer
+
+
 def run_on_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Tensor], np.ndarray],
-                 batch_size: int = 16, desc: str = "tagging") -> tuple[dict[Path, np.ndarray], dict[Path, str]]:
-    """Load each file whole at `sample_rate` and apply `fn` to batches (B, L) of consecutive files of
-    equal length (so no padding changes a result); `fn` returns one row per waveform. Returns the
-    rows by file, and a one-line error message by file for those that could not be read. A progress
-    bar on stderr appears for more than one file."""
+                 batch_size: int = 16, desc: str = "tagging",
+                 chunked_fn: Optional[Callable[[Iterator[np.ndarray]], np.ndarray]] = None,
+                 chunk_seconds: float = CHUNK_SECONDS) -> tuple[dict[Path, np.ndarray], dict[Path, str]]:
+    """Apply `fn` to batches (B, L) of consecutive files of equal length (so no padding changes a
+    result), each file read whole; `fn` returns one row per waveform. Files longer than
+    `chunk_seconds` go to `chunked_fn` instead, as an iterator of chunks (`read_or_chunk`), which
+    returns their row. Returns the rows by file, and a one-line error message by file for those
+    that could not be read. A progress bar on stderr appears for more than one file."""
     results: dict[Path, np.ndarray] = {}
     errors: dict[Path, str] = {}
     pending: list[tuple[Path, np.ndarray]] = []
@@ -142,9 +237,11 @@ def run_on_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Te
 
     for path in tqdm(files, desc=desc, unit="file", disable=len(files) <= 1, file=sys.stderr):
         try:
-            waveform = load_audio(path, sample_rate)
-            if len(waveform) < 2:
-                raise AudioLoadError(f"{path}: too short to analyze ({len(waveform)} sample)")
+            waveform, chunks = read_or_chunk(path, sample_rate, chunk_seconds if chunked_fn else math.inf)
+            if waveform is None:
+                flush()
+                results[path] = chunked_fn(chunks)
+                continue
         except AudioLoadError as e:
             errors[path] = str(e)
             continue
