@@ -22,8 +22,8 @@ from pathlib import Path
 
 from helpers.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
 from helpers.complexity_plots import plot_tradeoffs
-from helpers.errors import check_suffix, fail
-from helpers.files import atomic_write
+from helpers.common.errors import check_suffix, fail
+from helpers.common.files import atomic_write
 from models.factory import create_frontend
 from models.pretrained import get_entry
 

@@ -15,8 +15,8 @@ import argparse
 import sys
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.download import DownloadError
-from helpers.errors import check_suffix, fail
+from helpers.common.download import DownloadError
+from helpers.common.errors import check_suffix, fail
 from helpers.embeddings import embed_files, save_embeddings
 from helpers.tagging import build_tagger, select_device
 

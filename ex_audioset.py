@@ -25,9 +25,9 @@ from datasets.audioset import (BALANCED_FILE, DATASET_ENV, EVAL_FILE, UNBALANCED
                                AudioSetDataset, TeacherPredictions, is_valid, sample_weights,
                                teacher_paths)
 from datasets.augment import RollDataset, WavMixDataset
-from helpers.errors import InputError, run_cli
-from helpers.files import atomic_write
-from helpers.labels import class_names
+from helpers.common.errors import InputError, run_cli
+from helpers.common.files import atomic_write
+from helpers.common.labels import class_names
 from helpers.metrics import format_tagging_results, multilabel_metrics
 from helpers.tagging import build_tagger
 from helpers.training import (DistInfo, DistributedWeightedSampler, Precision, RunLogger,

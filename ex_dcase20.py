@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from datasets import dcase20
-from helpers.errors import run_cli
+from helpers.common.errors import run_cli
 from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
                               finetune_parser, mixstyle, model_for_evaluation, sample_rate,
                               single_label_loss)

@@ -14,7 +14,7 @@ import sys
 from typing import Optional
 
 from datasets import esc50
-from helpers.errors import InputError, run_cli
+from helpers.common.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
                               finetune_parser, mean_std, model_for_evaluation, sample_rate,
                               single_label_loss)

@@ -17,7 +17,7 @@ from typing import Optional
 
 from datasets import fsd50k
 from datasets.audioset import is_valid
-from helpers.errors import InputError, run_cli
+from helpers.common.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
                               model_for_evaluation, multilabel_loss, sample_rate, tagging_metrics)
 from helpers.metrics import format_tagging_results

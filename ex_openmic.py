@@ -16,7 +16,7 @@ from typing import Optional
 
 from datasets import openmic
 from datasets.audioset import is_valid
-from helpers.errors import InputError, run_cli
+from helpers.common.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
                               masked_multilabel_loss, masked_tagging_metrics, model_for_evaluation,
                               sample_rate)

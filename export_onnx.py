@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, load_audio
-from helpers.download import DownloadError
-from helpers.errors import check_suffix, fail
+from helpers.common.download import DownloadError
+from helpers.common.errors import check_suffix, fail
 from helpers.onnx_export import DEFAULT_OPSET, compare_with_torch, export_onnx
 from helpers.tagging import build_tagger, top_k
 

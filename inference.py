@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.download import DownloadError
-from helpers.errors import check_suffix, fail
-from helpers.files import atomic_write
+from helpers.common.download import DownloadError
+from helpers.common.errors import check_suffix, fail
+from helpers.common.files import atomic_write
 from helpers.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.download import DownloadError
-from helpers.errors import check_suffix, fail
-from helpers.files import atomic_write
+from helpers.common.download import DownloadError
+from helpers.common.errors import check_suffix, fail
+from helpers.common.files import atomic_write
 from helpers.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
                          tag_windows, window_samples)
 from helpers.tagging import Tagger, build_tagger, select_device, top_k

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from datasets.augment import decimate, fit_length, random_gain
 from datasets.hdf5 import Mp3DecodeError, Mp3HDF5, decode_mp3, unpack_targets
-from helpers.errors import InputError
+from helpers.common.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class TeacherPredictions:
 def teacher_paths(preds: Optional[str], index: Optional[str]) -> tuple[Path, Path]:
     """The teacher files: the given paths, or the released files in the model cache (downloaded on
     first use, ~4 GB for the logits)."""
-    from helpers.download import cached_file  # network access only on this path
+    from helpers.common.download import cached_file  # network access only on this path
 
     preds_path = Path(preds) if preds else cached_file(TEACHER_PREDS_FILE, TEACHER_URL + TEACHER_PREDS_FILE)
     index_path = Path(index) if index else cached_file(FNAME_TO_INDEX_FILE, TEACHER_URL + FNAME_TO_INDEX_FILE)

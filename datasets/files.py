@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from datasets.audio import load_audio
 from datasets.augment import fit_length
 from datasets.cache import WaveformCache, file_signature
-from helpers.errors import InputError
+from helpers.common.errors import InputError
 
 
 def read_table(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from datasets.augment import decimate, fit_length
 from datasets.cache import WaveformCache, file_signature
 from datasets.hdf5 import Mp3DecodeError, Mp3HDF5, decode_mp3
-from helpers.errors import InputError
+from helpers.common.errors import InputError
 
 logger = logging.getLogger(__name__)
 

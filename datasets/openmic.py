@@ -19,7 +19,7 @@ import torch
 from datasets.files import make_cache
 from datasets.hdf5 import Mp3HDF5
 from datasets.mp3clips import SAMPLE_RATE, Mp3ClipDataset
-from helpers.errors import InputError
+from helpers.common.errors import InputError
 
 ENV_VAR = "EFFICIENTAT_OPENMIC_DIR"
 NUM_CLASSES = 20

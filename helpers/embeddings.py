@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from helpers.files import atomic_write
+from helpers.common.files import atomic_write
 from helpers.tagging import Tagger, run_on_files
 
 

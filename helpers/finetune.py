@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from datasets.augment import GainDataset, RollDataset, WavMixDataset, mix_targets
-from helpers.errors import InputError
+from helpers.common.errors import InputError
 from helpers.metrics import accuracy, multilabel_metrics
 from helpers.training import (DistInfo, LossFn, Precision, RunLogger, add_model_args, add_optimizer_args,
                               add_preprocessing_args, add_run_args, save_epoch_weights, eval_loader, evaluate,

@@ -47,8 +47,8 @@ which is this loop. A script is its configuration plus a loss callback, like thi
                                                  frontend_config_from_args(args), class_names))
     run.finish()                                     # the process group is destroyed at exit
 
-Errors in the user's input raise helpers.errors.InputError; wrap `main` in
-helpers.errors.run_cli to turn them into one line on stderr and exit status 2.
+Errors in the user's input raise helpers.common.errors.InputError; wrap `main` in
+helpers.common.errors.run_cli to turn them into one line on stderr and exit status 2.
 
 Losses for single-label CE, multi-label BCE, distillation or masked BCE all fit the callback:
 it receives the model, the spectrogram batch and the loader's batch (tensors already on the
@@ -81,8 +81,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from helpers.errors import InputError
-from helpers.files import atomic_write
+from helpers.common.errors import InputError
+from helpers.common.files import atomic_write
 from models.dymn.model import get_model as get_dymn
 from models.factory import frontend_kwargs
 from models.mn.model import get_model as get_mn
@@ -487,7 +487,7 @@ def evaluate(model: nn.Module, frontend: nn.Module, loader: DataLoader, precisio
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    """torch.save `state` atomically (helpers.files.atomic_write): a crash never leaves a
+    """torch.save `state` atomically (helpers.common.files.atomic_write): a crash never leaves a
     half-written checkpoint."""
     with atomic_write(path, "wb") as f:
         torch.save(dict(state), f)

@@ -10,7 +10,7 @@ from datasets.augment import (GainDataset, RollDataset, WavMixDataset, decimate,
                               random_gain)
 from datasets.hdf5 import (Mp3DecodeError, Mp3HDF5, Mp3HDF5Writer, decode_mp3, encode_mp3,
                            pack_targets, unpack_targets)
-from helpers.errors import InputError
+from helpers.common.errors import InputError
 
 
 def _chirp(seconds: float = 0.5, sr: int = 32000) -> np.ndarray:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from helpers import training as T
-from helpers.errors import InputError
+from helpers.common.errors import InputError
 
 
 @pytest.fixture(autouse=True, scope="module")
