@@ -20,8 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from helpers.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
-from helpers.complexity_plots import plot_tradeoffs
+from helpers.analysis.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
+from helpers.analysis.complexity_plots import plot_tradeoffs
 from helpers.common.errors import check_suffix, fail
 from helpers.common.files import atomic_write
 from models.factory import create_frontend

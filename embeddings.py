@@ -6,7 +6,7 @@
 The embedding is the model's pooled embedding (the global average of the last conv layer: 384
 values for width 0.4, 960 for 1.0, 1920 for 2.0), or with --layer N the global average of feature
 map N (0 stem, 1-15 blocks, 16 last conv). The .npz holds `filenames`, `embeddings` (n, D),
-`model`, `layer` and `sample_rate`; read it with helpers.embeddings.load_embeddings or np.load.
+`model`, `layer` and `sample_rate`; read it with helpers.inference.embeddings.load_embeddings or np.load.
 Exit code: 0 all files embedded, 1 some failed (the others are saved), 2 nothing embedded.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import sys
 from datasets.audio import AudioLoadError, find_audio_files
 from helpers.common.download import DownloadError
 from helpers.common.errors import check_suffix, fail
-from helpers.embeddings import embed_files, save_embeddings
-from helpers.tagging import build_tagger, select_device
+from helpers.inference.embeddings import embed_files, save_embeddings
+from helpers.inference.tagging import build_tagger, select_device
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -29,7 +29,7 @@ from helpers.common.errors import InputError, run_cli
 from helpers.common.files import atomic_write
 from helpers.common.labels import class_names
 from helpers.metrics import format_tagging_results, multilabel_metrics
-from helpers.tagging import build_tagger
+from helpers.inference.tagging import build_tagger
 from helpers.training import (DistInfo, DistributedWeightedSampler, Precision, RunLogger,
                               add_model_args, add_optimizer_args, add_preprocessing_args,
                               add_run_args, all_reduce_sum, save_epoch_weights,

@@ -22,8 +22,8 @@ import numpy as np
 from datasets.audio import AudioLoadError, load_audio
 from helpers.common.download import DownloadError
 from helpers.common.errors import check_suffix, fail
-from helpers.onnx_export import DEFAULT_OPSET, compare_with_torch, export_onnx
-from helpers.tagging import build_tagger, top_k
+from helpers.inference.onnx_export import DEFAULT_OPSET, compare_with_torch, export_onnx
+from helpers.inference.tagging import build_tagger, top_k
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -22,7 +22,7 @@ from datasets.audio import AudioLoadError, find_audio_files
 from helpers.common.download import DownloadError
 from helpers.common.errors import check_suffix, fail
 from helpers.common.files import atomic_write
-from helpers.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
+from helpers.inference.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -9,7 +9,7 @@ Recordings are streamed in blocks (memory does not grow with their length), cut 
 covered, however short), and each window is tagged. For every window the top tags are printed;
 --events writes the DCASE event list (filename,onset,offset,event_label,probability): hop-long
 segments where the overlap-weighted average of the windows' probabilities for a class reaches
---threshold, consecutive segments merged (see helpers/sed.py). Exit code: 0 all files analyzed,
+--threshold, consecutive segments merged (see helpers/inference/sed.py). Exit code: 0 all files analyzed,
 1 some failed, 2 nothing analyzed (bad arguments, unknown model, unreadable input).
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ from datasets.audio import AudioLoadError, find_audio_files
 from helpers.common.download import DownloadError
 from helpers.common.errors import check_suffix, fail
 from helpers.common.files import atomic_write
-from helpers.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
+from helpers.inference.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
                          tag_windows, window_samples)
-from helpers.tagging import Tagger, build_tagger, select_device, top_k
+from helpers.inference.tagging import Tagger, build_tagger, select_device, top_k
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

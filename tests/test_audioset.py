@@ -372,7 +372,7 @@ def test_torchrun_two_processes_match_single_process_evaluation(audioset_dir, tm
 
 def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys):
     from sklearn.metrics import average_precision_score, roc_auc_score
-    from helpers.tagging import build_tagger
+    from helpers.inference.tagging import build_tagger
 
     metro = shared_path("audio", "metro_station-paris.wav")
     audio = tmp_path / "audio"

@@ -1,4 +1,4 @@
-"""helpers/files.py: atomic writes leave either the complete new file or the old state."""
+"""helpers/common/files.py: atomic writes leave either the complete new file or the old state."""
 from __future__ import annotations
 
 import os

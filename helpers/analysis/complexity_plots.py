@@ -1,5 +1,5 @@
 """Performance-complexity figures: published AudioSet mAP against parameters, MACs and analytical
-peak memory, from the rows of `helpers.complexity.registry_costs`.
+peak memory, from the rows of `helpers.analysis.complexity.registry_costs`.
 
 Rendered with matplotlib's object-oriented API (Agg canvas), so no display and no global backend
 state are involved.

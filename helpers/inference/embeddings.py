@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from helpers.common.files import atomic_write
-from helpers.tagging import Tagger, run_on_files
+from helpers.inference.tagging import Tagger, run_on_files
 
 
 def embed_files(tagger: Tagger, files: Sequence[Path], layer: Optional[int] = None,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from helpers.tagging import Tagger
+from helpers.inference.tagging import Tagger
 from helpers.training import load_checkpoint, load_finetuned
 from models.factory import create_model, frontend_kwargs
 from models.preprocess import AugmentMelSTFT
