@@ -24,7 +24,8 @@ from datasets.hdf5 import Mp3HDF5, Mp3HDF5Writer, decode_mp3, encode_mp3, pack_t
 from datasets.prepare_hdf5 import main as prepare_main
 from helpers.common.errors import InputError, run_cli
 from helpers.metrics import multilabel_metrics
-from helpers.training import DistributedWeightedSampler, load_checkpoint
+from helpers.training.data import DistributedWeightedSampler
+from models.checkpoint import load_checkpoint
 from tests.conftest import REPO, shared_path
 from tests.test_training_helpers import one_thread  # noqa: F401  (autouse fixture)
 
@@ -327,7 +328,7 @@ def test_dymn_training_updates_temperature(audioset_dir, tmp_path, capsys):
     assert _run(args, capsys)[0] == 0
     state = load_checkpoint(out / "last.pt")
     assert state["model_config"]["family"] == "dymn" and state["model_config"]["T_max"] == 30.0
-    from helpers.training import model_from_config
+    from models.factory import model_from_config
     model = model_from_config(state["model_config"], load_pretrained=False, epoch=state["epoch"])
     assert {m.temperature for m in model.modules() if hasattr(m, "temperature")} == {29.0}
     assert "distillation_loss" not in _log(out)[0]

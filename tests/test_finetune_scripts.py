@@ -16,7 +16,8 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 
 from datasets import custom, esc50, fsd50k, openmic
 from helpers.common.errors import run_cli
-from helpers.training import load_finetuned, mel
+from helpers.training.evaluation import mel
+from models.checkpoint import load_finetuned
 from models.preprocess import AugmentMelSTFT
 from tests.datagen import make_custom, make_dcase20, make_esc50, make_fsd50k, make_openmic
 
