@@ -12,6 +12,7 @@ forward_head, reset_classifier, update_params).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -27,12 +28,17 @@ FRONTEND_DEFAULTS = {"n_mels": 128, "sr": 32000, "win_length": 800, "hopsize": 3
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: `build` is its get_model; `options(arch, settings)` gives the
+    """A model family: `label` its display name, `build` its get_model; `options(arch, settings)` gives the
     family-specific entries of a model configuration and `build_options(config)` the
     family-specific keyword arguments of `build` for one."""
+    label: str
     build: Callable[..., nn.Module]
     options: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]
     build_options: Callable[[Mapping[str, Any]], dict[str, Any]]
+
+    def accepts(self, argument: str) -> bool:
+        """Whether `build` takes this keyword argument (e.g. se_dims: MN only)."""
+        return argument in inspect.signature(self.build).parameters
 
 
 def _mn_options(arch: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -46,19 +52,23 @@ def _dymn_options(arch: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[
 
 
 FAMILIES: dict[str, Family] = {
-    "mn": Family(get_mn, _mn_options, lambda c: {"se_dims": c["se_dims"]}),
-    "dymn": Family(get_dymn, _dymn_options,
+    "mn": Family("MN", get_mn, _mn_options, lambda c: {"se_dims": c["se_dims"]}),
+    "dymn": Family("DyMN", get_dymn, _dymn_options,
                    lambda c: {"use_dy_blocks": c["use_dy_blocks"], "T_max": c["T_max"],
                               "pretrain_final_temp": c["T_max"]}),
 }
 
 
+DEFAULT_FAMILY = "mn"  # of names without a family prefix (and of no name)
+
+
 def family_of(name: Optional[str]) -> str:
-    """The family of a registry name, else of a name's prefix ("dymn04" -> "dymn"); "mn" by default."""
+    """The family of a registry name, else of a name's prefix ("dymn04" -> "dymn"); DEFAULT_FAMILY
+    otherwise."""
     if name in REGISTRY:
         return REGISTRY[name].family
     prefixes = sorted((f for f in FAMILIES if name and name.startswith(f)), key=len, reverse=True)
-    return prefixes[0] if prefixes else "mn"
+    return prefixes[0] if prefixes else DEFAULT_FAMILY
 
 
 def create_model(name: str, num_classes: int = 527, pretrained: bool = True, **kwargs: Any) -> nn.Module:

@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from helpers.common.files import atomic_write
+from models.factory import DEFAULT_FAMILY, FAMILIES
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ class Point:
 
 
 def series_of(row: dict[str, Any]) -> str:
-    if row["family"] == "dymn":
-        return "DyMN"
+    label = FAMILIES[row["family"]].label
+    if label != FAMILIES[DEFAULT_FAMILY].label:
+        return label
     if row["head_type"] == "fully_convolutional":
         return "MN, fully convolutional head"
     if (row["n_mels"], row["frames"]) != (128, 1000):
