@@ -2,7 +2,7 @@
 
 Items are the NamedTuples of `datasets.items` (fields `waveform`, `target`, ...); the wrappers
 replace the waveform (and, when mixing, the target and mask) and pass every other field through. Random draws use
-the torch and NumPy global RNGs, which `helpers.training.worker_init_fn` seeds per worker.
+the torch and NumPy global RNGs, which `helpers.training.seeding.worker_init_fn` seeds per worker.
 """
 from __future__ import annotations
 

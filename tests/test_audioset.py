@@ -121,7 +121,7 @@ def test_bad_row_replaced_logged_once_and_counted(audioset_dir, caplog):
 def test_bad_rows_are_counted_across_workers(audioset_dir):
     ds = AudioSetDataset([audioset_dir / UNBALANCED_FILE], clip_length=0.25)
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
-    names = [n for batch in loader for n in batch[1]]
+    names = [n for batch in loader for n in batch.name]
     assert "unb00000004" not in names and len(names) == 12
     assert ds.take_bad_count() == 1 and ds.bad_indices().tolist() == [4]
 

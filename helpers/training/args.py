@@ -154,7 +154,7 @@ def finetune_parser(description: str, experiment_name: str, batch_size: int, lr:
     """The arguments every fine-tuning script has, with the original's defaults where the scripts
     differ (run name, batch size, learning rate) and where they agree (80 epochs, warm-up 10,
     ramp-down from epoch 10 over 65 epochs, gain 12 dB, roll and waveform mixing on): the
-    `helpers.training` groups (run, model, optimization, preprocessing), --pretrained_name, and
+    argument groups above (run, model, optimization, preprocessing), --pretrained_name, and
     the fine-tuning data group: --cache_path, --no_roll, --no_wavmix, --gain_augment and
     --checkpoint (evaluate a fine-tuned checkpoint instead of training)."""
     parser = argparse.ArgumentParser(description=description)
