@@ -35,11 +35,11 @@ from helpers.training.args import (add_model_args, add_optimizer_args, add_prepr
                                    resolve_dataset_dir, resolve_out_dir)
 from helpers.training.data import DistributedWeightedSampler
 from helpers.training.distributed import DistInfo, all_reduce_sum, gather_cat, setup_distributed
-from helpers.training.evaluation import model_for_evaluation, predict
+from helpers.training.evaluation import predict
 from helpers.training.loop import fine_tune
 from helpers.training.mixup import mix, mixup
 from helpers.training.tasks import LossFn, Task, tagging_metrics
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, load_finetuned
 from models.factory import model_from_config
 from models.preprocess import AugmentMelSTFT
 
@@ -105,17 +105,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def audioset_task(args: argparse.Namespace, dist: DistInfo, teacher: Optional[TeacherPredictions] = None,
                   sampler: Optional[DistributedWeightedSampler] = None,
-                  datasets: Sequence[AudioSetDataset] = ()) -> Task:
-    """AudioSet as a task of the training loop: 527 classes, the distillation loss, mAP selection,
-    class-balanced sampling; after each epoch the undecodable rows of `datasets` are counted
-    (logged as bad_rows) and the main process prints the mAP / ROC / d' lines."""
+                  datasets: Sequence[AudioSetDataset] = (), names: Optional[list[str]] = None) -> Task:
+    """AudioSet as a task of the training loop: the 527 classes (`names`, default: the label
+    table), the distillation loss, mAP selection, class-balanced sampling; after each epoch the
+    undecodable rows of `datasets` are counted (logged as bad_rows) and the main process prints
+    the mAP / ROC / d' lines."""
     def epoch_end(epoch: int, metrics: dict[str, float]) -> dict[str, int]:
         bad_rows = sum(all_reduce_sum(d.take_bad_count(), dist) for d in datasets)
         if metrics:
             print(format_tagging_results(metrics) + (f"\n  ({bad_rows} undecodable clips)" if bad_rows else ""))
         return {"bad_rows": bad_rows}
 
-    return Task("as", class_names(), multilabel=True, loss_fn=distillation_loss_fn(args, teacher),
+    return Task("as", class_names() if names is None else names, multilabel=True, loss_fn=distillation_loss_fn(args, teacher),
                 metrics_fn=tagging_metrics, selection="mAP", metric_tag="mAP", project=WANDB_PROJECT,
                 tags=WANDB_TAGS, notes="AudioSet training by knowledge distillation", sampler=sampler,
                 epoch_end=epoch_end, report=print)
@@ -199,11 +200,13 @@ def model_from_state_dict(args: argparse.Namespace, path: str) -> tuple[torch.nn
     return model, AugmentMelSTFT(**frontend_config_from_args(args))
 
 
-def model_to_evaluate(args: argparse.Namespace, task: Task, dist: DistInfo) -> tuple[torch.nn.Module, AugmentMelSTFT, str]:
+def model_to_evaluate(args: argparse.Namespace, dist: DistInfo) -> tuple[torch.nn.Module, AugmentMelSTFT, str]:
     """(model, frontend, title): --checkpoint (a training checkpoint or a bare state dict), or a
     released model or ensemble with its frontend, as inference.py builds them."""
-    if args.checkpoint and "model_config" in load_checkpoint(args.checkpoint, mmap=True):
-        return model_for_evaluation(args.checkpoint, args, task, dist)
+    state = load_checkpoint(args.checkpoint, mmap=True) if args.checkpoint else {}
+    if "model_config" in state:  # a checkpoint written by --train
+        model, settings, _, _ = load_finetuned(args.checkpoint, state)
+        return model, AugmentMelSTFT(**settings), args.checkpoint
     if args.checkpoint:
         return (*model_from_state_dict(args, args.checkpoint), args.checkpoint)
     try:
@@ -217,8 +220,8 @@ def model_to_evaluate(args: argparse.Namespace, task: Task, dist: DistInfo) -> t
 def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
     """Evaluate a model on the AudioSet eval set; print mAP / ROC / d' (optionally save predictions)."""
     dataset_dir = resolve_dataset_dir(args.dataset_dir, DATASET_ENV, [EVAL_FILE])
-    task = audioset_task(args, dist)
-    model, frontend, title = model_to_evaluate(args, task, dist)
+    task = audioset_task(args, dist, names=[])  # evaluation needs no class names
+    model, frontend, title = model_to_evaluate(args, dist)
     frontend, model = frontend.to(dist.device).eval(), model.to(dist.device).eval()
     # the original evaluates under fp16 autocast on CUDA
     args.precision = args.precision or ("fp16" if dist.device.type == "cuda" else "fp32")
