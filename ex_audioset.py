@@ -116,7 +116,8 @@ def audioset_task(args: argparse.Namespace, dist: DistInfo, teacher: Optional[Te
             print(format_tagging_results(metrics) + (f"\n  ({bad_rows} undecodable clips)" if bad_rows else ""))
         return {"bad_rows": bad_rows}
 
-    return Task("as", class_names() if names is None else names, multilabel=True, loss_fn=distillation_loss_fn(args, teacher),
+    return Task("as", class_names() if names is None else names, multilabel=True,
+                loss_fn=distillation_loss_fn(args, teacher),
                 metrics_fn=tagging_metrics, selection="mAP", metric_tag="mAP", project=WANDB_PROJECT,
                 tags=WANDB_TAGS, notes="AudioSet training by knowledge distillation", sampler=sampler,
                 epoch_end=epoch_end, report=print)

@@ -68,7 +68,8 @@ def write_results(args: argparse.Namespace, tagger: Tagger, files: list[Path], r
     with atomic_write(out, newline="", encoding="utf-8") as f:
         if out.suffix.lower() == ".json":
             json.dump({"model": tagger.name, "sample_rate": tagger.sample_rate,
-                       "results": [{"file": str(p), "tags": ranked(results[p], tagger, args)} for p in files if p in results],
+                       "results": [{"file": str(p), "tags": ranked(results[p], tagger, args)}
+                                   for p in files if p in results],
                        "errors": [{"file": str(p), "error": msg} for p, msg in errors.items()]},
                       f, indent=2)
         else:

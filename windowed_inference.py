@@ -75,7 +75,8 @@ def load(args: argparse.Namespace) -> tuple[list[Path], Tagger]:
     return files, tagger
 
 
-def tag_files(args: argparse.Namespace, files: list[Path], tagger: Tagger) -> tuple[list[WindowPredictions], list[Event], int]:
+def tag_files(args: argparse.Namespace, files: list[Path],
+              tagger: Tagger) -> tuple[list[WindowPredictions], list[Event], int]:
     """Tag every recording window by window, printing each window's top tags as the original
     does; returns (predictions, events, number of unreadable files)."""
     results: list[WindowPredictions] = []

@@ -3,8 +3,9 @@ used for knowledge distillation.
 
 Files in the dataset folder (built by the PaSST preparation scripts or `python -m
 datasets.prepare_hdf5`): balanced_train_segments_mp3.hdf, unbalanced_train_segments_mp3.hdf,
-eval_segments_mp3.hdf. Items are (waveform (1, L) float32 tensor, YouTube ID, target (527) float32
-tensor, row index) as `datasets.items.IndexedClip`. The training set is the balanced file followed by the unbalanced one.
+eval_segments_mp3.hdf. Items are `datasets.items.IndexedClip`s (waveform (1, L) float32 tensor,
+YouTube ID, target (527) float32 tensor, row index). The training set is the balanced file
+followed by the unbalanced one.
 
 A row whose mp3 cannot be decoded is logged once (file, row, name) and counted; for training it is
 replaced by the next decodable row, so it never enters a batch, and for evaluation it is returned

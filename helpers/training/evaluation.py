@@ -46,10 +46,10 @@ def evaluate(model: nn.Module, frontend: nn.Module, loader: DataLoader, precisio
     """Run the whole evaluation set once (eval mode, autocast per `precision`) and return
     `Predictions` (logits as float32, batch.target, batch.mask where the items have one)
     concatenated over all ranks in dataset order, on the CPU. `keep_fn(batch)` (optional) returns
-    a boolean mask of the rows to keep (e.g. `datasets.items.is_valid`: drop undecodable clips). The model runs unwrapped,
-    so ranks with different shard lengths never wait for each other inside the loop; its buffers
-    (BatchNorm statistics, which each rank updates on its own last batch) are first copied from
-    rank 0, so every rank evaluates the model rank 0 saves."""
+    a boolean mask of the rows to keep (e.g. `datasets.items.is_valid`: drop undecodable clips).
+    The model runs unwrapped, so ranks with different shard lengths never wait for each other
+    inside the loop; its buffers (BatchNorm statistics, which each rank updates on its own last
+    batch) are first copied from rank 0, so every rank evaluates the model rank 0 saves."""
     net = unwrap(model)
     net.eval()
     frontend.eval()
