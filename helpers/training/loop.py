@@ -68,8 +68,8 @@ def train_one_epoch(model: nn.Module, frontend: nn.Module, loader: DataLoader,
                     optimizer: torch.optim.Optimizer, loss_fn: LossFn, precision: Precision,
                     dist: DistInfo, epoch: int, progress: bool = True) -> dict[str, float]:
     """One pass over `loader` in train mode (model and frontend). For each batch (a NamedTuple
-    with a `waveform` field): spectrograms under autocast, `loss_fn(model, x, batch)` -> {"loss": tensor, ...},
-    backward and step. Returns the mean over batches of every returned value, averaged over ranks.
+    with a `waveform` field): spectrograms under autocast, `loss_fn(model, x, batch)` ->
+    {"loss": tensor, ...}, backward and step. Returns the mean over batches of every returned value, averaged over ranks.
     Calls the sampler's set_epoch(epoch) first when it has one."""
     model.train()
     frontend.train()
