@@ -3,13 +3,14 @@ used for knowledge distillation.
 
 Files in the dataset folder (built by the PaSST preparation scripts or `python -m
 datasets.prepare_hdf5`): balanced_train_segments_mp3.hdf, unbalanced_train_segments_mp3.hdf,
-eval_segments_mp3.hdf. Items are (waveform (1, L) float32 tensor, YouTube ID, target (527) float32
-tensor, row index). The training set is the balanced file followed by the unbalanced one.
+eval_segments_mp3.hdf. Items are `datasets.items.IndexedClip`s (waveform (1, L) float32 tensor,
+YouTube ID, target (527) float32 tensor, row index). The training set is the balanced file
+followed by the unbalanced one.
 
 A row that cannot be used (undecodable mp3, unreadable HDF5 data, NaN or infinite samples) is
 logged once (file, row, name) and counted; for training it is replaced by the next usable row, so
 it never enters a batch, and for evaluation it is returned as silence with row index -1 so that the
-evaluation can drop it (`is_valid`; see `datasets.badclips`).
+evaluation can drop it (`datasets.items.is_valid`; see `datasets.badclips`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from datasets.audio import check_finite
 from datasets.augment import decimate, fit_length, random_gain
 from datasets.badclips import BadClips, CountsBadClips, row_error
 from datasets.hdf5 import CorruptRowError, Mp3DecodeError, Mp3HDF5, decode_mp3, unpack_targets
-from helpers.errors import InputError
+from datasets.items import IndexedClip, is_valid  # noqa: F401  (is_valid: re-exported)
+from helpers.common.errors import InputError
 
 NUM_CLASSES = 527
 SAMPLE_RATE = 32000
@@ -97,30 +99,25 @@ class AudioSetDataset(CountsBadClips, Dataset):
         waveform = decimate(waveform, SAMPLE_RATE, self.resample_rate)
         return torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)).unsqueeze(0)
 
-    def _read(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+    def _read(self, index: int) -> IndexedClip:
         f, row = self._locate(index)
         try:
             target = torch.from_numpy(unpack_targets(f.target(row), NUM_CLASSES))
-            return self._waveform(f, row), normalize_name(f.name(row)), target, index
+            return IndexedClip(self._waveform(f, row), normalize_name(f.name(row)), target, index)
         except (Mp3DecodeError, CorruptRowError) as e:
             raise row_error(f, row, e) from None
 
-    def _placeholder(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+    def _placeholder(self, index: int) -> IndexedClip:
         f, row = self._locate(index)
         try:
             name, target = normalize_name(f.name(row)), unpack_targets(f.target(row), NUM_CLASSES)
         except CorruptRowError:
             name, target = "", np.zeros(NUM_CLASSES, dtype=np.float32)
         length = len(decimate(np.zeros(self.clip_samples), SAMPLE_RATE, self.resample_rate))
-        return torch.zeros(1, length), name, torch.from_numpy(target), -1
+        return IndexedClip(torch.zeros(1, length), name, torch.from_numpy(target), -1)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> IndexedClip:
         return self.bad.get(index, self._read, self._placeholder)
-
-
-def is_valid(batch: Sequence) -> torch.Tensor:
-    """Rows of an evaluation batch that hold a decoded clip (row index >= 0)."""
-    return torch.as_tensor(batch[3]) >= 0
 
 
 def sample_weights(packed_targets: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -191,7 +188,7 @@ class TeacherPredictions:
 def teacher_paths(preds: Optional[str], index: Optional[str]) -> tuple[Path, Path]:
     """The teacher files: the given paths, or the released files in the model cache (downloaded on
     first use, ~4 GB for the logits)."""
-    from helpers.download import cached_file  # network access only on this path
+    from helpers.common.download import cached_file  # network access only on this path
 
     preds_path = Path(preds) if preds else cached_file(TEACHER_PREDS_FILE, TEACHER_URL + TEACHER_PREDS_FILE)
     index_path = Path(index) if index else cached_file(FNAME_TO_INDEX_FILE, TEACHER_URL + FNAME_TO_INDEX_FILE)

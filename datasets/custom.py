@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from datasets.files import AudioFileDataset, check_files_exist, make_cache, read_table
-from helpers.errors import InputError
+from helpers.common.errors import InputError
 
 logger = logging.getLogger(__name__)
 

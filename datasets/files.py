@@ -22,7 +22,8 @@ from datasets.audio import load_audio
 from datasets.augment import fit_length
 from datasets.badclips import BadClips, CountsBadClips
 from datasets.cache import WaveformCache, file_signature
-from helpers.errors import InputError
+from datasets.items import IndexedClip
+from helpers.common.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def check_files_exist(files: Sequence[Path], table: Path) -> None:
 class AudioFileDataset(CountsBadClips, Dataset):
     """Clips read with the project's audio loader, mono at `sample_rate`.
 
-    Items are (waveform (1, L) float32 tensor, name, target float32 tensor, index). With
+    Items are `datasets.items.IndexedClip` (waveform (1, L) float32 tensor, name, target float32
+    tensor, index). With
     `clip_samples` every waveform is padded or cut to that length: from the start, or from a
     random offset when `random_crop` (training on clips longer than the model's input). `cache`
     keeps the decoded, resampled waveforms on disk. A file that cannot be read (or holds NaN or
@@ -118,13 +120,14 @@ class AudioFileDataset(CountsBadClips, Dataset):
             wave = fit_length(wave, self.clip_samples, self.random_crop)
         return torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).unsqueeze(0)
 
-    def _read(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
-        return self._fit(self.waveform(index)), self.names[index], self.targets[index], index
+    def _read(self, index: int) -> IndexedClip:
+        return IndexedClip(self._fit(self.waveform(index)), self.names[index], self.targets[index], index)
 
-    def _placeholder(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
-        return self._fit(np.zeros(self.clip_samples or self.sample_rate)), self.names[index], self.targets[index], -1
+    def _placeholder(self, index: int) -> IndexedClip:
+        silence = self._fit(np.zeros(self.clip_samples or self.sample_rate))
+        return IndexedClip(silence, self.names[index], self.targets[index], -1)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> IndexedClip:
         return self.bad.get(index, self._read, self._placeholder)
 
 

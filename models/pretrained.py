@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from helpers.download import cached_file
+from helpers.common.download import cached_file
 
 logger = logging.getLogger(__name__)
 
@@ -186,11 +186,11 @@ def load_state_dict(name: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{e}; delete it and run again to download {name} anew") from None
 
 
-def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], name: str, ignored: set[str]) -> None:
-    """One-line ValueError naming the cached file unless `state` (apart from `ignored` keys) has
-    exactly the model's keys and shapes: the file in the cache is not the released one."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if k not in ignored}
-    given = {k: v.shape for k, v in state.items() if k not in ignored}
+def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """One-line ValueError naming the cached file unless `state` has exactly the model's keys and
+    shapes: the file in the cache is not the released one."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    given = {k: v.shape for k, v in state.items()}
     missing, unexpected = expected.keys() - given.keys(), given.keys() - expected.keys()
     reshaped = [k for k in expected.keys() & given.keys() if expected[k] != given[k]]
     if missing or unexpected or reshaped:
@@ -200,23 +200,20 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], name: str, ign
 
 
 def load_pretrained_weights(model: nn.Module, name: str) -> None:
-    """Load checkpoint `name` strictly into `model`. If the model has another number of classes,
-    the checkpoint's last classifier layer (mlp head) or whole classifier (other heads) is left
-    out and stays freshly initialized; everything else must still match exactly."""
+    """Load checkpoint `name` into `model` (an MN or DyMN built with the checkpoint's architecture):
+    the classifier is first sized to the checkpoint's classes, the weights are loaded strictly,
+    and a model built for another number of classes then gets a fresh classifier for it (logged)."""
     state = load_state_dict(name)
-    if "classifier.5.bias" in state:
-        ckpt_classes, head_prefix = state["classifier.5.bias"].shape[0], "classifier.5."
-    elif "classifier.1.bias" in state:
-        ckpt_classes, head_prefix = state["classifier.1.bias"].shape[0], "classifier."
-    else:
-        ckpt_classes, head_prefix = None, "classifier."
-    num_classes = getattr(model, "num_classes", None)
-    if ckpt_classes is None or ckpt_classes == num_classes:
-        _check_fits(model, state, name, set())
-        model.load_state_dict(state)
-        return
-    dropped = {k for k in state if k.startswith(head_prefix)}
-    _check_fits(model, state, name, dropped | {k for k in model.state_dict() if k.startswith(head_prefix)})
-    model.load_state_dict({k: v for k, v in state.items() if k not in dropped}, strict=False)
-    logger.info("%s: classifier for %d classes replaced by a new one with %d classes (%s re-initialized)",
-                name, ckpt_classes, num_classes, ", ".join(sorted(dropped)))
+    num_classes = model.num_classes
+    try:
+        ckpt_classes = model.classes_in(state)
+    except KeyError:  # no classifier of this architecture: _check_fits says so
+        ckpt_classes = num_classes
+    if ckpt_classes != num_classes:
+        model.reset_classifier(ckpt_classes)
+    _check_fits(model, state, name)
+    model.load_state_dict(state)
+    if ckpt_classes != num_classes:
+        replaced = model.reset_classifier(num_classes)
+        logger.info("%s: classifier for %d classes replaced by a new one with %d classes (%s re-initialized)",
+                    name, ckpt_classes, num_classes, ", ".join(replaced))

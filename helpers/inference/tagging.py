@@ -21,8 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from datasets.audio import AudioLoadError, stream_audio
-from helpers.labels import label_table
-from helpers.training import load_finetuned
+from helpers.common.labels import label_table
+from models.checkpoint import load_finetuned
 from models.ensemble import EnsembleModel, ensemble_frontend_kwargs, get_ensemble_model
 from models.factory import create_model, frontend_kwargs
 from models.preprocess import AugmentMelSTFT
@@ -102,7 +102,7 @@ class Tagger:
     def _members(self) -> list[nn.Module]:
         members = list(self.model.models) if isinstance(self.model, EnsembleModel) else [self.model]
         for m in members:
-            if getattr(m, "head_type", "mlp") not in POOLING_HEADS:
+            if m.head_type not in POOLING_HEADS:
                 raise ValueError(f"a {m.head_type} head cannot combine chunks: recordings longer than "
                                  f"{CHUNK_SECONDS:g} s cannot be tagged with this model")
         return members
@@ -123,7 +123,7 @@ class Tagger:
             with self._autocast():
                 spec = self.frontend(_batch(chunk).to(self.device)).unsqueeze(1)
                 for k, member in enumerate(members):
-                    fmaps = member(spec, return_fmaps=True)[1]
+                    fmaps = member.forward_features(spec, return_fmaps=True)
                     maps = [fmaps[-1]] + ([fmaps[layer]] if layer is not None and k == 0 else [])
                     for slot, fmap in zip((k, len(members)), maps):
                         total = fmap.float().sum(dim=(2, 3))
@@ -133,7 +133,7 @@ class Tagger:
             raise ValueError("no audio to tag")
         means = [s / c if s is not None else None for s, c in zip(sums, counts)]
         with self._autocast():
-            logits = torch.stack([m.classifier(mean[:, :, None, None]).flatten(1).float()
+            logits = torch.stack([m.forward_head(mean[:, :, None, None]).float()
                                   for m, mean in zip(members, means)]).mean(dim=0)
         if isinstance(self.model, EnsembleModel):
             return logits, logits

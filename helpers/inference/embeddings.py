@@ -3,7 +3,7 @@
 The embedding of a clip is the model's pooled embedding (global average of the last conv output,
 as returned with the logits), or, for another `layer`, the global average over frequency and time
 of that feature map. Each file is embedded whole (recordings longer than
-`helpers.tagging.CHUNK_SECONDS` chunk by chunk, see `Tagger.forward_chunks`); files of equal
+`helpers.inference.tagging.CHUNK_SECONDS` chunk by chunk, see `Tagger.forward_chunks`); files of equal
 length are batched.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from helpers.files import atomic_write
-from helpers.tagging import Tagger, run_on_files
+from helpers.common.files import atomic_write
+from helpers.inference.tagging import Tagger, run_on_files
 
 
 def embed_files(tagger: Tagger, files: Sequence[Path], layer: Optional[int] = None,
