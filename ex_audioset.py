@@ -30,7 +30,7 @@ from helpers.common.files import atomic_write
 from helpers.common.labels import class_names
 from helpers.inference.tagging import build_tagger
 from helpers.metrics import format_tagging_results, multilabel_metrics
-from helpers.training.args import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
+from helpers.training.args import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args, check_args,
                                    frontend_config_from_args, frontend_overrides, model_config_from_args,
                                    resolve_dataset_dir, resolve_out_dir)
 from helpers.training.data import DistributedWeightedSampler
@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--ensemble, --checkpoint and --save_predictions are for evaluation (without --train)")
     if not 0.0 <= args.kd_lambda <= 1.0:
         parser.error(f"--kd_lambda must be in [0, 1], got {args.kd_lambda}")
+    check_args(args)
     return args
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 from datasets import custom
 from helpers.common.errors import InputError, run_cli
-from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
 from helpers.training.evaluation import evaluate_model, model_for_evaluation
 from helpers.training.loop import fine_tune
@@ -47,6 +47,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     g.add_argument("--val_fraction", type=float, default=0.2,
                    help="share of clips held out for validation when the CSV has no split or fold column")
     args = parser.parse_args(argv)
+    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     root = resolve_dataset_dir(args.dataset_dir, custom.ENV_VAR)

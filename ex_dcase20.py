@@ -18,7 +18,7 @@ import torch
 from datasets import dcase20
 from datasets.items import Clip
 from helpers.common.errors import run_cli
-from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
 from helpers.training.evaluation import evaluate_model, model_for_evaluation
 from helpers.training.loop import fine_tune
@@ -33,6 +33,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="probability of frequency-wise MixStyle per batch (replaces mixup)")
     parser.add_argument("--mixstyle_alpha", type=float, default=0.4)
     args = parser.parse_args(argv)
+    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     root = resolve_dataset_dir(args.dataset_dir, dcase20.ENV_VAR)

@@ -18,7 +18,7 @@ from typing import Optional
 from datasets import fsd50k
 from helpers.common.errors import InputError, run_cli
 from helpers.metrics import format_tagging_results
-from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
 from helpers.training.evaluation import evaluate_model, model_for_evaluation
 from helpers.training.loop import fine_tune
@@ -32,6 +32,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--variable_eval_length", action="store_true",
                         help="evaluate whole clips (batch size 1) instead of 10-s crops")
     args = parser.parse_args(argv)
+    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.train and args.checkpoint:
         raise InputError("--checkpoint is for evaluation only; drop it or --train")

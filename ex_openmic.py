@@ -17,7 +17,7 @@ from typing import Optional
 from datasets import openmic
 from helpers.common.errors import InputError, run_cli
 from helpers.metrics import format_tagging_results
-from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
 from helpers.training.evaluation import evaluate_model, model_for_evaluation
 from helpers.training.loop import fine_tune
@@ -29,6 +29,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                              lr=1e-5, dataset_env=openmic.ENV_VAR)
     parser.add_argument("--train", action="store_true", help="fine-tune (without it: evaluate only)")
     args = parser.parse_args(argv)
+    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.train and args.checkpoint:
         raise InputError("--checkpoint is for evaluation only; drop it or --train")

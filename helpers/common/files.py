@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from helpers.common.errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
@@ -37,3 +39,31 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as f:
         yield f
+
+
+def check_output(path: str | os.PathLike, option: str) -> None:
+    """InputError unless a file can be written at `path` (given as `option`): it is not a
+    folder, no folder on its way is a file, and a file can be created in the nearest existing
+    folder (tried, then removed). Scripts call this before their work starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: {option} is a folder, not a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{path}: {option} lies under {folder}, which is a file")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f"{path}: {option} cannot be written ({e.strerror or e} in {folder})") from None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files `atomic_path` leaves in `folder` when a process is killed while
+    writing (.<name>.<random>.tmp); returns them. Call it where no other process writes."""
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -62,6 +63,8 @@ def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_si
                    help="autocast precision (default fp32)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint (default: <out_dir>/last.pt)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out_dir that holds an earlier run (its files are deleted)")
 
 
 def add_model_args(parser: argparse.ArgumentParser, model_name: str = "mn10_as",
@@ -118,6 +121,31 @@ def add_preprocessing_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fmax", type=float, default=None)
     g.add_argument("--fmin_aug_range", type=int, default=10)
     g.add_argument("--fmax_aug_range", type=int, default=2000)
+
+
+# flags whose values must be at least 1 / at least 0 / positive, where a script has them
+_AT_LEAST_ONE = ("batch_size", "n_epochs", "epoch_len")
+_NOT_NEGATIVE = ("num_workers", "weight_decay", "mixup_alpha", "warm_up_len", "ramp_down_start",
+                 "ramp_down_len", "last_lr_value", "gain_augment", "freqm", "timem")
+_POSITIVE = ("lr", "clip_length")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """InputError (one line naming the flag) for values no run can use: a batch size, epoch count
+    below 1, a negative worker count, a learning rate or clip length that is not a positive
+    number, ... Scripts call it right after parsing, before any work."""
+    values = vars(args)
+    lr_flag = "--max_lr" if "train" in values else "--lr"  # ex_audioset names the learning rate --max_lr
+    for names, ok, need in ((_AT_LEAST_ONE, lambda v: v >= 1, "at least 1"),
+                            (_NOT_NEGATIVE, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+                            (_POSITIVE, lambda v: math.isfinite(v) and v > 0, "a positive number")):
+        for name in names:
+            value = values.get(name)
+            if value is not None and not ok(value):
+                flag = lr_flag if name == "lr" else f"--{name}"
+                raise InputError(f"{flag} must be {need}, got {value}")
+    if values.get("resume") and values.get("overwrite"):
+        raise InputError("--resume continues a run and --overwrite starts it over: give one of them")
 
 
 def resolve_out_dir(args: argparse.Namespace) -> Path:

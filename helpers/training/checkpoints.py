@@ -2,6 +2,7 @@
 original's per-epoch weight files."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -9,9 +10,60 @@ import torch
 from torch import nn
 
 from helpers.common.errors import InputError
+from helpers.common.files import check_output, remove_stale_temporaries
 from helpers.training.distributed import unwrap
 from helpers.training.precision import Precision
 from models.checkpoint import CHECKPOINT_FORMAT, plain, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+# settings the optimizer and schedule state of a checkpoint were made with: resuming with other
+# values would keep the old ones while recording the new ones
+RESUME_FIXED = ("lr", "weight_decay", "adamw", "warm_up_len", "ramp_down_start", "ramp_down_len",
+                "last_lr_value")
+
+
+def prepare_run_folder(out_dir: Path, resume: Optional[str], overwrite: bool, is_main: bool) -> None:
+    """Before a run starts in `out_dir`: InputError if the folder holds an earlier run and neither
+    --resume nor --overwrite was given (nothing is touched), or if it cannot be written. With
+    --overwrite the earlier run's files are deleted; temporary files that interrupted saves left
+    behind are removed (by the main process)."""
+    earlier = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+    if earlier and not resume and not overwrite:
+        raise InputError(f"{out_dir} already holds a run ({', '.join(p.name for p in earlier)}): continue it "
+                         "with --resume, or start over with --overwrite (deletes it) or another --out_dir")
+    check_output(out_dir / RUN_FILES[0], "--out_dir")
+    if not is_main:
+        return
+    if overwrite:
+        for path in earlier + sorted(out_dir.glob("mn*_epoch_*.pt")):
+            path.unlink()
+        if earlier:
+            logger.info("--overwrite: deleted the earlier run in %s", out_dir)
+    for tmp in remove_stale_temporaries(out_dir):
+        logger.info("removed %s, left by an interrupted save", tmp)
+
+
+def check_resumable(state: Mapping[str, Any], path: Path, args: Mapping[str, Any], model_config: Mapping[str, Any],
+                    class_names: Sequence[str]) -> None:
+    """InputError naming what differs unless the run of checkpoint `state` (at `path`) had this
+    model, these classes and these optimizer / schedule settings (RESUME_FIXED); the number of
+    epochs may grow."""
+    if state.get("model_config") != plain(dict(model_config)):
+        theirs = state.get("model_config") or {}
+        diff = ", ".join(f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in plain(dict(model_config)).items()
+                         if theirs.get(k) != v)
+        raise InputError(f"{path}: --resume needs the run's model, which had {diff or 'another configuration'}")
+    if list(state.get("class_names") or []) != list(class_names):
+        raise InputError(f"{path}: --resume needs the run's classes ({len(state.get('class_names') or [])}), "
+                         f"not these {len(class_names)}")
+    config = state.get("config") or {}
+    changed = [f"--{k} {config[k]!r} (now {args[k]!r})" for k in RESUME_FIXED
+               if k in config and k in args and config[k] != plain(args[k])]
+    if changed:
+        raise InputError(f"{path}: the run was trained with {', '.join(changed)}; a resumed run keeps its "
+                         "optimizer and schedule settings: drop those flags, or start over with --overwrite")
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 from helpers.common.errors import InputError
 from helpers.training.args import frontend_config_from_args, model_config_from_args
-from helpers.training.checkpoints import restore_training_state, save_epoch_weights, training_state
+from helpers.training.checkpoints import (check_resumable, prepare_run_folder, restore_training_state,
+                                          save_epoch_weights, training_state)
 from helpers.training.data import eval_loader, train_loader
 from helpers.training.distributed import DistInfo, all_reduce_mean, unwrap, wrap_ddp
 from helpers.training.evaluation import evaluate, mel
@@ -149,6 +150,7 @@ def _resume(args: argparse.Namespace, run: Run, task: Task, paths: dict[str, Pat
         return 0, {}, {}, -1
     resume_path = paths["last"] if args.resume == "auto" else Path(args.resume)
     state = load_checkpoint(resume_path)
+    check_resumable(state, resume_path, vars(args), run.model_config, task.class_names)
     start = restore_training_state(state, run.model, run.optimizer, run.scheduler, run.precision, args.seed)
     best, best_epoch = {}, -1
     if paths["best"].is_file():
@@ -186,6 +188,7 @@ def fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set:
     """Train for args.n_epochs on `train_set`, evaluating on `val_set` after every epoch; see the
     module docstring for the files written. With --resume the run continues from
     <out_dir>/last.pt (or the given file)."""
+    prepare_run_folder(out_dir, args.resume, args.overwrite, dist.is_main)
     run = build_run(args, task, train_set, val_set, dist, eval_batch_size)
     paths = {"last": out_dir / "last.pt", "best": out_dir / "best.pt"}
     start, last, best, best_epoch = _resume(args, run, task, paths)
