@@ -24,7 +24,7 @@ from typing import Any, Optional
 from helpers.analysis.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
 from helpers.analysis.complexity_plots import plot_tradeoffs
 from helpers.common.errors import InputError, check_suffix, run_cli
-from helpers.common.files import atomic_write
+from helpers.common.files import atomic_write, check_output
 from models.factory import create_frontend
 from models.pretrained import get_entry
 
@@ -81,6 +81,10 @@ def registry_report(args: argparse.Namespace) -> None:
     check_suffix("--table", args.table, (".csv", ".json"))
     if args.plot and Path(args.plot).suffix.lower() not in ("", ".png"):
         raise InputError(f"{args.plot}: --plot takes a .png file or a folder")
+    if args.table:
+        check_output(args.table, "--table")
+    if args.plot:  # a .png, or a folder of them
+        check_output(args.plot if Path(args.plot).suffix else Path(args.plot, "map_vs_params.png"), "--plot")
     rows = registry_costs(args.bits_per_elem)
     if args.table:
         table = Path(args.table)

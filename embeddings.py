@@ -17,6 +17,7 @@ from typing import Optional
 
 from datasets.audio import AudioLoadError, find_audio_files
 from helpers.common.errors import DownloadError, InputError, check_suffix, run_cli
+from helpers.common.files import check_output
 from helpers.inference.embeddings import embed_files, save_embeddings
 from helpers.inference.tagging import build_tagger, select_device
 
@@ -35,6 +36,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.batch_size < 1:
         raise InputError("--batch_size must be at least 1")
     check_suffix("--output", args.output, (".npz",))
+    check_output(args.output, "--output")
     if args.layer is not None and not -17 <= args.layer <= 16:
         raise InputError(f"--layer must be in -17..16 (17 feature maps), got {args.layer}")
     return args

@@ -26,7 +26,7 @@ from datasets.audioset import (BALANCED_FILE, DATASET_ENV, EVAL_FILE, UNBALANCED
 from datasets.augment import RollDataset, WavMixDataset
 from datasets.items import IndexedClip
 from helpers.common.errors import InputError, run_cli
-from helpers.common.files import atomic_write
+from helpers.common.files import atomic_write, check_output
 from helpers.common.labels import class_names
 from helpers.inference.tagging import build_tagger
 from helpers.metrics import format_tagging_results, multilabel_metrics
@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 <= args.kd_lambda <= 1.0:
         parser.error(f"--kd_lambda must be in [0, 1], got {args.kd_lambda}")
     check_args(args)
+    if args.save_predictions:
+        check_output(args.save_predictions, "--save_predictions")
     return args
 
 
@@ -234,17 +236,17 @@ def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
     if not dist.is_main:
         return
     metrics = multilabel_metrics(targets.numpy(), logits.numpy())
-    if args.save_predictions:
-        names = [n for i, n in enumerate(eval_set.names()) if i not in bad_rows]
-        with atomic_write(args.save_predictions, "wb") as f:
-            np.savez(f, names=np.array(names), logits=logits.numpy(), targets=targets.numpy())
     print(f"Results on AudioSet test split for loaded model: {title}")
     print(format_tagging_results(metrics))
     if bad_rows:
-        print(f"  ({len(bad_rows)} undecodable clips left out)")
+        print(f"  ({len(bad_rows)} unusable clips left out)")
     if metrics["ap_classes"] < targets.shape[1]:
         print(f"  ({metrics['ap_classes']} of {targets.shape[1]} classes have positive clips and "
               f"count in mAP, {metrics['roc_classes']} in ROC)")
+    if args.save_predictions:  # after printing: a failing write loses no results
+        names = [n for i, n in enumerate(eval_set.names()) if i not in bad_rows]
+        with atomic_write(args.save_predictions, "wb") as f:
+            np.savez(f, names=np.array(names), logits=logits.numpy(), targets=targets.numpy())
 
 
 if __name__ == "__main__":

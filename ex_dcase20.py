@@ -13,6 +13,7 @@ import logging
 import sys
 from typing import Optional
 
+import numpy as np
 import torch
 
 from datasets import dcase20
@@ -51,8 +52,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     def metrics_fn(logits: torch.Tensor, targets: torch.Tensor, mask: None = None) -> dict[str, float]:
         metrics = classification_metrics(logits, targets)
         correct = (logits.argmax(1) == targets.argmax(1)).numpy()
+        devices = np.delete(test_set.devices, test_set.bad_indices())  # unusable clips are left out
+        if len(devices) != len(correct):  # other processes left out clips this one has not seen
+            logging.warning("per-device accuracy left out: %d evaluation clips were unusable",
+                            len(test_set) - len(correct))
+            return metrics
         for k, device in enumerate(test_set.device_names):
-            on_device = test_set.devices == k
+            on_device = devices == k
             if on_device.any():
                 metrics[f"accuracy_{device}"] = float(correct[on_device].mean())
         return metrics

@@ -22,6 +22,7 @@ import numpy as np
 
 from datasets.audio import AudioLoadError, load_audio
 from helpers.common.errors import DownloadError, InputError, check_suffix, run_cli
+from helpers.common.files import check_output
 from helpers.inference.onnx_export import DEFAULT_OPSET, compare_with_torch, export_onnx
 from helpers.inference.tagging import Tagger, build_tagger, top_k
 
@@ -58,6 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     output = Path(args.output or f"{args.model_name}{'_frontend' if args.with_frontend else ''}.onnx")
     check_suffix("--output", output, (".onnx",))
+    check_output(output, "--output")
     try:
         tagger = build_tagger(args.model_name)
         clip = load_audio(args.check, tagger.sample_rate) if args.check else None

@@ -21,7 +21,7 @@ import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
 from helpers.common.errors import DownloadError, InputError, check_suffix, run_cli
-from helpers.common.files import atomic_write
+from helpers.common.files import atomic_write, check_output
 from helpers.inference.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
 
 
@@ -50,6 +50,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise InputError("--top_k and --batch_size must be at least 1")
     check_suffix("--output", args.output, (".json", ".csv"))
+    if args.output:
+        check_output(args.output, "--output")
     return args
 
 

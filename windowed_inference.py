@@ -6,7 +6,8 @@
 
 Recordings are streamed in blocks (memory does not grow with their length), cut into windows of
 --window_size seconds every --hop_length seconds (the last window zero-padded, so the whole file is
-covered, however short), and each window is tagged. For every window the top tags are printed;
+covered; a recording shorter than a window is one window of its own length, and a note says so),
+and each window is tagged. For every window the top tags are printed;
 --events writes the DCASE event list (filename,onset,offset,event_label,probability): hop-long
 segments where the overlap-weighted average of the windows' probabilities for a class reaches
 --threshold, consecutive segments merged (see helpers/inference/sed.py). Exit code: 0 all files analyzed,
@@ -26,7 +27,7 @@ import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
 from helpers.common.errors import DownloadError, InputError, check_suffix, run_cli
-from helpers.common.files import atomic_write
+from helpers.common.files import atomic_write, check_output
 from helpers.inference.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
                                    tag_windows, window_samples)
 from helpers.inference.tagging import Tagger, build_tagger, select_device, top_k
@@ -59,6 +60,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                     ("--probabilities", args.probabilities, (".csv", ".npz")),
                                     ("--plot", args.plot, (".png",))):
         check_suffix(option, value, suffixes)
+        if value:
+            check_output(value, option)
     return args
 
 
@@ -90,6 +93,9 @@ def tag_files(args: argparse.Namespace, files: list[Path],
             failed += 1
             continue
         results.append(pred)
+        if pred.num_samples < pred.window:
+            print(f"note: {path} ({pred.duration:.2f} s) is shorter than --window_size {args.window_size:g} s: "
+                  "tagged as one window over its own length", file=sys.stderr)
         events += detect_events(pred, tagger.class_names, args.threshold)
         if args.top_k:
             if len(files) > 1:

@@ -37,14 +37,16 @@ def test_sliding_windows_cover_the_signal(length: int, sizes: list[int]) -> None
     assert len(windows) == num_windows(length, window, hop)
     padded = np.pad(signal, (0, len(windows) * hop + window))
     for i, w in enumerate(windows):
-        np.testing.assert_array_equal(w, padded[i * hop:i * hop + window])
+        # a signal shorter than a window is that one window, unpadded (at least 2 samples)
+        assert len(w) == (window if length >= window else max(length, 2))
+        np.testing.assert_array_equal(w, padded[i * hop:i * hop + len(w)])
     # the windows reach the last sample; no window starts past it
     assert (len(windows) - 1) * hop + window >= length > (len(windows) - 1) * hop
 
 
 def test_window_counts_and_validation() -> None:
     assert num_windows(0, 10, 5) == 0
-    assert num_windows(3, 10, 5) == 1  # shorter than a window: one (padded) window
+    assert num_windows(3, 10, 5) == 1  # shorter than a window: one window of its own length
     assert num_windows(10, 10, 5) == 1
     assert num_windows(11, 10, 5) == 2
     assert num_windows(50 * 32000, 320000, 80000) == 17
@@ -53,10 +55,29 @@ def test_window_counts_and_validation() -> None:
         window_samples(1.0, 2.0, 32000)
     with pytest.raises(ValueError, match="hop_length"):
         window_samples(1.0, 0.0, 32000)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="must be finite numbers of seconds"):
+            window_samples(bad, 2.5, 32000)
 
 
 def _predictions(probs: list[list[float]], num_samples: int, window: int = 4, hop: int = 1) -> WindowPredictions:
     return WindowPredictions("a.wav", 1, window, hop, num_samples, np.array(probs, dtype=np.float32))
+
+
+def test_a_recording_shorter_than_a_window_gets_its_own_tags(tmp_path: Path) -> None:
+    import torch
+    from helpers.inference.sed import tag_windows
+    from helpers.inference.tagging import Tagger
+    from models.mn.model import get_model
+    from models.preprocess import AugmentMelSTFT
+    torch.manual_seed(0)
+    tagger = Tagger(get_model(width_mult=0.1).eval(), AugmentMelSTFT().eval(), [str(i) for i in range(527)],
+                    "random", torch.device("cpu"))
+    clip = (0.2 * np.sin(np.arange(3 * 32000) / 7)).astype(np.float32)
+    sf.write(tmp_path / "short.wav", clip, 32000, subtype="FLOAT")
+    pred = tag_windows(tagger, tmp_path / "short.wav", window_size=10.0, hop_length=2.5, progress=False)
+    assert pred.probabilities.shape == (1, 527) and pred.ends.tolist() == [3.0]
+    np.testing.assert_allclose(pred.probabilities[0], tagger.predict(clip)[0], atol=1e-6)
 
 
 def test_segments_average_overlapping_windows() -> None:

@@ -2,7 +2,8 @@
 
 The recording is streamed block by block (never held whole), cut into windows of `window_size`
 seconds every `hop_length` seconds, and each window is tagged. Windows cover the whole file: the
-last one (and the only one, for a recording shorter than a window) is zero-padded at the end.
+last one is zero-padded at the end. A recording shorter than a window is one window of its own
+length, so it gets exactly the tags of the whole clip (padding would dilute them with silence).
 
 Time resolution of the events is the hop: the recording is divided into hop-long segments, and a
 segment's probability for a class is the average of the probabilities of the windows that overlap
@@ -87,6 +88,9 @@ EVENT_FIELDS = ("filename", "onset", "offset", "event_label", "probability")
 
 def window_samples(window_size: float, hop_length: float, sample_rate: int) -> tuple[int, int]:
     """Window and hop in samples; ValueError unless 0 < hop <= window (windows must cover the file)."""
+    if not (math.isfinite(window_size) and math.isfinite(hop_length)):
+        raise ValueError(f"window_size and hop_length must be finite numbers of seconds, got {window_size} "
+                         f"and {hop_length}")
     window, hop = round(window_size * sample_rate), round(hop_length * sample_rate)
     if window < 2:
         raise ValueError(f"window_size must be at least 2 samples, got {window_size} s")
@@ -105,7 +109,8 @@ def num_windows(num_samples: int, window: int, hop: int) -> int:
 
 def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iterator[np.ndarray]:
     """Windows of `window` samples every `hop` samples from a stream of 1-D blocks, holding at most
-    one window plus one block. The last window is zero-padded; `num_windows` gives the count."""
+    one window plus one block. The last window is zero-padded, except when the stream is shorter
+    than one window: then it is the one window, unpadded. `num_windows` gives the count."""
     buffer = np.zeros(0, dtype=np.float32)
     total = emitted = 0
     for block in blocks:
@@ -115,7 +120,9 @@ def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iter
             yield buffer[:window].copy()
             buffer = buffer[hop:]
             emitted += 1
-    if total and (emitted == 0 or (emitted - 1) * hop + window < total):
+    if total and emitted == 0:
+        yield np.pad(buffer, (0, max(0, 2 - len(buffer))))  # the frontend needs two samples
+    elif total and (emitted - 1) * hop + window < total:
         yield np.pad(buffer, (0, window - len(buffer)))
 
 
