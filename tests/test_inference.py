@@ -118,13 +118,33 @@ def test_registry_frontend_settings_and_explicit_flags(tmp_path, monkeypatch, la
     (tmp_path / labels_file.name).write_bytes(labels_file.read_bytes())
     torch.save(get_mn(width_mult=1.0).state_dict(), tmp_path / get_entry("mn10_as_mels_64").filename)
     assert build_tagger("mn10_as_mels_64").frontend.n_mels == 64  # no flag needed
-    assert build_tagger("mn10_as_mels_64", n_mels=40).frontend.n_mels == 40  # an explicit flag wins
+    assert build_tagger("mn10_as_mels_64", n_mels=64).frontend.n_mels == 64  # the same value is fine
     clip = tmp_path / "noise.wav"
     sf.write(clip, np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32), 16000)
     result = run("--model_name", "mn10_as_mels_64", "--audio_path", str(clip), "--top_k", "4",
                  env={**os.environ, "EFFICIENTAT_MODEL_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert len(parse_tags(result.stdout)) == 4
+
+
+@pytest.mark.parametrize("name, settings, message", [
+    ("mn04_as", {"n_mels": 64}, "mn04_as was trained with n_mels=128, not 64"),
+    ("mn04_as", {"hopsize": 160, "sr": 32000}, "mn04_as was trained with hopsize=320, not 160: leave"),
+    ("mn10_as_hop_15", {"hopsize": 320}, "mn10_as_hop_15 was trained with hopsize=480, not 320"),
+])
+def test_frontend_settings_contradicting_the_model_are_errors(name, settings, message):
+    """Checked before any checkpoint is loaded or downloaded."""
+    with pytest.raises(ValueError, match=message):
+        build_tagger(name, **settings)
+
+
+def test_frontend_flag_contradicting_the_model_is_one_line(tmp_path):
+    clip = tmp_path / "noise.wav"
+    sf.write(clip, np.zeros(16000, dtype=np.float32), 16000)
+    result = run("--model_name", "mn04_as", "--audio_path", str(clip), "--n_mels", "64")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == ("error: mn04_as was trained with n_mels=128, not 64: leave the spectrogram "
+                                     "settings to the model (another spectrogram gives meaningless tags)")
 
 
 def test_format_tags():

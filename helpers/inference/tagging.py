@@ -24,7 +24,7 @@ from datasets.audio import AudioLoadError, stream_audio
 from helpers.common.labels import label_table
 from models.checkpoint import load_finetuned
 from models.ensemble import EnsembleModel, ensemble_frontend_kwargs, get_ensemble_model
-from models.factory import create_model, frontend_kwargs
+from models.factory import FRONTEND_DEFAULTS, create_model, frontend_kwargs
 from models.preprocess import AugmentMelSTFT
 
 # Recordings longer than this are tagged chunk by chunk (Tagger.forward_chunks), so memory does not
@@ -158,30 +158,44 @@ def build_tagger(model_name: str = "mn10_as", ensemble: Optional[Sequence[str]] 
                  **frontend_overrides: Any) -> Tagger:
     """A Tagger for a released model, an ensemble of them, or a checkpoint written by a training
     script (fine-tuned on your classes; its class names and settings come from the checkpoint).
-    Model arguments left at None come from the registry; frontend overrides that are not None
-    replace the registry's (or checkpoint's) settings."""
+    Model arguments left at None come from the registry. Frontend settings that are not None
+    replace the model's, except that the spectrogram's shape (`sr`, `win_length`, `hopsize`,
+    `n_fft`, `n_mels`) must be the one the model was trained with (its registry entry or
+    checkpoint): on another spectrogram a model gives confident nonsense, so a contradicting value
+    is a ValueError."""
     device = torch.device(device)
-    overrides = {k: v for k, v in frontend_overrides.items() if v is not None}
     class_ids: Optional[list[str]] = None
     multilabel = True
     if checkpoint:
         model, settings, names, multilabel = load_finetuned(checkpoint)
-        settings = {**settings, **overrides}
+        _check_frontend(str(checkpoint), settings, frontend_overrides)
         name = str(checkpoint)
     else:
         if ensemble:
-            model = get_ensemble_model(list(ensemble))
-            settings = {**ensemble_frontend_kwargs(list(ensemble)), **overrides}
             name = "ensemble(" + ", ".join(ensemble) + ")"
+            settings = ensemble_frontend_kwargs(list(ensemble))
+            _check_frontend(name, settings, frontend_overrides)
+            model = get_ensemble_model(list(ensemble))
         else:
+            name, settings = model_name, frontend_kwargs(model_name)
+            _check_frontend(name, settings, frontend_overrides)
             extra = {k: v for k, v in (("strides", strides), ("head_type", head_type)) if v is not None}
             model = create_model(model_name, **extra)
-            settings = frontend_kwargs(model_name, **overrides)
-            name = model_name
         table = label_table()
         names, class_ids = [n for _, n in table], [mid for mid, _ in table]
+    settings = {**settings, **{k: v for k, v in frontend_overrides.items() if v is not None}}
     return Tagger(model.to(device).eval(), AugmentMelSTFT(**settings).to(device).eval(), names, name, device,
                   class_ids, multilabel)
+
+
+def _check_frontend(name: str, settings: dict[str, Any], given: dict[str, Any]) -> None:
+    """ValueError naming the spectrogram settings in `given` (not None) that differ from the
+    trained `settings`."""
+    wrong = [f"{key}={settings.get(key)}, not {value}" for key, value in given.items()
+             if key in FRONTEND_DEFAULTS and value is not None and settings.get(key) != value]
+    if wrong:
+        raise ValueError(f"{name} was trained with {'; '.join(wrong)}: leave the spectrogram settings to "
+                         "the model (another spectrogram gives meaningless tags)")
 
 
 def read_or_chunk(path: Path, sample_rate: int, chunk_seconds: float = CHUNK_SECONDS
