@@ -25,14 +25,15 @@ from helpers.analysis.complexity import CLIP_SECONDS, analyze, build_model, clip
 from helpers.analysis.complexity_plots import plot_tradeoffs
 from helpers.common.errors import InputError, check_suffix, run_cli
 from helpers.common.files import atomic_write, check_output
-from models.factory import create_frontend
-from models.pretrained import get_entry
+from models.factory import create_frontend, family_of
+from models.pretrained import get_entry, name_to_width
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model_name", default="mn10_as", help="registry name: any MN or DyMN, any variant")
+    parser.add_argument("--model_name", default=None,
+                        help="registry name: any MN or DyMN, any variant (default: mn10_as)")
     parser.add_argument("--model_width", type=float, default=None,
                         help="analyze a plain MN of this width instead (printed as mn<width without the dot>)")
     parser.add_argument("--head_type", default=None,
@@ -62,6 +63,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         raise InputError(f"--bits_per_elem must be positive, got {args.bits_per_elem}")
     if args.model_width is not None and args.model_width <= 0:
         raise InputError(f"--model_width must be positive, got {args.model_width}")
+    if args.model_name and args.model_width is not None and (
+            family_of(args.model_name) != "mn" or name_to_width(args.model_name) != args.model_width):
+        raise InputError(f"--model_width {args.model_width} analyzes a plain MN of that width, which "
+                         f"--model_name {args.model_name} is not: give one of them")
+    args.model_name = args.model_name or "mn10_as"
     return args
 
 

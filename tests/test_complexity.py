@@ -287,14 +287,21 @@ def test_cli_unknown_name() -> None:
     (["--table", "costs.txt"], "must end in .csv or .json"),
     (["--plot", "figure.pdf"], "a .png file or a folder"),
     (["--table", "costs.csv", "--n_mels", "64"], "drop --n_mels"),
+    (["--model_name", "dymn10_as", "--model_width", "0.4"],
+     "--model_width 0.4 analyzes a plain MN of that width, which --model_name dymn10_as is not"),
+    (["--model_name", "mn10_as", "--model_width", "0.4"], "give one of them"),
+    (["--table", "sub"], "must end in .csv or .json"),
+    (["--table", "notes.txt/costs.csv"], "--table lies under notes.txt, which is a file"),
+    (["--table", "costs.csv", "--plot", "notes.txt/figures"], "--plot lies under notes.txt, which is a file"),
 ])
 def test_cli_impossible_settings(argv: list[str], message: str, tmp_path: Path, cli: Callable,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
     code, out, err = cli(*argv)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
-    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # nothing written
 
 
 def test_cli_bad_head_choice(cli: Callable) -> None:
