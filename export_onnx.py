@@ -14,6 +14,7 @@ time-reversed copy) and compares with PyTorch. Exit code: 0 exported (and the ch
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -60,6 +61,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     output = Path(args.output or f"{args.model_name}{'_frontend' if args.with_frontend else ''}.onnx")
     check_suffix("--output", output, (".onnx",))
     check_output(output, "--output")
+    if not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise InputError(f"--tolerance must be a positive number, got {args.tolerance}")
     try:
         tagger = build_tagger(args.model_name)
         clip = load_audio(args.check, tagger.sample_rate) if args.check else None

@@ -56,6 +56,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         raise InputError("--batch_size and --plot_classes must be at least 1, --top_k at least 0")
     if not 0.0 <= args.threshold <= 1.0:
         raise InputError(f"--threshold must be between 0 and 1, got {args.threshold}")
+    try:  # before any model is loaded; checked again at the model's sample rate
+        window_samples(args.window_size, args.hop_length, 32000)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     for option, value, suffixes in (("--events", args.events, (".csv", ".json")),
                                     ("--probabilities", args.probabilities, (".csv", ".npz")),
                                     ("--plot", args.plot, (".png",))):

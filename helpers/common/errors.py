@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 
 class AudioLoadError(ValueError):
@@ -33,10 +33,43 @@ def check_suffix(option: str, path: Optional[str | os.PathLike], suffixes: Seque
         fail(f"{path}: {option} must end in {' or '.join(suffixes)}")
 
 
+class _PipeTolerantStdout:
+    """sys.stdout that, once its reader has gone (`script | head`), discards further output
+    instead of raising BrokenPipeError, so the script still finishes its work and writes its files."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # later flushes, also at exit, go nowhere
+        os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def run_cli(main: Callable[[], Optional[int]]) -> Optional[int]:
     """Run a script's `main` and return its exit status; an InputError, AudioLoadError or
-    DownloadError ends the program through `fail` (one line on stderr, exit status 2)."""
+    DownloadError ends the program through `fail` (one line on stderr, exit status 2). Output
+    piped into a command that stops reading early is discarded from then on, without a traceback."""
+    stdout, sys.stdout = sys.stdout, _PipeTolerantStdout(sys.stdout)
     try:
         return main()
     except (InputError, AudioLoadError, DownloadError) as e:
         fail(str(e))
+    finally:
+        sys.stdout = stdout
