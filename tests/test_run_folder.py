@@ -57,11 +57,15 @@ def test_rerun_into_a_run_folder_stops_and_names_the_ways_on(esc_dir, tmp_path, 
     assert "--overwrite" in err and (fold / "best.pt").read_bytes() == b"earlier run"
 
 
-def test_pretrained_name_with_another_head_is_one_line(esc_dir, tmp_path, capsys) -> None:
-    code, err = _run(ex_esc50.main, ["--dataset_dir", str(esc_dir), "--out_dir", str(tmp_path / "r"),
-                                     "--pretrained_name", "mn04_as", "--head_type", "fully_convolutional",
+@pytest.mark.parametrize("flags, message", [
+    (["--pretrained_name", "mn04_as", "--head_type", "fully_convolutional"],
+     "error: checkpoint 'mn04_as' needs head_type='mlp'"),
+    (["--pretrained_name", "mn04_ass"], "error: unknown model name 'mn04_ass'; did you mean mn04_as"),
+])
+def test_model_conflicts_and_unknown_names_are_one_line(flags, message, esc_dir, tmp_path, capsys) -> None:
+    code, err = _run(ex_esc50.main, ["--dataset_dir", str(esc_dir), "--out_dir", str(tmp_path / "r"), *flags,
                                      "--logger", "none", "--num_workers", "0"], capsys)
-    assert code == 2 and err.startswith("error: checkpoint 'mn04_as' needs head_type='mlp'")
+    assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1
 
 
 def test_overwrite_deletes_the_earlier_run_and_stale_temporaries(tmp_path: Path) -> None:
