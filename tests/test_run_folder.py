@@ -100,3 +100,27 @@ def test_resume_refuses_other_model_classes_or_optimizer_settings(tmp_path: Path
 def test_check_args_ignores_flags_a_script_lacks() -> None:
     from helpers.training.args import check_args
     check_args(argparse.Namespace(batch_size=4, lr=0.1))
+
+
+def test_dcase_evaluation_leaves_out_an_unusable_clip(tmp_path, capsys, caplog) -> None:
+    """An unreadable evaluation clip is left out of the accuracy and of the per-device figures."""
+    import torch
+
+    import ex_dcase20
+    from models.checkpoint import save_checkpoint
+    from models.factory import model_config, model_from_config
+    from tests.datagen import make_dcase20
+    root = make_dcase20(tmp_path / "tau", clips_per_device=1, seconds=0.2)
+    test_rows = (root / "evaluation_setup" / "fold1_evaluate.csv").read_text().splitlines()[1:]
+    (root / test_rows[0].split("\t")[0]).write_bytes(b"not audio " * 50)
+    config = model_config("mn01", 2, False, 0.1, None, None, "c", 1.0)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ft.pt", {"model": model_from_config(config).state_dict(), "model_config": config,
+                                         "frontend_config": {}, "class_names": ["airport", "park"],
+                                         "multilabel": False})
+    code = run_cli(lambda: ex_dcase20.main(["--dataset_dir", str(root), "--checkpoint", str(tmp_path / "ft.pt"),
+                                            "--num_workers", "0", "--batch_size", "2"]))
+    out = capsys.readouterr().out.splitlines()
+    assert code in (0, None) and out[0].startswith("accuracy ")
+    assert [line.split(":")[0].strip() for line in out[1:]] == ["device a", "device b", "device s1"]
+    assert "not a readable audio file" in caplog.text and "left out of the evaluation" in caplog.text
