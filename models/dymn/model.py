@@ -12,6 +12,7 @@ from torch import nn
 
 from models.dymn.dy_block import DynamicConv, DynamicInvertedResidual
 from models import pretrained
+from models.fast import FastTagger, fast_model
 from models.layers import (ConvNormActivation, classification_head, init_weights, make_divisible,
                            tagger_forward)
 from models.mn.block_types import InvertedResidual, InvertedResidualConfig
@@ -74,6 +75,10 @@ class DyMN(nn.Module):
         for m in self.modules():
             if isinstance(m, DynamicConv):
                 m.update_params(epoch)
+
+    def for_inference(self, precision: str = "fp32") -> FastTagger:
+        """An eval-only copy for fast inference (same outputs; see models/fast.py)."""
+        return fast_model(self, precision)
 
     def forward(self, x: torch.Tensor, return_fmaps: bool = False):
         return tagger_forward((self.in_c, *self.layers, self.out_c), self.classifier, x, return_fmaps)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models import pretrained
+from models.fast import FastTagger, fast_model
 from models.layers import (ConvNormActivation, classification_head, conv_output_size,
                            init_weights, make_divisible, tagger_forward)
 from models.mn.block_types import SE_DIMS, InvertedResidual, InvertedResidualConfig
@@ -87,6 +88,10 @@ class MN(nn.Module):
         self.embedding_dim = last_out
         self.num_classes = num_classes
         init_weights(self)
+
+    def for_inference(self, precision: str = "fp32") -> FastTagger:
+        """An eval-only copy for fast inference (same outputs; see models/fast.py)."""
+        return fast_model(self, precision)
 
     def forward(self, x: torch.Tensor, return_fmaps: bool = False):
         return tagger_forward(self.features, self.classifier, x, return_fmaps)
