@@ -145,8 +145,9 @@ class FastDynamicConv(nn.Module):
             rows = x.permute(0, 2, 3, 1).reshape(b, f * t, -1)  # a view for channels_last x
             out = torch.baddbmm(self.bias, rows, kernels.flatten(2).transpose(1, 2))
             return out.view(b, f, t, -1).permute(0, 3, 1, 2)
-        return torch.cat([nn.functional.conv2d(x[i:i + 1], kernels[i], self.bias, self.stride,
-                                               self.padding, groups=self.groups) for i in range(b)])
+        outs = [nn.functional.conv2d(x[i:i + 1], kernels[i], self.bias, self.stride, self.padding,
+                                     groups=self.groups) for i in range(b)]
+        return outs[0] if b == 1 else torch.cat(outs)
 
 
 class FastDyReLU(nn.Module):
