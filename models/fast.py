@@ -19,7 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from models.dymn.dy_block import (Context, ContextGen, CoordAtt, DynamicConv, DynamicInvertedResidual,
                                   DyReLUB, StaticWrapper)
-from models.layers import tagger_forward
+from models.layers import AudioTagger
 from models.preprocess import AugmentMelSTFT
 
 
@@ -91,24 +91,32 @@ def check_precision(precision: str, device: torch.device | str = "cpu") -> torch
     return PRECISIONS[precision]
 
 
-class FastTagger(_EvalOnly):
-    """Eval-only tagger: `stages` then `classifier` on channels_last activations in `dtype`;
-    forward(x, return_fmaps=False) returns what the original model's forward returns, in float32."""
+class FastTagger(_EvalOnly, AudioTagger):
+    """Eval-only tagger with the AudioTagger interface: `stages` then `classifier` on
+    channels_last activations in `dtype`; logits, embeddings and feature maps come out in float32."""
 
-    def __init__(self, stages: list[nn.Module], classifier: nn.Module, num_classes: int,
-                 embedding_dim: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: AudioTagger, stages: list[nn.Module], dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.stages = nn.ModuleList(stages)
-        self.classifier = classifier
-        self.num_classes, self.embedding_dim, self.dtype = num_classes, embedding_dim, dtype
+        self.blocks = nn.ModuleList(stages)
+        self.classifier, self.dtype = model.classifier, dtype
+        self.head_type, self.head_args = model.head_type, model.head_args
+        self.num_classes, self.embedding_dim = model.num_classes, model.embedding_dim
         self.to(dtype=dtype, memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.eval()
 
+    def stages(self) -> nn.ModuleList:
+        return self.blocks
+
+    def forward_features(self, x: torch.Tensor, return_fmaps: bool = False):
+        return super().forward_features(x.to(self.dtype, memory_format=torch.channels_last), return_fmaps)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward_head(features).float()
+
     def forward(self, x: torch.Tensor, return_fmaps: bool = False):
-        x = x.to(self.dtype, memory_format=torch.channels_last)
-        logits, second = tagger_forward(self.stages, self.classifier, x, return_fmaps)
-        return logits.float(), [f.float() for f in second] if return_fmaps else second.float()
+        logits, second = super().forward(x, return_fmaps)
+        return logits, [f.float() for f in second] if return_fmaps else second.float()
 
 
 def _bn_scale_shift(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,22 +217,18 @@ def _fold_block_conv(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
     return StaticWrapper(fuse_conv_bn_eval(conv.module, norm))
 
 
-def fast_model(model: nn.Module, precision: str = "fp32") -> FastTagger:
+def fast_model(model: AudioTagger, precision: str = "fp32") -> FastTagger:
     """The eval-only fast copy of an MN or DyMN (the original is left untouched), computing in
     `precision` ("fp32", or "bf16" on CPUs with native bfloat16; see `check_precision`)."""
     dtype = check_precision(precision, next(model.parameters()).device)
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
-        if hasattr(model, "features"):
-            stages = list(model.features)
-        else:
-            layers = [FastDynamicInvertedResidual(m) if isinstance(m, DynamicInvertedResidual) else m
-                      for m in model.layers]
-            stages = [model.in_c, *layers, model.out_c]
+        stages = [FastDynamicInvertedResidual(m) if isinstance(m, DynamicInvertedResidual) else m
+                  for m in model.stages()]
         parts = nn.ModuleList([*stages, model.classifier])
         fold_batch_norms(parts)
         replace_pointwise_convs(parts)
-    return FastTagger(stages, model.classifier, model.num_classes, model.embedding_dim, dtype)
+    return FastTagger(model, stages, dtype)
 
 
 class FastMelFrontend(_EvalOnly):

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from helpers.onnx_export import agreement, export_onnx, quantize_onnx, run_onnx
+from helpers.inference.onnx_export import agreement, export_onnx, quantize_onnx, run_onnx
 from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
 
