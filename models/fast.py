@@ -108,6 +108,12 @@ class FastTagger(_EvalOnly, AudioTagger):
     def stages(self) -> nn.ModuleList:
         return self.blocks
 
+    def for_inference(self, precision: str = "fp32") -> "FastTagger":
+        """Itself (already fast); a different precision needs the original model."""
+        if PRECISIONS.get(precision) is not self.dtype:
+            raise ValueError(f"this fast model computes in {self.dtype}; build {precision!r} from the original")
+        return self
+
     def forward_features(self, x: torch.Tensor, return_fmaps: bool = False):
         return super().forward_features(x.to(self.dtype, memory_format=torch.channels_last), return_fmaps)
 
@@ -231,18 +237,20 @@ def fast_model(model: AudioTagger, precision: str = "fp32") -> FastTagger:
     return FastTagger(model, stages, dtype)
 
 
-class FastMelFrontend(_EvalOnly):
-    """`AugmentMelSTFT` in eval mode, computed with fewer passes over the data (same result
-    within float rounding): (B, L) waveforms -> (B, n_mels, frames)."""
+class FastMelFrontend(_EvalOnly, AugmentMelSTFT):
+    """`AugmentMelSTFT` in eval mode (same settings and attributes), computed with fewer passes
+    over the data (same result within float rounding): (B, L) waveforms -> (B, n_mels, frames)."""
 
     def __init__(self, frontend: AugmentMelSTFT) -> None:
-        super().__init__()
-        self.n_fft, self.hop, self.win_length = frontend.n_fft, frontend.hopsize, frontend.win_length
-        self.preemphasis = float(-frontend.preemphasis_coefficient[0, 0, 0])
-        used = torch.nonzero(frontend.mel_basis.abs().sum(dim=0) > 0).flatten()
+        AugmentMelSTFT.__init__(self, frontend.n_mels, frontend.sr, frontend.win_length, frontend.hopsize,
+                                frontend.n_fft, frontend.freqm, frontend.timem, frontend.fmin, frontend.fmax,
+                                frontend.fmin_aug_range, frontend.fmax_aug_range)
+        used = torch.nonzero(self.mel_basis.abs().sum(dim=0) > 0).flatten()
         self.first_bin, self.end_bin = int(used[0]), int(used[-1]) + 1
-        self.register_buffer("window", frontend.window.clone())
-        self.register_buffer("mel_basis", frontend.mel_basis[:, self.first_bin:self.end_bin].clone())
+        self.preemphasis = float(-self.preemphasis_coefficient[0, 0, 0])
+        self.register_buffer("used_mel_basis", self.mel_basis[:, self.first_bin:self.end_bin].clone(),
+                             persistent=False)
+        self.to(frontend.mel_basis.device)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,10 +261,22 @@ class FastMelFrontend(_EvalOnly):
         length = x.shape[-1]
         if length <= self.n_fft // 2:
             x = nn.functional.pad(x, (0, self.n_fft // 2 + 1 - length))
-        spec = torch.stft(x, self.n_fft, hop_length=self.hop, win_length=self.win_length,
+        spec = torch.stft(x, self.n_fft, hop_length=self.hopsize, win_length=self.win_length,
                           window=self.window, center=True, pad_mode="reflect", normalized=False,
                           onesided=True, return_complex=True)
-        spec = spec[:, self.first_bin:self.end_bin, :1 + length // self.hop]
+        spec = spec[:, self.first_bin:self.end_bin, :1 + length // self.hopsize]
         power = spec.real.square() + spec.imag.square()
-        mel = torch.matmul(self.mel_basis, power)
+        mel = torch.matmul(self.used_mel_basis, power)
         return mel.add_(0.00001).log_().add_(4.5).div_(5.0)
+
+
+def fast_inference(model: nn.Module, frontend: AugmentMelSTFT, precision: str = "fp32"
+                   ) -> tuple[nn.Module, AugmentMelSTFT]:
+    """The (model, frontend) pair to run inference with: on the CPU the fast eval-only copies
+    (`model.for_inference(precision)`, `FastMelFrontend`); on a GPU, which runs the plain models
+    under autocast, the eval-mode originals (there `precision` must be "fp32")."""
+    if next(model.parameters()).device.type != "cpu":
+        if precision != "fp32":
+            raise ValueError(f"precision {precision!r} is for the CPU; the GPU path runs fp16 autocast")
+        return model.eval(), frontend.eval()
+    return model.for_inference(precision), FastMelFrontend(frontend)

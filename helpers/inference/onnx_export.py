@@ -148,14 +148,35 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, frontend: Optional[Au
         f.write(buffer.getvalue())
 
 
+class OnnxModel(nn.Module):
+    """An exported model (float or int8) run by onnxruntime on the CPU, called like the PyTorch
+    models: forward(x) -> (logits, embedding) as float32 tensors, where x is what the graph takes:
+    waveforms (B, L) if `takes_waveforms` (exported with the frontend), else spectrograms (B, 1, F, T)."""
+
+    def __init__(self, path: str | os.PathLike, threads: Optional[int] = None) -> None:
+        super().__init__()
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph_input = self.session.get_inputs()[0]
+        self.input_name, self.takes_waveforms = graph_input.name, graph_input.name == "waveform"
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if set(outputs) != {"logits", "embedding"}:
+            raise ValueError(f"{path}: not a model written by export_onnx (outputs {sorted(outputs)})")
+        self.num_classes, self.embedding_dim = outputs["logits"][1], outputs["embedding"][1]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feed = {self.input_name: x.detach().cpu().numpy().astype(np.float32, copy=False)}
+        logits, embedding = self.session.run(["logits", "embedding"], feed)
+        return torch.from_numpy(logits), torch.from_numpy(embedding)
+
+
 def run_onnx(path: str | os.PathLike, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(logits, embedding) of the exported model at `path` on `inputs`, with onnxruntime on CPU."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits, embedding = session.run(["logits", "embedding"],
-                                    {session.get_inputs()[0].name: inputs.astype(np.float32)})
-    return logits, embedding
+    logits, embedding = OnnxModel(path)(torch.from_numpy(np.asarray(inputs, dtype=np.float32)))
+    return logits.numpy(), embedding.numpy()
 
 
 @torch.no_grad()
