@@ -102,12 +102,13 @@ def select_device(cuda: bool) -> torch.device:
 def build_tagger(model_name: str = "mn10_as", ensemble: Optional[Sequence[str]] = None,
                  device: torch.device | str = "cpu", strides: Optional[Sequence[int]] = None,
                  head_type: Optional[str] = None, checkpoint: Optional[str | os.PathLike] = None,
-                 precision: str = "fp32", **frontend_overrides: Any) -> Tagger:
+                 precision: str = "fp32", fast: bool = True, **frontend_overrides: Any) -> Tagger:
     """A Tagger for a released model, an ensemble of them, or a checkpoint written by a training
     script (fine-tuned on your classes; its class names and settings come from the checkpoint).
     Model arguments left at None come from the registry; frontend overrides that are not None
     replace the registry's (or checkpoint's) settings. On the CPU the model and frontend are the
-    eval-only fast copies in `precision` ("fp32", or "bf16" where the CPU has it; models/fast.py)."""
+    eval-only fast copies in `precision` ("fp32", or "bf16" where the CPU has it; models/fast.py)
+    unless fast=False (ONNX export: onnxruntime optimizes the plain graph itself)."""
     device = torch.device(device)
     overrides = {k: v for k, v in frontend_overrides.items() if v is not None}
     class_ids: Optional[list[str]] = None
@@ -128,7 +129,9 @@ def build_tagger(model_name: str = "mn10_as", ensemble: Optional[Sequence[str]] 
             name = model_name
         table = label_table()
         names, class_ids = [n for _, n in table], [mid for mid, _ in table]
-    model, frontend = fast_inference(model.to(device), AugmentMelSTFT(**settings).to(device), precision)
+    model, frontend = model.to(device).eval(), AugmentMelSTFT(**settings).to(device).eval()
+    if fast:
+        model, frontend = fast_inference(model, frontend, precision)
     return Tagger(model, frontend, names, name, device, class_ids, multilabel)
 
 
