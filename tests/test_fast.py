@@ -1,4 +1,7 @@
 """The eval-only fast paths (models/fast.py): same outputs as the plain eval models and frontend."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +11,7 @@ from models.dymn.model import get_model as get_dymn
 from models.fast import FastMelFrontend, check_precision
 from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
-from tests.conftest import shared_path
+from tests.conftest import REPO, shared_path
 
 TOLERANCE = 1e-4
 
@@ -139,3 +142,31 @@ def test_bf16_path_close_to_fp32(build, monkeypatch):
         bf_logits, bf_embedding = model.for_inference("bf16")(x)
     assert bf_logits.dtype == torch.float32 and bf_embedding.shape == embedding.shape
     assert (bf_logits - logits).abs().max() <= 0.05 * logits.abs().max()
+
+
+def test_taggers_use_the_fast_path_on_the_cpu(mn04_checkpoint):
+    from helpers.inference.tagging import build_tagger
+
+    tagger = build_tagger("mn04_as")
+    assert isinstance(tagger.model, fast.FastTagger) and isinstance(tagger.frontend, FastMelFrontend)
+    plain = build_tagger("mn04_as", fast=False)
+    assert type(plain.model).__name__ == "MN" and type(plain.frontend) is AugmentMelSTFT
+    waveform = torch.from_numpy(np.load(shared_path("golden", "metro_32k.npy")))[None]
+    assert np.abs(tagger.predict(waveform) - plain.predict(waveform)).max() <= TOLERANCE
+    assert tagger.model.for_inference() is tagger.model
+    ensemble = build_tagger(ensemble=["mn04_as", "mn04_as"])
+    assert all(isinstance(m, fast.FastTagger) for m in ensemble.model.models)
+    assert np.abs(ensemble.predict(waveform) - plain.predict(waveform)).max() <= TOLERANCE
+
+
+def test_inference_precision_flag(mn04_checkpoint):
+    metro = shared_path("audio", "metro_station-paris.wav")
+    result = subprocess.run([sys.executable, "inference.py", "--model_name", "mn04_as", "--audio_path", str(metro),
+                             "--precision", "bf16", "--top_k", "5"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    if fast.bf16_supported():
+        assert result.returncode == 0, result.stderr
+        assert [line.split(":")[0] for line in result.stdout.splitlines()[1:6]] == [
+            "Train", "Rail transport", "Railroad car, train wagon", "Subway, metro, underground", "Vehicle"]
+    else:
+        assert result.returncode == 2 and "no native bfloat16" in result.stderr

@@ -1,6 +1,8 @@
 """int8 ONNX models (helpers/onnx_export.quantize_onnx) and their agreement check."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from helpers.inference.onnx_export import agreement, export_onnx, quantize_onnx, run_onnx
 from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
+from tests.conftest import REPO, shared_path
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +61,28 @@ def test_frontend_and_stem_stay_float(exported, tmp_path: Path) -> None:
             and n.name.startswith(("/frontend/", "/model/features.0/"))]
     assert len(kept) == 4 and not any(set(n.input[:2]) & dequantized for n in kept)  # data and weights
     assert any(set(n.input) & dequantized for n in graph.node if n.op_type == "Conv")
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_quantizes_and_inference_tags_with_the_onnx_model(tmp_path: Path) -> None:
+    metro = shared_path("audio", "metro_station-paris.wav")
+    out = tmp_path / "mn04_int8.onnx"
+    result = _script("export_onnx.py", "--model", "mn04_as", "--with_frontend", "--quantize", "int8",
+                     "--calibration", str(metro), str(REPO / "resources" / "demo_bells.wav"), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "static, calibrated on 2 clip(s)" in result.stdout and "top-5 agreement" in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["mn04_int8.onnx"]
+    tagged = _script("inference.py", "--onnx", str(out), "--audio_path", str(metro), "--top_k", "4")
+    assert tagged.returncode == 0, tagged.stderr
+    assert [line.split(":")[0] for line in tagged.stdout.splitlines()[1:5]] == [
+        "Train", "Rail transport", "Railroad car, train wagon", "Subway, metro, underground"]
+
+
+def test_cli_flag_combinations_are_refused(tmp_path: Path) -> None:
+    bad = _script("export_onnx.py", "--model", "mn04_as", "--quantize", "int8", "--check", "x.wav")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "--calibration" in bad.stderr
+    bad = _script("inference.py", "--onnx", "m.onnx", "--precision", "bf16", "--audio_path", "x.wav")
+    assert bad.returncode == 2 and "--onnx" in bad.stderr
