@@ -115,11 +115,12 @@ def main() -> None:
                     print(f"{name:6s} batch {batch:2d} {label:8s} {1000 * best:8.2f} ms/clip {1 / best:7.1f} clips/s "
                           f"x{plain / best:5.2f} vs plain  {100 * flops / best / 1e9 / rate:5.1f} % of {rate:.0f} "
                           f"GFLOP/s  (median/best {statistics.median(ts) / best:.2f})", flush=True)
-    print(f"not measured: bf16 (this CPU has no native bfloat16)" if not bf16_supported() else "", end="")
+    if not bf16_supported():
+        print("bf16 not measured: this CPU has no native bfloat16")
     clip = REPO / "resources" / "demo_bells.wav"
     wall = _time(lambda: subprocess.run([sys.executable, "inference.py", "--model_name", "mn04_as",
                                          "--audio_path", str(clip)], cwd=REPO, capture_output=True, check=True))
-    print(f"\ninference.py --model_name mn04_as on {clip.name} (6 s): {wall:.2f} s wall")
+    print(f"inference.py --model_name mn04_as on {clip.name} (6 s): {wall:.2f} s wall")
 
 
 if __name__ == "__main__":

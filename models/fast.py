@@ -1,13 +1,15 @@
 """Eval-only fast paths for MN, DyMN and the mel frontend (CPU inference).
 
-`fast_model(model)` (what `MN.for_inference()` / `DyMN.for_inference()` return) is a copy of a
-model that computes the same (logits, embedding) with less work: every batch norm folded into the
-convolution before it (for DyMN's dynamic convolutions: into each of the K kernels, which the
-softmax mixture keeps exact), activations in place, and channels_last activations, which lets
-oneDNN run every convolution. `FastMelFrontend` is `AugmentMelSTFT` in eval mode with the
-pre-emphasis as one subtraction, the power spectrum without a complex-to-real reduction and the
-mel projection over the frequency bins it uses. Both are for inference only: they hold no running
-statistics to update and raise if put into training mode.
+`fast_model(model)` (what `model.for_inference()` returns) is a copy of an MN or DyMN that
+computes the same (logits, embedding) with less work: every batch norm folded into the convolution
+before it (for DyMN's dynamic convolutions into each of the K kernels, exact because the softmax
+weights sum to one), channels_last activations (oneDNN runs the other convolutions on them), 1x1
+convolutions as one matrix product over channels (batched for DyMN's per-sample kernels), dynamic
+ReLU as a running maximum of its pieces and coordinate attention in place. `FastMelFrontend` is
+`AugmentMelSTFT` in eval mode with the pre-emphasis as one subtraction, the power spectrum without
+a complex-to-real reduction and the mel projection over the frequency bins it uses.
+`fast_inference(model, frontend)` picks the pair a command runs. All are for inference only:
+`train()` raises; training uses the original modules.
 """
 from __future__ import annotations
 
