@@ -19,7 +19,7 @@ from datasets.audio import AudioLoadError, find_audio_files
 from helpers.common.errors import DownloadError, InputError, check_suffix, run_cli
 from helpers.common.files import check_output
 from helpers.inference.embeddings import embed_files, save_embeddings
-from helpers.inference.tagging import build_tagger, select_device
+from helpers.inference.tagging import add_precision_arg, build_tagger, select_device
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -31,6 +31,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--layer", type=int, default=None,
                         help="feature map to average instead of the pooled embedding (0-16, negative from the end)")
     parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
+    add_precision_arg(parser)
     parser.add_argument("--batch_size", type=int, default=16, help="files of equal length run together")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -46,7 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         files = find_audio_files(args.audio_path)
-        tagger = build_tagger(args.model_name, device=select_device(args.cuda))
+        tagger = build_tagger(args.model_name, device=select_device(args.cuda), precision=args.precision)
     except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
         raise InputError(str(e)) from None
 

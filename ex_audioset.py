@@ -41,6 +41,7 @@ from helpers.training.mixup import mix, mixup
 from helpers.training.tasks import LossFn, Task, tagging_metrics
 from models.checkpoint import load_checkpoint, load_finetuned
 from models.factory import model_from_config
+from models.fast import fast_inference
 from models.preprocess import AugmentMelSTFT
 
 WANDB_PROJECT = "EfficientAudioTagging"
@@ -226,7 +227,7 @@ def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
     dataset_dir = resolve_dataset_dir(args.dataset_dir, DATASET_ENV, [EVAL_FILE])
     task = audioset_task(args, dist, names=[])  # evaluation needs no class names
     model, frontend, title = model_to_evaluate(args, dist)
-    frontend, model = frontend.to(dist.device).eval(), model.to(dist.device).eval()
+    model, frontend = fast_inference(model.to(dist.device), frontend.to(dist.device))
     # the original evaluates under fp16 autocast on CUDA
     args.precision = args.precision or ("fp16" if dist.device.type == "cuda" else "fp32")
     eval_set = AudioSetDataset([dataset_dir / EVAL_FILE], resample_rate=frontend.sr,

@@ -3,6 +3,7 @@
     python inference.py --model_name mn04_as --audio_path resources/demo.wav
     python inference.py --model_name dymn10_as --audio_path clips/ more.mp3 --top_k 5 --output tags.json
     python inference.py --checkpoint runs/my_data/best.pt --audio_path new_clips/
+    python inference.py --onnx mn10_as_int8.onnx --audio_path metro.wav      # exported with export_onnx.py
 
 Each file is analyzed whole, in one pass, at 32 kHz mono. Files of equal length are batched.
 Exit code: 0 all files tagged, 1 some files failed (the others are tagged), 2 nothing tagged
@@ -22,7 +23,8 @@ import numpy as np
 from datasets.audio import AudioLoadError, find_audio_files
 from helpers.common.errors import DownloadError, InputError, check_suffix, run_cli
 from helpers.common.files import atomic_write, check_output
-from helpers.inference.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
+from helpers.inference.tagging import (Tagger, add_precision_arg, build_onnx_tagger, build_tagger, format_tags,
+                                       run_on_files, select_device, top_k)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -33,7 +35,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ensemble", nargs="+", default=None, help="several model names; averages logits")
     parser.add_argument("--checkpoint", default=None,
                         help="a checkpoint written by a training script (ex_*.py): tags with its own classes")
+    parser.add_argument("--onnx", default=None,
+                        help="tag with this model exported by export_onnx.py (float or int8), with onnxruntime")
     parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
+    add_precision_arg(parser)
     parser.add_argument("--strides", nargs=4, type=int, default=None, help="MN/DyMN strides (default: registry)")
     parser.add_argument("--head_type", default=None, help="MN head (default: registry)")
     parser.add_argument("--sample_rate", type=int, default=None, help="(default: registry or checkpoint, 32000)")
@@ -52,6 +57,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     check_suffix("--output", args.output, (".json", ".csv"))
     if args.output:
         check_output(args.output, "--output")
+    if args.onnx and (args.ensemble or args.checkpoint or args.cuda or args.precision != "fp32"):
+        raise InputError("--onnx runs the exported model on the CPU: it excludes --ensemble, --checkpoint, "
+                         "--cuda and --precision")
     return args
 
 
@@ -88,9 +96,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         files = find_audio_files(args.audio_path)
-        tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda), args.strides,
-                                      args.head_type, args.checkpoint, sr=args.sample_rate, win_length=args.window_size,
-                                      hopsize=args.hop_size, n_mels=args.n_mels)
+        frontend = {"sr": args.sample_rate, "win_length": args.window_size, "hopsize": args.hop_size,
+                    "n_mels": args.n_mels}
+        if args.onnx:
+            tagger: Tagger = build_onnx_tagger(args.onnx, args.model_name, **frontend)
+        else:
+            tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda), args.strides,
+                                  args.head_type, args.checkpoint, args.precision, **frontend)
     except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
         raise InputError(str(e)) from None
 

@@ -30,7 +30,7 @@ from helpers.common.errors import DownloadError, InputError, check_suffix, run_c
 from helpers.common.files import atomic_write, check_output
 from helpers.inference.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
                                    tag_windows, window_samples)
-from helpers.inference.tagging import Tagger, build_tagger, select_device, top_k
+from helpers.inference.tagging import Tagger, add_precision_arg, build_tagger, select_device, top_k
 
 
 
@@ -41,6 +41,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model_name", "--model", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
     parser.add_argument("--ensemble", nargs="+", default=None, help="several model names; averages logits")
     parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
+    add_precision_arg(parser)
     parser.add_argument("--window_size", type=float, default=10.0, help="window length in seconds")
     parser.add_argument("--hop_length", type=float, default=2.5, help="hop between windows in seconds")
     parser.add_argument("--batch_size", type=int, default=8, help="windows tagged together")
@@ -75,7 +76,8 @@ def load(args: argparse.Namespace) -> tuple[list[Path], Tagger]:
         files = find_audio_files(args.audio_path)
         if args.plot and len(files) > 1:
             raise ValueError(f"--plot draws one recording; {len(files)} files given")
-        tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda))
+        tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda),
+                                      precision=args.precision)
         window_samples(args.window_size, args.hop_length, tagger.sample_rate)
     except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
         raise InputError(str(e)) from None

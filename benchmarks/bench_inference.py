@@ -1,57 +1,127 @@
-"""Inference speed: ms per 10-s clip (frontend + model, eval, no grad) for mn04 and mn10 at batch
-sizes 1 and 16 on this machine's CPU (or GPU with --cuda), and the wall time of one whole
-`inference.py` run on one clip (process start, model load, audio load, tagging).
+"""Inference speed on the CPU: ms per 10-s clip and clips/s (frontend + model, eval, no grad) for
+mn04, mn10 and dymn10 at batch sizes 1 and 16, for
+  plain      the eval-mode model and AugmentMelSTFT (float32),
+  fast       model.for_inference() and FastMelFrontend (float32),
+  bf16       model.for_inference("bf16") (only on CPUs with native bfloat16),
+  ort        the exported ONNX graph with its frontend, onnxruntime, float32,
+  ort-int8   the same graph statically quantized to int8 (calibrated on the demo clip),
+next to this machine's measured float32 / bfloat16 matrix-multiplication rate and the share of it
+each run reaches (2 x the model's MACs per clip / time; the frontend's work is not counted). Then the
+wall time of one whole `inference.py` run on one clip.
 
-    python benchmarks/bench_inference.py [--cuda] [--repeats 5]
+    python benchmarks/bench_inference.py [--threads 2] [--rounds 10] [--models mn04 mn10 dymn10]
 
-Random weights are used for the per-clip timings (speed does not depend on the weights, and no
-download is needed); the CLI timing needs mn04_as in the checkpoint cache.
+All variants of one model and batch size are timed in the same process, alternating round by
+round; each figure is the best of the rounds, and the spread (median / best) is printed so that
+noise from other jobs on the machine shows. Random weights (speed does not depend on them); the
+CLI timing needs mn04_as in the checkpoint cache.
 """
+from __future__ import annotations
+
 import argparse
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.mn.model import get_model  # noqa: E402
-from models.preprocess import AugmentMelSTFT  # noqa: E402
+from datasets.audio import load_audio  # noqa: E402
+from helpers.analysis.complexity import count_macs, trace_model  # noqa: E402
+from helpers.inference.onnx_export import export_onnx, quantize_onnx  # noqa: E402
+from models.factory import create_frontend, create_model  # noqa: E402
+from models.fast import FastMelFrontend, bf16_supported  # noqa: E402
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--cuda", action="store_true")
-parser.add_argument("--repeats", type=int, default=10)
-args = parser.parse_args()
-device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+REPO = Path(__file__).resolve().parent.parent
+MODELS = {"mn04": "mn04_as", "mn10": "mn10_as", "dymn10": "dymn10_as"}
+CLIP_SAMPLES = 320000
 
-frontend = AugmentMelSTFT().eval().to(device)
-for name, width in (("mn04", 0.4), ("mn10", 1.0)):
-    model = get_model(width_mult=width).eval().to(device)
-    for batch in (1, 16):
-        x = torch.randn(batch, 320000, device=device) * 0.1
-        with torch.no_grad():
-            for _ in range(3):  # warm-up
-                model(frontend(x).unsqueeze(1))
-            times = []
-            for _ in range(args.repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(frontend(x).unsqueeze(1))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-        best = min(times)
-        print(f"{name} batch {batch:2d}: {1000 * best / batch:7.1f} ms per 10-s clip "
-              f"({batch / best:6.1f} clips/s, best of {args.repeats})")
 
-repo = Path(__file__).resolve().parent.parent
-clip = repo / "resources" / "demo_bells.wav"
-start = time.perf_counter()
-result = subprocess.run([sys.executable, "inference.py", "--model_name", "mn04_as", "--audio_path", str(clip)],
-                        cwd=repo, capture_output=True, text=True)
-wall = time.perf_counter() - start
-status = "ok" if result.returncode == 0 else f"failed: {result.stderr.strip()}"
-print(f"inference.py --model_name mn04_as on {clip.name} (6 s): {wall:.2f} s wall ({status})")
+def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of a size x size matrix product in `dtype` on this CPU."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best / 1e9
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def variants(name: str, batch: int, tmp: Path, threads: int) -> dict[str, Callable[[], object]]:
+    """name -> one timed call (frontend + model on `batch` 10-s clips)."""
+    import onnxruntime
+
+    model = create_model(MODELS[name], pretrained=False).eval()
+    frontend = create_frontend(MODELS[name])
+    x = torch.randn(batch, CLIP_SAMPLES) * 0.1
+    fast, fast_frontend = model.for_inference(), FastMelFrontend(frontend)
+    runs = {"plain": lambda: model(frontend(x).unsqueeze(1)),
+            "fast": lambda: fast(fast_frontend(x).unsqueeze(1))}
+    if bf16_supported():
+        fast_bf16 = model.for_inference("bf16")
+        runs["bf16"] = lambda: fast_bf16(fast_frontend(x).unsqueeze(1))
+    path = tmp / f"{name}.onnx"
+    if not path.exists():
+        export_onnx(model, path, frontend)
+        calibration = [load_audio(REPO / "resources" / "demo_bells.wav")[None]]
+        quantize_onnx(path, tmp / f"{name}_int8.onnx", calibration)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    for label, file in (("ort", path), ("ort-int8", tmp / f"{name}_int8.onnx")):
+        session = onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        feed = {"waveform": x.numpy()}
+        runs[label] = lambda session=session, feed=feed: session.run(None, feed)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rates = {"fp32": matmul_rate(torch.float32)}
+    if bf16_supported():
+        rates["bf16"] = matmul_rate(torch.bfloat16)
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {bf16_supported()}; matrix product "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for name in args.models:
+            flops = 2 * count_macs(trace_model(create_model(MODELS[name], pretrained=False))).total
+            for batch in args.batches:
+                runs = variants(name, batch, Path(tmp), args.threads)
+                for run in runs.values():
+                    run()
+                times: dict[str, list[float]] = {k: [] for k in runs}
+                for _ in range(args.rounds):
+                    for label, run in runs.items():
+                        times[label].append(_time(run) / batch)
+                plain = min(times["plain"])
+                for label, ts in times.items():
+                    best = min(ts)
+                    rate = rates["bf16" if label == "bf16" else "fp32"]
+                    print(f"{name:6s} batch {batch:2d} {label:8s} {1000 * best:8.2f} ms/clip {1 / best:7.1f} clips/s "
+                          f"x{plain / best:5.2f} vs plain  {100 * flops / best / 1e9 / rate:5.1f} % of {rate:.0f} "
+                          f"GFLOP/s  (median/best {statistics.median(ts) / best:.2f})", flush=True)
+    if not bf16_supported():
+        print("bf16 not measured: this CPU has no native bfloat16")
+    clip = REPO / "resources" / "demo_bells.wav"
+    wall = _time(lambda: subprocess.run([sys.executable, "inference.py", "--model_name", "mn04_as",
+                                         "--audio_path", str(clip)], cwd=REPO, capture_output=True, check=True))
+    print(f"inference.py --model_name mn04_as on {clip.name} (6 s): {wall:.2f} s wall")
+
+
+if __name__ == "__main__":
+    main()

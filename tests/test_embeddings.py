@@ -60,7 +60,7 @@ def test_embed_files_batches_and_reports_errors(tagger, clips: Path, tmp_path: P
         np.testing.assert_allclose(row, single, atol=1e-5)
     assert np.abs(matrix[0] - matrix[2]).max() > 0.1  # different sounds, different embeddings
     layer = embed_files(tagger, files[:2], layer=5)[1]
-    assert layer.shape == (2, tagger.model.features[5].out_channels)
+    assert layer.shape == (2, list(tagger.model.stages())[5].out_channels)
 
     out = tmp_path / "emb.npz"
     save_embeddings(out, done, matrix, "mn04_as", None, 32000)

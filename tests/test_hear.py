@@ -9,7 +9,7 @@ import torch
 
 import hear_efficientat as hear
 from datasets.audio import load_audio
-from models.dymn.dy_block import DynamicConv
+from models.fast import FastDynamicConv
 from models.dymn.model import get_model as get_dymn
 from tests.conftest import shared_path
 
@@ -99,7 +99,7 @@ def test_load_model_from_weights_file(model: hear.HearModel, audio: torch.Tensor
 def test_dymn_weights_file_runs_at_temperature_one(tmp_path: Path) -> None:
     torch.save(get_dymn(width_mult=0.4).state_dict(), tmp_path / "dymn.pt")  # temperature 30 at init
     model = hear.load_model(tmp_path / "dymn.pt", model_name="dymn04_as", timestamp_hop_ms=100.0)
-    assert {m.temperature for m in model.modules() if isinstance(m, DynamicConv)} == {1.0}
+    assert {m.temperature for m in model.modules() if isinstance(m, FastDynamicConv)} == {1.0}
     embeddings, timestamps = hear.get_timestamp_embeddings(0.1 * torch.randn(2, 16000), model)
     assert embeddings.shape == (2, 6, 384) and timestamps[0, -1] == 500.0
 

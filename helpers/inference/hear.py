@@ -28,6 +28,7 @@ from torch import nn
 from helpers.inference.tagging import Tagger
 from models.checkpoint import load_checkpoint, load_finetuned
 from models.factory import create_model, frontend_kwargs, model_config, model_from_config
+from models.fast import fast_inference
 from models.preprocess import AugmentMelSTFT
 
 
@@ -84,7 +85,8 @@ def load_model(model_file_path: str | os.PathLike = "", model_name: str = "mn10_
             model = _model_from_weights(model_name, state.get("model", state), path)
     else:
         model = create_model(model_name)
-    return HearModel(model, AugmentMelSTFT(**settings), model_name, timestamp_hop_ms, timestamp_window_ms).eval()
+    model, frontend = fast_inference(model, AugmentMelSTFT(**settings))
+    return HearModel(model, frontend, model_name, timestamp_hop_ms, timestamp_window_ms).eval()
 
 
 def _checked_audio(audio: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ batches of waveforms; the frontend settings come from the model's registry entry
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import math
@@ -24,7 +25,9 @@ from datasets.audio import AudioLoadError, stream_audio
 from helpers.common.labels import label_table
 from models.checkpoint import load_finetuned
 from models.ensemble import EnsembleModel, ensemble_frontend_kwargs, get_ensemble_model
+from helpers.inference.onnx_export import OnnxModel
 from models.factory import FRONTEND_DEFAULTS, create_model, frontend_kwargs
+from models.fast import PRECISIONS, FastMelFrontend, fast_inference
 from models.preprocess import AugmentMelSTFT
 
 # Recordings longer than this are tagged chunk by chunk (Tagger.forward_chunks), so memory does not
@@ -45,6 +48,11 @@ class Tagger:
     device: torch.device
     class_ids: Optional[list[str]] = None  # AudioSet MIDs where the classes are AudioSet's
     multilabel: bool = True  # sigmoid per class; False: softmax over classes (single-label models)
+    model_takes_waveforms: bool = False  # an ONNX graph with the frontend inside
+
+    def spectrograms(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """The model's input for waveforms (B, L): (B, 1, n_mels, frames), or the waveforms."""
+        return waveforms if self.model_takes_waveforms else self.frontend(waveforms).unsqueeze(1)
 
     @property
     def sample_rate(self) -> int:
@@ -61,8 +69,7 @@ class Tagger:
         """Raw float32 logits (B, N) and embeddings (B, D) for waveforms (B, L)."""
         waveforms = waveforms.to(self.device)
         with self._autocast():
-            spec = self.frontend(waveforms).unsqueeze(1)
-            logits, embedding = self.model(spec)
+            logits, embedding = self.model(self.spectrograms(waveforms))
         return logits.float(), embedding.float()
 
     @torch.no_grad()
@@ -73,10 +80,10 @@ class Tagger:
         waveforms = _batch(waveforms).to(self.device)
         if layer is None:
             return self.forward(waveforms)[1]
-        if isinstance(self.model, EnsembleModel):
-            raise ValueError("feature maps of a chosen layer are not available for an ensemble")
+        if isinstance(self.model, (EnsembleModel, OnnxModel)):
+            raise ValueError("feature maps of a chosen layer are not available for an ensemble or an ONNX model")
         with self._autocast():
-            _, fmaps = self.model(self.frontend(waveforms).unsqueeze(1), return_fmaps=True)
+            _, fmaps = self.model(self.spectrograms(waveforms), return_fmaps=True)
         if not -len(fmaps) <= layer < len(fmaps):
             raise ValueError(f"layer must be in {-len(fmaps)}..{len(fmaps) - 1}, got {layer}")
         return fmaps[layer].float().mean(dim=(2, 3))
@@ -155,14 +162,16 @@ def select_device(cuda: bool) -> torch.device:
 def build_tagger(model_name: str = "mn10_as", ensemble: Optional[Sequence[str]] = None,
                  device: torch.device | str = "cpu", strides: Optional[Sequence[int]] = None,
                  head_type: Optional[str] = None, checkpoint: Optional[str | os.PathLike] = None,
-                 **frontend_overrides: Any) -> Tagger:
+                 precision: str = "fp32", fast: bool = True, **frontend_overrides: Any) -> Tagger:
     """A Tagger for a released model, an ensemble of them, or a checkpoint written by a training
     script (fine-tuned on your classes; its class names and settings come from the checkpoint).
     Model arguments left at None come from the registry. Frontend settings that are not None
     replace the model's, except that the spectrogram's shape (`sr`, `win_length`, `hopsize`,
     `n_fft`, `n_mels`) must be the one the model was trained with (its registry entry or
     checkpoint): on another spectrogram a model gives confident nonsense, so a contradicting value
-    is a ValueError."""
+    is a ValueError. On the CPU the model and frontend are the eval-only fast copies in
+    `precision` ("fp32", or "bf16" where the CPU has it; models/fast.py) unless fast=False (ONNX
+    export: onnxruntime optimizes the plain graph itself)."""
     device = torch.device(device)
     class_ids: Optional[list[str]] = None
     multilabel = True
@@ -184,8 +193,28 @@ def build_tagger(model_name: str = "mn10_as", ensemble: Optional[Sequence[str]] 
         table = label_table()
         names, class_ids = [n for _, n in table], [mid for mid, _ in table]
     settings = {**settings, **{k: v for k, v in frontend_overrides.items() if v is not None}}
-    return Tagger(model.to(device).eval(), AugmentMelSTFT(**settings).to(device).eval(), names, name, device,
-                  class_ids, multilabel)
+    model, frontend = model.to(device).eval(), AugmentMelSTFT(**settings).to(device).eval()
+    if fast:
+        model, frontend = fast_inference(model, frontend, precision)
+    return Tagger(model, frontend, names, name, device, class_ids, multilabel)
+
+
+def build_onnx_tagger(path: str | os.PathLike, model_name: str = "mn10_as", **frontend_overrides: Any) -> Tagger:
+    """A CPU Tagger running the exported model at `path` (export_onnx.py, float or int8) with
+    onnxruntime. A graph without the frontend gets `model_name`'s frontend (with overrides);
+    527 classes are AudioSet's."""
+    model = OnnxModel(path)
+    frontend = FastMelFrontend(AugmentMelSTFT(**frontend_kwargs(model_name, **frontend_overrides)))
+    table = label_table() if model.num_classes == 527 else None
+    names = [n for _, n in table] if table else [f"class {i}" for i in range(model.num_classes)]
+    return Tagger(model, frontend, names, str(path), torch.device("cpu"),
+                  [mid for mid, _ in table] if table else None, model_takes_waveforms=model.takes_waveforms)
+
+
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    """The inference commands' --precision flag (CPU compute precision of the fast path)."""
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="CPU precision: bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX)")
 
 
 def _check_frontend(name: str, settings: dict[str, Any], given: dict[str, Any]) -> None:

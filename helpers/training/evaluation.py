@@ -20,6 +20,7 @@ from helpers.training.precision import Precision
 from helpers.training.tasks import Task
 from models.checkpoint import load_finetuned
 from models.factory import model_from_config
+from models.fast import fast_inference
 from models.preprocess import AugmentMelSTFT
 
 logger = logging.getLogger(__name__)
@@ -76,18 +77,20 @@ def model_for_evaluation(checkpoint: Optional[str | Path], args: argparse.Namesp
                          dist: DistInfo) -> tuple[torch.nn.Module, AugmentMelSTFT, str]:
     """(model, frontend, description) to evaluate: a fine-tuned checkpoint, checked against the
     task's classes, or without one (the original's evaluation mode) the model of the model
-    arguments with an untrained classifier for the task's classes, which is logged as a warning."""
+    arguments with an untrained classifier for the task's classes, which is logged as a warning.
+    On the CPU both are the eval-only fast copies (models/fast.py)."""
     if checkpoint:
         model, frontend_config, class_names, _ = load_finetuned(checkpoint)
         if class_names != list(task.class_names):
             raise InputError(f"{checkpoint}: was trained on other classes ({len(class_names)}) than "
                              f"the {len(task.class_names)} of this dataset")
-        return model.to(dist.device), AugmentMelSTFT(**frontend_config).to(dist.device), str(checkpoint)
+        return (*fast_inference(model.to(dist.device), AugmentMelSTFT(**frontend_config).to(dist.device)),
+                str(checkpoint))
     model = model_from_config(model_config_from_args(args, num_classes=len(task.class_names)))
     logger.warning("no --checkpoint given: %s is evaluated with an untrained %d-class classifier",
                    args.model_name, len(task.class_names))
-    return (model.to(dist.device), AugmentMelSTFT(**frontend_config_from_args(args)).to(dist.device),
-            args.model_name)
+    frontend = AugmentMelSTFT(**frontend_config_from_args(args)).to(dist.device)
+    return (*fast_inference(model.to(dist.device), frontend), args.model_name)
 
 
 def evaluate_model(model: torch.nn.Module, frontend: AugmentMelSTFT, dataset: Dataset, task: Task,

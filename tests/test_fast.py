@@ -1,0 +1,172 @@
+"""The eval-only fast paths (models/fast.py): same outputs as the plain eval models and frontend."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from models import fast
+from models.dymn.model import get_model as get_dymn
+from models.fast import FastMelFrontend, check_precision
+from models.mn.model import get_model as get_mn
+from models.preprocess import AugmentMelSTFT
+from tests.conftest import REPO, shared_path
+
+TOLERANCE = 1e-4
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere plus non-trivial batch-norm statistics (folding must use them),
+    scaled so that logits are of order one; returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            elif isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / m.in_features ** 0.5)
+    return model.eval()
+
+
+def assert_same_outputs(model: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected = model(x)
+        got = model.for_inference()(x)
+    assert expected[0].abs().max() > 0.01 # the comparison is not between near-zero values
+    for e, g in zip(expected, got):
+        assert g.dtype == torch.float32 and g.shape == e.shape
+        assert (g - e).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("kwargs, batch", [
+    ({"width_mult": 0.4}, 1),
+    ({"width_mult": 0.4}, 3),
+    ({"width_mult": 1.0, "head_type": "fully_convolutional", "strides": (2, 2, 1, 1)}, 2),
+    ({"width_mult": 0.2, "head_type": "multihead_attention_pooling", "se_dims": "cf", "se_agg": "avg"}, 3),
+    ({"width_mult": 0.3, "se_dims": "tf", "strides": (2, 1, 2, 1), "input_dim_t": 50}, 2),
+    ({"width_mult": 0.5, "se_dims": "none", "reduced_tail": True, "dilated": True}, 1),
+])
+def test_fast_mn_matches_plain_eval_model(kwargs, batch):
+    model = randomize(get_mn(num_classes=20, **kwargs))
+    assert_same_outputs(model, torch.randn(batch, 1, 128, kwargs.get("input_dim_t", 64)))
+
+
+@pytest.mark.parametrize("kwargs, batch", [
+    ({"width_mult": 0.4}, 1),
+    ({"width_mult": 0.4}, 3),
+    ({"width_mult": 1.0, "head_type": "fully_convolutional", "strides": (2, 2, 1, 1)}, 1),
+    ({"width_mult": 0.3, "use_dy_blocks": "replace_se"}, 2),
+    ({"width_mult": 0.2, "no_dyconv": True, "no_dyrelu": True, "no_ca": True}, 2),
+    ({"width_mult": 0.2, "dyrelu_k": 3, "dyconv_k": 2}, 2),
+])
+def test_fast_dymn_matches_plain_eval_model(kwargs, batch):
+    model = randomize(get_dymn(num_classes=20, **kwargs))
+    model.update_params(5)  # a temperature other than 1
+    assert_same_outputs(model, torch.randn(batch, 1, 128, 48))
+
+
+def test_feature_maps_match_and_original_is_untouched():
+    model = randomize(get_dymn(width_mult=0.4, num_classes=10))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fast_model = model.for_inference()
+    x = torch.randn(2, 1, 128, 64)
+    with torch.no_grad():
+        _, expected = model(x, return_fmaps=True)
+        _, got = fast_model(x, return_fmaps=True)
+    assert len(got) == len(expected) == 17
+    for e, g in zip(expected, got):
+        assert (g - e).abs().max() <= TOLERANCE
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model.training is False and not any(p.requires_grad is False for p in model.parameters())
+
+
+def test_fast_model_is_eval_only():
+    fast_model = get_mn(width_mult=0.1).for_inference()
+    assert not fast_model.training and not any(p.requires_grad for p in fast_model.parameters())
+    with pytest.raises(RuntimeError, match="eval-only"):
+        fast_model.train()
+    fast_model.eval()  # allowed
+    with pytest.raises(RuntimeError, match="eval-only"):
+        FastMelFrontend(AugmentMelSTFT()).train()
+
+
+@pytest.mark.parametrize("settings", [{}, {"n_mels": 64}, {"hopsize": 160, "n_mels": 40},
+                                      {"win_length": 640, "n_fft": 1024, "fmin": 50.0, "fmax": 8000.0}])
+@pytest.mark.parametrize("length", [2, 300, 513, 32000 + 17])
+def test_fast_frontend_matches_augment_mel_stft(settings, length):
+    frontend = AugmentMelSTFT(**settings).eval()
+    x = torch.randn(3, length) * 0.1
+    with torch.no_grad():
+        expected = frontend(x)
+        got = FastMelFrontend(frontend)(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_fast_frontend_rejects_bad_input():
+    with pytest.raises(ValueError, match="batch, samples"):
+        FastMelFrontend(AugmentMelSTFT())(torch.zeros(10))
+
+
+def test_released_mn04_fast_path_matches_plain(mn04_checkpoint):
+    model = get_mn(pretrained_name="mn04_as").eval()
+    frontend = AugmentMelSTFT().eval()
+    waveform = torch.from_numpy(np.load(shared_path("golden", "metro_32k.npy"))).unsqueeze(0)
+    with torch.no_grad():
+        logits, embedding = model(frontend(waveform).unsqueeze(1))
+        fast_logits, fast_embedding = model.for_inference()(FastMelFrontend(frontend)(waveform).unsqueeze(1))
+    assert (fast_logits - logits).abs().max() <= TOLERANCE
+    assert (fast_embedding - embedding).abs().max() <= TOLERANCE
+
+
+def test_precision_names_and_bf16_without_cpu_support(monkeypatch):
+    assert check_precision("fp32") is torch.float32
+    with pytest.raises(ValueError, match="fp32, bf16"):
+        check_precision("fp16")
+    monkeypatch.setattr(fast, "bf16_supported", lambda: False)
+    with pytest.raises(RuntimeError, match="no native bfloat16"):
+        get_mn(width_mult=0.1).for_inference("bf16")
+
+
+@pytest.mark.parametrize("build", [get_mn, get_dymn])
+def test_bf16_path_close_to_fp32(build, monkeypatch):
+    monkeypatch.setattr(fast, "bf16_supported", lambda: True)  # runs emulated where unsupported
+    model = randomize(build(width_mult=0.1, num_classes=10))
+    x = torch.randn(2, 1, 128, 40)
+    with torch.no_grad():
+        logits, embedding = model(x)
+        bf_logits, bf_embedding = model.for_inference("bf16")(x)
+    assert bf_logits.dtype == torch.float32 and bf_embedding.shape == embedding.shape
+    assert (bf_logits - logits).abs().max() <= 0.05 * logits.abs().max()
+
+
+def test_taggers_use_the_fast_path_on_the_cpu(mn04_checkpoint):
+    from helpers.inference.tagging import build_tagger
+
+    tagger = build_tagger("mn04_as")
+    assert isinstance(tagger.model, fast.FastTagger) and isinstance(tagger.frontend, FastMelFrontend)
+    plain = build_tagger("mn04_as", fast=False)
+    assert type(plain.model).__name__ == "MN" and type(plain.frontend) is AugmentMelSTFT
+    waveform = torch.from_numpy(np.load(shared_path("golden", "metro_32k.npy")))[None]
+    assert np.abs(tagger.predict(waveform) - plain.predict(waveform)).max() <= TOLERANCE
+    assert tagger.model.for_inference() is tagger.model
+    ensemble = build_tagger(ensemble=["mn04_as", "mn04_as"])
+    assert all(isinstance(m, fast.FastTagger) for m in ensemble.model.models)
+    assert np.abs(ensemble.predict(waveform) - plain.predict(waveform)).max() <= TOLERANCE
+
+
+def test_inference_precision_flag(mn04_checkpoint):
+    metro = shared_path("audio", "metro_station-paris.wav")
+    result = subprocess.run([sys.executable, "inference.py", "--model_name", "mn04_as", "--audio_path", str(metro),
+                             "--precision", "bf16", "--top_k", "5"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    if fast.bf16_supported():
+        assert result.returncode == 0, result.stderr
+        assert [line.split(":")[0] for line in result.stdout.splitlines()[1:6]] == [
+            "Train", "Rail transport", "Railroad car, train wagon", "Subway, metro, underground", "Vehicle"]
+    else:
+        assert result.returncode == 2 and "no native bfloat16" in result.stderr
