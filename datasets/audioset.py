@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets.augment import decimate, fit_length, random_gain
+from datasets.augment import decimate, random_gain
 from datasets.hdf5 import Mp3DecodeError, Mp3HDF5, decode_mp3, unpack_targets
 from helpers.errors import InputError
 
@@ -98,9 +98,8 @@ class AudioSetDataset(Dataset):
         return np.concatenate([f.targets() for f in self.files])
 
     def _waveform(self, f: Mp3HDF5, row: int) -> torch.Tensor:
-        waveform = decode_mp3(f.mp3(row))
+        waveform = decode_mp3(f.mp3(row), self.clip_samples)  # cut or zero-padded to the clip length
         waveform = random_gain(waveform, self.gain_augment)
-        waveform = fit_length(waveform, self.clip_samples)
         waveform = decimate(waveform, SAMPLE_RATE, self.resample_rate)
         return torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)).unsqueeze(0)
 
