@@ -7,7 +7,6 @@ independently for every example.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -38,8 +37,8 @@ def kaldi_mel_banks(n_mels: int, n_fft: int, sr: float, fmin: float, fmax: float
 
 
 def mel_banks(n_mels: int, n_fft: int, sr: float, fmin: torch.Tensor, fmax: torch.Tensor) -> torch.Tensor:
-    """`kaldi_mel_banks` for band edges given as float64 tensors (any shape that broadcasts to one
-    value), built on their device without checking them, so without a host-device sync."""
+    """`kaldi_mel_banks` for band edges given as 0-dim float64 tensors, built on their device
+    without checking them, so without a host-device sync."""
     fmax = torch.where(fmax <= 0.0, fmax + 0.5 * sr, fmax)
     mel_low, mel_high = (1127.0 * (1.0 + edge / 700.0).log() for edge in (fmin, fmax))
     mel_delta = (mel_high - mel_low) / (n_mels + 1)
