@@ -32,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ex_audioset  # noqa: E402
 from datasets.audioset import BALANCED_FILE, EVAL_FILE, NUM_CLASSES, AudioSetDataset  # noqa: E402
 from datasets.hdf5 import Mp3HDF5Writer, encode_mp3, pack_targets  # noqa: E402
-from helpers.training import Precision, make_optimizer, mel, mix, mixup  # noqa: E402
+from helpers.training.evaluation import mel  # noqa: E402
+from helpers.training.mixup import mix, mixup  # noqa: E402
+from helpers.training.precision import Precision  # noqa: E402
+from helpers.training.schedule import make_optimizer  # noqa: E402
 from models.factory import create_model  # noqa: E402
 from models.preprocess import AugmentMelSTFT  # noqa: E402
 
