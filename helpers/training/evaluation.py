@@ -55,20 +55,22 @@ def evaluate(model: nn.Module, frontend: nn.Module, loader: DataLoader, precisio
     frontend.eval()
     broadcast_buffers(net, dist)
     parts: list[list[torch.Tensor]] = []
+    keep: list[torch.Tensor] = []
     for batch in tqdm(loader, desc="eval", disable=not (progress and dist.is_main),
                       dynamic_ncols=True, leave=False):
         with precision.autocast():
             logits = net(mel(frontend, batch.waveform.to(dist.device, non_blocking=True)))[0]
-        fields = [logits.float().cpu(), torch.as_tensor(batch.target)]
+        fields = [logits.float(), torch.as_tensor(batch.target)]  # logits stay on the device
         if "mask" in batch._fields:
             fields.append(torch.as_tensor(batch.mask))
-        if keep_fn is not None:
-            keep = torch.as_tensor(keep_fn(batch), dtype=torch.bool)
-            fields = [f[keep] for f in fields]
         parts.append(fields)
+        keep.append(torch.ones(len(logits), dtype=torch.bool) if keep_fn is None
+                    else torch.as_tensor(keep_fn(batch), dtype=torch.bool))
     if not parts:
         raise InputError("the evaluation loader yielded no batch (empty evaluation set?)")
-    gathered = [gather_cat(torch.cat(column), dist) for column in zip(*parts)]
+    kept = torch.cat(keep)
+    # the logits come to the host once, after the last batch
+    gathered = [gather_cat(torch.cat(column).cpu()[kept], dist) for column in zip(*parts)]
     return Predictions(*gathered) if len(gathered) == 3 else Predictions(*gathered, None)
 
 
