@@ -8,32 +8,36 @@ epoch: loader workers, transfer, frontend, model, optimizer), all on generated 1
     python benchmarks/bench_audioset.py --clips 32 --batch_size 8 --steps 3 --workers 1   # CPU
 
 Model timings use random weights (no download) and the training step of ex_audioset.py: train-mode
-frontend, mixup, label + distillation loss, backward and Adam step through `Precision`.
+frontend, mixup, label + distillation loss, backward and Adam step (fused on CUDA) through
+`Precision`. --compile, --channels_last and --cudnn_benchmark apply to the model timings and the
+end-to-end run alike.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import json
 import pickle
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ex_audioset  # noqa: E402
-from datasets.audioset import BALANCED_FILE, EVAL_FILE, NUM_CLASSES, AudioSetDataset  # noqa: E402
+from datasets.audioset import (BALANCED_FILE, EVAL_FILE, NUM_CLASSES, AudioSetDataset,  # noqa: E402
+                               TeacherPredictions)
 from datasets.hdf5 import Mp3HDF5Writer, encode_mp3, pack_targets  # noqa: E402
+from datasets.items import IndexedClip  # noqa: E402
+from helpers.training.args import memory_format  # noqa: E402
 from helpers.training.evaluation import mel  # noqa: E402
-from helpers.training.mixup import mix, mixup  # noqa: E402
+from helpers.training.loop import train_step  # noqa: E402
 from helpers.training.precision import Precision  # noqa: E402
 from helpers.training.schedule import make_optimizer  # noqa: E402
 from models.factory import create_model  # noqa: E402
@@ -88,76 +92,67 @@ def bench_decode(path: Path, resample_rate: int, repeats: int) -> float:
     return best_rate(read_all, len(ds), repeats, lambda: None)
 
 
-def bench_model(name: str, batch_size: int, steps: int, precision: Precision,
-                device: torch.device) -> dict[str, float]:
-    """Training and inference samples/s of model `name` (random weights) with its frontend."""
+def bench_model(name: str, data: Path, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Training and inference samples/s of model `name` (random weights) with its frontend: the
+    training step is ex_audioset.py's (`helpers.training.loop.train_step` with the distillation
+    loss and mixup) on waveforms already on the device."""
     torch.manual_seed(0)
-    model = create_model(name, pretrained=False).to(device)
+    model = create_model(name, pretrained=False).to(device, memory_format=memory_format(args))
+    if args.compile:
+        model.compile()
     frontend = AugmentMelSTFT().to(device)
-    optimizer = make_optimizer(model, 1e-4)
-    waves = 0.1 * torch.randn(batch_size, 1, CLIP_SAMPLES, device=device)
-    y = (torch.rand(batch_size, NUM_CLASSES, device=device) < 0.01).float()
-    teacher = torch.rand(batch_size, NUM_CLASSES, device=device)
-    known = torch.ones(batch_size, device=device)
+    optimizer = make_optimizer(model, 1e-4, fused=device.type == "cuda")
+    precision = Precision(args.precision, device)
+    teacher = TeacherPredictions(data / "teacher.npy", data / "index.pkl")
+    loss_fn = ex_audioset.distillation_loss_fn(argparse.Namespace(mixup_alpha=0.3, kd_lambda=0.1), teacher)
+    n = args.batch_size
+    batch = IndexedClip(0.1 * torch.randn(n, 1, CLIP_SAMPLES, device=device), [f"{i:011d}" for i in range(n)],
+                        (torch.rand(n, NUM_CLASSES, device=device) < 0.01).float(), torch.arange(n))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def train_steps() -> None:
         model.train()
         frontend.train()
-        for _ in range(steps):
-            with precision.autocast():
-                x = mel(frontend, waves)
-                perm, lam = (t.to(device, non_blocking=True) for t in mixup(batch_size, 0.3))
-                logits = model(mix(x, perm, lam))[0]
-                loss = 0.1 * F.binary_cross_entropy_with_logits(logits.float(), mix(y, perm, lam)) + \
-                    0.9 * ex_audioset.distillation_loss(logits, teacher, known, perm, lam)
-            precision.step(loss, optimizer)
+        for _ in range(args.steps):
+            train_step(model, frontend, batch, optimizer, loss_fn, precision, device)
 
     @torch.no_grad()
     def infer_steps() -> None:
         model.eval()
         frontend.eval()
-        for _ in range(steps):
+        for _ in range(args.steps):
             with precision.autocast():
-                model(mel(frontend, waves))
+                model(mel(frontend, batch.waveform))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = {"train": best_rate(train_steps, steps * batch_size, 2, sync)}
+    result = {"train": best_rate(train_steps, args.steps * n, 2, sync)}
     if device.type == "cuda":
         result["train_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    result["infer"] = best_rate(infer_steps, steps * batch_size, 2, sync)
+    result["infer"] = best_rate(infer_steps, args.steps * n, 2, sync)
     return result
 
 
 def bench_end_to_end(data: Path, model: str, args: argparse.Namespace) -> float:
-    """Samples/s of the training epoch of `ex_audioset.py --train` (one epoch over all clips;
-    loader start-up included, evaluation and checkpointing not)."""
-    times = []
-
-    def timed_epoch(*a, **k):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        out = real(*a, **k)
-        if args.cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        return out
-
-    real = ex_audioset.train_one_epoch
+    """Samples/s of the training pass of one `ex_audioset.py --train` epoch over all generated
+    clips (its logged train_seconds: loader start-up included, evaluation and checkpoints not)."""
+    out_dir = data / f"run_{model}"
     argv = ["--train", "--dataset_dir", str(data), "--balanced_only", "--model_name", model,
             "--n_epochs", "1", "--epoch_len", str(args.clips), "--batch_size", str(args.batch_size),
             "--num_workers", str(args.workers), "--teacher_preds", str(data / "teacher.npy"),
-            "--fname_to_index", str(data / "index.pkl"), "--logger", "none",
-            "--out_dir", str(data / "run"), "--precision", args.precision]
+            "--fname_to_index", str(data / "index.pkl"), "--logger", "none", "--out_dir", str(out_dir),
+            "--precision", args.precision]
+    argv += [f"--{flag}" for flag in ("cuda", "compile", "channels_last", "cudnn_benchmark")
+             if getattr(args, flag)]
     log = io.StringIO()  # the script's own progress and results, shown if it fails
     try:
-        with mock.patch.object(ex_audioset, "train_one_epoch", timed_epoch), \
-                contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            ex_audioset.main(argv + (["--cuda"] if args.cuda else []))
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ex_audioset.main(argv)
     except BaseException:
         print(log.getvalue(), file=sys.stderr)
         raise
-    return args.clips / times[0]
+    epoch = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return args.clips / epoch["train_seconds"]
 
 
 def main() -> None:
@@ -173,6 +168,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="decode timing: best of this many passes")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--cudnn_benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument("--channels_last", action="store_true", help="channels-last models")
     parser.add_argument("--skip", nargs="*", default=[], choices=("decode", "model", "end_to_end"))
     args = parser.parse_args()
     if args.cuda and not torch.cuda.is_available():
@@ -182,8 +179,9 @@ def main() -> None:
     device = torch.device("cuda" if args.cuda else "cpu")
     args.precision = args.precision or ("fp16" if args.cuda else "fp32")
     name = torch.cuda.get_device_name(device) if args.cuda else f"CPU, {args.threads} threads"
+    options = [flag for flag in ("compile", "channels_last", "cudnn_benchmark") if getattr(args, flag)]
     print(f"{name}; torch {torch.__version__}, CUDA {torch.version.cuda}; {args.precision}, "
-          f"batch {args.batch_size}, cudnn.benchmark {args.cudnn_benchmark}")
+          f"batch {args.batch_size}, options: {', '.join(options) or 'none'}")
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp), args.clips)
         if "decode" not in args.skip:
@@ -192,7 +190,7 @@ def main() -> None:
                 print(f"decode + pad to 10 s + resample to {rate} Hz: {rate_clips:.1f} clips/s per worker")
         if "model" not in args.skip:
             for model in args.models:
-                r = bench_model(model, args.batch_size, args.steps, Precision(args.precision, device), device)
+                r = bench_model(model, data, args, device)
                 memory = f", training peak memory {r['train_peak_gib']:.1f} GiB" if "train_peak_gib" in r else ""
                 print(f"{model}: training {r['train']:.1f} samples/s, inference {r['infer']:.1f} "
                       f"clips/s{memory}")
