@@ -35,7 +35,7 @@ from datasets.audioset import (BALANCED_FILE, EVAL_FILE, NUM_CLASSES, AudioSetDa
                                TeacherPredictions)
 from datasets.hdf5 import Mp3HDF5Writer, encode_mp3, pack_targets  # noqa: E402
 from datasets.items import IndexedClip  # noqa: E402
-from helpers.training.args import memory_format  # noqa: E402
+from helpers.training.args import apply_speed_options  # noqa: E402
 from helpers.training.evaluation import mel  # noqa: E402
 from helpers.training.loop import train_step  # noqa: E402
 from helpers.training.precision import Precision  # noqa: E402
@@ -97,9 +97,7 @@ def bench_model(name: str, data: Path, args: argparse.Namespace, device: torch.d
     training step is ex_audioset.py's (`helpers.training.loop.train_step` with the distillation
     loss and mixup) on waveforms already on the device."""
     torch.manual_seed(0)
-    model = create_model(name, pretrained=False).to(device, memory_format=memory_format(args))
-    if args.compile:
-        model.compile()
+    model = apply_speed_options(create_model(name, pretrained=False).to(device), args)
     frontend = AugmentMelSTFT().to(device)
     optimizer = make_optimizer(model, 1e-4, fused=device.type == "cuda")
     precision = Precision(args.precision, device)
@@ -175,7 +173,6 @@ def main() -> None:
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda: no CUDA device")
     torch.set_num_threads(args.threads)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device("cuda" if args.cuda else "cpu")
     args.precision = args.precision or ("fp16" if args.cuda else "fp32")
     name = torch.cuda.get_device_name(device) if args.cuda else f"CPU, {args.threads} threads"

@@ -99,12 +99,15 @@ def test_speed_options_reach_the_model(tmp_path: Path, monkeypatch: pytest.Monke
     real_build = loop.build_run
     monkeypatch.setattr(loop, "build_run", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     data_dir = make_esc50(tmp_path / "ESC-50", clips_per_fold=1, seconds=0.5)
-    ex_esc50.main([str(a) for a in ["--dataset_dir", data_dir, "--model_name", "mn01_as", "--model_width", 0.1,
-                                    "--fold", 1, "--n_epochs", 1, "--num_workers", 0, "--logger", "none",
-                                    "--batch_size", 4, "--out_dir", tmp_path / "run", "--compile",
-                                    "--channels_last", "--cudnn_benchmark"]])
+    common = ["--dataset_dir", data_dir, "--fold", 1, "--num_workers", 0, "--logger", "none", "--batch_size", 4,
+              "--compile", "--channels_last", "--cudnn_benchmark"]
+    ex_esc50.main([str(a) for a in [*common, "--model_name", "mn01_as", "--model_width", 0.1, "--n_epochs", 1,
+                                    "--out_dir", tmp_path / "run"]])
     model = built[0].model
     assert compiled == [model] and torch.backends.cudnn.benchmark
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
     state = load_checkpoint(tmp_path / "run" / "fold1" / "last.pt")
     assert not any(k.startswith("_orig_mod") for k in state["model"])  # compiled in place: plain keys
+    # evaluation alone takes the same options
+    ex_esc50.main([str(a) for a in [*common, "--checkpoint", tmp_path / "run" / "fold1" / "last.pt"]])
+    assert len(compiled) == 2 and compiled[1] is not model

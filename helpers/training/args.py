@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from torch import nn
 
 from helpers.common.errors import InputError
 from helpers.training.precision import PRECISIONS
@@ -79,6 +80,17 @@ def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_si
 def memory_format(args: argparse.Namespace) -> torch.memory_format:
     """The model's memory format from --channels_last."""
     return torch.channels_last if args.channels_last else torch.preserve_format
+
+
+def apply_speed_options(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """`model` (changed in place) with --channels_last and --compile, and cuDNN set per
+    --cudnn_benchmark. Compiling in place keeps the module and its state_dict keys, so DDP,
+    evaluation and checkpoints see the same model."""
+    model.to(memory_format=memory_format(args))
+    if args.compile:
+        model.compile()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    return model
 
 
 def add_model_args(parser: argparse.ArgumentParser, model_name: str = "mn10_as",

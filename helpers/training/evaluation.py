@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from helpers.common.errors import InputError
-from helpers.training.args import frontend_config_from_args, model_config_from_args
+from helpers.training.args import apply_speed_options, frontend_config_from_args, model_config_from_args
 from helpers.training.data import eval_loader
 from helpers.training.distributed import DistInfo, broadcast_buffers, gather_cat, unwrap
 from helpers.training.precision import Precision
@@ -101,7 +101,9 @@ def evaluate_model(model: torch.nn.Module, frontend: AugmentMelSTFT, dataset: Da
 
 def predict(model: torch.nn.Module, frontend: AugmentMelSTFT, dataset: Dataset, task: Task,
             args: argparse.Namespace, dist: DistInfo, batch_size: Optional[int] = None) -> Predictions:
-    """`evaluate` over `dataset` with the script's batch size, workers and --precision, dropping
-    the rows `task.keep_fn` rejects."""
-    loader = eval_loader(dataset, batch_size or args.batch_size, args.num_workers, dist)
-    return evaluate(model, frontend, loader, Precision(args.precision, dist.device), dist, task.keep_fn)
+    """`evaluate` over `dataset` with the script's batch size, workers, --precision and speed
+    options (applied to `model` in place), dropping the rows `task.keep_fn` rejects."""
+    loader = eval_loader(dataset, batch_size or args.batch_size, args.num_workers, dist,
+                         prefetch_factor=args.prefetch_factor)
+    return evaluate(apply_speed_options(model, args), frontend, loader, Precision(args.precision, dist.device),
+                    dist, task.keep_fn)

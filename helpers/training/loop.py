@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from helpers.common.errors import InputError
-from helpers.training.args import frontend_config_from_args, memory_format, model_config_from_args
+from helpers.training.args import apply_speed_options, frontend_config_from_args, model_config_from_args
 from helpers.training.checkpoints import restore_training_state, save_epoch_weights, training_state
 from helpers.training.data import eval_loader, train_loader
 from helpers.training.distributed import DistInfo, all_reduce_mean, unwrap, wrap_ddp
@@ -141,13 +141,10 @@ def build_run(args: argparse.Namespace, task: Task, train_set: Dataset, val_set:
     seed_everything(args.seed)
     try:
         model_config = model_config_from_args(args, num_classes=len(task.class_names))
-        model = model_from_config(model_config).to(dist.device, memory_format=memory_format(args))
+        model = model_from_config(model_config).to(dist.device)
     except ValueError as e:
         raise InputError(str(e)) from None
-    model = wrap_ddp(model, dist)
-    if args.compile:  # in place: DDP, evaluation (unwrap) and checkpoints see the same module
-        unwrap(model).compile()
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    model = wrap_ddp(apply_speed_options(model, args), dist)
     frontend_config = frontend_config_from_args(args)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adamw, fused=dist.device.type == "cuda")
     loader_options = {"persistent_workers": args.persistent_workers, "prefetch_factor": args.prefetch_factor}
