@@ -134,13 +134,13 @@ def distillation_loss_fn(args: argparse.Namespace, teacher: Optional[TeacherPred
         y, perm, lam = batch.target, None, None
         if args.mixup_alpha > 0:
             perm, lam = mixup(len(x), args.mixup_alpha)
-            perm, lam = perm.to(x.device), lam.to(x.device)
+            perm, lam = perm.to(x.device, non_blocking=True), lam.to(x.device, non_blocking=True)
             x, y = mix(x, perm, lam), mix(y, perm, lam)
         logits = model(x)[0]
         label_loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         if teacher is None:
             return {"loss": label_loss, "label_loss": label_loss.detach()}
-        probs, known = (t.to(x.device) for t in teacher.lookup(batch.name))
+        probs, known = (t.to(x.device, non_blocking=True) for t in teacher.lookup(batch.name))
         kd_loss = distillation_loss(logits, probs, known.float(), perm, lam)
         loss = args.kd_lambda * label_loss + (1.0 - args.kd_lambda) * kd_loss
         return {"loss": loss, "label_loss": label_loss.detach(), "distillation_loss": kd_loss.detach()}

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.audio import check_finite
-from datasets.augment import decimate, fit_length, random_gain
+from datasets.augment import decimate, random_gain
 from datasets.badclips import BadClips, CountsBadClips, row_error
 from datasets.hdf5 import CorruptRowError, Mp3DecodeError, Mp3HDF5, decode_mp3, unpack_targets
 from datasets.items import IndexedClip, is_valid  # noqa: F401  (is_valid: re-exported)
@@ -93,9 +93,8 @@ class AudioSetDataset(CountsBadClips, Dataset):
         return np.concatenate([f.targets() for f in self.files])
 
     def _waveform(self, f: Mp3HDF5, row: int) -> torch.Tensor:
-        waveform = check_finite(f"{f.path}: row {row}", decode_mp3(f.mp3(row)), SAMPLE_RATE)
+        waveform = check_finite(f"{f.path}: row {row}", decode_mp3(f.mp3(row), self.clip_samples), SAMPLE_RATE)
         waveform = random_gain(waveform, self.gain_augment)
-        waveform = fit_length(waveform, self.clip_samples)
         waveform = decimate(waveform, SAMPLE_RATE, self.resample_rate)
         return torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)).unsqueeze(0)
 

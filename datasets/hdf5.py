@@ -6,8 +6,8 @@ Layout (one row per clip, all datasets of length N):
     target      uint8 (N, ceil(C / 8)) packed bits      multi-hot labels (big-endian bit order),
                 or float32 (N, P)                       or plain float targets (OpenMIC)
 
-mp3 clips are 32 kHz mono, encoded with LAME at 128 kbit/s (FFmpeg's default) and decoded with
-PyAV to planar float32 without resampling.
+mp3 clips are 32 kHz mono, encoded with LAME at 128 kbit/s (FFmpeg's default) and decoded to
+float32 without resampling, by libsndfile where it gives FFmpeg's samples, else by PyAV.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from typing import Any, Optional
 import av
 import h5py
 import numpy as np
+import soundfile as sf
 
+from datasets.augment import fit_length
 from helpers.common.errors import InputError
 from helpers.common.files import atomic_path
 
@@ -40,13 +42,48 @@ class CorruptRowError(ValueError):
     """HDF5 cannot read a row of the file (its data is corrupt)."""
 
 
-def decode_mp3(data: np.ndarray | bytes) -> np.ndarray:
+SNDFILE_MP3 = "MP3" in sf.available_formats()  # libsndfile >= 1.1 decodes mp3 (mpg123)
+
+
+def decode_mp3(data: np.ndarray | bytes, length: Optional[int] = None) -> np.ndarray:
     """Decode the bytes of an mp3 file to a mono float32 1-D array in [-1, 1] at the file's own
     rate: the first audio stream's frames in order, channels averaged (the original laid the
-    channels of a multi-channel file end to end)."""
+    channels of a multi-channel file end to end). With `length`, exactly `length` samples: the
+    first ones, zero-padded at the end (what `datasets.augment.fit_length` makes of the whole clip).
+
+    libsndfile (mpg123) decodes straight into the output buffer when the file's header states its
+    exact length (the Xing/LAME header that LAME and FFmpeg write) and the decoder delivers it; it
+    matches FFmpeg's decoder within 1e-5 at the same alignment. Other files (no exact length,
+    truncated, not readable by libsndfile) are decoded by PyAV (FFmpeg), as the original did."""
     raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
     if not raw:
         raise Mp3DecodeError("empty mp3 data")
+    if SNDFILE_MP3:
+        waveform = _decode_sndfile(raw, length)
+        if waveform is not None:
+            return waveform
+    waveform = _decode_pyav(raw)
+    return waveform if length is None else fit_length(waveform, length)
+
+
+def _decode_sndfile(raw: bytes, length: Optional[int]) -> Optional[np.ndarray]:
+    """libsndfile decode of a complete mp3 into a fresh buffer, or None where PyAV must decide."""
+    try:
+        with sf.SoundFile(io.BytesIO(raw)) as f:
+            if f.format != "MP3" or f.frames <= 0:
+                return None
+            wanted = f.frames if length is None else min(length, f.frames)
+            shape = (f.frames if length is None else length,) + ((f.channels,) if f.channels > 1 else ())
+            out = np.zeros(shape, dtype=np.float32)
+            if len(f.read(out=out[:wanted])) != wanted:
+                return None  # shorter than its header says (truncated): PyAV decodes what is there
+    except (RuntimeError, ValueError):  # sf.LibsndfileError is a RuntimeError
+        return None
+    return out.mean(axis=1, dtype=np.float32) if out.ndim == 2 else out
+
+
+def _decode_pyav(raw: bytes) -> np.ndarray:
+    """PyAV (FFmpeg) decode of the first audio stream, frame by frame, channels averaged."""
     chunks = []
     try:
         with av.open(io.BytesIO(raw), format="mp3") as container:
@@ -72,19 +109,25 @@ def decode_mp3(data: np.ndarray | bytes) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def encode_mp3(waveform: np.ndarray, sample_rate: int = 32000, bitrate: int = MP3_BITRATE) -> bytes:
-    """Encode a mono float waveform as mp3 file bytes (LAME through PyAV), as
-    `ffmpeg -i x -codec:a mp3 -ar 32000` does for a mono source."""
-    samples = np.ascontiguousarray(np.clip(waveform, -1.0, 1.0), dtype=np.float32).reshape(1, -1)
+def encode_mp3(waveform: np.ndarray, sample_rate: int = 32000, bitrate: int = MP3_BITRATE,
+               xing_header: bool = True) -> bytes:
+    """Encode a float waveform, mono (samples,) or stereo (2, samples), as mp3 file bytes (LAME
+    through PyAV), as `ffmpeg -i x -codec:a mp3 -ar 32000` does. `xing_header=False` leaves out the
+    Xing/LAME header that states the exact length (as FFmpeg writing to a pipe does)."""
+    samples = np.ascontiguousarray(np.clip(waveform, -1.0, 1.0), dtype=np.float32)
+    samples = samples.reshape(-1 if samples.ndim == 2 else 1, samples.shape[-1])
+    if samples.shape[0] not in (1, 2):
+        raise ValueError(f"expected a mono or stereo waveform, got shape {waveform.shape}")
+    layout = "mono" if samples.shape[0] == 1 else "stereo"
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp3") as container:
+    with av.open(buffer, mode="w", format="mp3", options={"write_xing": str(int(xing_header))}) as container:
         stream = container.add_stream("mp3", rate=sample_rate)
-        stream.layout = "mono"
+        stream.layout = layout
         stream.bit_rate = bitrate
         frame_size = stream.codec_context.frame_size or 1152
         for start in range(0, samples.shape[1], frame_size):
             frame = av.AudioFrame.from_ndarray(samples[:, start:start + frame_size], format="fltp",
-                                               layout="mono")
+                                               layout=layout)
             frame.sample_rate = sample_rate
             frame.pts = start
             for packet in stream.encode(frame):

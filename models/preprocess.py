@@ -7,39 +7,46 @@ independently for every example.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
 
-def _mel(freq: float) -> float:
-    return 1127.0 * math.log(1.0 + freq / 700.0)
-
-
-def kaldi_mel_banks(n_mels: int, n_fft: int, sr: float, fmin: float, fmax: float) -> torch.Tensor:
-    """Kaldi's triangular mel filterbank (natural-log mel scale, triangles in the mel domain, no
-    area normalization), shape (n_mels, n_fft // 2 + 1); the Nyquist column is all zeros.
-
-    Computed in float32 the way Kaldi/torchaudio compute it, which the released models were
-    trained with."""
+def _check_band_edges(n_mels: int, n_fft: int, sr: float, fmin: float, fmax: float) -> None:
     if n_mels <= 3:
         raise ValueError(f"n_mels must be greater than 3, got {n_mels}")
     if n_fft % 2:
         raise ValueError(f"n_fft must be even, got {n_fft}")
     nyquist = 0.5 * sr
-    if fmax <= 0.0:
-        fmax += nyquist
+    fmax = fmax + nyquist if fmax <= 0.0 else fmax
     if not (0.0 <= fmin < nyquist and 0.0 < fmax <= nyquist and fmin < fmax):
         raise ValueError(f"invalid mel band edges fmin={fmin}, fmax={fmax} for sample rate {sr}")
-    mel_low, mel_high = _mel(fmin), _mel(fmax)
+
+
+def kaldi_mel_banks(n_mels: int, n_fft: int, sr: float, fmin: float, fmax: float) -> torch.Tensor:
+    """Kaldi's triangular mel filterbank (natural-log mel scale, triangles in the mel domain, no
+    area normalization), shape (n_mels, n_fft // 2 + 1); the Nyquist column is all zeros. fmax <= 0
+    counts from the Nyquist frequency.
+
+    Computed in float32 the way Kaldi/torchaudio compute it, which the released models were
+    trained with."""
+    _check_band_edges(n_mels, n_fft, sr, fmin, fmax)
+    return mel_banks(n_mels, n_fft, sr, torch.tensor(float(fmin), dtype=torch.float64),
+                     torch.tensor(float(fmax), dtype=torch.float64))
+
+
+def mel_banks(n_mels: int, n_fft: int, sr: float, fmin: torch.Tensor, fmax: torch.Tensor) -> torch.Tensor:
+    """`kaldi_mel_banks` for band edges given as 0-dim float64 tensors, built on their device
+    without checking them, so without a host-device sync."""
+    fmax = torch.where(fmax <= 0.0, fmax + 0.5 * sr, fmax)
+    mel_low, mel_high = (1127.0 * (1.0 + edge / 700.0).log() for edge in (fmin, fmax))
     mel_delta = (mel_high - mel_low) / (n_mels + 1)
-    band = torch.arange(n_mels, dtype=torch.float32).unsqueeze(1)
+    band = torch.arange(n_mels, dtype=torch.float32, device=fmin.device).unsqueeze(1)
     left = mel_low + band * mel_delta
     center = mel_low + (band + 1.0) * mel_delta
     right = mel_low + (band + 2.0) * mel_delta
-    bin_freqs = (sr / n_fft) * torch.arange(n_fft // 2, dtype=torch.float32)
+    bin_freqs = (sr / n_fft) * torch.arange(n_fft // 2, dtype=torch.float32, device=fmin.device)
     bin_mels = (1127.0 * (1.0 + bin_freqs / 700.0).log()).unsqueeze(0)
     up = (bin_mels - left) / (center - left)
     down = (right - bin_mels) / (right - center)
@@ -84,6 +91,10 @@ class AugmentMelSTFT(nn.Module):
         self.fmin_aug_range, self.fmax_aug_range = fmin_aug_range, fmax_aug_range
         self.register_buffer("window", torch.hann_window(win_length, periodic=False), persistent=False)
         self.register_buffer("preemphasis_coefficient", torch.tensor([[[-0.97, 1.0]]]), persistent=False)
+        # the most extreme jittered edges are valid (training does not check them per call)
+        high = self.fmax + fmax_aug_range // 2
+        _check_band_edges(n_mels, n_fft, sr, self.fmin + fmin_aug_range - 1, high - fmax_aug_range + 1)
+        _check_band_edges(n_mels, n_fft, sr, self.fmin, high)
         # eval-mode filterbank, built once; training builds one per call with jittered edges
         self.register_buffer("mel_basis", kaldi_mel_banks(n_mels, n_fft, sr, self.fmin, self.fmax),
                              persistent=False)
@@ -112,10 +123,12 @@ class AugmentMelSTFT(nn.Module):
                           onesided=True, return_complex=True)[..., :1 + length // self.hopsize]
         power = torch.view_as_real(spec).pow(2).sum(-1)  # (B, n_fft // 2 + 1, T)
 
-        if self.training:
-            fmin = self.fmin + torch.randint(self.fmin_aug_range, (1,)).item()
-            fmax = self.fmax + self.fmax_aug_range // 2 - torch.randint(self.fmax_aug_range, (1,)).item()
-            mel_basis = kaldi_mel_banks(self.n_mels, self.n_fft, self.sr, fmin, fmax).to(power.device)
+        if self.training:  # edges drawn on the device: no host-device sync
+            jitter = torch.randint(self.fmin_aug_range, (), device=power.device)
+            fmin = self.fmin + jitter.double()
+            jitter = torch.randint(self.fmax_aug_range, (), device=power.device)
+            fmax = self.fmax + self.fmax_aug_range // 2 - jitter.double()
+            mel_basis = mel_banks(self.n_mels, self.n_fft, self.sr, fmin, fmax)
         else:
             mel_basis = self.mel_basis
         with torch.autocast(device_type=power.device.type, enabled=False):

@@ -1,9 +1,12 @@
 """Mel frontend: parity with the original's spectrograms, filterbank math, train-mode augmentation."""
+import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import models.preprocess as preprocess
 from models.preprocess import AugmentMelSTFT, kaldi_mel_banks
@@ -89,9 +92,10 @@ def test_eval_mode_is_deterministic_and_leaves_rng_alone(metro):
 
 def test_train_mode_jitters_band_edges(monkeypatch, metro):
     seen = []
-    real = preprocess.kaldi_mel_banks
-    monkeypatch.setattr(preprocess, "kaldi_mel_banks",
-                        lambda n, nfft, sr, fmin, fmax: seen.append((fmin, fmax)) or real(n, nfft, sr, fmin, fmax))
+    real = preprocess.mel_banks
+    monkeypatch.setattr(preprocess, "mel_banks",
+                        lambda n, nfft, sr, fmin, fmax: seen.append((float(fmin), float(fmax)))
+                        or real(n, nfft, sr, fmin, fmax))
     fe = AugmentMelSTFT(freqm=0, timem=0).train()
     torch.manual_seed(1)
     for _ in range(200):
@@ -102,6 +106,36 @@ def test_train_mode_jitters_band_edges(monkeypatch, metro):
     # with aug ranges of 1 the train output equals the eval output
     fixed = AugmentMelSTFT(freqm=0, timem=0, fmin_aug_range=1, fmax_aug_range=1)
     assert torch.allclose(fixed.train()(metro[:, :32000]), fixed.eval()(metro[:, :32000]))
+
+
+def test_train_mode_keeps_the_draws_on_the_device(monkeypatch):
+    """On the meta device any host value (.item(), a CPU-built filterbank or mask) fails or shows."""
+    class DeviceLog(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.host_ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            if any(t.device.type == "cpu" for t in tensors):
+                self.host_ops.append(str(func))
+            return out
+
+    monkeypatch.setattr(torch, "autocast", lambda **kwargs: contextlib.nullcontext())  # no meta autocast
+    fe = AugmentMelSTFT(freqm=48, timem=192).to("meta").train()
+    with DeviceLog() as log:
+        out = fe(torch.zeros(4, 32000, device="meta"))
+    assert out.shape == (4, 128, 100) and log.host_ops == []
+    # the draws come from the generator of the input's device, in the order they always had
+    fe = AugmentMelSTFT(freqm=0, timem=0).train()
+    torch.manual_seed(3)
+    fmin, fmax = torch.randint(10, (1,)).item(), 1000 - torch.randint(2000, (1,)).item()
+    torch.manual_seed(3)
+    out = fe(torch.ones(1, 3200))
+    banks = kaldi_mel_banks(128, 1024, 32000, float(fmin), 15000.0 + fmax)
+    monkeypatch.setattr(preprocess, "mel_banks", lambda *args: banks)
+    torch.testing.assert_close(fe(torch.ones(1, 3200)), out, rtol=0, atol=0)
 
 
 def test_train_masks_are_iid_and_within_bounds():

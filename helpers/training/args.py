@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+from torch import nn
+
 from helpers.common.errors import InputError
 from helpers.training.precision import PRECISIONS
 from models.checkpoint import load_checkpoint
@@ -44,7 +47,8 @@ def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_si
                  dataset_env: Optional[str] = None, num_workers: int = 12) -> None:
     """Run arguments: --experiment_name, --cuda, --batch_size, --num_workers, --dataset_dir (default
     from the environment variable `dataset_env`), --seed, --out_dir, --logger, --precision,
-    --resume."""
+    --resume; speed options: --compile, --channels_last, --cudnn_benchmark, --persistent_workers,
+    --prefetch_factor."""
     g = parser.add_argument_group("run")
     g.add_argument("--experiment_name", type=str, default=experiment_name, help="run name")
     g.add_argument("--cuda", action="store_true", help="use the GPU if available")
@@ -65,6 +69,31 @@ def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_si
                    help="continue from a checkpoint (default: <out_dir>/last.pt)")
     g.add_argument("--overwrite", action="store_true",
                    help="start over in an --out_dir that holds an earlier run (its files are deleted)")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model (training and evaluation)")
+    speed.add_argument("--channels_last", action="store_true",
+                   help="channels-last memory format for the model (faster convolutions on GPUs)")
+    speed.add_argument("--cudnn_benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms for every new input shape")
+    speed.add_argument("--persistent_workers", action="store_true",
+                   help="keep DataLoader workers across epochs (a resumed run then draws other augmentations)")
+    speed.add_argument("--prefetch_factor", type=int, default=None, help="batches each worker loads ahead (default 2)")
+
+
+def memory_format(args: argparse.Namespace) -> torch.memory_format:
+    """The model's memory format from --channels_last."""
+    return torch.channels_last if args.channels_last else torch.preserve_format
+
+
+def apply_speed_options(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """`model` (changed in place) with --channels_last and --compile, and cuDNN set per
+    --cudnn_benchmark. Compiling in place keeps the module and its state_dict keys, so DDP,
+    evaluation and checkpoints see the same model."""
+    model.to(memory_format=memory_format(args))
+    if args.compile:
+        model.compile()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    return model
 
 
 def add_model_args(parser: argparse.ArgumentParser, model_name: str = "mn10_as",

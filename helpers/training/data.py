@@ -65,26 +65,35 @@ class DistributedWeightedSampler(Sampler[int]):
         return math.ceil(self.num_samples / self.world_size)
 
 
+def _loader(dataset: Dataset, batch_size: int, sampler: Sampler, num_workers: int, dist: DistInfo,
+            persistent_workers: bool, prefetch_factor: Optional[int]) -> DataLoader:
+    """Seeded workers, pinned memory on CUDA, the last partial batch kept; `persistent_workers`
+    and `prefetch_factor` apply when there are workers."""
+    workers = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if num_workers else {}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      worker_init_fn=worker_init_fn, pin_memory=dist.device.type == "cuda",
+                      drop_last=False, **workers)
+
+
 def train_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo, seed: int,
-                 sampler: Optional[Sampler] = None) -> DataLoader:
+                 sampler: Optional[Sampler] = None, persistent_workers: bool = False,
+                 prefetch_factor: Optional[int] = None) -> DataLoader:
     """Training DataLoader: the given sampler (it must split the data over ranks itself, e.g. a
-    weighted sampler with set_epoch), or a shuffling DistributedSampler seeded by (seed, epoch);
-    seeded workers; the last partial batch kept."""
+    weighted sampler with set_epoch), or a shuffling DistributedSampler seeded by (seed, epoch).
+    Persistent workers are seeded once, so their augmentations then depend on the run's history
+    and a resumed run no longer repeats the uninterrupted one."""
     if sampler is None:
         sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
                                      shuffle=True, seed=seed, drop_last=False)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      worker_init_fn=worker_init_fn, pin_memory=dist.device.type == "cuda",
-                      drop_last=False)
+    return _loader(dataset, batch_size, sampler, num_workers, dist, persistent_workers, prefetch_factor)
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo,
+                persistent_workers: bool = False, prefetch_factor: Optional[int] = None) -> DataLoader:
     """Sequential evaluation DataLoader over this rank's `ShardSampler` slice (InputError when the
     set has fewer clips than there are processes)."""
     if len(dataset) < dist.world_size:
         raise InputError(f"the evaluation set has {len(dataset)} clips, fewer than the "
                          f"{dist.world_size} processes")
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), dist.rank,
-                                                                           dist.world_size),
-                      num_workers=num_workers, worker_init_fn=worker_init_fn,
-                      pin_memory=dist.device.type == "cuda", drop_last=False)
+    return _loader(dataset, batch_size, ShardSampler(len(dataset), dist.rank, dist.world_size), num_workers,
+                   dist, persistent_workers, prefetch_factor)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from helpers.common.errors import InputError
-from helpers.training.args import frontend_config_from_args, model_config_from_args
+from helpers.training.args import apply_speed_options, frontend_config_from_args, model_config_from_args
 from helpers.training.data import eval_loader
 from helpers.training.distributed import DistInfo, broadcast_buffers, gather_cat, unwrap
 from helpers.training.precision import Precision
@@ -56,20 +56,22 @@ def evaluate(model: nn.Module, frontend: nn.Module, loader: DataLoader, precisio
     frontend.eval()
     broadcast_buffers(net, dist)
     parts: list[list[torch.Tensor]] = []
+    keep: list[torch.Tensor] = []
     for batch in tqdm(loader, desc="eval", disable=not (progress and dist.is_main),
                       dynamic_ncols=True, leave=False):
         with precision.autocast():
             logits = net(mel(frontend, batch.waveform.to(dist.device, non_blocking=True)))[0]
-        fields = [logits.float().cpu(), torch.as_tensor(batch.target)]
+        fields = [logits.float(), torch.as_tensor(batch.target)]  # logits stay on the device
         if "mask" in batch._fields:
             fields.append(torch.as_tensor(batch.mask))
-        if keep_fn is not None:
-            keep = torch.as_tensor(keep_fn(batch), dtype=torch.bool)
-            fields = [f[keep] for f in fields]
         parts.append(fields)
+        keep.append(torch.ones(len(logits), dtype=torch.bool) if keep_fn is None
+                    else torch.as_tensor(keep_fn(batch), dtype=torch.bool))
     if not parts:
         raise InputError("the evaluation loader yielded no batch (empty evaluation set?)")
-    gathered = [gather_cat(torch.cat(column), dist) for column in zip(*parts)]
+    kept = torch.cat(keep)
+    # the logits come to the host once, after the last batch
+    gathered = [gather_cat(torch.cat(column).cpu()[kept], dist) for column in zip(*parts)]
     return Predictions(*gathered) if len(gathered) == 3 else Predictions(*gathered, None)
 
 
@@ -102,7 +104,9 @@ def evaluate_model(model: torch.nn.Module, frontend: AugmentMelSTFT, dataset: Da
 
 def predict(model: torch.nn.Module, frontend: AugmentMelSTFT, dataset: Dataset, task: Task,
             args: argparse.Namespace, dist: DistInfo, batch_size: Optional[int] = None) -> Predictions:
-    """`evaluate` over `dataset` with the script's batch size, workers and --precision, dropping
-    the rows `task.keep_fn` rejects."""
-    loader = eval_loader(dataset, batch_size or args.batch_size, args.num_workers, dist)
-    return evaluate(model, frontend, loader, Precision(args.precision, dist.device), dist, task.keep_fn)
+    """`evaluate` over `dataset` with the script's batch size, workers, --precision and speed
+    options (applied to `model` in place), dropping the rows `task.keep_fn` rejects."""
+    loader = eval_loader(dataset, batch_size or args.batch_size, args.num_workers, dist,
+                         prefetch_factor=args.prefetch_factor)
+    return evaluate(apply_speed_options(model, args), frontend, loader, Precision(args.precision, dist.device),
+                    dist, task.keep_fn)

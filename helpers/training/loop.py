@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from helpers.common.errors import InputError
-from helpers.training.args import frontend_config_from_args, model_config_from_args
+from helpers.training.args import apply_speed_options, frontend_config_from_args, model_config_from_args
 from helpers.training.checkpoints import (check_resumable, prepare_run_folder, restore_training_state,
                                           save_epoch_weights, training_state)
 from helpers.training.data import eval_loader, train_loader
@@ -65,6 +65,19 @@ def _to_device(batch: Any, device: torch.device) -> Any:
                              if isinstance(v, torch.Tensor)})
 
 
+def train_step(model: nn.Module, frontend: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
+               loss_fn: LossFn, precision: Precision, device: torch.device) -> dict[str, Any]:
+    """One training step on a loader batch: to `device`, spectrograms and `loss_fn` under
+    autocast, backward and optimizer step; returns `loss_fn`'s dict. It reads nothing back from
+    the device, so the host can queue the next steps while the GPU works (with fp16, the
+    GradScaler's overflow check stays on the device when the optimizer is fused)."""
+    batch = _to_device(batch, device)
+    with precision.autocast():
+        out = loss_fn(model, mel(frontend, batch.waveform), batch)
+    precision.step(out["loss"], optimizer)
+    return out
+
+
 def train_one_epoch(model: nn.Module, frontend: nn.Module, loader: DataLoader,
                     optimizer: torch.optim.Optimizer, loss_fn: LossFn, precision: Precision,
                     dist: DistInfo, epoch: int, progress: bool = True) -> dict[str, float]:
@@ -81,10 +94,7 @@ def train_one_epoch(model: nn.Module, frontend: nn.Module, loader: DataLoader,
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (progress and dist.is_main),
                dynamic_ncols=True, leave=False)
     for batch in bar:
-        batch = _to_device(batch, dist.device)
-        with precision.autocast():
-            out = loss_fn(model, mel(frontend, batch.waveform), batch)
-        precision.step(out["loss"], optimizer)
+        out = train_step(model, frontend, batch, optimizer, loss_fn, precision, dist.device)
         for key, value in out.items():
             sums[key] += value.detach().float() if isinstance(value, torch.Tensor) else value
         batches += 1
@@ -132,15 +142,18 @@ def build_run(args: argparse.Namespace, task: Task, train_set: Dataset, val_set:
     seed_everything(args.seed)
     try:
         model_config = model_config_from_args(args, num_classes=len(task.class_names))
-        model = wrap_ddp(model_from_config(model_config).to(dist.device), dist)
+        model = model_from_config(model_config).to(dist.device)
     except ValueError as e:
         raise InputError(str(e)) from None
+    model = wrap_ddp(apply_speed_options(model, args), dist)
     frontend_config = frontend_config_from_args(args)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adamw)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adamw, fused=dist.device.type == "cuda")
+    loader_options = {"persistent_workers": args.persistent_workers, "prefetch_factor": args.prefetch_factor}
     return Run(model, AugmentMelSTFT(**frontend_config).to(dist.device), optimizer,
                make_scheduler(optimizer, args), Precision(args.precision, dist.device),
-               train_loader(train_set, args.batch_size, args.num_workers, dist, args.seed, task.sampler),
-               eval_loader(val_set, eval_batch_size or args.batch_size, args.num_workers, dist),
+               train_loader(train_set, args.batch_size, args.num_workers, dist, args.seed, task.sampler,
+                            **loader_options),
+               eval_loader(val_set, eval_batch_size or args.batch_size, args.num_workers, dist, **loader_options),
                model_config, frontend_config)
 
 

@@ -18,7 +18,8 @@ def mixup(size: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 def mix(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """lam_i * x_i + (1 - lam_i) * x_perm(i), lam broadcast over all axes after the first; works
-    for spectrograms, targets and per-sample losses alike."""
-    lam = lam.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+    for spectrograms, targets and per-sample losses alike. Host tensors are copied to x's device
+    without waiting for it."""
+    lam = lam.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32, non_blocking=True)
     lam = lam.view(-1, *([1] * (x.dim() - 1)))
-    return lam * x + (1.0 - lam) * x[perm.to(x.device)]
+    return lam * x + (1.0 - lam) * x[perm.to(x.device, non_blocking=True)]

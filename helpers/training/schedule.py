@@ -39,11 +39,13 @@ class WarmupRampdown:
         return self.rampup(epoch) * self.rampdown(epoch)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
-                   adamw: bool = False) -> torch.optim.Optimizer:
-    """Adam (or AdamW) over all model parameters with PyTorch's default betas and eps."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, adamw: bool = False,
+                   fused: bool = False) -> torch.optim.Optimizer:
+    """Adam (or AdamW) over all model parameters with PyTorch's default betas and eps; `fused`
+    (for CUDA) updates all parameters in one kernel and lets fp16's GradScaler skip overflowing
+    steps without reading the overflow flag back to the host."""
     cls = torch.optim.AdamW if adamw else torch.optim.Adam
-    return cls(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return cls(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer,

@@ -48,14 +48,28 @@ class DynamicConv(nn.Module):
         self.temperature = max(t0, t1, self.T_min)
 
     def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
-        b, _, f, t = x.shape
         attention = torch.softmax(self.residuals(context[0]) / self.temperature, dim=-1)  # (B, K)
         kernels = torch.mm(attention, self.weight.view(self.k, -1))  # (B, kernel numel)
+        if self.kernel_size == 1 and self.groups == 1 and self.stride == 1 and self.padding == 0:
+            return batched_pointwise(x, kernels.view(-1, self.out_channels, self.in_channels))
+        # depthwise (or other grouped) kernels: fold the batch into the channel axis, so that one
+        # conv with groups x batch groups applies each sample's kernel (for depthwise kernels a
+        # depthwise conv over batch x channels)
+        b, _, f, t = x.shape
         kernels = kernels.view(b * self.out_channels, *self._kernel_shape()[1:])
-        # fold the batch into the channel axis: one grouped conv applies each sample's kernel
         out = nn.functional.conv2d(x.reshape(1, -1, f, t), kernels, stride=self.stride,
                                    padding=self.padding, groups=self.groups * b)
         return out.view(b, self.out_channels, out.shape[-2], out.shape[-1])
+
+
+def batched_pointwise(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Per-sample 1x1 convolution as one batched matrix product: x (B, Cin, F, T) with kernels
+    (B, Cout, Cin) -> (B, Cout, F, T), in x's memory format (channels_last stays channels_last)."""
+    b, c, f, t = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = torch.bmm(x.permute(0, 2, 3, 1).reshape(b, f * t, c), kernels.transpose(1, 2))
+        return out.view(b, f, t, -1).permute(0, 3, 1, 2)
+    return torch.bmm(kernels, x.reshape(b, c, f * t)).view(b, -1, f, t)
 
 
 class StaticWrapper(nn.Module):
