@@ -23,9 +23,12 @@ regularization. The standardization is then folded into the weights.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,11 +39,15 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 from torch import nn
+from torch.utils.data import Dataset
 
 from datasets.cache import file_signature
 from datasets.files import AudioFileDataset
 from helpers.errors import InputError
 from helpers.files import atomic_write
+from helpers.finetune import Task, _better
+from helpers.training import (DistInfo, Precision, eval_loader, evaluate, seed_epoch, seed_everything,
+                              train_loader, train_one_epoch)
 from models.preprocess import AugmentMelSTFT
 
 logger = logging.getLogger(__name__)
@@ -285,3 +292,105 @@ def set_classifier(model: nn.Module, probe: LinearProbe) -> None:
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(probe.weight))
         layer.bias.copy_(torch.from_numpy(probe.bias))
+
+
+# ---------------------------------------------------------------- probe, then fine-tune
+
+def backbone_stages(model: nn.Module) -> list[nn.Module]:
+    """The stages below the classifier, input first (MN: features; DyMN: in_c, layers, out_c)."""
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):
+        return list(features)
+    return [model.in_c, *model.layers, model.out_c]
+
+
+def layerwise_param_groups(model: nn.Module, lr: float, decay: float) -> list[dict]:
+    """Optimizer groups with layer-wise learning-rate decay: the final Linear at `lr`, the rest of
+    the classifier at lr * decay, then each backbone stage from the top down another factor
+    `decay` lower (the stem of an MN at lr * decay ** 18)."""
+    name, last = final_linear(model)
+    head_rest = [p for n, p in model.classifier.named_parameters()
+                 if not f"classifier.{n}".startswith(name + ".")]
+    stages = [list(last.parameters()), head_rest] + [list(s.parameters()) for s in reversed(backbone_stages(model))]
+    return [{"params": params, "lr": lr * decay ** depth} for depth, params in enumerate(stages) if params]
+
+
+class FrozenNorm(nn.Module):
+    """Wraps a model so that `train()` leaves every BatchNorm in eval mode: with a few clips per
+    batch, re-estimated statistics would drift from the pretrained ones (and a batch of one clip
+    could not be normalized at all). Forward passes straight through."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def train(self, mode: bool = True) -> FrozenNorm:
+        super().train(mode)
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+@dataclass
+class FinetuneSchedule:
+    """probe_finetune's short schedule: AdamW with `lr` for the head (layer-wise decay below it,
+    see `layerwise_param_groups`), a cosine decay over at most `epochs` epochs, and early
+    stopping after `patience` epochs without a better validation score."""
+    epochs: int = 10
+    lr: float = 1e-3
+    layer_decay: float = 0.8
+    weight_decay: float = 1e-2
+    patience: int = 3
+    batch_size: int = 16
+    num_workers: int = 0
+
+
+def probe_finetune(model: nn.Module, frontend: AugmentMelSTFT, train_set: Dataset, val_set: Dataset,
+                   task: Task, schedule: FinetuneSchedule, dist: DistInfo, precision: Precision,
+                   seed: int = 0) -> tuple[int, list[dict[str, float]]]:
+    """Fine-tune the whole `model`, whose final Linear holds the fitted probe, on `train_set`
+    (BatchNorm statistics frozen, see `FrozenNorm`), validating after every epoch on `val_set`
+    with the task's metrics. The probe itself is scored first as epoch -1, so the result is never
+    worse on the validation data than the probe. The model ends holding the weights of the best
+    epoch, which is returned with one metrics dict per epoch (epoch, train_loss, the task's
+    metrics, seconds)."""
+    seed_everything(seed)
+    net = FrozenNorm(model).to(dist.device)
+    frontend = frontend.to(dist.device)
+    optimizer = torch.optim.AdamW(layerwise_param_groups(model, schedule.lr, schedule.layer_decay),
+                                  weight_decay=schedule.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / schedule.epochs)))
+    train_dl = train_loader(train_set, schedule.batch_size, schedule.num_workers, dist, seed)
+    val_dl = eval_loader(val_set, schedule.batch_size, schedule.num_workers, dist)
+
+    def validate() -> dict[str, float]:
+        return task.metrics_fn(*evaluate(net, frontend, val_dl, precision, dist, task.target_index,
+                                         task.keep_fn, progress=False))
+
+    best = validate()
+    history = [{"epoch": -1, **best}]
+    best_epoch, best_state = -1, copy.deepcopy(model.state_dict())
+    for epoch in range(schedule.epochs):
+        if epoch - best_epoch > schedule.patience:
+            break
+        seed_epoch(seed, epoch, dist.rank)
+        if hasattr(model, "update_params"):
+            model.update_params(epoch)
+        started = time.perf_counter()
+        stats = train_one_epoch(net, frontend, train_dl, optimizer, task.loss_fn, precision, dist, epoch,
+                                progress=False)
+        scheduler.step()
+        metrics = validate()
+        history.append({"epoch": epoch, "train_loss": stats["loss"], **metrics,
+                        "seconds": time.perf_counter() - started})
+        logger.info("probe_finetune epoch %d: train_loss %.4f, %s", epoch, stats["loss"],
+                    ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if _better(metrics, best, task.selection):
+            best, best_epoch, best_state = metrics, epoch, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return best_epoch, history

@@ -1,0 +1,166 @@
+"""The linear-probe recipe pieces on generated data: the head separates separable classes (single-
+and multi-label), the fitted head becomes the model's final Linear exactly, the embedding cache is
+reused and invalidated, the layer-wise learning rates, and probe-then-fine-tune keeps the best epoch."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from datasets.files import AudioFileDataset
+from helpers.errors import InputError
+from helpers.finetune import Task, classification_metrics, single_label_loss
+from helpers.probe import (Embedder, FinetuneSchedule, crop_starts, file_clips, final_linear, fit_probe,
+                           layerwise_param_groups, probe_finetune, set_classifier, stratified_folds)
+from helpers.training import Precision, model_from_config, setup_distributed
+from models.preprocess import AugmentMelSTFT
+from tests.datagen import clip
+
+SR = 16000
+TINY = {"family": "mn", "num_classes": 2, "width_mult": 0.1, "strides": [2, 2, 2, 2], "head_type": "mlp",
+        "pretrained_name": None, "se_dims": "c"}
+
+
+def separable(n_per_class: int, n_classes: int, dim: int = 16, draw: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-clip features (2 crops each) of Gaussian blobs around well separated centres (the same
+    for every `draw`), one-hot targets."""
+    centres = np.random.default_rng(0).normal(0, 5, (n_classes, dim))
+    rng = np.random.default_rng(draw + 1)
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    features = [(centres[k] + rng.normal(0, 0.5, (2, dim))).astype(np.float32) for k in labels]
+    return features, np.eye(n_classes, dtype=np.float32)[labels]
+
+
+def test_probe_separates_linearly_separable_classes() -> None:
+    train, y_train = separable(5, 4)
+    test, y_test = separable(5, 4, draw=1)
+    probe = fit_probe(train, y_train, multilabel=False, cs=(0.01, 1.0, 100.0))
+    probs = probe.predict(test)
+    assert (probs.argmax(1) == y_test.argmax(1)).all()
+    assert np.allclose(probs.sum(1), 1.0) and set(probe.cv_loss) == {0.01, 1.0, 100.0}
+    assert probe.C == min(probe.cv_loss, key=probe.cv_loss.get)
+
+
+def test_probe_multilabel_one_vs_rest() -> None:
+    features, onehot = separable(6, 3)
+    targets = onehot.copy()
+    targets[:, 2] = np.maximum(targets[:, 2], targets[:, 1])  # class 2 whenever class 1: two labels
+    targets = np.concatenate([targets, np.zeros((len(targets), 1), np.float32)], 1)  # a class never seen
+    probe = fit_probe(features, targets, multilabel=True, cs=(0.1, 10.0))
+    probs = probe.predict(features)
+    assert ((probs > 0.5) == (targets > 0.5)).all()
+    assert probs[:, 3].max() < 0.2
+
+
+def test_binary_single_label_and_folds() -> None:
+    features, targets = separable(4, 2)
+    probe = fit_probe(features, targets, multilabel=False, cs=(1.0,))
+    assert probe.weight.shape == (2, 16) and (probe.predict(features).argmax(1) == targets.argmax(1)).all()
+    folds = stratified_folds(np.eye(3)[[0, 0, 0, 1, 1, 2]], 3, seed=0)
+    assert sorted(np.bincount(folds)) == [2, 2, 2]
+
+
+def test_crop_starts() -> None:
+    assert crop_starts(100, 200, 5) == [0]
+    assert crop_starts(300, 100, 3) == [0, 100, 200]
+    assert crop_starts(300, 100, 1) == [0]
+
+
+def write_clips(folder: Path, n: int, seconds: float = 1.0) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"clip{i}.wav")
+        sf.write(paths[-1], clip(i % 2, seconds, SR, rng), SR)
+    return paths
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return model_from_config(TINY).eval()
+
+
+def dataset(paths: list[Path]) -> AudioFileDataset:
+    targets = np.eye(2, dtype=np.float32)[[i % 2 for i in range(len(paths))]]
+    return AudioFileDataset(paths, targets, [p.name for p in paths], SR, SR)
+
+
+def frontend(**overrides) -> AugmentMelSTFT:
+    return AugmentMelSTFT(**{"sr": SR, "n_mels": 64, **overrides})
+
+
+def test_embedding_cache_reused_and_invalidated(tmp_path: Path) -> None:
+    paths = write_clips(tmp_path / "clips", 4)
+    cache = tmp_path / "cache"
+    first = Embedder(tiny_model(), frontend(), SR, cache_dir=cache)
+    features = first(file_clips(dataset(paths)))
+    assert first.computed == 4 and first.reused == 0 and features[0].shape == (1, final_linear(first.model)[1].in_features)
+    again = Embedder(tiny_model(), frontend(), SR, cache_dir=cache)  # a new run: same model and settings
+    assert all(np.array_equal(a, b) for a, b in zip(again(file_clips(dataset(paths))), features))
+    assert again.computed == 0 and again.reused == 4
+    # an edited clip is embedded again, the others are read back
+    sf.write(paths[1], 0.5 * sf.read(paths[1])[0], SR)
+    os.utime(paths[1], ns=(0, 123456789))
+    edited = Embedder(tiny_model(), frontend(), SR, cache_dir=cache)
+    edited(file_clips(dataset(paths)))
+    assert (edited.computed, edited.reused) == (1, 3)
+    # other preprocessing or window, or another backbone, makes a new cache folder
+    for other in (Embedder(tiny_model(), frontend(hopsize=160), SR, cache_dir=cache),
+                  Embedder(tiny_model(), frontend(), SR // 2, n_crops=2, cache_dir=cache)):
+        other(file_clips(dataset(paths)))
+        assert (other.computed, other.reused) == (4, 0)
+    retrained = tiny_model()
+    with torch.no_grad():
+        retrained.features[0][0].weight.mul_(2)
+    assert Embedder(retrained, frontend(), SR, cache_dir=cache).key != first.key
+    head_only = tiny_model()
+    with torch.no_grad():
+        final_linear(head_only)[1].weight.zero_()
+    assert Embedder(head_only, frontend(), SR, cache_dir=cache).key == first.key
+
+
+def test_fitted_probe_is_the_models_final_linear(tmp_path: Path) -> None:
+    paths = write_clips(tmp_path / "clips", 6, seconds=2.0)
+    model = tiny_model()
+    embedder = Embedder(model, frontend(), SR, n_crops=2)
+    features = embedder(file_clips(dataset(paths)))
+    assert all(f.shape[0] == 2 for f in features)  # 2-s clips, 1-s window: two crops
+    probe = fit_probe(features, dataset(paths).targets.numpy(), multilabel=False, cs=(1.0,))
+    set_classifier(model, probe)
+    wave = torch.from_numpy(sf.read(paths[0], dtype="float32")[0][:SR])
+    with torch.no_grad():
+        logits = model.eval()(frontend().eval()(wave[None]).unsqueeze(1))[0]
+    assert torch.allclose(logits[0], torch.from_numpy(probe.logits(features[0][0])), atol=1e-4)
+
+
+def test_layerwise_param_groups_cover_every_parameter_once() -> None:
+    model = tiny_model()
+    groups = layerwise_param_groups(model, lr=1e-3, decay=0.5)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert groups[0]["lr"] == 1e-3 and groups[0]["params"][0] is final_linear(model)[1].weight
+    assert [g["lr"] for g in groups] == sorted((g["lr"] for g in groups), reverse=True)
+
+
+def test_probe_finetune_keeps_the_best_epoch(tmp_path: Path) -> None:
+    paths = write_clips(tmp_path / "clips", 8)
+    model = tiny_model()
+    data = dataset(paths)
+    set_classifier(model, fit_probe(Embedder(model, frontend(), SR)(file_clips(data)), data.targets.numpy(),
+                                    multilabel=False, cs=(1.0,)))
+    task = Task("t", ["noise", "tone"], False, single_label_loss(0.0), classification_metrics, "accuracy", "acc", "p")
+    best_epoch, history = probe_finetune(model, frontend(), data, data, task, FinetuneSchedule(epochs=2, batch_size=4),
+                                         setup_distributed(False), Precision(None, torch.device("cpu")))
+    assert [h["epoch"] for h in history] == [-1, 0, 1]
+    best = max(history, key=lambda h: (h["accuracy"], -h["val_loss"]))
+    assert best["epoch"] == best_epoch
+
+
+def test_probe_needs_a_linear_head() -> None:
+    with pytest.raises(InputError, match="Linear"):
+        final_linear(model_from_config({**TINY, "head_type": "fully_convolutional"}))
