@@ -29,6 +29,7 @@ from helpers.errors import InputError, run_cli
 from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
                               finetune_parser, mean_std, model_for_evaluation, multilabel_loss, sample_rate,
                               single_label_loss, tagging_metrics)
+from helpers.probe import add_recipe_args, choose_recipe, evaluate_as_probe, probe_settings, run_probe_recipe
 from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
 
 
@@ -44,6 +45,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     g.add_argument("--all_folds", action="store_true", help="cross-validate over every fold of the fold column")
     g.add_argument("--val_fraction", type=float, default=0.2,
                    help="share of clips held out for validation when the CSV has no split or fold column")
+    add_recipe_args(parser, default="auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -77,12 +79,24 @@ def main(argv: Optional[list[str]] = None) -> None:
         name = f"fold {fold}" if fold is not None else "validation"
         if not args.checkpoint:  # else evaluate the given checkpoint only
             out_dir = resolve_out_dir(args) / (f"fold{fold}" if args.all_folds else "")
-            result = fine_tune(args, task, augment_training_set(data.train, args), data.val, dist, out_dir)
+            recipe, reason = choose_recipe(data.train.targets.numpy()) if args.recipe == "auto" \
+                else (args.recipe, "as asked (--recipe)")
+            if dist.is_main:
+                print(f"recipe {recipe}: {reason}")
+            if recipe == "finetune":
+                result = fine_tune(args, task, augment_training_set(data.train, args), data.val, dist, out_dir)
+            else:
+                result = run_probe_recipe(args, recipe, task, data.train, data.val, dist, out_dir,
+                                          lambda dataset: augment_training_set(dataset, args))
         checkpoint = args.checkpoint or result.checkpoints["best"]
         model, frontend, loaded = model_for_evaluation(checkpoint, args, task, dist)
+        settings = probe_settings(checkpoint)
         evaluations = {name: data.val, **({"test": data.test} if data.test is not None else {})}
         for split, dataset in evaluations.items():
-            metrics = evaluate_model(model, frontend, dataset, task, args, dist)
+            if settings:  # a probe recipe's checkpoint: score clips as the probe does
+                metrics = evaluate_as_probe(model, frontend, dataset, task, settings, dist, args.embedding_cache or None)
+            else:
+                metrics = evaluate_model(model, frontend, dataset, task, args, dist)
             if dist.is_main:
                 print(f"{split} ({loaded}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if split == name:

@@ -23,6 +23,7 @@ regularization. The standardization is then folded into the weights.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import logging
@@ -45,9 +46,10 @@ from datasets.cache import file_signature
 from datasets.files import AudioFileDataset
 from helpers.errors import InputError
 from helpers.files import atomic_write
-from helpers.finetune import Task, _better
-from helpers.training import (DistInfo, Precision, eval_loader, evaluate, seed_epoch, seed_everything,
-                              train_loader, train_one_epoch)
+from helpers.finetune import Result, Task, _better
+from helpers.training import (DistInfo, Precision, RunLogger, _plain, frontend_config_from_args, model_config_from_args,
+                              load_checkpoint, model_from_config, save_checkpoint, seed_epoch, seed_everything, train_loader,
+                              train_one_epoch)
 from models.preprocess import AugmentMelSTFT
 
 logger = logging.getLogger(__name__)
@@ -111,7 +113,8 @@ def _backbone_hash(model: nn.Module, skip_prefix: str) -> hashlib._Hash:
 class Embedder:
     """Penultimate features of a frozen model for clips (see the module docstring), cached on disk
     under `cache_dir` when given. Call it on `ClipSource`s; returns one (crops, D) float32 array per
-    clip. `computed` / `reused` count the clips embedded / read from the cache so far."""
+    clip. `lengths` holds each clip's length in samples by key; `computed` / `reused` count the
+    clips embedded / read from the cache so far."""
 
     def __init__(self, model: nn.Module, frontend: AugmentMelSTFT, window: int, n_crops: int = 1,
                  cache_dir: Optional[str | os.PathLike] = None,
@@ -127,9 +130,7 @@ class Embedder:
         self.key = digest.hexdigest()[:20]
         self.cache_dir = Path(cache_dir) / self.key if cache_dir is not None else None
         self.model = inference_model(model).to(self.device)
-        self._features: list[torch.Tensor] = []
-        self._hook = final_linear(self.model)[1].register_forward_hook(
-            lambda module, inputs, output: self._features.append(inputs[0]))
+        self.lengths: dict[str, int] = {}
         self.computed = self.reused = 0
 
     @torch.no_grad()
@@ -138,32 +139,42 @@ class Embedder:
         n = min(len(waveform), self.window)
         wave = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))
         crops = torch.stack([wave[s:s + n] for s in crop_starts(len(waveform), self.window, self.n_crops)])
-        self._features.clear()
-        self.model(self.frontend(crops.to(self.device)).unsqueeze(1))
-        return self._features[-1].float().cpu().numpy()
+        captured: list[torch.Tensor] = []
+        hook = final_linear(self.model)[1].register_forward_hook(lambda m, inputs, out: captured.append(inputs[0]))
+        try:
+            self.model(self.frontend(crops.to(self.device)).unsqueeze(1))
+        finally:
+            hook.remove()
+        return captured[0].float().cpu().numpy()
 
-    def _cache_file(self, clip: ClipSource) -> Optional[Path]:
-        if self.cache_dir is None:
+    def _cached(self, path: Optional[Path]) -> Optional[tuple[np.ndarray, int]]:
+        if path is None or not path.is_file():
             return None
-        return self.cache_dir / (hashlib.sha256(clip.key.encode()).hexdigest()[:32] + ".npy")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return data["features"], int(data["num_samples"])
+        except (OSError, ValueError, KeyError):
+            logger.warning("%s: unreadable cached embedding, computing it again", path)
+            return None
 
     def __call__(self, clips: Sequence[ClipSource]) -> list[np.ndarray]:
         out = []
         for clip in clips:
-            path = self._cache_file(clip)
-            if path is not None and path.is_file():
-                try:
-                    out.append(np.load(path, allow_pickle=False))
-                    self.reused += 1
-                    continue
-                except (OSError, ValueError):
-                    logger.warning("%s: unreadable cached embedding, computing it again", path)
-            features = self.embed(clip.load())
-            if path is not None:
-                with atomic_write(path, "wb") as f:
-                    np.save(f, features)
-            out.append(features)
-            self.computed += 1
+            path = None
+            if self.cache_dir is not None:
+                path = self.cache_dir / (hashlib.sha256(clip.key.encode()).hexdigest()[:32] + ".npz")
+            cached = self._cached(path)
+            if cached is None:
+                waveform = clip.load()
+                cached = self.embed(waveform), len(waveform)
+                if path is not None:
+                    with atomic_write(path, "wb") as f:
+                        np.savez(f, features=cached[0], num_samples=cached[1])
+                self.computed += 1
+            else:
+                self.reused += 1
+            out.append(cached[0])
+            self.lengths[clip.key] = cached[1]
         return out
 
 
@@ -183,12 +194,25 @@ class LinearProbe:
 
     def predict(self, features: Sequence[np.ndarray]) -> np.ndarray:
         """Class probabilities per clip (sigmoid or softmax), averaged over its crops."""
-        return np.stack([_probabilities(self.logits(f), self.multilabel).mean(0) for f in features])
+        return clip_probabilities(features, self.weight, self.bias, self.multilabel)
 
 
-def _probabilities(logits: np.ndarray, multilabel: bool) -> np.ndarray:
-    t = torch.from_numpy(np.asarray(logits, dtype=np.float64))
-    return (torch.sigmoid(t) if multilabel else torch.softmax(t, dim=-1)).numpy()
+def clip_probabilities(features: Sequence[np.ndarray], weight: np.ndarray, bias: np.ndarray,
+                       multilabel: bool) -> np.ndarray:
+    """(clips, classes) probabilities (sigmoid or softmax) of the linear layer (weight, bias) on
+    every crop's features, averaged over each clip's crops."""
+    rows = []
+    for f in features:
+        logits = torch.from_numpy(np.asarray(f @ weight.T + bias, dtype=np.float64))
+        rows.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1)).mean(0))
+    return torch.stack(rows).numpy()
+
+
+def as_logits(probabilities: np.ndarray, multilabel: bool) -> torch.Tensor:
+    """Logits that give back `probabilities` (log p under softmax, log(p / (1 - p)) under sigmoid),
+    for the tasks' metrics, which take logits."""
+    p = torch.from_numpy(np.clip(probabilities, 1e-7, 1 - 1e-7)).float()
+    return torch.logit(p) if multilabel else torch.log(p)
 
 
 def _fit_linear(x: np.ndarray, y: np.ndarray, c: float, multilabel: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -273,8 +297,8 @@ def _fit_probe(features: Sequence[np.ndarray], targets: np.ndarray, multilabel: 
             if not len(val_clips) or (not multilabel and len(np.unique(y[train_rows].argmax(1))) < 2):
                 continue
             weight, bias = _fit_linear(x[train_rows], y[train_rows], c, multilabel, seed)
-            probs = [_probabilities(x[clip_of_row == i] @ weight.T + bias, multilabel).mean(0) for i in val_clips]
-            losses.append(_log_loss(np.stack(probs), targets[val_clips], multilabel))
+            probs = clip_probabilities([x[clip_of_row == i] for i in val_clips], weight, bias, multilabel)
+            losses.append(_log_loss(probs, targets[val_clips], multilabel))
         cv_loss[float(c)] = float(np.mean(losses)) if losses else float("inf")
     best = min(cv_loss, key=lambda c: (cv_loss[c], c))
     weight, bias = _fit_linear(x, y, best, multilabel, seed)
@@ -292,6 +316,14 @@ def set_classifier(model: nn.Module, probe: LinearProbe) -> None:
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(probe.weight))
         layer.bias.copy_(torch.from_numpy(probe.bias))
+
+
+def clip_logits(embedder: Embedder, clips: Sequence[ClipSource], multilabel: bool) -> torch.Tensor:
+    """(clips, classes) logits of the embedder's model as the probe predicts: the final Linear on
+    every crop, probabilities averaged over a clip's crops (`as_logits` of them)."""
+    _, layer = final_linear(embedder.model)
+    weight, bias = layer.weight.detach().cpu().numpy(), layer.bias.detach().cpu().numpy()
+    return as_logits(clip_probabilities(embedder(clips), weight, bias, multilabel), multilabel)
 
 
 # ---------------------------------------------------------------- probe, then fine-tune
@@ -341,7 +373,7 @@ class FinetuneSchedule:
     see `layerwise_param_groups`), a cosine decay over at most `epochs` epochs, and early
     stopping after `patience` epochs without a better validation score."""
     epochs: int = 10
-    lr: float = 1e-3
+    lr: float = 3e-4
     layer_decay: float = 0.8
     weight_decay: float = 1e-2
     patience: int = 3
@@ -349,15 +381,15 @@ class FinetuneSchedule:
     num_workers: int = 0
 
 
-def probe_finetune(model: nn.Module, frontend: AugmentMelSTFT, train_set: Dataset, val_set: Dataset,
-                   task: Task, schedule: FinetuneSchedule, dist: DistInfo, precision: Precision,
-                   seed: int = 0) -> tuple[int, list[dict[str, float]]]:
+def probe_finetune(model: nn.Module, frontend: AugmentMelSTFT, train_set: Dataset, val_clips: Sequence[ClipSource],
+                   val_targets: torch.Tensor, task: Task, schedule: FinetuneSchedule, window: int, n_crops: int,
+                   dist: DistInfo, precision: Precision, seed: int = 0) -> tuple[int, list[dict[str, float]]]:
     """Fine-tune the whole `model`, whose final Linear holds the fitted probe, on `train_set`
-    (BatchNorm statistics frozen, see `FrozenNorm`), validating after every epoch on `val_set`
-    with the task's metrics. The probe itself is scored first as epoch -1, so the result is never
-    worse on the validation data than the probe. The model ends holding the weights of the best
-    epoch, which is returned with one metrics dict per epoch (epoch, train_loss, the task's
-    metrics, seconds)."""
+    (BatchNorm statistics frozen, see `FrozenNorm`), validating after every epoch on the clips
+    `val_clips` as the probe is evaluated (`clip_logits`, `window`, `n_crops`) with the task's
+    metrics. The probe itself is scored first as epoch -1, so the result is never worse on the
+    validation data than the probe. The model ends holding the weights of the best epoch, which is
+    returned with one metrics dict per epoch (epoch, train_loss, the task's metrics, seconds)."""
     seed_everything(seed)
     net = FrozenNorm(model).to(dist.device)
     frontend = frontend.to(dist.device)
@@ -366,11 +398,11 @@ def probe_finetune(model: nn.Module, frontend: AugmentMelSTFT, train_set: Datase
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / schedule.epochs)))
     train_dl = train_loader(train_set, schedule.batch_size, schedule.num_workers, dist, seed)
-    val_dl = eval_loader(val_set, schedule.batch_size, schedule.num_workers, dist)
+    eval_frontend = copy.deepcopy(frontend)
 
     def validate() -> dict[str, float]:
-        return task.metrics_fn(*evaluate(net, frontend, val_dl, precision, dist, task.target_index,
-                                         task.keep_fn, progress=False))
+        embedder = Embedder(model, eval_frontend, window, n_crops, device=dist.device)
+        return task.metrics_fn(clip_logits(embedder, val_clips, task.multilabel), val_targets)
 
     best = validate()
     history = [{"epoch": -1, **best}]
@@ -394,3 +426,126 @@ def probe_finetune(model: nn.Module, frontend: AugmentMelSTFT, train_set: Datase
             best, best_epoch, best_state = metrics, epoch, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     return best_epoch, history
+
+
+# ---------------------------------------------------------------- choosing a recipe
+
+RECIPES = ("probe", "probe_finetune", "finetune", "auto")
+AUTO_PROBE_BELOW = 10  # median labelled training clips per class below which `auto` probes
+AUTO_FINETUNE_FROM = 50  # ... from which it runs the original's full fine-tuning
+
+
+def choose_recipe(train_targets: np.ndarray) -> tuple[str, str]:
+    """`auto`: (recipe, reason) from the median number of labelled training clips per class
+    (clips carrying the label, for multi-label data): below AUTO_PROBE_BELOW the probe (on a few
+    clips per class, fine-tuning the network gains little over the probe for minutes of training),
+    from AUTO_FINETUNE_FROM the original's full fine-tuning (data enough for its long schedule, as
+    ESC-50's 32 per class), probe_finetune in between."""
+    counts = (np.asarray(train_targets) > 0.5).sum(0)
+    median = float(np.median(counts))
+    seen = f"median {median:g} labelled training clips per class (min {int(counts.min())}, max {int(counts.max())})"
+    if median < AUTO_PROBE_BELOW:
+        return "probe", f"{seen} < {AUTO_PROBE_BELOW}: a linear probe on the frozen model"
+    if median < AUTO_FINETUNE_FROM:
+        return "probe_finetune", (f"{AUTO_PROBE_BELOW} <= {seen} < {AUTO_FINETUNE_FROM}: the probe, then a "
+                                  "short fine-tuning of the whole network")
+    return "finetune", f"{seen} >= {AUTO_FINETUNE_FROM}: the original's fine-tuning recipe"
+
+
+# ---------------------------------------------------------------- the recipes as the scripts run them
+
+def add_recipe_args(parser: argparse.ArgumentParser, default: str) -> None:
+    """--recipe (default `default`) and the settings of the probe recipes."""
+    g = parser.add_argument_group("recipe (probe: linear head on the frozen model; probe_finetune: "
+                                  "the probe, then a short fine-tuning; auto: chosen by clips per class)")
+    g.add_argument("--recipe", choices=RECIPES, default=default,
+                   help=f"training recipe (default {default}; finetune is the original's)")
+    g.add_argument("--probe_crops", type=int, default=1,
+                   help="windows per clip longer than the clip length (training rows; predictions averaged)")
+    g.add_argument("--probe_folds", type=int, default=5, help="cross-validation folds choosing the regularization")
+    g.add_argument("--embedding_cache", type=str, default=str(Path("runs") / "embedding_cache"),
+                   help="folder of cached clip embeddings ('' disables)")
+    defaults = FinetuneSchedule()
+    g.add_argument("--probe_epochs", type=int, default=defaults.epochs, help="probe_finetune: most epochs")
+    g.add_argument("--probe_lr", type=float, default=defaults.lr, help="probe_finetune: learning rate of the head")
+    g.add_argument("--layer_decay", type=float, default=defaults.layer_decay,
+                   help="probe_finetune: learning-rate factor per stage below the head")
+    g.add_argument("--patience", type=int, default=defaults.patience,
+                   help="probe_finetune: epochs without a better validation score before stopping")
+
+
+def file_dataset(dataset: Dataset, recipe: str) -> AudioFileDataset:
+    """`dataset` if the probe recipes can read its clips whole (a file dataset), else InputError."""
+    if not isinstance(dataset, AudioFileDataset):
+        raise InputError(f"--recipe {recipe} reads the clips from audio files; this dataset "
+                         f"({type(dataset).__name__}) supports --recipe finetune only")
+    return dataset
+
+
+def run_probe_recipe(args: argparse.Namespace, recipe: str, task: Task, train: Dataset, val: Dataset,
+                     dist: DistInfo, out_dir: Path, augment: Callable[[Dataset], Dataset]) -> Result:
+    """The `probe` or `probe_finetune` recipe from the script's arguments: embed the training clips
+    (windows of the dataset's clip length), fit the probe, make it the classifier, for
+    probe_finetune fine-tune (training windows no longer than the longest clip, `augment` wrapping
+    the training set); score the validation clips as the probe predicts them, write
+    <out_dir>/best.pt (a normal checkpoint: model, frontend and model configuration, class names,
+    plus the recipe and the probe's settings) and metrics.jsonl."""
+    if not args.pretrained:
+        raise InputError(f"--recipe {recipe} starts from released weights: add --pretrained "
+                         "(or --pretrained_name NAME)")
+    train, val = file_dataset(train, recipe), file_dataset(val, recipe)
+    seed_everything(args.seed)
+    model_config = model_config_from_args(args, num_classes=len(task.class_names))
+    frontend_config = frontend_config_from_args(args)
+    model = model_from_config(model_config)
+    window = train.clip_samples or max(len(train.waveform(i)) for i in range(len(train)))
+    embedder = Embedder(model, AugmentMelSTFT(**frontend_config), window, args.probe_crops,
+                        args.embedding_cache or None, dist.device)
+    started = time.perf_counter()
+    probe = fit_probe(embedder(file_clips(train)), train.targets.numpy(), task.multilabel,
+                      n_folds=args.probe_folds, seed=args.seed)
+    set_classifier(model, probe)
+    logger.info("probe: %d clips embedded, %d read from %s; C = %g chosen by %d-fold cross-validation "
+                "(%.1f s)", embedder.computed, embedder.reused, embedder.cache_dir or "no cache", probe.C,
+                args.probe_folds, time.perf_counter() - started)
+    val_clips = file_clips(val)
+    metrics = task.metrics_fn(clip_logits(embedder, val_clips, task.multilabel), val.targets)
+    history, best_epoch = [{"epoch": -1, **metrics}], -1
+    if recipe == "probe_finetune":
+        train.clip_samples = min(window, max(embedder.lengths.values()))
+        schedule = FinetuneSchedule(args.probe_epochs, args.probe_lr, args.layer_decay, args.weight_decay,
+                                    args.patience, args.batch_size, args.num_workers)
+        best_epoch, history = probe_finetune(model, AugmentMelSTFT(**frontend_config), augment(train), val_clips,
+                                             val.targets, task, schedule, window, args.probe_crops, dist,
+                                             Precision(args.precision, dist.device), args.seed)
+        metrics = next(h for h in history if h["epoch"] == best_epoch)
+    run = RunLogger(args.logger, task.project, args.experiment_name, vars(args), out_dir, dist,
+                    tags=(*task.tags, recipe), notes=task.notes)
+    for entry in history:
+        run.log({k: v for k, v in entry.items() if k != "epoch"}, step=entry["epoch"])
+    run.finish()
+    metrics = {k: v for k, v in metrics.items() if k not in ("epoch", "train_loss", "seconds")}
+    state = {"model": model.state_dict(), "model_config": _plain(model_config),
+             "frontend_config": _plain(frontend_config), "class_names": list(task.class_names),
+             "multilabel": task.multilabel, "task": task.name, "metrics": _plain(metrics), "recipe": recipe,
+             "config": _plain(vars(args)), "probe": {"C": probe.C, "window": window, "crops": args.probe_crops}}
+    if best_epoch >= 0:
+        state["epoch"] = best_epoch
+    path = out_dir / "best.pt"
+    save_checkpoint(path, state)
+    return Result(metrics, metrics, best_epoch, out_dir, {"best": path})
+
+
+def probe_settings(checkpoint: str | os.PathLike) -> Optional[dict]:
+    """The probe settings (window, crops) stored in a checkpoint of the probe recipes, else None."""
+    return load_checkpoint(checkpoint, mmap=True).get("probe")
+
+
+def evaluate_as_probe(model: nn.Module, frontend: AugmentMelSTFT, dataset: Dataset, task: Task,
+                      settings: dict, dist: DistInfo, cache_dir: Optional[str | os.PathLike] = None) -> dict[str, float]:
+    """The task's metrics of a probe-recipe model on a file dataset, its clips scored as the probe
+    predicts them (whole clips, or `settings["crops"]` windows of `settings["window"]` samples;
+    embeddings cached under `cache_dir` when given)."""
+    dataset = file_dataset(dataset, "probe")
+    embedder = Embedder(model, frontend, settings["window"], settings["crops"], cache_dir, dist.device)
+    return task.metrics_fn(clip_logits(embedder, file_clips(dataset), task.multilabel), dataset.targets)
