@@ -79,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         name = f"fold {fold}" if fold is not None else "validation"
         if not args.checkpoint:  # else evaluate the given checkpoint only
             out_dir = resolve_out_dir(args) / (f"fold{fold}" if args.all_folds else "")
-            recipe, reason = choose_recipe(data.train.targets.numpy()) if args.recipe == "auto" \
+            recipe, reason = choose_recipe(data.train.targets.numpy(), args.pretrained) if args.recipe == "auto" \
                 else (args.recipe, "as asked (--recipe)")
             if dist.is_main:
                 print(f"recipe {recipe}: {reason}")

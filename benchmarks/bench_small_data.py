@@ -116,7 +116,8 @@ def main() -> None:
                     command += ["--n_epochs", str(args.finetune_epochs), "--warm_up_len", "2",
                                 "--ramp_down_start", "5", "--ramp_down_len", str(max(1, args.finetune_epochs - 7))]
                 out, wall, cpu = run(command)
-                accuracy = float(re.search(r"^test \(.*accuracy ([0-9.]+)", out, re.M).group(1))
+                # without val rows the test half is the script's validation split
+                accuracy = float(re.findall(r"^(?:test|validation) \(.*accuracy ([0-9.]+)", out, re.M)[-1])
                 results[name].append((accuracy, wall, cpu))
                 print(f"fold {fold} {name}: test accuracy {accuracy:.3f}, {wall:.0f} s wall, {cpu:.0f} s CPU",
                       flush=True)

@@ -435,12 +435,15 @@ AUTO_PROBE_BELOW = 10  # median labelled training clips per class below which `a
 AUTO_FINETUNE_FROM = 50  # ... from which it runs the original's full fine-tuning
 
 
-def choose_recipe(train_targets: np.ndarray) -> tuple[str, str]:
+def choose_recipe(train_targets: np.ndarray, pretrained: bool = True) -> tuple[str, str]:
     """`auto`: (recipe, reason) from the median number of labelled training clips per class
     (clips carrying the label, for multi-label data): below AUTO_PROBE_BELOW the probe (on a few
     clips per class, fine-tuning the network gains little over the probe for minutes of training),
     from AUTO_FINETUNE_FROM the original's full fine-tuning (data enough for its long schedule, as
-    ESC-50's 32 per class), probe_finetune in between."""
+    ESC-50's 32 per class), probe_finetune in between. A model trained from scratch (not
+    `pretrained`) has nothing to probe: finetune."""
+    if not pretrained:
+        return "finetune", "no pretrained weights (--pretrained): nothing to probe, training from scratch"
     counts = (np.asarray(train_targets) > 0.5).sum(0)
     median = float(np.median(counts))
     seen = f"median {median:g} labelled training clips per class (min {int(counts.min())}, max {int(counts.max())})"

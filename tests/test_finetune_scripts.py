@@ -49,7 +49,7 @@ def test_custom_tones_vs_noise_reaches_full_accuracy(tmp_path: Path, capsys: pyt
                                                      mn04_checkpoint: Path) -> None:
     data_dir = make_custom(tmp_path / "mine", clips_per_class=6, split=True)
     out = tmp_path / "run"
-    printed = run("custom", ["--dataset_dir", data_dir, "--pretrained_name", "mn04_as", "--lr", "3e-3",
+    printed = run("custom", ["--dataset_dir", data_dir, "--recipe", "finetune", "--pretrained_name", "mn04_as", "--lr", "3e-3",
                              "--n_epochs", 3, "--clip_length", 1, "--out_dir", out, *FAST], capsys)
     assert "single-label task, 2 classes: noise, tone" in printed
     assert "validation (" in printed and "accuracy 1.0000" in printed.split("validation (")[1].splitlines()[0]

@@ -1,9 +1,13 @@
-"""The linear-probe recipe pieces on generated data: the head separates separable classes (single-
-and multi-label), the fitted head becomes the model's final Linear exactly, the embedding cache is
-reused and invalidated, the layer-wise learning rates, and probe-then-fine-tune keeps the best epoch."""
+"""The small-data recipes on generated data: the probe separates separable classes (single- and
+multi-label), the fitted head becomes the model's final Linear exactly, the embedding cache is
+reused and invalidated, layer-wise learning rates, probe-then-fine-tune keeps the best epoch,
+`auto` picks as documented, and ex_custom.py's probe checkpoint tags through inference.py."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +18,13 @@ import torch
 from datasets.files import AudioFileDataset
 from helpers.errors import InputError
 from helpers.finetune import Task, classification_metrics, single_label_loss
-from helpers.probe import (Embedder, FinetuneSchedule, crop_starts, file_clips, final_linear, fit_probe,
-                           layerwise_param_groups, probe_finetune, set_classifier, stratified_folds)
+from helpers.probe import (AUTO_FINETUNE_FROM, AUTO_PROBE_BELOW, Embedder, FinetuneSchedule, choose_recipe,
+                           crop_starts, file_clips, final_linear, fit_probe, layerwise_param_groups,
+                           probe_finetune, set_classifier, stratified_folds)
 from helpers.training import Precision, model_from_config, setup_distributed
 from models.preprocess import AugmentMelSTFT
-from tests.datagen import clip
+from tests.datagen import clip, make_custom
+from tests.test_finetune_scripts import FAST, run
 
 SR = 16000
 TINY = {"family": "mn", "num_classes": 2, "width_mult": 0.1, "strides": [2, 2, 2, 2], "head_type": "mlp",
@@ -154,8 +160,9 @@ def test_probe_finetune_keeps_the_best_epoch(tmp_path: Path) -> None:
     set_classifier(model, fit_probe(Embedder(model, frontend(), SR)(file_clips(data)), data.targets.numpy(),
                                     multilabel=False, cs=(1.0,)))
     task = Task("t", ["noise", "tone"], False, single_label_loss(0.0), classification_metrics, "accuracy", "acc", "p")
-    best_epoch, history = probe_finetune(model, frontend(), data, data, task, FinetuneSchedule(epochs=2, batch_size=4),
-                                         setup_distributed(False), Precision(None, torch.device("cpu")))
+    best_epoch, history = probe_finetune(model, frontend(), data, file_clips(data), data.targets, task,
+                                         FinetuneSchedule(epochs=2, batch_size=4), SR, 1, setup_distributed(False),
+                                         Precision(None, torch.device("cpu")))
     assert [h["epoch"] for h in history] == [-1, 0, 1]
     best = max(history, key=lambda h: (h["accuracy"], -h["val_loss"]))
     assert best["epoch"] == best_epoch
@@ -164,3 +171,50 @@ def test_probe_finetune_keeps_the_best_epoch(tmp_path: Path) -> None:
 def test_probe_needs_a_linear_head() -> None:
     with pytest.raises(InputError, match="Linear"):
         final_linear(model_from_config({**TINY, "head_type": "fully_convolutional"}))
+
+
+def test_auto_picks_by_median_clips_per_class() -> None:
+    def targets(*counts: int) -> np.ndarray:
+        return np.eye(len(counts))[np.repeat(np.arange(len(counts)), counts)]
+    assert choose_recipe(targets(3, 9, 40))[0] == "probe"  # median 9
+    assert choose_recipe(targets(2, AUTO_PROBE_BELOW, 100))[0] == "probe_finetune"
+    assert choose_recipe(targets(AUTO_FINETUNE_FROM, AUTO_FINETUNE_FROM))[0] == "finetune"
+    assert choose_recipe(targets(3, 3), pretrained=False)[0] == "finetune"
+    multilabel = np.array([[1, 1], [1, 0], [1, 0]])  # counts per label: 3 and 1
+    recipe, reason = choose_recipe(multilabel)
+    assert recipe == "probe" and "median 2 labelled training clips per class (min 1, max 3)" in reason
+
+
+def test_custom_probe_checkpoint_tags_through_inference(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        mn04_checkpoint: Path) -> None:
+    data_dir = make_custom(tmp_path / "mine", clips_per_class=6, split=True)
+    out, cache = tmp_path / "run", tmp_path / "embeddings"
+    args = ["--dataset_dir", data_dir, "--pretrained_name", "mn04_as", "--clip_length", 1, "--out_dir", out,
+            "--embedding_cache", cache, *FAST]
+    printed = run("custom", args, capsys)  # auto: 4 training clips per class
+    assert "recipe probe: median 4 labelled training clips per class" in printed
+    assert "accuracy 1.0000" in printed.split("test (")[1].splitlines()[0]
+    cached = {p: p.stat().st_mtime_ns for p in cache.glob("*/*.npz")}
+    assert len(cached) == 12  # train, val and test clips, embedded once
+    run("custom", [*args, "--recipe", "probe", "--probe_folds", 2], capsys)  # other head settings
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*/*.npz")} == cached  # all read back
+    clips = [data_dir / "clips" / "a" / f"{kind}_0.wav" for kind in ("tone", "noise")]  # the test clips
+    tags = tmp_path / "tags.json"
+    proc = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(out / "best.pt"),
+                           "--audio_path", *map(str, clips), "--top_k", "2", "--output", str(tags)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for result in json.loads(tags.read_text())["results"]:
+        assert result["tags"][0]["label"] == Path(result["file"]).stem.split("_")[0]
+
+
+def test_custom_multilabel_probe_finetune(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          mn04_checkpoint: Path) -> None:
+    data_dir = make_custom(tmp_path / "multi", clips_per_class=4, multilabel=True)
+    printed = run("custom", ["--dataset_dir", data_dir, "--pretrained_name", "mn04_as", "--clip_length", 1,
+                             "--recipe", "probe_finetune", "--probe_epochs", 1, "--val_fraction", 0.5,
+                             "--out_dir", tmp_path / "run", "--embedding_cache", "", *FAST], capsys)
+    assert "multi-label task, 2 classes" in printed and "recipe probe_finetune: as asked" in printed
+    assert "mAP 1.0000" in printed
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [-1, 0]
