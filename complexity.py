@@ -19,60 +19,68 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import Any, Optional
 
-from helpers.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
-from helpers.complexity_plots import plot_tradeoffs
-from helpers.errors import check_suffix, fail
-from helpers.files import atomic_write
+from helpers.analysis.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
+from helpers.analysis.complexity_plots import plot_tradeoffs
+from helpers.common.errors import InputError, check_suffix, run_cli
+from helpers.common.files import atomic_write
 from models.factory import create_frontend
 from models.pretrained import get_entry
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--model_name", default="mn10_as", help="registry name: any MN or DyMN, any variant")
-parser.add_argument("--model_width", type=float, default=None,
-                    help="analyze a plain MN of this width instead (printed as mn<width without the dot>)")
-parser.add_argument("--head_type", default=None,
-                    choices=("mlp", "fully_convolutional", "multihead_attention_pooling"),
-                    help="classification head (default: the registry's)")
-parser.add_argument("--se_dims", default=None,
-                    help="MN squeeze-excitation axes: letters of c, f, t, or none (default: c)")
-parser.add_argument("--strides", type=int, nargs=4, default=None,
-                    help="block strides, 1 or 2 (default: the registry's)")
-parser.add_argument("--complexity_type", default="computation", choices=("computation", "memory"))
-parser.add_argument("--memory_efficient_inference", action="store_true",
-                    help="peak memory with the memory-efficient inverted-residual rule, not layer by layer")
-parser.add_argument("--bits_per_elem", type=int, default=16, help="bits per activation element (16 = fp16)")
-parser.add_argument("--receptive_field", action="store_true", help="also print the receptive field")
-parser.add_argument("--resample_rate", type=int, default=None, help="sample rate in Hz (default: 32000)")
-parser.add_argument("--window_size", type=int, default=None, help="STFT window in samples (default: 800)")
-parser.add_argument("--hop_size", type=int, default=None,
-                    help="STFT hop in samples (default: the registry's, else 320)")
-parser.add_argument("--n_fft", type=int, default=None, help="FFT size (default: 1024)")
-parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: the registry's, else 128)")
-parser.add_argument("--table", default=None,
-                    help="write the costs of every AudioSet model to a .csv or .json file")
-parser.add_argument("--plot", default=None,
-                    help="write the mAP-vs-complexity figures: one .png file, or a folder for three PNGs")
-args = parser.parse_args()
 
-if args.bits_per_elem < 1:
-    fail(f"--bits_per_elem must be positive, got {args.bits_per_elem}")
-if args.model_width is not None and args.model_width <= 0:
-    fail(f"--model_width must be positive, got {args.model_width}")
-model_flags = {"--model_width": args.model_width, "--head_type": args.head_type, "--se_dims": args.se_dims,
-               "--strides": args.strides, "--resample_rate": args.resample_rate,
-               "--window_size": args.window_size, "--hop_size": args.hop_size, "--n_fft": args.n_fft,
-               "--n_mels": args.n_mels}
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model_name", default="mn10_as", help="registry name: any MN or DyMN, any variant")
+    parser.add_argument("--model_width", type=float, default=None,
+                        help="analyze a plain MN of this width instead (printed as mn<width without the dot>)")
+    parser.add_argument("--head_type", default=None,
+                        choices=("mlp", "fully_convolutional", "multihead_attention_pooling"),
+                        help="classification head (default: the registry's)")
+    parser.add_argument("--se_dims", default=None,
+                        help="MN squeeze-excitation axes: letters of c, f, t, or none (default: c)")
+    parser.add_argument("--strides", type=int, nargs=4, default=None,
+                        help="block strides, 1 or 2 (default: the registry's)")
+    parser.add_argument("--complexity_type", default="computation", choices=("computation", "memory"))
+    parser.add_argument("--memory_efficient_inference", action="store_true",
+                        help="peak memory with the memory-efficient inverted-residual rule, not layer by layer")
+    parser.add_argument("--bits_per_elem", type=int, default=16, help="bits per activation element (16 = fp16)")
+    parser.add_argument("--receptive_field", action="store_true", help="also print the receptive field")
+    parser.add_argument("--resample_rate", type=int, default=None, help="sample rate in Hz (default: 32000)")
+    parser.add_argument("--window_size", type=int, default=None, help="STFT window in samples (default: 800)")
+    parser.add_argument("--hop_size", type=int, default=None,
+                        help="STFT hop in samples (default: the registry's, else 320)")
+    parser.add_argument("--n_fft", type=int, default=None, help="FFT size (default: 1024)")
+    parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: the registry's, else 128)")
+    parser.add_argument("--table", default=None,
+                        help="write the costs of every AudioSet model to a .csv or .json file")
+    parser.add_argument("--plot", default=None,
+                        help="write the mAP-vs-complexity figures: one .png file, or a folder for three PNGs")
+    args = parser.parse_args(argv)
+    if args.bits_per_elem < 1:
+        raise InputError(f"--bits_per_elem must be positive, got {args.bits_per_elem}")
+    if args.model_width is not None and args.model_width <= 0:
+        raise InputError(f"--model_width must be positive, got {args.model_width}")
+    return args
 
-# --- every registry model: table and/or figures ---------------------------------------------------
-if args.table or args.plot:
-    given = [flag for flag, value in model_flags.items() if value is not None]
+
+def model_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The flags that change one model's settings (not allowed with --table / --plot)."""
+    return {"--model_width": args.model_width, "--head_type": args.head_type, "--se_dims": args.se_dims,
+            "--strides": args.strides, "--resample_rate": args.resample_rate,
+            "--window_size": args.window_size, "--hop_size": args.hop_size, "--n_fft": args.n_fft,
+            "--n_mels": args.n_mels}
+
+
+def registry_report(args: argparse.Namespace) -> None:
+    """Every registry model: --table and/or --plot figures."""
+    given = [flag for flag, value in model_flags(args).items() if value is not None]
     if given:
-        fail(f"--table and --plot use each model's registry settings; drop {', '.join(given)}")
+        raise InputError(f"--table and --plot use each model's registry settings; drop {', '.join(given)}")
     check_suffix("--table", args.table, (".csv", ".json"))
     if args.plot and Path(args.plot).suffix.lower() not in ("", ".png"):
-        fail(f"{args.plot}: --plot takes a .png file or a folder")
+        raise InputError(f"{args.plot}: --plot takes a .png file or a folder")
     rows = registry_costs(args.bits_per_elem)
     if args.table:
         table = Path(args.table)
@@ -88,28 +96,10 @@ if args.table or args.plot:
     if args.plot:
         for path, points in plot_tradeoffs(rows, args.plot, args.bits_per_elem).items():
             print(f"Wrote {len(points)} points to {path}")
-    sys.exit(0)
 
-# --- one model ---------------------------------------------------------------------------------------
-if args.model_width is not None:
-    name, registry_name, strides = "mn" + str(args.model_width).replace(".", ""), None, (2, 2, 2, 2)
-else:
-    try:
-        entry = get_entry(args.model_name)
-    except ValueError as e:
-        fail(str(e))
-    name, registry_name, strides = args.model_name, args.model_name, entry.model_kwargs["strides"]
-strides = list(args.strides or strides)
-try:
-    frontend = create_frontend(registry_name, sr=args.resample_rate, win_length=args.window_size,
-                               hopsize=args.hop_size, n_fft=args.n_fft, n_mels=args.n_mels)
-    input_size = clip_input_size(frontend)
-    model = build_model(registry_name, args.model_width, args.head_type, args.strides, args.se_dims, input_size)
-    cost = analyze(model, input_size, args.bits_per_elem)
-except ValueError as e:
-    fail(str(e))
 
-if args.complexity_type == "computation":
+def print_computation(name: str, input_size: tuple[int, ...], cost: Any) -> None:
+    """Parameters and MACs, by layer kind."""
     macs = cost.macs
     counted = [("Conv2d", macs.conv_layers, macs.conv),
                ("DynamicConv", macs.dynamic_conv_layers, macs.dynamic_conv),
@@ -124,7 +114,10 @@ if args.complexity_type == "computation":
         print(f"(The original counter skips dynamic convolutions: {macs.reference_total / 1e9:.2f} billion.)")
     print(f"Model '{name}' has {cost.params / 1e6:.2f} million parameters and inference of a single "
           f"10-seconds audio clip requires {macs.total / 1e9:.2f} billion multiply-accumulate operations.")
-else:
+
+
+def print_memory(args: argparse.Namespace, name: str, cost: Any) -> None:
+    """Peak activation memory, layer by layer."""
     memory = cost.peak_memory_efficient if args.memory_efficient_inference else cost.peak_memory
     for label, elements in memory.entries:
         print(f"{label} memory: {memory.kilobytes(elements):.2f} kB")
@@ -133,6 +126,39 @@ else:
     print(f"Model '{name}' inference{mode} of a single 10-seconds audio clip has a peak memory of "
           f"{memory.peak_kb:.2f} kB.")
 
-if args.receptive_field:
-    rf_f, rf_t = cost.receptive_field
-    print(f"Receptive field size of {name} with strides {strides}: Frequency: {rf_f}, Time: {rf_t}")
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.table or args.plot:
+        registry_report(args)
+        return 0
+    if args.model_width is not None:
+        name, registry_name, strides = "mn" + str(args.model_width).replace(".", ""), None, (2, 2, 2, 2)
+    else:
+        try:
+            entry = get_entry(args.model_name)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        name, registry_name, strides = args.model_name, args.model_name, entry.model_kwargs["strides"]
+    strides = list(args.strides or strides)
+    try:
+        frontend = create_frontend(registry_name, sr=args.resample_rate, win_length=args.window_size,
+                                   hopsize=args.hop_size, n_fft=args.n_fft, n_mels=args.n_mels)
+        input_size = clip_input_size(frontend)
+        model = build_model(registry_name, args.model_width, args.head_type, args.strides, args.se_dims, input_size)
+        cost = analyze(model, input_size, args.bits_per_elem)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+    if args.complexity_type == "computation":
+        print_computation(name, input_size, cost)
+    else:
+        print_memory(args, name, cost)
+    if args.receptive_field:
+        rf_f, rf_t = cost.receptive_field
+        print(f"Receptive field size of {name} with strides {strides}: Frequency: {rf_f}, Time: {rf_t}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -6,48 +6,57 @@
 The embedding is the model's pooled embedding (the global average of the last conv layer: 384
 values for width 0.4, 960 for 1.0, 1920 for 2.0), or with --layer N the global average of feature
 map N (0 stem, 1-15 blocks, 16 last conv). The .npz holds `filenames`, `embeddings` (n, D),
-`model`, `layer` and `sample_rate`; read it with helpers.embeddings.load_embeddings or np.load.
+`model`, `layer` and `sample_rate`; read it with helpers.inference.embeddings.load_embeddings or np.load.
 Exit code: 0 all files embedded, 1 some failed (the others are saved), 2 nothing embedded.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.download import DownloadError
-from helpers.errors import check_suffix, fail
-from helpers.embeddings import embed_files, save_embeddings
-from helpers.tagging import build_tagger, select_device
+from helpers.common.errors import DownloadError, InputError, check_suffix, run_cli
+from helpers.inference.embeddings import embed_files, save_embeddings
+from helpers.inference.tagging import build_tagger, select_device
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
-parser.add_argument("--output", required=True, help=".npz file to write")
-parser.add_argument("--model_name", "--model", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
-parser.add_argument("--layer", type=int, default=None,
-                    help="feature map to average instead of the pooled embedding (0-16, negative from the end)")
-parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
-parser.add_argument("--batch_size", type=int, default=16, help="files of equal length run together")
-args = parser.parse_args()
 
-if args.batch_size < 1:
-    fail("--batch_size must be at least 1")
-check_suffix("--output", args.output, (".npz",))
-if args.layer is not None and not -17 <= args.layer <= 16:
-    fail(f"--layer must be in -17..16 (17 feature maps), got {args.layer}")
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
+    parser.add_argument("--output", required=True, help=".npz file to write")
+    parser.add_argument("--model_name", "--model", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="feature map to average instead of the pooled embedding (0-16, negative from the end)")
+    parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
+    parser.add_argument("--batch_size", type=int, default=16, help="files of equal length run together")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise InputError("--batch_size must be at least 1")
+    check_suffix("--output", args.output, (".npz",))
+    if args.layer is not None and not -17 <= args.layer <= 16:
+        raise InputError(f"--layer must be in -17..16 (17 feature maps), got {args.layer}")
+    return args
 
-try:
-    files = find_audio_files(args.audio_path)
-    tagger = build_tagger(args.model_name, device=select_device(args.cuda))
-except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
-    fail(str(e))
 
-done, embeddings, errors = embed_files(tagger, files, args.layer, args.batch_size)
-for message in errors.values():
-    print(f"error: {message}", file=sys.stderr)
-if not done:
-    sys.exit(2)
-save_embeddings(args.output, done, embeddings, tagger.name, args.layer, tagger.sample_rate)
-print(f"wrote {embeddings.shape[0]} embedding(s) of dimension {embeddings.shape[1]} to {args.output}")
-sys.exit(1 if errors else 0)
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        files = find_audio_files(args.audio_path)
+        tagger = build_tagger(args.model_name, device=select_device(args.cuda))
+    except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
+        raise InputError(str(e)) from None
+
+    done, embeddings, errors = embed_files(tagger, files, args.layer, args.batch_size)
+    for message in errors.values():
+        print(f"error: {message}", file=sys.stderr)
+    if not done:
+        return 2
+    save_embeddings(args.output, done, embeddings, tagger.name, args.layer, tagger.sample_rate)
+    print(f"wrote {embeddings.shape[0]} embedding(s) of dimension {embeddings.shape[1]} to {args.output}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

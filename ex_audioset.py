@@ -15,31 +15,32 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from datasets.audioset import (BALANCED_FILE, DATASET_ENV, EVAL_FILE, UNBALANCED_FILE,
-                               AudioSetDataset, TeacherPredictions, is_valid, sample_weights,
-                               teacher_paths)
+                               AudioSetDataset, TeacherPredictions, sample_weights, teacher_paths)
 from datasets.augment import RollDataset, WavMixDataset
-from helpers.errors import InputError, run_cli
-from helpers.files import atomic_write
-from helpers.labels import class_names
+from datasets.items import IndexedClip
+from helpers.common.errors import InputError, run_cli
+from helpers.common.files import atomic_write
+from helpers.common.labels import class_names
+from helpers.inference.tagging import build_tagger
 from helpers.metrics import format_tagging_results, multilabel_metrics
-from helpers.tagging import build_tagger
-from helpers.training import (DistInfo, DistributedWeightedSampler, Precision, RunLogger,
-                              add_model_args, add_optimizer_args, add_preprocessing_args,
-                              add_run_args, all_reduce_sum, save_epoch_weights,
-                              eval_loader, evaluate, frontend_config_from_args,
-                              frontend_overrides, gather_cat, load_checkpoint, load_finetuned,
-                              make_optimizer, make_scheduler, mix, mixup, model_config_from_args,
-                              model_from_config, resolve_dataset_dir, resolve_out_dir,
-                              restore_training_state, save_checkpoint, seed_epoch, seed_everything,
-                              setup_distributed, train_loader, train_one_epoch, training_state,
-                              unwrap, wrap_ddp)
+from helpers.training.args import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
+                                   frontend_config_from_args, frontend_overrides, model_config_from_args,
+                                   resolve_dataset_dir, resolve_out_dir)
+from helpers.training.data import DistributedWeightedSampler
+from helpers.training.distributed import DistInfo, all_reduce_sum, gather_cat, setup_distributed
+from helpers.training.evaluation import predict
+from helpers.training.loop import fine_tune
+from helpers.training.mixup import mix, mixup
+from helpers.training.tasks import LossFn, Task, tagging_metrics
+from models.checkpoint import load_checkpoint, load_finetuned
+from models.factory import model_from_config
 from models.preprocess import AugmentMelSTFT
 
 WANDB_PROJECT = "EfficientAudioTagging"
@@ -102,41 +103,132 @@ def main(argv: list[str] | None = None) -> None:
     (train if args.train else evaluate_only)(args, dist)
 
 
-def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
-    dataset_dir = resolve_dataset_dir(args.dataset_dir, DATASET_ENV, [EVAL_FILE])
-    if args.checkpoint:
-        state = load_checkpoint(args.checkpoint)
-        if "model_config" in state:  # a checkpoint written by --train
-            model, settings, _, _ = load_finetuned(args.checkpoint, state)
-            frontend = AugmentMelSTFT(**settings)
-        else:  # a bare state dict (e.g. a released file or the original's epoch files)
-            config = model_config_from_args(argparse.Namespace(**{**vars(args), "pretrained": False}), 527)
-            config["T_max"] = 1.0  # the temperature trained DyMNs run at
-            model = model_from_config(config, load_pretrained=False)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1][:200]
-                raise InputError(f"{args.checkpoint}: does not fit the model given by --model_name "
-                                 f"/ --model_width / --head_type / --strides ({detail})") from None
-            frontend = AugmentMelSTFT(**frontend_config_from_args(args))
-        title = args.checkpoint
-    else:  # a released model or an ensemble, with its frontend, as inference.py builds them
-        try:
-            tagger = build_tagger(args.model_name, args.ensemble, dist.device, args.strides,
-                                  args.head_type, **frontend_overrides(args))
-        except ValueError as e:  # unknown name, members with different frontends, ...
-            raise InputError(str(e)) from None
-        model, frontend, title = tagger.model, tagger.frontend, tagger.name
-    frontend = frontend.to(dist.device).eval()
-    model = model.to(dist.device).eval()
-    # the original evaluates under fp16 autocast on CUDA
-    precision = Precision(args.precision or ("fp16" if dist.device.type == "cuda" else "fp32"), dist.device)
+def audioset_task(args: argparse.Namespace, dist: DistInfo, teacher: Optional[TeacherPredictions] = None,
+                  sampler: Optional[DistributedWeightedSampler] = None,
+                  datasets: Sequence[AudioSetDataset] = (), names: Optional[list[str]] = None) -> Task:
+    """AudioSet as a task of the training loop: the 527 classes (`names`, default: the label
+    table), the distillation loss, mAP selection, class-balanced sampling; after each epoch the
+    undecodable rows of `datasets` are counted (logged as bad_rows) and the main process prints
+    the mAP / ROC / d' lines."""
+    def epoch_end(epoch: int, metrics: dict[str, float]) -> dict[str, int]:
+        bad_rows = sum(all_reduce_sum(d.take_bad_count(), dist) for d in datasets)
+        if metrics:
+            print(format_tagging_results(metrics) + (f"\n  ({bad_rows} undecodable clips)" if bad_rows else ""))
+        return {"bad_rows": bad_rows}
 
+    return Task("as", class_names() if names is None else names, multilabel=True,
+                loss_fn=distillation_loss_fn(args, teacher),
+                metrics_fn=tagging_metrics, selection="mAP", metric_tag="mAP", project=WANDB_PROJECT,
+                tags=WANDB_TAGS, notes="AudioSet training by knowledge distillation", sampler=sampler,
+                epoch_end=epoch_end, report=print)
+
+
+def distillation_loss_fn(args: argparse.Namespace, teacher: Optional[TeacherPredictions]) -> LossFn:
+    """The loss callback: label BCE (mixup as the inputs) weighted --kd_lambda, plus the
+    distillation loss against the teacher (when there is one) weighted 1 - kd_lambda."""
+    def loss_fn(model: torch.nn.Module, x: torch.Tensor, batch: IndexedClip) -> dict[str, torch.Tensor]:
+        y, perm, lam = batch.target, None, None
+        if args.mixup_alpha > 0:
+            perm, lam = mixup(len(x), args.mixup_alpha)
+            perm, lam = perm.to(x.device), lam.to(x.device)
+            x, y = mix(x, perm, lam), mix(y, perm, lam)
+        logits = model(x)[0]
+        label_loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        if teacher is None:
+            return {"loss": label_loss, "label_loss": label_loss.detach()}
+        probs, known = (t.to(x.device) for t in teacher.lookup(batch.name))
+        kd_loss = distillation_loss(logits, probs, known.float(), perm, lam)
+        loss = args.kd_lambda * label_loss + (1.0 - args.kd_lambda) * kd_loss
+        return {"loss": loss, "label_loss": label_loss.detach(), "distillation_loss": kd_loss.detach()}
+    return loss_fn
+
+
+def load_teacher(args: argparse.Namespace, train_set: AudioSetDataset, dist: DistInfo) -> Optional[TeacherPredictions]:
+    """The PaSST ensemble's logits, aligned to clips by YouTube ID (None with --kd_lambda 1)."""
+    if args.kd_lambda <= 0:
+        return None
+    logits_path, index_path = teacher_paths(args.teacher_preds, args.fname_to_index)
+    teacher = TeacherPredictions(logits_path, index_path, temperature=args.temperature)
+    missing = teacher.missing(train_set.names())
+    if missing and args.missing_teacher == "error":
+        raise InputError(f"{len(missing)} of {len(train_set)} training clips (e.g. {missing[0]!r}) "
+                         f"are not in {index_path}; "
+                         "pass --missing_teacher mask to train them on their labels only")
+    if missing and dist.is_main:
+        print(f"{len(missing)} training clips have no teacher row; their distillation loss is 0")
+    return teacher
+
+
+def balanced_sampler(args: argparse.Namespace, train_set: AudioSetDataset,
+                     dist: DistInfo) -> DistributedWeightedSampler:
+    """Class-balanced sampling without replacement of --epoch_len clips per epoch."""
+    weights = sample_weights(train_set.packed_targets())
+    epoch_len = min(args.epoch_len, int((weights > 0).sum()))
+    if epoch_len < args.epoch_len and dist.is_main:
+        print(f"--epoch_len {args.epoch_len} exceeds the {epoch_len} labelled training clips; "
+              f"epochs have {epoch_len} clips")
+    return DistributedWeightedSampler(weights, epoch_len, dist.rank, dist.world_size, args.seed)
+
+
+def train(args: argparse.Namespace, dist: DistInfo) -> None:
+    """Knowledge distillation on the balanced (+ unbalanced) set, evaluated on the eval set."""
+    files = [BALANCED_FILE] + ([] if args.balanced_only else [UNBALANCED_FILE])
+    dataset_dir = resolve_dataset_dir(args.dataset_dir, DATASET_ENV, files + [EVAL_FILE])
+    sr = frontend_config_from_args(args)["sr"]
+    train_set = AudioSetDataset([dataset_dir / f for f in files], resample_rate=sr, clip_length=args.clip_length,
+                                gain_augment=args.gain_augment, in_mem=args.in_mem)
+    eval_set = AudioSetDataset([dataset_dir / EVAL_FILE], resample_rate=sr, clip_length=args.clip_length,
+                               bad_rows="mask", in_mem=args.in_mem)
+    sampler = balanced_sampler(args, train_set, dist)
+    task = audioset_task(args, dist, load_teacher(args, train_set, dist), sampler, (train_set, eval_set))
+    augmented = RollDataset(train_set) if args.roll else train_set
+    augmented = WavMixDataset(augmented) if args.wavmix else augmented
+    fine_tune(args, task, augmented, eval_set, dist, resolve_out_dir(args))
+
+
+def model_from_state_dict(args: argparse.Namespace, path: str) -> tuple[torch.nn.Module, AugmentMelSTFT]:
+    """A bare state dict (a released file or the original's epoch files) in the model the model
+    arguments describe, with the frontend of the preprocessing arguments."""
+    config = model_config_from_args(argparse.Namespace(**{**vars(args), "pretrained": False}), 527)
+    config["T_max"] = 1.0  # the temperature trained DyMNs run at (ignored by MN)
+    model = model_from_config(config, load_pretrained=False)
+    try:
+        model.load_state_dict(load_checkpoint(path))
+    except RuntimeError as e:
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1][:200]
+        raise InputError(f"{path}: does not fit the model given by --model_name "
+                         f"/ --model_width / --head_type / --strides ({detail})") from None
+    return model, AugmentMelSTFT(**frontend_config_from_args(args))
+
+
+def model_to_evaluate(args: argparse.Namespace, dist: DistInfo) -> tuple[torch.nn.Module, AugmentMelSTFT, str]:
+    """(model, frontend, title): --checkpoint (a training checkpoint or a bare state dict), or a
+    released model or ensemble with its frontend, as inference.py builds them."""
+    state = load_checkpoint(args.checkpoint, mmap=True) if args.checkpoint else {}
+    if "model_config" in state:  # a checkpoint written by --train
+        model, settings, _, _ = load_finetuned(args.checkpoint, state)
+        return model, AugmentMelSTFT(**settings), args.checkpoint
+    if args.checkpoint:
+        return (*model_from_state_dict(args, args.checkpoint), args.checkpoint)
+    try:
+        tagger = build_tagger(args.model_name, args.ensemble, dist.device, args.strides,
+                              args.head_type, **frontend_overrides(args))
+    except ValueError as e:  # unknown name, members with different frontends, ...
+        raise InputError(str(e)) from None
+    return tagger.model, tagger.frontend, tagger.name
+
+
+def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
+    """Evaluate a model on the AudioSet eval set; print mAP / ROC / d' (optionally save predictions)."""
+    dataset_dir = resolve_dataset_dir(args.dataset_dir, DATASET_ENV, [EVAL_FILE])
+    task = audioset_task(args, dist, names=[])  # evaluation needs no class names
+    model, frontend, title = model_to_evaluate(args, dist)
+    frontend, model = frontend.to(dist.device).eval(), model.to(dist.device).eval()
+    # the original evaluates under fp16 autocast on CUDA
+    args.precision = args.precision or ("fp16" if dist.device.type == "cuda" else "fp32")
     eval_set = AudioSetDataset([dataset_dir / EVAL_FILE], resample_rate=frontend.sr,
                                clip_length=args.clip_length, bad_rows="mask", in_mem=args.in_mem)
-    loader = eval_loader(eval_set, args.batch_size, args.num_workers, dist)
-    logits, targets = evaluate(model, frontend, loader, precision, dist, keep_fn=is_valid)
+    logits, targets, _ = predict(model, frontend, eval_set, task, args, dist)
     bad_rows = set(gather_cat(torch.from_numpy(eval_set.bad_indices()), dist).tolist())
     if not dist.is_main:
         return
@@ -152,110 +244,6 @@ def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
     if metrics["ap_classes"] < targets.shape[1]:
         print(f"  ({metrics['ap_classes']} of {targets.shape[1]} classes have positive clips and "
               f"count in mAP, {metrics['roc_classes']} in ROC)")
-
-
-def train(args: argparse.Namespace, dist: DistInfo) -> None:
-    files = [BALANCED_FILE] + ([] if args.balanced_only else [UNBALANCED_FILE])
-    dataset_dir = resolve_dataset_dir(args.dataset_dir, DATASET_ENV, files + [EVAL_FILE])
-    out_dir = resolve_out_dir(args)
-    seed_everything(args.seed)
-    frontend_settings = frontend_config_from_args(args)
-
-    # data: balanced (+ unbalanced) set, class-balanced sampling without replacement
-    train_set = AudioSetDataset([dataset_dir / f for f in files], resample_rate=frontend_settings["sr"],
-                                clip_length=args.clip_length, gain_augment=args.gain_augment,
-                                in_mem=args.in_mem)
-    weights = sample_weights(train_set.packed_targets())
-    epoch_len = min(args.epoch_len, int((weights > 0).sum()))
-    if epoch_len < args.epoch_len and dist.is_main:
-        print(f"--epoch_len {args.epoch_len} exceeds the {epoch_len} labelled training clips; "
-              f"epochs have {epoch_len} clips")
-    sampler = DistributedWeightedSampler(weights, epoch_len, dist.rank, dist.world_size, args.seed)
-    augmented = RollDataset(train_set) if args.roll else train_set
-    augmented = WavMixDataset(augmented) if args.wavmix else augmented
-    train_dl = train_loader(augmented, args.batch_size, args.num_workers, dist, args.seed, sampler)
-    eval_set = AudioSetDataset([dataset_dir / EVAL_FILE], resample_rate=frontend_settings["sr"],
-                               clip_length=args.clip_length, bad_rows="mask", in_mem=args.in_mem)
-    eval_dl = eval_loader(eval_set, args.batch_size, args.num_workers, dist)
-
-    # teacher: the PaSST ensemble's logits, aligned to clips by YouTube ID
-    teacher = None
-    if args.kd_lambda > 0:
-        logits_path, index_path = teacher_paths(args.teacher_preds, args.fname_to_index)
-        teacher = TeacherPredictions(logits_path, index_path, temperature=args.temperature)
-        missing = teacher.missing(train_set.names())
-        if missing and args.missing_teacher == "error":
-            raise InputError(f"{len(missing)} of {len(train_set)} training clips (e.g. {missing[0]!r}) "
-                             f"are not in {index_path}; "
-                             "pass --missing_teacher mask to train them on their labels only")
-        if missing and dist.is_main:
-            print(f"{len(missing)} training clips have no teacher row; their distillation loss is 0")
-
-    # model, optimizer, schedule, precision
-    try:
-        model_config = model_config_from_args(args, num_classes=527)
-        model = wrap_ddp(model_from_config(model_config).to(dist.device), dist)
-    except ValueError as e:  # unknown name, arguments the pretrained checkpoint cannot take
-        raise InputError(str(e)) from None
-    frontend = AugmentMelSTFT(**frontend_settings).to(dist.device)
-    optimizer = make_optimizer(model, args.max_lr, args.weight_decay, args.adamw)
-    scheduler = make_scheduler(optimizer, args)
-    precision = Precision(args.precision, dist.device)
-    checkpoint_path = out_dir / "last.pt"
-    start_epoch = 0
-    if args.resume:
-        resume_path = checkpoint_path if args.resume == "auto" else Path(args.resume)
-        start_epoch = restore_training_state(load_checkpoint(resume_path), model, optimizer, scheduler,
-                                             precision, args.seed)
-        if dist.is_main:
-            print(f"resumed from {resume_path} after epoch {start_epoch - 1}")
-    run = RunLogger(args.logger, WANDB_PROJECT, args.experiment_name, vars(args), out_dir, dist,
-                    tags=WANDB_TAGS, notes="AudioSet training by knowledge distillation")
-
-    def loss_fn(model: torch.nn.Module, x: torch.Tensor, batch: list) -> dict[str, torch.Tensor]:
-        _, names, y, _ = batch
-        perm = lam = None
-        if args.mixup_alpha > 0:
-            perm, lam = mixup(len(x), args.mixup_alpha)
-            perm, lam = perm.to(x.device), lam.to(x.device)
-            x, y = mix(x, perm, lam), mix(y, perm, lam)
-        logits = model(x)[0]
-        label_loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-        if teacher is None:
-            return {"loss": label_loss, "label_loss": label_loss.detach()}
-        probs, known = (t.to(x.device) for t in teacher.lookup(names))
-        kd_loss = distillation_loss(logits, probs, known.float(), perm, lam)
-        loss = args.kd_lambda * label_loss + (1.0 - args.kd_lambda) * kd_loss
-        return {"loss": loss, "label_loss": label_loss.detach(), "distillation_loss": kd_loss.detach()}
-
-    for epoch in range(start_epoch, args.n_epochs):
-        seed_epoch(args.seed, epoch, dist.rank)
-        if model_config["family"] == "dymn":
-            unwrap(model).update_params(epoch)
-        stats = train_one_epoch(model, frontend, train_dl, optimizer, loss_fn, precision, dist, epoch)
-        bad_rows = all_reduce_sum(train_set.take_bad_count(), dist)
-        scheduler.step()
-        logits, targets = evaluate(model, frontend, eval_dl, precision, dist, keep_fn=is_valid)
-        bad_rows += all_reduce_sum(eval_set.take_bad_count(), dist)
-        if not dist.is_main:
-            continue
-        metrics = multilabel_metrics(targets.numpy(), logits.numpy())
-        val_loss = float(F.binary_cross_entropy_with_logits(logits, targets.float()))
-        log = {"train_loss": stats["loss"], "label_loss": stats["label_loss"],
-               "learning_rate": optimizer.param_groups[0]["lr"], "mAP": metrics["mAP"],
-               "ROC": metrics["ROC"], "d_prime": metrics["d_prime"], "val_loss": val_loss,
-               "bad_rows": bad_rows}
-        if "distillation_loss" in stats:
-            log["distillation_loss"] = stats["distillation_loss"]
-        run.log(log, step=epoch)
-        print(f"epoch {epoch}: train_loss {stats['loss']:.4f}, val_loss {val_loss:.4f}, "
-              f"undecodable clips {bad_rows}")
-        print(format_tagging_results(metrics))
-        save_checkpoint(checkpoint_path, training_state(
-            model, optimizer, scheduler, precision, epoch, args.seed, vars(args), model_config,
-            frontend_settings, class_names(), metrics={"mAP": metrics["mAP"], "ROC": metrics["ROC"]}))
-        save_epoch_weights(out_dir, model, model_config["width_mult"], "as", epoch, "mAP", metrics["mAP"])
-    run.finish()
 
 
 if __name__ == "__main__":

@@ -25,12 +25,15 @@ import sys
 from typing import Optional
 
 from datasets import custom
-from helpers.errors import InputError, run_cli
-from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
-                              finetune_parser, mean_std, model_for_evaluation, multilabel_loss, sample_rate,
-                              single_label_loss, tagging_metrics)
-from helpers.probe import add_recipe_args, choose_recipe, evaluate_as_probe, probe_settings, run_probe_recipe
-from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
+from helpers.common.errors import InputError, run_cli
+from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.distributed import setup_distributed
+from helpers.training.evaluation import evaluate_model, model_for_evaluation
+from helpers.training.loop import fine_tune
+from helpers.training.probe import (add_recipe_args, choose_recipe, evaluate_as_probe, probe_settings,
+                                    run_probe_recipe)
+from helpers.training.tasks import (Task, augment_training_set, classification_metrics, mean_std, multilabel_loss,
+                                    single_label_loss, tagging_metrics)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
 
 from datasets import dcase20
-from helpers.errors import run_cli
-from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
-                              finetune_parser, mixstyle, model_for_evaluation, sample_rate,
-                              single_label_loss)
-from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
+from datasets.items import Clip
+from helpers.common.errors import run_cli
+from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.distributed import setup_distributed
+from helpers.training.evaluation import evaluate_model, model_for_evaluation
+from helpers.training.loop import fine_tune
+from helpers.training.tasks import (Task, augment_training_set, classification_metrics, mixstyle,
+                                    single_label_loss)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -39,12 +42,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     # MixStyle, when on, replaces mixup: plain cross-entropy on the re-styled spectrograms
     cross_entropy = single_label_loss(0.0 if args.mixstyle_p > 0 else args.mixup_alpha)
 
-    def loss_fn(model: torch.nn.Module, x: torch.Tensor, batch: Sequence[Any]) -> dict[str, torch.Tensor]:
+    def loss_fn(model: torch.nn.Module, x: torch.Tensor, batch: Clip) -> dict[str, torch.Tensor]:
         if args.mixstyle_p > 0:
             x = mixstyle(x, args.mixstyle_p, args.mixstyle_alpha)
         return cross_entropy(model, x, batch)
 
-    def metrics_fn(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def metrics_fn(logits: torch.Tensor, targets: torch.Tensor, mask: None = None) -> dict[str, float]:
         metrics = classification_metrics(logits, targets)
         correct = (logits.argmax(1) == targets.argmax(1)).numpy()
         for k, device in enumerate(test_set.device_names):

@@ -14,11 +14,12 @@ import sys
 from typing import Optional
 
 from datasets import esc50
-from helpers.errors import InputError, run_cli
-from helpers.finetune import (Task, augment_training_set, classification_metrics, evaluate_model, fine_tune,
-                              finetune_parser, mean_std, model_for_evaluation, sample_rate,
-                              single_label_loss)
-from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
+from helpers.common.errors import InputError, run_cli
+from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.distributed import setup_distributed
+from helpers.training.evaluation import evaluate_model, model_for_evaluation
+from helpers.training.loop import fine_tune
+from helpers.training.tasks import Task, augment_training_set, classification_metrics, mean_std, single_label_loss
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -16,12 +16,13 @@ import sys
 from typing import Optional
 
 from datasets import fsd50k
-from datasets.audioset import is_valid
-from helpers.errors import InputError, run_cli
-from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
-                              model_for_evaluation, multilabel_loss, sample_rate, tagging_metrics)
+from helpers.common.errors import InputError, run_cli
 from helpers.metrics import format_tagging_results
-from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
+from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.distributed import setup_distributed
+from helpers.training.evaluation import evaluate_model, model_for_evaluation
+from helpers.training.loop import fine_tune
+from helpers.training.tasks import Task, augment_training_set, multilabel_loss, tagging_metrics
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -42,7 +43,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     eval_batch_size = 1 if args.variable_eval_length else args.batch_size
     task = Task("fsd50k", class_names, multilabel=True, loss_fn=multilabel_loss(args.mixup_alpha),
                 metrics_fn=tagging_metrics, selection="mAP", metric_tag="mAP", project="FSD50K",
-                tags=("FSD50K", "Audio Tagging"), keep_fn=is_valid)
+                tags=("FSD50K", "Audio Tagging"))
 
     if args.train:
         result = fine_tune(args, task, augment_training_set(train_set, args), val_set, dist,

@@ -15,13 +15,13 @@ import sys
 from typing import Optional
 
 from datasets import openmic
-from datasets.audioset import is_valid
-from helpers.errors import InputError, run_cli
-from helpers.finetune import (Task, augment_training_set, evaluate_model, fine_tune, finetune_parser,
-                              masked_multilabel_loss, masked_tagging_metrics, model_for_evaluation,
-                              sample_rate)
+from helpers.common.errors import InputError, run_cli
 from helpers.metrics import format_tagging_results
-from helpers.training import resolve_dataset_dir, resolve_out_dir, setup_distributed
+from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.distributed import setup_distributed
+from helpers.training.evaluation import evaluate_model, model_for_evaluation
+from helpers.training.loop import fine_tune
+from helpers.training.tasks import Task, augment_training_set, masked_multilabel_loss, masked_tagging_metrics
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -37,10 +37,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     train_set, test_set, class_names = openmic.get_datasets(root, sample_rate(args),
                                                             args.cache_path)
     dist = setup_distributed(args.cuda)
-    n = openmic.NUM_CLASSES
-    task = Task("openmic", class_names, multilabel=True, loss_fn=masked_multilabel_loss(args.mixup_alpha, n),
-                metrics_fn=masked_tagging_metrics(n), selection="mAP", metric_tag="mAP", project="OpenMic",
-                tags=("OpenMic", "Instrument Recognition"), keep_fn=is_valid)
+    task = Task("openmic", class_names, multilabel=True, loss_fn=masked_multilabel_loss(args.mixup_alpha),
+                metrics_fn=masked_tagging_metrics, selection="mAP", metric_tag="mAP", project="OpenMic",
+                tags=("OpenMic", "Instrument Recognition"))
 
     if args.train:
         train_set = augment_training_set(train_set, args, mix_target=openmic.mix_targets)

@@ -6,8 +6,8 @@ name, `hear_efficientat`, to the HEAR evaluation kit.
     scene = hear.get_scene_embeddings(audio, model)         # audio: (n_sounds, n_samples) at 32 kHz
     emb, timestamps_ms = hear.get_timestamp_embeddings(audio, model)
 
-How the embeddings are computed, and the configurable timestamp hop and window: helpers/hear.py.
+How the embeddings are computed, and the configurable timestamp hop and window: helpers/inference/hear.py.
 """
-from helpers.hear import HearModel, get_scene_embeddings, get_timestamp_embeddings, load_model
+from helpers.inference.hear import HearModel, get_scene_embeddings, get_timestamp_embeddings, load_model
 
 __all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings"]

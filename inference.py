@@ -15,76 +15,61 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.download import DownloadError
-from helpers.errors import check_suffix, fail
-from helpers.files import atomic_write
-from helpers.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
-
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
-parser.add_argument("--model_name", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
-parser.add_argument("--ensemble", nargs="+", default=None, help="several model names; averages logits")
-parser.add_argument("--checkpoint", default=None,
-                    help="a checkpoint written by a training script (ex_*.py): tags with its own classes")
-parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
-parser.add_argument("--strides", nargs=4, type=int, default=None, help="MN/DyMN strides (default: registry)")
-parser.add_argument("--head_type", default=None, help="MN head (default: registry)")
-parser.add_argument("--sample_rate", type=int, default=None, help="(default: registry or checkpoint, 32000)")
-parser.add_argument("--window_size", type=int, default=None, help="STFT window in samples (default: registry)")
-parser.add_argument("--hop_size", type=int, default=None, help="STFT hop in samples (default: registry)")
-parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: registry)")
-parser.add_argument("--top_k", type=int, default=10, help="labels printed / written per file")
-parser.add_argument("--output", default=None, help="write results to a .json or .csv file")
-parser.add_argument("--all_classes", action="store_true", help="write every class's probability to --output")
-parser.add_argument("--batch_size", type=int, default=None,
-                    help="files of equal length run together (default: 16 on GPU, 1 on CPU, where "
-                         "larger batches measured slower per clip)")
-args = parser.parse_args()
+from helpers.common.errors import DownloadError, InputError, check_suffix, run_cli
+from helpers.common.files import atomic_write
+from helpers.inference.tagging import Tagger, build_tagger, format_tags, run_on_files, select_device, top_k
 
 
-if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1):
-    fail("--top_k and --batch_size must be at least 1")
-check_suffix("--output", args.output, (".json", ".csv"))
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
+    parser.add_argument("--model_name", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
+    parser.add_argument("--ensemble", nargs="+", default=None, help="several model names; averages logits")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a checkpoint written by a training script (ex_*.py): tags with its own classes")
+    parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
+    parser.add_argument("--strides", nargs=4, type=int, default=None, help="MN/DyMN strides (default: registry)")
+    parser.add_argument("--head_type", default=None, help="MN head (default: registry)")
+    parser.add_argument("--sample_rate", type=int, default=None, help="(default: registry or checkpoint, 32000)")
+    parser.add_argument("--window_size", type=int, default=None, help="STFT window in samples (default: registry)")
+    parser.add_argument("--hop_size", type=int, default=None, help="STFT hop in samples (default: registry)")
+    parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: registry)")
+    parser.add_argument("--top_k", type=int, default=10, help="labels printed / written per file")
+    parser.add_argument("--output", default=None, help="write results to a .json or .csv file")
+    parser.add_argument("--all_classes", action="store_true", help="write every class's probability to --output")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="files of equal length run together (default: 16 on GPU, 1 on CPU, where "
+                             "larger batches measured slower per clip)")
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise InputError("--top_k and --batch_size must be at least 1")
+    check_suffix("--output", args.output, (".json", ".csv"))
+    return args
 
-try:
-    files = find_audio_files(args.audio_path)
-    tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda), args.strides,
-                                  args.head_type, args.checkpoint, sr=args.sample_rate, win_length=args.window_size,
-                                  hopsize=args.hop_size, n_mels=args.n_mels)
-except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
-    fail(str(e))
 
-# tag: consecutive files of equal length share a batch; results keep the input order
-batch_size = args.batch_size or (16 if tagger.device.type == "cuda" else 1)
-results, errors = run_on_files(files, tagger.sample_rate, tagger.predict, batch_size)
-for message in errors.values():
-    print(f"error: {message}", file=sys.stderr)
-
-for path in files:
-    if path in results:
-        if len(files) > 1:
-            print(path)
-        print(format_tags(results[path], tagger.class_names, args.top_k))
-
-
-def ranked(probs: np.ndarray) -> list[dict]:
+def ranked(probs: np.ndarray, tagger: Tagger, args: argparse.Namespace) -> list[dict]:
+    """The --top_k (or --all_classes) labels of one file as output records."""
     order = top_k(probs, len(probs) if args.all_classes else args.top_k)
     return [{"rank": r + 1, "index": int(i), "mid": tagger.class_ids[i] if tagger.class_ids else "",
              "label": tagger.class_names[i], "probability": round(float(probs[i]), 6)}
             for r, i in enumerate(order)]
 
 
-if args.output and results:
+def write_results(args: argparse.Namespace, tagger: Tagger, files: list[Path], results: dict[Path, np.ndarray],
+                  errors: dict[Path, str]) -> None:
+    """--output as .json or .csv, written atomically."""
     out = Path(args.output)
     with atomic_write(out, newline="", encoding="utf-8") as f:
         if out.suffix.lower() == ".json":
             json.dump({"model": tagger.name, "sample_rate": tagger.sample_rate,
-                       "results": [{"file": str(p), "tags": ranked(results[p])} for p in files if p in results],
+                       "results": [{"file": str(p), "tags": ranked(results[p], tagger, args)}
+                                   for p in files if p in results],
                        "errors": [{"file": str(p), "error": msg} for p, msg in errors.items()]},
                       f, indent=2)
         else:
@@ -92,10 +77,38 @@ if args.output and results:
             writer.writerow(["file", "rank", "index", "mid", "label", "probability"])
             for p in files:
                 if p in results:
-                    for tag in ranked(results[p]):
+                    for tag in ranked(results[p], tagger, args):
                         writer.writerow([str(p), *tag.values()])
     print(f"wrote {len(results)} result(s) to {out}", file=sys.stderr)
 
-if not results:
-    sys.exit(2)
-sys.exit(1 if errors else 0)
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        files = find_audio_files(args.audio_path)
+        tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda), args.strides,
+                                      args.head_type, args.checkpoint, sr=args.sample_rate, win_length=args.window_size,
+                                      hopsize=args.hop_size, n_mels=args.n_mels)
+    except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
+        raise InputError(str(e)) from None
+
+    # tag: consecutive files of equal length share a batch; results keep the input order
+    batch_size = args.batch_size or (16 if tagger.device.type == "cuda" else 1)
+    results, errors = run_on_files(files, tagger.sample_rate, tagger.predict, batch_size)
+    for message in errors.values():
+        print(f"error: {message}", file=sys.stderr)
+
+    for path in files:
+        if path in results:
+            if len(files) > 1:
+                print(path)
+            print(format_tags(results[path], tagger.class_names, args.top_k))
+    if args.output and results:
+        write_results(args, tagger, files, results, errors)
+    if not results:
+        return 2
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

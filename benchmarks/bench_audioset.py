@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datasets.audioset import NUM_CLASSES, AudioSetDataset  # noqa: E402
 from datasets.hdf5 import Mp3HDF5Writer, encode_mp3, pack_targets  # noqa: E402
 from ex_audioset import distillation_loss  # noqa: E402
-from helpers.training import mel, mix, mixup  # noqa: E402
+from helpers.training.evaluation import mel  # noqa: E402
+from helpers.training.mixup import mix, mixup  # noqa: E402
 from models.mn.model import get_model  # noqa: E402
 from models.preprocess import AugmentMelSTFT  # noqa: E402
 

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datasets.audio import audio_duration  # noqa: E402
-from helpers.sed import detect_events, tag_windows  # noqa: E402
-from helpers.tagging import build_tagger, select_device  # noqa: E402
+from helpers.inference.sed import detect_events, tag_windows  # noqa: E402
+from helpers.inference.tagging import build_tagger, select_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--minutes", type=float, default=60.0, help="length of the generated recording")

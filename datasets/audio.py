@@ -16,16 +16,14 @@ from typing import Iterable, Iterator, Optional
 import av
 import numpy as np
 import soundfile as sf
+
+from helpers.common.errors import AudioLoadError  # noqa: F401  (re-exported: datasets.audio.AudioLoadError)
 import soxr
 
 SOUNDFILE_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".aifc", ".au",
                         ".snd", ".caf", ".w64", ".rf64"}
 AUDIO_EXTENSIONS = SOUNDFILE_EXTENSIONS | {".mp3", ".m4a", ".mp4", ".aac", ".opus", ".wma", ".webm",
                                            ".mka", ".mkv", ".ac3", ".amr", ".3gp"}
-
-
-class AudioLoadError(ValueError):
-    """A file could not be read as audio; the message names the file and the problem."""
 
 
 def _checked_path(path: str | os.PathLike) -> Path:

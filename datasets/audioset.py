@@ -3,12 +3,13 @@ used for knowledge distillation.
 
 Files in the dataset folder (built by the PaSST preparation scripts or `python -m
 datasets.prepare_hdf5`): balanced_train_segments_mp3.hdf, unbalanced_train_segments_mp3.hdf,
-eval_segments_mp3.hdf. Items are (waveform (1, L) float32 tensor, YouTube ID, target (527) float32
-tensor, row index). The training set is the balanced file followed by the unbalanced one.
+eval_segments_mp3.hdf. Items are `datasets.items.IndexedClip`s (waveform (1, L) float32 tensor,
+YouTube ID, target (527) float32 tensor, row index). The training set is the balanced file
+followed by the unbalanced one.
 
 A row whose mp3 cannot be decoded is logged once (file, row, name) and counted; for training it is
 replaced by the next decodable row, so it never enters a batch, and for evaluation it is returned
-as silence with row index -1 so that the evaluation can drop it (`is_valid`).
+as silence with row index -1 so that the evaluation can drop it (`datasets.items.is_valid`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from torch.utils.data import Dataset
 
 from datasets.augment import decimate, fit_length, random_gain
 from datasets.hdf5 import Mp3DecodeError, Mp3HDF5, decode_mp3, unpack_targets
-from helpers.errors import InputError
+from datasets.items import IndexedClip, is_valid  # noqa: F401  (is_valid: re-exported)
+from helpers.common.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ class AudioSetDataset(Dataset):
             logger.warning("%s: row %d (%s) is not a decodable mp3 (%s); %s", f.path, row,
                            f.name(row), error, action)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> IndexedClip:
         for attempt in range(MAX_CONSECUTIVE_BAD_ROWS):
             i = (index + attempt) % len(self)
             f, row = self._locate(i)
@@ -124,9 +126,9 @@ class AudioSetDataset(Dataset):
                 self._report(i, f, row, e)
                 if self.bad_rows == "mask":
                     length = len(decimate(np.zeros(self.clip_samples), SAMPLE_RATE, self.resample_rate))
-                    return torch.zeros(1, length), normalize_name(f.name(row)), target, -1
+                    return IndexedClip(torch.zeros(1, length), normalize_name(f.name(row)), target, -1)
                 continue
-            return waveform, normalize_name(f.name(row)), target, i
+            return IndexedClip(waveform, normalize_name(f.name(row)), target, i)
         raise InputError(f"{MAX_CONSECUTIVE_BAD_ROWS} consecutive rows from index {index} are not "
                          "decodable mp3s: is the dataset file corrupt?")
 
@@ -139,11 +141,6 @@ class AudioSetDataset(Dataset):
         with self._bad_count.get_lock():
             count, self._bad_count.value = self._bad_count.value, 0
         return int(count)
-
-
-def is_valid(batch: Sequence) -> torch.Tensor:
-    """Rows of an evaluation batch that hold a decoded clip (row index >= 0)."""
-    return torch.as_tensor(batch[3]) >= 0
 
 
 def sample_weights(packed_targets: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -214,7 +211,7 @@ class TeacherPredictions:
 def teacher_paths(preds: Optional[str], index: Optional[str]) -> tuple[Path, Path]:
     """The teacher files: the given paths, or the released files in the model cache (downloaded on
     first use, ~4 GB for the logits)."""
-    from helpers.download import cached_file  # network access only on this path
+    from helpers.common.download import cached_file  # network access only on this path
 
     preds_path = Path(preds) if preds else cached_file(TEACHER_PREDS_FILE, TEACHER_URL + TEACHER_PREDS_FILE)
     index_path = Path(index) if index else cached_file(FNAME_TO_INDEX_FILE, TEACHER_URL + FNAME_TO_INDEX_FILE)

@@ -1,8 +1,8 @@
 """Waveform clip helpers and augmentation dataset wrappers shared by all datasets.
 
-Items are tuples whose first entry is the waveform (1, L) and, for the mixing wrapper, whose
-entry `target_index` is the target; every other entry passes through unchanged. Random draws use
-the torch and NumPy global RNGs, which `helpers.training.worker_init_fn` seeds per worker.
+Items are the NamedTuples of `datasets.items` (fields `waveform`, `target`, ...); the wrappers
+replace the waveform (and, when mixing, the target and mask) and pass every other field through. Random draws use
+the torch and NumPy global RNGs, which `helpers.training.seeding.worker_init_fn` seeds per worker.
 """
 from __future__ import annotations
 
@@ -56,10 +56,10 @@ class RollDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple:
-        waveform, *rest = self.dataset[index]
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
         s = int(np.random.randint(-self.shift, self.shift + 1))
-        return (torch.roll(_as_tensor(waveform), s, dims=-1), *rest)
+        return item._replace(waveform=torch.roll(_as_tensor(item.waveform), s, dims=-1))
 
 
 class GainDataset(Dataset):
@@ -71,51 +71,48 @@ class GainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple:
-        waveform, *rest = self.dataset[index]
-        return (random_gain(_as_tensor(waveform), self.gain_db), *rest)
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        return item._replace(waveform=random_gain(_as_tensor(item.waveform), self.gain_db))
 
 
-def mix_targets(y1: torch.Tensor, y2: torch.Tensor, lam: float) -> torch.Tensor:
-    """Default target mixing of `WavMixDataset`: lam * y1 + (1 - lam) * y2."""
-    return lam * y1 + (1.0 - lam) * y2
+def mix_targets(a: Any, b: Any, lam: float) -> dict[str, torch.Tensor]:
+    """Default target mixing of `WavMixDataset`: target lam * a.target + (1 - lam) * b.target."""
+    return {"target": lam * _as_tensor(a.target) + (1.0 - lam) * _as_tensor(b.target)}
 
 
 class WavMixDataset(Dataset):
     """Waveform mixing: with probability `rate` (torch RNG) mix the item with a uniformly drawn
     second item (torch RNG) with weight l ~ Beta(alpha, alpha) (NumPy RNG) folded to
-    max(l, 1 - l); both waveforms and the mixture have their mean removed. Targets are mixed by
-    `mix_target(y1, y2, l)`; `prepare_target` (optional) converts every item's target first, mixed
-    or not (e.g. integer labels to one-hot). Other fields are those of the first item."""
+    max(l, 1 - l); both waveforms and the mixture have their mean removed. `mix_target(item1,
+    item2, l)` returns the mixed fields by name (default: the target, lam * y1 + (1 - lam) * y2);
+    `prepare_target` (optional) converts every item's target first, mixed or not (e.g. integer
+    labels to one-hot). Other fields are those of the first item."""
 
     def __init__(self, dataset: Dataset, alpha: float = 2.0, rate: float = 0.5,
-                 target_index: int = 2,
-                 mix_target: Callable[[Any, Any, float], Any] = mix_targets,
+                 mix_target: Callable[[Any, Any, float], dict[str, Any]] = mix_targets,
                  prepare_target: Optional[Callable[[Any], Any]] = None) -> None:
         self.dataset, self.alpha, self.rate = dataset, alpha, rate
-        self.target_index = target_index
         self.mix_target, self.prepare_target = mix_target, prepare_target
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _item(self, index: int) -> list:
-        item = list(self.dataset[index])
-        item[0] = _as_tensor(item[0])
+    def _item(self, index: int) -> Any:
+        item = self.dataset[index]
+        item = item._replace(waveform=_as_tensor(item.waveform))
         if self.prepare_target is not None:
-            item[self.target_index] = self.prepare_target(item[self.target_index])
+            item = item._replace(target=self.prepare_target(item.target))
         return item
 
-    def __getitem__(self, index: int) -> tuple:
+    def __getitem__(self, index: int) -> Any:
         item = self._item(index)
         if float(torch.rand(1)) < self.rate:
             other = self._item(int(torch.randint(len(self.dataset), (1,))))
             lam = float(np.random.beta(self.alpha, self.alpha))
             lam = max(lam, 1.0 - lam)
-            x1 = item[0] - item[0].mean()
-            x2 = other[0] - other[0].mean()
+            x1 = item.waveform - item.waveform.mean()
+            x2 = other.waveform - other.waveform.mean()
             mixed = lam * x1 + (1.0 - lam) * x2
-            item[0] = mixed - mixed.mean()
-            t = self.target_index
-            item[t] = self.mix_target(_as_tensor(item[t]), _as_tensor(other[t]), lam)
-        return tuple(item)
+            item = item._replace(waveform=mixed - mixed.mean(), **self.mix_target(item, other, lam))
+        return item

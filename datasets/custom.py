@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from datasets.files import AudioFileDataset, check_files_exist, make_cache, read_table
-from helpers.errors import InputError
+from helpers.common.errors import InputError
 
 ENV_VAR = "EFFICIENTAT_CUSTOM_DIR"
 DEFAULT_CSV = "labels.csv"

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from datasets.audio import load_audio
 from datasets.augment import fit_length
 from datasets.cache import WaveformCache, file_signature
-from helpers.errors import InputError
+from datasets.items import Clip
+from helpers.common.errors import InputError
 
 
 def read_table(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
@@ -51,7 +52,7 @@ def check_files_exist(files: Sequence[Path], table: Path) -> None:
 class AudioFileDataset(Dataset):
     """Clips read with the project's audio loader, mono at `sample_rate`.
 
-    Items are (waveform (1, L) float32 tensor, name, target float32 tensor). With `clip_samples`
+    Items are `datasets.items.Clip` (waveform (1, L) float32 tensor, name, target float32 tensor). With `clip_samples`
     every waveform is padded or cut to that length: from the start, or from a random offset when
     `random_crop` (training on clips longer than the model's input). `cache` keeps the decoded,
     resampled waveforms on disk.
@@ -80,11 +81,11 @@ class AudioFileDataset(Dataset):
             return load_audio(path, self.sample_rate)
         return self.cache.get(file_signature(path), lambda: load_audio(path, self.sample_rate))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+    def __getitem__(self, index: int) -> Clip:
         wave = self.waveform(index)
         if self.clip_samples is not None:
             wave = fit_length(wave, self.clip_samples, self.random_crop)
-        return torch.from_numpy(np.ascontiguousarray(wave)).unsqueeze(0), self.names[index], self.targets[index]
+        return Clip(torch.from_numpy(np.ascontiguousarray(wave)).unsqueeze(0), self.names[index], self.targets[index])
 
 
 def one_hot(labels: Sequence[int], num_classes: int) -> np.ndarray:

@@ -22,8 +22,8 @@ import av
 import h5py
 import numpy as np
 
-from helpers.errors import InputError
-from helpers.files import atomic_path
+from helpers.common.errors import InputError
+from helpers.common.files import atomic_path
 
 REQUIRED_DATASETS = ("audio_name", "mp3", "target")
 MP3_BITRATE = 128_000
@@ -171,7 +171,7 @@ class Mp3HDF5Writer:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "Mp3HDF5Writer":
-        # a temp path (helpers.files.atomic_path): HDF5 reads back chunks it wrote as datasets grow
+        # a temp path (helpers.common.files.atomic_path): HDF5 reads back chunks it wrote as datasets grow
         with self._stack as stack:
             tmp = stack.enter_context(atomic_path(self.path))
             self._file = f = stack.enter_context(h5py.File(tmp, "w"))

@@ -18,8 +18,9 @@ import torch
 
 from datasets.files import make_cache
 from datasets.hdf5 import Mp3HDF5
+from datasets.items import MaskedClip
 from datasets.mp3clips import SAMPLE_RATE, Mp3ClipDataset
-from helpers.errors import InputError
+from helpers.common.errors import InputError
 
 ENV_VAR = "EFFICIENTAT_OPENMIC_DIR"
 NUM_CLASSES = 20
@@ -31,19 +32,18 @@ CLASS_NAMES = ["accordion", "banjo", "bass", "cello", "clarinet", "cymbals", "dr
                "trumpet", "ukulele", "violin", "voice"]
 
 
-def mix_targets(y1: torch.Tensor, y2: torch.Tensor, lam: float) -> torch.Tensor:
-    """Waveform-mixing rule for OpenMIC targets: relevances of unobserved classes are zeroed, the
+def mix_targets(a: MaskedClip, b: MaskedClip, lam: float) -> dict[str, torch.Tensor]:
+    """Waveform-mixing rule for OpenMIC items: relevances of unobserved classes are zeroed, the
     relevances mixed with `lam`, the masks combined by element-wise maximum."""
-    r1, m1 = y1[:NUM_CLASSES] * y1[NUM_CLASSES:], y1[NUM_CLASSES:]
-    r2, m2 = y2[:NUM_CLASSES] * y2[NUM_CLASSES:], y2[NUM_CLASSES:]
-    return torch.cat([lam * r1 + (1.0 - lam) * r2, torch.maximum(m1, m2)])
+    mixed = lam * a.target * a.mask + (1.0 - lam) * b.target * b.mask
+    return {"target": mixed, "mask": torch.maximum(a.mask, b.mask)}
 
 
 def get_datasets(root: Path, resample_rate: int = SAMPLE_RATE,
                  cache_path: Optional[str | os.PathLike] = None
                  ) -> tuple[Mp3ClipDataset, Mp3ClipDataset, list[str]]:
-    """(train, test, class names) of the OpenMIC folder `root`; items are (waveform (1, 10 s), name,
-    target (40: relevances, then mask), row index)."""
+    """(train, test, class names) of the OpenMIC folder `root`; items are `MaskedClip`s (waveform (1, 10 s),
+    name, target (20 relevances), row index, mask (20: 1 where annotated))."""
     files = {split: Mp3HDF5(root / name) for split, name in FILES.items()}
     for f in files.values():
         if f.target_shape != (2 * NUM_CLASSES,) or f.target_dtype.kind != "f":
@@ -51,10 +51,14 @@ def get_datasets(root: Path, resample_rate: int = SAMPLE_RATE,
                              f"expected {2 * NUM_CLASSES} floats (relevances, then mask)")
     cache = make_cache(cache_path, "openmic", SAMPLE_RATE)
 
-    def target(row):
-        return np.asarray(row, dtype=np.float32)
+    def target(row):  # stored rows: relevances, then mask
+        return np.asarray(row[:NUM_CLASSES], dtype=np.float32)
 
-    train = Mp3ClipDataset(files["train"], target, CLIP_SECONDS * SAMPLE_RATE, "start", resample_rate, cache)
+    def mask(row):
+        return np.asarray(row[NUM_CLASSES:], dtype=np.float32)
+
+    train = Mp3ClipDataset(files["train"], target, CLIP_SECONDS * SAMPLE_RATE, "start", resample_rate, cache,
+                           mask_fn=mask)
     test = Mp3ClipDataset(files["test"], target, CLIP_SECONDS * SAMPLE_RATE, "start", resample_rate, cache,
-                          bad_rows="mask")
+                          bad_rows="mask", mask_fn=mask)
     return train, test, list(CLASS_NAMES)

@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from datasets.audio import AudioLoadError, find_audio_files, load_audio
 from datasets.hdf5 import Mp3HDF5Writer, encode_mp3, pack_targets
-from helpers.errors import InputError, run_cli
-from helpers.labels import label_table
+from helpers.common.errors import InputError, run_cli
+from helpers.common.labels import label_table
 
 logger = logging.getLogger(__name__)
 SAMPLE_RATE = 32000

@@ -1,16 +1,74 @@
-"""Build any registered model, and the frontend it was trained with, from its name."""
+"""The front door to the models: the family registry (family name -> builder), building any
+released model by name, and building a model from the configuration dict a training checkpoint
+stores.
+
+    FAMILIES["mn"].build(num_classes=..., pretrained_name=..., width_mult=..., strides=..., head_type=...)
+    create_model("dymn10_as")                     # a released model with its weights
+    config = model_config("mn10_as", 50, pretrained=True)
+    model = model_from_config(config)             # what training scripts and checkpoints use
+
+Every family's model has the interface of `models.layers.AudioTagger` (forward_features,
+forward_head, reset_classifier, update_params).
+"""
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torch import nn
 
 from models.dymn.model import get_model as get_dymn
 from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
-from models.pretrained import get_entry
+from models.pretrained import REGISTRY, get_entry
 
 FRONTEND_DEFAULTS = {"n_mels": 128, "sr": 32000, "win_length": 800, "hopsize": 320, "n_fft": 1024}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: `label` its display name, `build` its get_model; `options(arch, settings)` gives the
+    family-specific entries of a model configuration and `build_options(config)` the
+    family-specific keyword arguments of `build` for one."""
+    label: str
+    build: Callable[..., nn.Module]
+    options: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]
+    build_options: Callable[[Mapping[str, Any]], dict[str, Any]]
+
+    def accepts(self, argument: str) -> bool:
+        """Whether `build` takes this keyword argument (e.g. se_dims: MN only)."""
+        return argument in inspect.signature(self.build).parameters
+
+
+def _mn_options(arch: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {"se_dims": settings["se_dims"]}
+
+
+def _dymn_options(arch: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    # DyMN temperature: a pretrained start runs the schedule from its final temperature
+    return {"use_dy_blocks": arch.get("use_dy_blocks", "all"),
+            "T_max": settings["pretrain_final_temp"] if settings["pretrained"] else 30.0}
+
+
+FAMILIES: dict[str, Family] = {
+    "mn": Family("MN", get_mn, _mn_options, lambda c: {"se_dims": c["se_dims"]}),
+    "dymn": Family("DyMN", get_dymn, _dymn_options,
+                   lambda c: {"use_dy_blocks": c["use_dy_blocks"], "T_max": c["T_max"],
+                              "pretrain_final_temp": c["T_max"]}),
+}
+
+
+DEFAULT_FAMILY = "mn"  # of names without a family prefix (and of no name)
+
+
+def family_of(name: Optional[str]) -> str:
+    """The family of a registry name, else of a name's prefix ("dymn04" -> "dymn"); DEFAULT_FAMILY
+    otherwise."""
+    if name in REGISTRY:
+        return REGISTRY[name].family
+    prefixes = sorted((f for f in FAMILIES if name and name.startswith(f)), key=len, reverse=True)
+    return prefixes[0] if prefixes else DEFAULT_FAMILY
 
 
 def create_model(name: str, num_classes: int = 527, pretrained: bool = True, **kwargs: Any) -> nn.Module:
@@ -20,11 +78,51 @@ def create_model(name: str, num_classes: int = 527, pretrained: bool = True, **k
     that are not None override them) is built with fresh weights and nothing is downloaded, e.g.
     for complexity analysis or training from scratch."""
     entry = get_entry(name)
-    build = get_dymn if entry.family == "dymn" else get_mn
+    build = FAMILIES[entry.family].build
     if pretrained:
         return build(num_classes=num_classes, pretrained_name=name, **kwargs)
     arch = {**entry.model_kwargs, **{k: v for k, v in kwargs.items() if v is not None}}
     return build(num_classes=num_classes, **arch)
+
+
+def model_config(name: Optional[str], num_classes: int, pretrained: bool = False, width_mult: float = 1.0,
+                 strides: Optional[Sequence[int]] = None, head_type: Optional[str] = None,
+                 se_dims: str = "c", pretrain_final_temp: float = 1.0) -> dict[str, Any]:
+    """A model's full configuration (family, classes, width, strides, head, family options):
+    with `pretrained` the architecture comes from the registry entry of `name` (explicit strides /
+    head_type win), otherwise from the arguments, the family from the name's prefix. Stored in
+    checkpoints so `model_from_config` rebuilds the model without the command line."""
+    family = family_of(name)
+    arch: dict[str, Any] = {"width_mult": width_mult, "strides": [2, 2, 2, 2], "head_type": "mlp"}
+    if pretrained:
+        entry = get_entry(name)
+        family = entry.family
+        arch.update(entry.model_kwargs)
+    if strides is not None:
+        arch["strides"] = list(strides)
+    if head_type is not None:
+        arch["head_type"] = head_type
+    config = {"family": family, "num_classes": num_classes, "width_mult": arch["width_mult"],
+              "strides": list(arch["strides"]), "head_type": arch["head_type"],
+              "pretrained_name": name if pretrained else None}
+    settings = {"se_dims": se_dims, "pretrained": pretrained, "pretrain_final_temp": pretrain_final_temp}
+    return {**config, **FAMILIES[family].options(arch, settings)}
+
+
+def model_from_config(config: Mapping[str, Any], load_pretrained: bool = True,
+                      epoch: Optional[int] = None) -> nn.Module:
+    """Build the model a `model_config` dict describes. With `load_pretrained` and a pretrained
+    name its released weights are loaded (the classifier is re-initialized for a different class
+    count). A model restored after training epoch `epoch` gets that epoch's settings
+    (`update_params`: DyMN's softmax temperature, which is not part of the state dict)."""
+    family = FAMILIES[config["family"]]
+    pretrained = config.get("pretrained_name") if load_pretrained else None
+    model = family.build(num_classes=config["num_classes"], pretrained_name=pretrained,
+                         width_mult=config["width_mult"], strides=tuple(config["strides"]),
+                         head_type=config["head_type"], **family.build_options(config))
+    if epoch is not None:
+        model.update_params(epoch)
+    return model
 
 
 def frontend_kwargs(name: str | None = None, **overrides: Any) -> dict[str, Any]:

@@ -115,15 +115,65 @@ class MultiHeadAttentionPooling(nn.Module):
         return (pooled * self.head_weight).sum(dim=1)
 
 
-def tagger_forward(stages: Iterable[nn.Module], classifier: nn.Module, x: torch.Tensor,
-                   return_fmaps: bool = False):
-    """Shared forward of MN and DyMN: run the stages, then the head. Returns (logits (B, N),
-    embedding (B, C) = global average of the last feature map), or (logits, list of every stage's
-    output) with return_fmaps."""
-    fmaps = []
-    for stage in stages:
-        x = stage(x)
+class AudioTagger(nn.Module):
+    """The interface MN and DyMN share: `forward_features` (spectrograms (B, 1, F, T) -> last
+    feature map), `forward_head` (feature map -> logits (B, N)), `reset_classifier(n)` (a fresh
+    final layer for n classes), `update_params(epoch)` (per-epoch settings; a no-op here).
+    forward(x) returns (logits, embedding = global average of the last feature map), or with
+    return_fmaps=True (logits, list of every stage's output). Subclasses set `classifier`,
+    `head_type`, `num_classes`, `embedding_dim` and `head_args` and list their `stages`."""
+
+    classifier: nn.Module
+    head_type: str
+    num_classes: int
+    head_args: tuple[int, int, float]  # hidden width, attention heads, dropout
+
+    def stages(self) -> Iterable[nn.Module]:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor, return_fmaps: bool = False):
+        """The last feature map (B, C, F', T'), or the list of every stage's output."""
+        fmaps = []
+        for stage in self.stages():
+            x = stage(x)
+            if return_fmaps:
+                fmaps.append(x)
+        return fmaps if return_fmaps else x
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) of a last feature map."""
+        return self.classifier(features).flatten(1)
+
+    def forward(self, x: torch.Tensor, return_fmaps: bool = False):
         if return_fmaps:
-            fmaps.append(x)
-    logits = classifier(x).flatten(1)
-    return (logits, fmaps) if return_fmaps else (logits, x.mean(dim=(2, 3)))
+            fmaps = self.forward_features(x, return_fmaps=True)
+            return self.forward_head(fmaps[-1]), fmaps
+        features = self.forward_features(x)
+        return self.forward_head(features), features.mean(dim=(2, 3))
+
+    def update_params(self, epoch: int) -> None:
+        """Per-epoch settings (DyMN's temperature); nothing to do for a static model."""
+
+    def classes_in(self, state: dict[str, torch.Tensor]) -> int:
+        """Number of classes of a state dict of this architecture (read off its classifier)."""
+        if self.head_type == "mlp":
+            return state["classifier.5.bias"].shape[0]
+        if self.head_type == "fully_convolutional":
+            return state["classifier.1.weight"].shape[0]
+        return state["classifier.subspace_proj.bias"].shape[0] // (2 * self.head_args[1])
+
+    def reset_classifier(self, num_classes: int) -> list[str]:
+        """Replace the final classifier layer (mlp head) or the whole classifier (other heads)
+        by a freshly initialized one for `num_classes`; returns the replaced state-dict keys."""
+        if self.head_type == "mlp":
+            prefix = "classifier.5."
+            self.classifier[5] = nn.Linear(self.classifier[5].in_features, num_classes)
+            init_weights(self.classifier[5])
+        else:
+            prefix = "classifier."
+            hidden, heads, dropout = self.head_args
+            self.classifier = classification_head(self.head_type, self.embedding_dim, hidden, num_classes,
+                                                  heads, dropout)
+            init_weights(self.classifier)
+        self.num_classes = num_classes
+        return sorted(k for k in self.state_dict() if k.startswith(prefix))

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from helpers.download import cached_file
+from helpers.common.download import cached_file
 
 logger = logging.getLogger(__name__)
 
@@ -181,25 +181,15 @@ def load_state_dict(name: str) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained_weights(model: nn.Module, name: str) -> None:
-    """Load checkpoint `name` strictly into `model`. If the model has another number of classes,
-    the checkpoint's last classifier layer (mlp head) or whole classifier (other heads) is left
-    out and stays freshly initialized; everything else must still match exactly."""
+    """Load checkpoint `name` into `model` (an MN or DyMN built with the checkpoint's architecture):
+    the classifier is first sized to the checkpoint's classes, the weights are loaded strictly,
+    and a model built for another number of classes then gets a fresh classifier for it (logged)."""
     state = load_state_dict(name)
-    if "classifier.5.bias" in state:
-        ckpt_classes, head_prefix = state["classifier.5.bias"].shape[0], "classifier.5."
-    elif "classifier.1.bias" in state:
-        ckpt_classes, head_prefix = state["classifier.1.bias"].shape[0], "classifier."
-    else:
-        ckpt_classes, head_prefix = None, "classifier."
-    num_classes = getattr(model, "num_classes", None)
-    if ckpt_classes is None or ckpt_classes == num_classes:
-        model.load_state_dict(state)
-        return
-    dropped = {k for k in state if k.startswith(head_prefix)}
-    state = {k: v for k, v in state.items() if k not in dropped}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) != dropped or unexpected:
-        raise RuntimeError(f"checkpoint {name!r} does not fit the model: missing {sorted(missing)}, "
-                           f"unexpected {sorted(unexpected)}")
-    logger.info("%s: classifier for %d classes replaced by a new one with %d classes (%s re-initialized)",
-                name, ckpt_classes, num_classes, ", ".join(sorted(dropped)))
+    num_classes, ckpt_classes = model.num_classes, model.classes_in(state)
+    if ckpt_classes != num_classes:
+        model.reset_classifier(ckpt_classes)
+    model.load_state_dict(state)
+    if ckpt_classes != num_classes:
+        replaced = model.reset_classifier(num_classes)
+        logger.info("%s: classifier for %d classes replaced by a new one with %d classes (%s re-initialized)",
+                    name, ckpt_classes, num_classes, ", ".join(replaced))

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from conftest import REPO, shared_path
-from helpers.complexity import (ModelCost, analyze, build_model, count_macs, peak_memory_cnn,
+from helpers.analysis.complexity import (ModelCost, analyze, build_model, count_macs, peak_memory_cnn,
                                 peak_memory_mnv3, receptive_field, registry_costs, trace_model)
-from helpers.complexity_plots import plot_tradeoffs, plotted_rows
+from helpers.analysis.complexity_plots import plot_tradeoffs, plotted_rows
 from models.pretrained import REGISTRY
 
 INPUT = (1, 1, 128, 1000)

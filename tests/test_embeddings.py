@@ -1,4 +1,4 @@
-"""Clip embeddings: Tagger.embed, helpers/embeddings.py and embeddings.py."""
+"""Clip embeddings: Tagger.embed, helpers/inference/embeddings.py and embeddings.py."""
 from __future__ import annotations
 
 import subprocess
@@ -11,8 +11,8 @@ import soundfile as sf
 import torch
 
 from datasets.audio import load_audio
-from helpers.embeddings import embed_files, load_embeddings, save_embeddings
-from helpers.tagging import build_tagger
+from helpers.inference.embeddings import embed_files, load_embeddings, save_embeddings
+from helpers.inference.tagging import build_tagger
 from tests.conftest import REPO, shared_path
 
 

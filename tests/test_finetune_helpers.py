@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from datasets import openmic
 from datasets.hdf5 import Mp3HDF5, Mp3HDF5Writer, encode_mp3
+from datasets.items import Clip, MaskedClip
 from datasets.mp3clips import Mp3ClipDataset
-from helpers.finetune import masked_multilabel_loss, mixstyle, single_label_loss
-from helpers.training import seed_everything
+from helpers.training.seeding import seed_everything
+from helpers.training.tasks import masked_multilabel_loss, mixstyle, single_label_loss
 
 
 class Linear(torch.nn.Module):
@@ -32,7 +33,7 @@ def test_single_label_loss_mixes_the_two_cross_entropies() -> None:
     model, x = Linear(12, 3), torch.randn(5, 1, 3, 4)
     y = F.one_hot(torch.tensor([0, 1, 2, 0, 1]), 3).float()
     seed_everything(7)
-    loss = single_label_loss(0.3)(model, x, [x, None, y])["loss"].detach()
+    loss = single_label_loss(0.3)(model, x, Clip(x, None, y))["loss"].detach()
     seed_everything(7)  # the same permutation and weights, drawn as the loss draws them
     perm = torch.randperm(5)
     lam = np.random.beta(0.3, 0.3, 5)
@@ -49,10 +50,10 @@ def test_masked_loss_ignores_unobserved_labels() -> None:
     relevance = torch.tensor([[0.9, 0.2], [0.1, 0.7], [0.6, 0.6]])
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     with torch.no_grad():
-        loss = masked_multilabel_loss(0.0, 2)(model, x, [x, None, torch.cat([relevance, mask], 1)])["loss"]
+        loss = masked_multilabel_loss(0.0)(model, x, MaskedClip(x, None, relevance, None, mask))["loss"]
         bce = F.binary_cross_entropy_with_logits(model(x)[0], (relevance > 0.5).float(), reduction="none")
-        flipped = torch.cat([torch.where(mask > 0, relevance, 1 - relevance), mask], 1)  # unobserved changed
-        loss_flipped = masked_multilabel_loss(0.0, 2)(model, x, [x, None, flipped])["loss"]
+        flipped = torch.where(mask > 0, relevance, 1 - relevance)  # unobserved changed
+        loss_flipped = masked_multilabel_loss(0.0)(model, x, MaskedClip(x, None, flipped, None, mask))["loss"]
     assert float(loss) == pytest.approx(float((bce * mask).sum() / 6), rel=1e-6)
     assert float(loss_flipped) == pytest.approx(float(loss))
 
@@ -74,13 +75,12 @@ def test_mixstyle_mixes_per_frequency_statistics() -> None:
 
 
 def test_openmic_mixing_masks_relevances_and_joins_masks() -> None:
-    y1 = torch.zeros(40)
-    y2 = torch.zeros(40)
-    y1[[0, 1]], y1[[20]] = torch.tensor([0.8, 0.9]), 1.0  # class 1 relevant but unobserved
-    y2[[0, 2]], y2[[20, 22]] = torch.tensor([0.2, 1.0]), 1.0
-    mixed = openmic.mix_targets(y1, y2, 0.75)
-    assert mixed[:3].tolist() == pytest.approx([0.75 * 0.8 + 0.25 * 0.2, 0.0, 0.25])
-    assert mixed[20:23].tolist() == [1.0, 0.0, 1.0] and mixed[23:].sum() == 0
+    y1, m1, y2, m2 = torch.zeros(20), torch.zeros(20), torch.zeros(20), torch.zeros(20)
+    y1[[0, 1]], m1[[0]] = torch.tensor([0.8, 0.9]), 1.0  # class 1 relevant but unobserved
+    y2[[0, 2]], m2[[0, 2]] = torch.tensor([0.2, 1.0]), 1.0
+    mixed = openmic.mix_targets(MaskedClip(None, "a", y1, 0, m1), MaskedClip(None, "b", y2, 1, m2), 0.75)
+    assert mixed["target"][:3].tolist() == pytest.approx([0.75 * 0.8 + 0.25 * 0.2, 0.0, 0.25])
+    assert mixed["mask"][:3].tolist() == [1.0, 0.0, 1.0] and mixed["mask"][3:].sum() == 0
 
 
 @pytest.fixture

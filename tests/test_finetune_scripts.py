@@ -15,8 +15,9 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 from datasets import custom, esc50, fsd50k, openmic
-from helpers.errors import run_cli
-from helpers.training import load_finetuned, mel
+from helpers.common.errors import run_cli
+from helpers.training.evaluation import mel
+from models.checkpoint import load_finetuned
 from models.preprocess import AugmentMelSTFT
 from tests.datagen import make_custom, make_dcase20, make_esc50, make_fsd50k, make_openmic
 
@@ -37,8 +38,8 @@ def predictions(checkpoint: Path, dataset) -> tuple[np.ndarray, np.ndarray, list
     frontend = AugmentMelSTFT(**frontend_kwargs).eval()
     items = [dataset[i] for i in range(len(dataset))]
     with torch.no_grad():
-        logits = model(mel(frontend, torch.stack([it[0] for it in items])))[0]
-    return logits.numpy(), torch.stack([it[2] for it in items]).numpy(), class_names, multilabel
+        logits = model(mel(frontend, torch.stack([it.waveform for it in items])))[0]
+    return logits.numpy(), torch.stack([it.target for it in items]).numpy(), class_names, multilabel
 
 
 def last_logged(out_dir: Path) -> dict:
@@ -183,7 +184,8 @@ def test_openmic_masked_metrics_and_evaluation_without_train(tmp_path: Path, cap
     _, test_set, _ = openmic.get_datasets(data_dir)
     logits, targets, class_names, multilabel = predictions(out / "last.pt", test_set)
     assert multilabel and class_names[:3] == ["accordion", "banjo", "bass"]
-    probs, relevance, mask = 1 / (1 + np.exp(-logits)), targets[:, :20] > 0.5, targets[:, 20:]
+    mask = torch.stack([test_set[i].mask for i in range(len(test_set))]).numpy()
+    probs, relevance = 1 / (1 + np.exp(-logits)), targets > 0.5
     observed = [c for c in range(20) if (mask[:, c] > 0).any() and relevance[mask[:, c] > 0, c].any()]
     assert {0, 1} <= set(observed) and 2 not in observed  # instrument 2 is never observed
     ap = [average_precision_score(relevance[:, c], probs[:, c], sample_weight=mask[:, c]) for c in observed]

@@ -8,9 +8,10 @@ from torch.utils.data import Dataset
 
 from datasets.augment import (GainDataset, RollDataset, WavMixDataset, decimate, fit_length,
                               random_gain)
+from datasets.items import IndexedClip
 from datasets.hdf5 import (Mp3DecodeError, Mp3HDF5, Mp3HDF5Writer, decode_mp3, encode_mp3,
                            pack_targets, unpack_targets)
-from helpers.errors import InputError
+from helpers.common.errors import InputError
 
 
 def _chirp(seconds: float = 0.5, sr: int = 32000) -> np.ndarray:
@@ -127,7 +128,14 @@ class _Items(Dataset):
         wave = np.zeros((1, self.length), dtype=np.float32)
         wave[0, 0] = 1.0
         wave += i
-        return wave, f"name{i}", torch.eye(self.n)[i], i
+        return IndexedClip(wave, f"name{i}", torch.eye(self.n)[i], i)
+
+
+class _Labels(_Items):
+    """Items whose target is an integer label."""
+
+    def __getitem__(self, i):
+        return super().__getitem__(i)._replace(target=i)
 
 
 def test_roll_shifts_within_range():
@@ -171,8 +179,8 @@ def test_wavmix_mixes_half_the_items_with_folded_beta_weights():
 
 def test_wavmix_prepare_and_custom_mix():
     torch.manual_seed(0)
-    data = WavMixDataset(_Items(), rate=1.0, target_index=3,
+    data = WavMixDataset(_Labels(), rate=1.0,
                          prepare_target=lambda i: torch.nn.functional.one_hot(torch.tensor(i), 6).float(),
-                         mix_target=lambda a, b, lam: torch.maximum(a, b))
-    y = data[0][3]
+                         mix_target=lambda a, b, lam: {"target": torch.maximum(a.target, b.target)})
+    y = data[0].target
     assert y[0] == 1 and y.sum() in (1.0, 2.0)

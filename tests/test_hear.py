@@ -1,4 +1,4 @@
-"""The HEAR 2021 API (hear_efficientat.py / helpers/hear.py)."""
+"""The HEAR 2021 API (hear_efficientat.py / helpers/inference/hear.py)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from helpers.tagging import build_tagger, format_tags
+from helpers.inference.tagging import build_tagger, format_tags
 from models.mn.model import get_model as get_mn
 from models.pretrained import get_entry
 from tests.conftest import REPO, shared_path

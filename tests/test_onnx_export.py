@@ -1,4 +1,4 @@
-"""ONNX export (helpers/onnx_export.py, export_onnx.py) and onnxruntime parity."""
+"""ONNX export (helpers/inference/onnx_export.py, export_onnx.py) and onnxruntime parity."""
 from __future__ import annotations
 
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from datasets.audio import load_audio
-from helpers.onnx_export import (BatchFreeDynamicConv, DFTMelFrontend, compare_with_torch, export_onnx,
+from helpers.inference.onnx_export import (BatchFreeDynamicConv, DFTMelFrontend, compare_with_torch, export_onnx,
                                  exportable_model, run_onnx)
 from models.dymn.dy_block import DynamicConv
 from models.dymn.model import get_model as get_dymn

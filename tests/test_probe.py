@@ -16,19 +16,20 @@ import soundfile as sf
 import torch
 
 from datasets.files import AudioFileDataset
-from helpers.errors import InputError
-from helpers.finetune import Task, classification_metrics, single_label_loss
-from helpers.probe import (AUTO_FINETUNE_FROM, AUTO_PROBE_BELOW, Embedder, FinetuneSchedule, choose_recipe,
+from helpers.common.errors import InputError
+from helpers.training.distributed import setup_distributed
+from helpers.training.precision import Precision
+from helpers.training.probe import (AUTO_FINETUNE_FROM, AUTO_PROBE_BELOW, Embedder, FinetuneSchedule, choose_recipe,
                            crop_starts, file_clips, final_linear, fit_probe, layerwise_param_groups,
                            probe_finetune, set_classifier, stratified_folds)
-from helpers.training import Precision, model_from_config, setup_distributed
+from helpers.training.tasks import Task, classification_metrics, single_label_loss
+from models.factory import model_config, model_from_config
 from models.preprocess import AugmentMelSTFT
 from tests.datagen import clip, make_custom
 from tests.test_finetune_scripts import FAST, run
 
 SR = 16000
-TINY = {"family": "mn", "num_classes": 2, "width_mult": 0.1, "strides": [2, 2, 2, 2], "head_type": "mlp",
-        "pretrained_name": None, "se_dims": "c"}
+TINY = model_config("mn01", num_classes=2, width_mult=0.1)  # from scratch, no download
 
 
 def separable(n_per_class: int, n_classes: int, dim: int = 16, draw: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
@@ -170,7 +171,7 @@ def test_probe_finetune_keeps_the_best_epoch(tmp_path: Path) -> None:
 
 def test_probe_needs_a_linear_head() -> None:
     with pytest.raises(InputError, match="Linear"):
-        final_linear(model_from_config({**TINY, "head_type": "fully_convolutional"}))
+        final_linear(model_from_config(model_config("mn01", 2, width_mult=0.1, head_type="fully_convolutional")))
 
 
 def test_auto_picks_by_median_clips_per_class() -> None:

@@ -13,9 +13,9 @@ import pytest
 import soundfile as sf
 
 from datasets.audio import load_audio
-from helpers.sed import (WindowPredictions, detect_events, num_windows, plot_activity, sliding_windows,
+from helpers.inference.sed import (WindowPredictions, detect_events, num_windows, plot_activity, sliding_windows,
                          tag_windows, window_samples)
-from helpers.tagging import build_tagger
+from helpers.inference.tagging import build_tagger
 from tests.conftest import REPO, shared_path
 
 

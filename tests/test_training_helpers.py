@@ -14,8 +14,20 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from helpers import training as T
-from helpers.errors import InputError
+from datasets.items import IndexedClip
+from helpers.common.errors import InputError
+from helpers.training.args import add_model_args, model_config_from_args, resolve_dataset_dir
+from helpers.training.data import ShardSampler, eval_loader, train_loader
+from helpers.training.distributed import DistInfo, cleanup_distributed, setup_distributed, unwrap, wrap_ddp
+from helpers.training.evaluation import evaluate, mel
+from helpers.training.loop import train_one_epoch
+from helpers.training.mixup import mix, mixup
+from helpers.training.precision import Precision
+from helpers.training.run_log import RunLogger
+from helpers.training.schedule import WarmupRampdown, make_optimizer, make_scheduler
+from helpers.training.seeding import seed_epoch, seed_everything, worker_init_fn
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.factory import model_from_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,8 +40,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _schedule(**kw) -> T.WarmupRampdown:
-    return T.WarmupRampdown(kw["W"], kw["S"], kw["R"], kw["last"])
+def _schedule(**kw) -> WarmupRampdown:
+    return WarmupRampdown(kw["W"], kw["S"], kw["R"], kw["last"])
 
 
 def test_schedule_audioset_values():
@@ -52,7 +64,7 @@ def test_schedule_finetuning_values_and_lambdalr():
     # the LambdaLR is stepped after each epoch: epoch e trains with lr * f(e)
     opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=1e-3)
     args = argparse.Namespace(warm_up_len=10, ramp_down_start=10, ramp_down_len=65, last_lr_value=0.01)
-    sched = T.make_scheduler(opt, args)
+    sched = make_scheduler(opt, args)
     lrs = []
     for _ in range(12):
         lrs.append(opt.param_groups[0]["lr"])
@@ -65,26 +77,26 @@ def test_schedule_finetuning_values_and_lambdalr():
 
 
 def test_mixup_and_mix():
-    T.seed_everything(3)
-    perm, lam = T.mixup(64, 0.3)
+    seed_everything(3)
+    perm, lam = mixup(64, 0.3)
     assert sorted(perm.tolist()) == list(range(64))
     assert lam.dtype == torch.float32 and lam.shape == (64,)
     assert (lam >= 0.5).all() and (lam <= 1).all()
     x = torch.randn(64, 1, 5, 7)
-    mixed = T.mix(x, perm, lam)
+    mixed = mix(x, perm, lam)
     i = 5
     assert torch.allclose(mixed[i], lam[i] * x[i] + (1 - lam[i]) * x[perm[i]])
     y = torch.rand(64, 527)
-    assert torch.allclose(T.mix(y, perm, lam)[i], lam[i] * y[i] + (1 - lam[i]) * y[perm[i]])
+    assert torch.allclose(mix(y, perm, lam)[i], lam[i] * y[i] + (1 - lam[i]) * y[perm[i]])
     with pytest.raises(ValueError):
-        T.mixup(4, 0.0)
+        mixup(4, 0.0)
 
 
 def test_mel_reshape():
     from models.preprocess import AugmentMelSTFT
     frontend = AugmentMelSTFT(n_mels=32).eval()
     x = torch.randn(3, 1, 3200)
-    spec = T.mel(frontend, x)
+    spec = mel(frontend, x)
     assert spec.shape == (3, 1, 32, frontend.num_frames(3200)) == (3, 1, 32, 10)
     torch.testing.assert_close(spec[1, 0], frontend(x[1])[0])  # x[1] is (1, L)
 
@@ -100,8 +112,8 @@ class _RandomItems(Dataset):
 
 
 def _draws(seed: int, epoch: int) -> torch.Tensor:
-    T.seed_epoch(seed, epoch)
-    loader = DataLoader(_RandomItems(), batch_size=2, num_workers=2, worker_init_fn=T.worker_init_fn)
+    seed_epoch(seed, epoch)
+    loader = DataLoader(_RandomItems(), batch_size=2, num_workers=2, worker_init_fn=worker_init_fn)
     return torch.cat(list(loader))
 
 
@@ -117,36 +129,36 @@ def test_worker_seeding_differs_across_workers_and_epochs_and_repeats():
 
 
 def test_seed_epoch_depends_on_rank():
-    T.seed_epoch(1, 0, rank=0)
+    seed_epoch(1, 0, rank=0)
     a = torch.rand(3)
-    T.seed_epoch(1, 0, rank=1)
+    seed_epoch(1, 0, rank=1)
     assert not torch.equal(a, torch.rand(3))
 
 
 def test_checkpoint_atomic_roundtrip_and_errors(tmp_path):
     path = tmp_path / "sub" / "ck.pt"
-    T.save_checkpoint(path, {"a": torch.arange(3), "config": {"x": 1}})
-    assert T.load_checkpoint(path)["config"] == {"x": 1}
+    save_checkpoint(path, {"a": torch.arange(3), "config": {"x": 1}})
+    assert load_checkpoint(path)["config"] == {"x": 1}
     assert [p.name for p in path.parent.iterdir()] == ["ck.pt"]  # no temp file left
     with pytest.raises(InputError, match="no such checkpoint"):
-        T.load_checkpoint(tmp_path / "missing.pt")
+        load_checkpoint(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="bad.pt: not a readable torch checkpoint"):
-        T.load_checkpoint(bad)
+        load_checkpoint(bad)
 
 
 def test_precision_modes():
     cpu = torch.device("cpu")
-    assert T.Precision(None, cpu).name == "fp32"
-    with T.Precision("bf16", cpu).autocast():
+    assert Precision(None, cpu).name == "fp32"
+    with Precision("bf16", cpu).autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with T.Precision("fp32", cpu).autocast():
+    with Precision("fp32", cpu).autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-    assert T.Precision("fp16", cpu).scaler.is_enabled()
-    assert not T.Precision("bf16", cpu).scaler.is_enabled()
+    assert Precision("fp16", cpu).scaler.is_enabled()
+    assert not Precision("bf16", cpu).scaler.is_enabled()
     with pytest.raises(InputError):
-        T.Precision("fp8", cpu)
+        Precision("fp8", cpu)
 
 
 class _ToyNet(nn.Module):
@@ -162,7 +174,15 @@ class _ToyNet(nn.Module):
         return self.fc(emb), emb
 
 
-def _toy_data(n: int = 32, seed: int = 0) -> TensorDataset:
+class _ToyData(TensorDataset):
+    """(waveforms, indices, one-hot targets) yielded as `IndexedClip`s."""
+
+    def __getitem__(self, i: int) -> IndexedClip:
+        wave, index, target = super().__getitem__(i)
+        return IndexedClip(wave, f"clip{int(index)}", target, index)
+
+
+def _toy_data(n: int = 32, seed: int = 0) -> _ToyData:
     """Class 1: loud high tone, class 0: quiet low tone; one-hot targets."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 2
@@ -170,99 +190,99 @@ def _toy_data(n: int = 32, seed: int = 0) -> TensorDataset:
     freq = torch.where(labels == 1, 3000.0, 300.0).unsqueeze(1)
     amp = torch.where(labels == 1, 0.5, 0.05).unsqueeze(1)
     wave = amp * torch.sin(2 * np.pi * freq * t) + 0.01 * torch.randn(n, 1600, generator=g)
-    return TensorDataset(wave.unsqueeze(1), torch.arange(n), nn.functional.one_hot(labels, 2).float())
+    return _ToyData(wave.unsqueeze(1), torch.arange(n), nn.functional.one_hot(labels, 2).float())
 
 
 def _bce(model, x, batch):
     logits = model(x)[0]
-    return {"loss": nn.functional.binary_cross_entropy_with_logits(logits, batch[2]),
+    return {"loss": nn.functional.binary_cross_entropy_with_logits(logits, batch.target),
             "mean_logit": logits.mean().detach()}
 
 
-def _toy_setup(dist: T.DistInfo, seed: int = 0):
+def _toy_setup(dist: DistInfo, seed: int = 0):
     from models.preprocess import AugmentMelSTFT
-    T.seed_everything(seed)
+    seed_everything(seed)
     frontend = AugmentMelSTFT(n_mels=16, sr=16000, win_length=400, hopsize=160, n_fft=512,
                               freqm=0, timem=0)
-    model = T.wrap_ddp(_ToyNet(), dist)
-    opt = T.make_optimizer(model, 0.05)
+    model = wrap_ddp(_ToyNet(), dist)
+    opt = make_optimizer(model, 0.05)
     return frontend, model, opt
 
 
-def _train_toy(dist: T.DistInfo, batch_size: int, epochs: int):
+def _train_toy(dist: DistInfo, batch_size: int, epochs: int):
     """Train the toy net on the toy data; returns (frontend, model, epoch losses)."""
     frontend, model, opt = _toy_setup(dist)
-    prec = T.Precision("fp32", dist.device)
-    loader = T.train_loader(_toy_data(), batch_size, 0, dist, seed=0)
+    prec = Precision("fp32", dist.device)
+    loader = train_loader(_toy_data(), batch_size, 0, dist, seed=0)
     losses = []
     for epoch in range(epochs):
-        T.seed_epoch(0, epoch, dist.rank)
-        stats = T.train_one_epoch(model, frontend, loader, opt, _bce, prec, dist, epoch, progress=False)
+        seed_epoch(0, epoch, dist.rank)
+        stats = train_one_epoch(model, frontend, loader, opt, _bce, prec, dist, epoch, progress=False)
         assert set(stats) == {"loss", "mean_logit"}
         losses.append(stats["loss"])
     return frontend, model, losses
 
 
 def test_train_one_epoch_lowers_loss_and_evaluate_matches_manual():
-    dist = T.DistInfo(0, 0, 1, torch.device("cpu"))
+    dist = DistInfo(0, 0, 1, torch.device("cpu"))
     frontend, model, losses = _train_toy(dist, 8, 4)
     assert losses[-1] < 0.7 * losses[0]
-    prec = T.Precision("fp32", dist.device)
+    prec = Precision("fp32", dist.device)
     data = _toy_data()
-    logits, targets = T.evaluate(model, frontend, T.eval_loader(data, 5, 0, dist), prec, dist,
-                                 progress=False)
+    logits, targets, _ = evaluate(model, frontend, eval_loader(data, 5, 0, dist), prec, dist,
+                                  progress=False)
     assert logits.shape == (32, 2) and torch.equal(targets, data.tensors[2])
     with torch.no_grad():
-        manual = model(T.mel(frontend.eval(), data.tensors[0]))[0]
+        manual = model(mel(frontend.eval(), data.tensors[0]))[0]
     torch.testing.assert_close(logits, manual, rtol=1e-5, atol=1e-5)
-    keep = T.evaluate(model, frontend, T.eval_loader(data, 5, 0, dist), prec, dist,
-                      keep_fn=lambda b: b[1] % 4 != 0, progress=False)[0]
+    keep = evaluate(model, frontend, eval_loader(data, 5, 0, dist), prec, dist,
+                      keep_fn=lambda b: b.index % 4 != 0, progress=False).logits
     torch.testing.assert_close(keep, manual[torch.arange(32) % 4 != 0])
 
 
 def test_shard_sampler_covers_everything_once():
     for n in (0, 1, 7, 10):
-        shards = [list(T.ShardSampler(n, r, 3)) for r in range(3)]
+        shards = [list(ShardSampler(n, r, 3)) for r in range(3)]
         assert sum(shards, []) == list(range(n))
 
 
 def test_resolve_dataset_dir_errors(tmp_path):
     with pytest.raises(InputError, match="pass --dataset_dir or set \\$X_DIR"):
-        T.resolve_dataset_dir(None, "X_DIR")
+        resolve_dataset_dir(None, "X_DIR")
     with pytest.raises(InputError, match="dataset folder does not exist"):
-        T.resolve_dataset_dir(str(tmp_path / "nope"), None)
+        resolve_dataset_dir(str(tmp_path / "nope"), None)
     with pytest.raises(InputError, match="a.hdf: dataset file not found"):
-        T.resolve_dataset_dir(str(tmp_path), None, ["a.hdf"])
+        resolve_dataset_dir(str(tmp_path), None, ["a.hdf"])
 
 
 def test_model_config_roundtrip_mn_and_dymn():
     parser = argparse.ArgumentParser()
-    T.add_model_args(parser)
+    add_model_args(parser)
     args = parser.parse_args(["--model_name", "mn01_as", "--model_width", "0.1"])
-    config = T.model_config_from_args(args, num_classes=10)
+    config = model_config_from_args(args, num_classes=10)
     assert config == {"family": "mn", "num_classes": 10, "width_mult": 0.1, "strides": [2, 2, 2, 2],
                       "head_type": "mlp", "pretrained_name": None, "se_dims": "c"}
-    model = T.model_from_config(config)
+    model = model_from_config(config)
     assert model.num_classes == 10
     args = parser.parse_args(["--model_name", "dymn04_as", "--model_width", "0.4"])
-    config = T.model_config_from_args(args, num_classes=5)
+    config = model_config_from_args(args, num_classes=5)
     assert config["family"] == "dymn" and config["T_max"] == 30.0
-    dymn = T.model_from_config(config, epoch=3)
+    dymn = model_from_config(config, epoch=3)
     temps = {m.temperature for m in dymn.modules() if hasattr(m, "temperature")}
     assert temps == {27.0}
 
 
 def test_model_config_pretrained_uses_registry():
     parser = argparse.ArgumentParser()
-    T.add_model_args(parser)
+    add_model_args(parser)
     args = parser.parse_args(["--model_name", "mn04_as", "--pretrained"])
-    config = T.model_config_from_args(args, num_classes=527)
+    config = model_config_from_args(args, num_classes=527)
     assert config["width_mult"] == 0.4 and config["pretrained_name"] == "mn04_as"
 
 
 def test_run_logger_writes_jsonl_only_on_main(tmp_path):
-    main = T.RunLogger("none", "P", "run", {"a": 1}, tmp_path / "m", T.DistInfo(0, 0, 2, torch.device("cpu")))
-    other = T.RunLogger("none", "P", "run", {"a": 1}, tmp_path / "o", T.DistInfo(1, 1, 2, torch.device("cpu")))
+    main = RunLogger("none", "P", "run", {"a": 1}, tmp_path / "m", DistInfo(0, 0, 2, torch.device("cpu")))
+    other = RunLogger("none", "P", "run", {"a": 1}, tmp_path / "o", DistInfo(1, 1, 2, torch.device("cpu")))
     main.log({"mAP": 0.5}, step=0)
     other.log({"mAP": 0.5}, step=0)
     assert (tmp_path / "m" / "metrics.jsonl").read_text() == '{"epoch": 0, "mAP": 0.5}\n'
@@ -279,16 +299,16 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist = T.setup_distributed(cuda=False)
+    dist = setup_distributed(cuda=False)
     frontend, model, losses = _train_toy(dist, 4, 3)
-    prec = T.Precision("fp32", dist.device)
+    prec = Precision("fp32", dist.device)
     # 33 clips over 2 ranks: shards of 16 and 17, every clip exactly once
     eval_data = _toy_data(33, seed=1)
-    logits, targets = T.evaluate(model, frontend, T.eval_loader(eval_data, 5, 0, dist), prec, dist,
-                                 progress=False)
-    torch.save({"state": T.unwrap(model).state_dict(), "losses": losses, "logits": logits,
+    logits, targets, _ = evaluate(model, frontend, eval_loader(eval_data, 5, 0, dist), prec, dist,
+                                  progress=False)
+    torch.save({"state": unwrap(model).state_dict(), "losses": losses, "logits": logits,
                 "targets": targets}, os.path.join(out_dir, f"rank{rank}.pt"))
-    T.cleanup_distributed()
+    cleanup_distributed()
 
 
 def test_two_process_gloo_training_and_gathered_evaluation(tmp_path):
@@ -299,11 +319,11 @@ def test_two_process_gloo_training_and_gathered_evaluation(tmp_path):
     assert r0["losses"] == r1["losses"] and r0["losses"][-1] < r0["losses"][0]
     assert torch.equal(r0["logits"], r1["logits"]) and len(r0["logits"]) == 33
     # a single-process evaluation of the same weights gives the same outputs in the same order
-    dist = T.DistInfo(0, 0, 1, torch.device("cpu"))
+    dist = DistInfo(0, 0, 1, torch.device("cpu"))
     frontend, model, _ = _toy_setup(dist)
     model.load_state_dict(r0["state"])
     eval_data = _toy_data(33, seed=1)
-    logits, targets = T.evaluate(model, frontend, T.eval_loader(eval_data, 7, 0, dist),
-                                 T.Precision("fp32", dist.device), dist, progress=False)
+    logits, targets, _ = evaluate(model, frontend, eval_loader(eval_data, 7, 0, dist),
+                                  Precision("fp32", dist.device), dist, progress=False)
     torch.testing.assert_close(logits, r0["logits"], rtol=1e-6, atol=1e-6)
     assert torch.equal(targets, r0["targets"])

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import nn
 
 from models.dymn.dy_block import DynamicConv, DynamicInvertedResidual
 from models import pretrained
-from models.layers import (ConvNormActivation, classification_head, init_weights, make_divisible,
-                           tagger_forward)
+from models.layers import AudioTagger, ConvNormActivation, classification_head, init_weights, make_divisible
 from models.mn.block_types import InvertedResidual, InvertedResidualConfig
 from models.mn.model import mn_block_configs
 
@@ -29,7 +27,7 @@ def context_size(expanded_channels: int, width_mult: float, context_ratio: int =
     return min(max(make_divisible(expanded_channels // context_ratio, 8), lower), upper)
 
 
-class DyMN(nn.Module):
+class DyMN(AudioTagger):
     """Stem conv (`in_c`) -> 15 blocks (`layers`) -> 1x1 conv to 6x channels (`out_c`) -> head.
 
     forward(x) returns (logits, embedding) like MN; with return_fmaps=True the second value is
@@ -65,6 +63,7 @@ class DyMN(nn.Module):
         self.classifier = classification_head(head_type, 6 * last_in, last_channel, num_classes,
                                               dropout=dropout)
         self.head_type = head_type
+        self.head_args = (last_channel, 4, dropout)
         self.embedding_dim = 6 * last_in
         self.num_classes = num_classes
         init_weights(self)  # the dynamic kernels were initialized by DynamicConv itself
@@ -75,8 +74,8 @@ class DyMN(nn.Module):
             if isinstance(m, DynamicConv):
                 m.update_params(epoch)
 
-    def forward(self, x: torch.Tensor, return_fmaps: bool = False):
-        return tagger_forward((self.in_c, *self.layers, self.out_c), self.classifier, x, return_fmaps)
+    def stages(self) -> tuple[nn.Module, ...]:
+        return (self.in_c, *self.layers, self.out_c)
 
 
 def get_model(num_classes: int = 527, pretrained_name: Optional[str] = None,

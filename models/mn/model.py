@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import nn
 
 from models import pretrained
-from models.layers import (ConvNormActivation, classification_head, conv_output_size,
-                           init_weights, make_divisible, tagger_forward)
+from models.layers import (AudioTagger, ConvNormActivation, classification_head, conv_output_size,
+                           init_weights, make_divisible)
 from models.mn.block_types import SE_DIMS, InvertedResidual, InvertedResidualConfig
 
 # (input ch, kernel, expanded ch, output ch, SE, activation, stride index or 1)
@@ -54,7 +53,7 @@ def mn_block_configs(width_mult: float = 1.0, reduced_tail: bool = False, dilate
     return configs, last_channel
 
 
-class MN(nn.Module):
+class MN(AudioTagger):
     """Stem conv -> 15 inverted residual blocks -> 1x1 conv to 6x channels -> head.
 
     forward(x) returns (logits, embedding): raw logits (B, num_classes) and the global average of
@@ -84,12 +83,13 @@ class MN(nn.Module):
         self.head_type = head_type
         self.classifier = classification_head(head_type, last_out, last_channel, num_classes,
                                               multihead_attention_heads, dropout)
+        self.head_args = (last_channel, multihead_attention_heads, dropout)
         self.embedding_dim = last_out
         self.num_classes = num_classes
         init_weights(self)
 
-    def forward(self, x: torch.Tensor, return_fmaps: bool = False):
-        return tagger_forward(self.features, self.classifier, x, return_fmaps)
+    def stages(self) -> nn.Sequential:
+        return self.features
 
 
 def get_model(num_classes: int = 527, pretrained_name: Optional[str] = None,

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datasets.audio import audio_duration, stream_audio
-from helpers.tagging import Tagger, top_k
+from helpers.inference.tagging import Tagger, top_k
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,13 @@ from typing import Callable, Optional, Sequence
 
 from tqdm import tqdm
 
-from helpers.files import atomic_path
+from helpers.common.errors import DownloadError  # noqa: F401  (re-exported)
+from helpers.common.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "EFFICIENTAT_MODEL_DIR"
-_DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "resources"
-
-
-class DownloadError(RuntimeError):
-    """A file could not be fetched or failed its check; the message says where to put it by hand."""
+_DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "resources"
 
 
 def cache_dir() -> Path:

@@ -12,8 +12,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from helpers.files import atomic_write
-from helpers.tagging import Tagger, run_on_files
+from helpers.common.files import atomic_write
+from helpers.inference.tagging import Tagger, run_on_files
 
 
 def embed_files(tagger: Tagger, files: Sequence[Path], layer: Optional[int] = None,

@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from helpers.tagging import Tagger
-from helpers.training import load_checkpoint, load_finetuned
-from models.factory import create_model, frontend_kwargs
+from helpers.inference.tagging import Tagger
+from models.checkpoint import load_checkpoint, load_finetuned
+from models.factory import create_model, frontend_kwargs, model_config, model_from_config
 from models.preprocess import AugmentMelSTFT
-from models.pretrained import get_entry
 
 
 class HearModel(nn.Module):
@@ -55,11 +54,14 @@ def _model_from_weights(model_name: str, weights: Mapping[str, torch.Tensor], pa
     """Architecture of registry entry `model_name` with `weights` (any class count)."""
     if not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ValueError(f"{path}: does not hold a state dict")
-    bias = weights.get("classifier.5.bias", weights.get("classifier.1.bias"))
-    num_classes = 527 if bias is None else bias.shape[0]
-    # released and fine-tuned DyMNs run at softmax temperature 1
-    extra = {"T_max": 1.0} if get_entry(model_name).family == "dymn" else {}
-    model = create_model(model_name, num_classes, pretrained=False, **extra)
+    # the released architecture at the temperature released and fine-tuned DyMNs run at
+    model = model_from_config(model_config(model_name, 527, pretrained=True), load_pretrained=False)
+    try:
+        num_classes = model.classes_in(dict(weights))
+    except KeyError:  # no classifier of this architecture: loading names the missing keys
+        num_classes = model.num_classes
+    if num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

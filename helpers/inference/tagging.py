@@ -19,8 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from datasets.audio import AudioLoadError, load_audio
-from helpers.labels import label_table
-from helpers.training import load_finetuned
+from helpers.common.labels import label_table
+from models.checkpoint import load_finetuned
 from models.ensemble import EnsembleModel, ensemble_frontend_kwargs, get_ensemble_model
 from models.factory import create_model, frontend_kwargs
 from models.preprocess import AugmentMelSTFT

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from helpers.files import atomic_write
+from helpers.common.files import atomic_write
 from models.dymn.dy_block import Context, DynamicConv
 from models.preprocess import AugmentMelSTFT
 

@@ -1,5 +1,5 @@
 """Performance-complexity figures: published AudioSet mAP against parameters, MACs and analytical
-peak memory, from the rows of `helpers.complexity.registry_costs`.
+peak memory, from the rows of `helpers.analysis.complexity.registry_costs`.
 
 Rendered with matplotlib's object-oriented API (Agg canvas), so no display and no global backend
 state are involved.
@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from helpers.files import atomic_write
+from helpers.common.files import atomic_write
+from models.factory import DEFAULT_FAMILY, FAMILIES
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ class Point:
 
 
 def series_of(row: dict[str, Any]) -> str:
-    if row["family"] == "dymn":
-        return "DyMN"
+    label = FAMILIES[row["family"]].label
+    if label != FAMILIES[DEFAULT_FAMILY].label:
+        return label
     if row["head_type"] == "fully_convolutional":
         return "MN, fully convolutional head"
     if (row["n_mels"], row["frames"]) != (128, 1000):

@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Optional, Sequence
 
-from datasets.audio import AudioLoadError
+
+class AudioLoadError(ValueError):
+    """A file could not be read as audio; the message names the file and the problem."""
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched or failed its check; the message says where to put it by hand."""
 
 
 class InputError(ValueError):
@@ -27,9 +33,10 @@ def check_suffix(option: str, path: Optional[str | os.PathLike], suffixes: Seque
         fail(f"{path}: {option} must end in {' or '.join(suffixes)}")
 
 
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's `main`; an InputError or AudioLoadError ends the program through `fail`."""
+def run_cli(main: Callable[[], Optional[int]]) -> Optional[int]:
+    """Run a script's `main` and return its exit status; an InputError, AudioLoadError or
+    DownloadError ends the program through `fail` (one line on stderr, exit status 2)."""
     try:
-        main()
-    except (InputError, AudioLoadError) as e:
+        return main()
+    except (InputError, AudioLoadError, DownloadError) as e:
         fail(str(e))

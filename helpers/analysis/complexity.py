@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from models.dymn.dy_block import DynamicConv, DynamicInvertedResidual
-from models.factory import create_frontend, create_model
+from models.factory import FAMILIES, create_frontend, create_model, family_of
 from models.mn.block_types import ConcurrentSEBlock, InvertedResidual
-from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
 from models.pretrained import REGISTRY, get_entry
 
@@ -319,17 +318,19 @@ def build_model(name: Optional[str] = None, width_mult: Optional[float] = None,
     """The architecture of registry model `name` (or, without a name, a plain MN of `width_mult`)
     with fresh weights on `device`; nothing is downloaded. Arguments that are not None override
     the registry's. MN squeeze-excitation on 'f'/'t' is sized for `input_size`."""
-    family = get_entry(name).family if name else "mn"
+    family = FAMILIES[family_of(name)]
+    if name:
+        get_entry(name)  # unknown names: ValueError with close matches
     kwargs: dict[str, Any] = {"head_type": head_type, "strides": strides}
-    if family == "mn":
+    if family.accepts("se_dims"):
         kwargs.update(se_dims=se_dims, input_dim_f=input_size[2], input_dim_t=input_size[3])
     elif se_dims is not None:
-        raise ValueError(f"{name} is a DyMN, which has no squeeze-excitation (se_dims is for MN only)")
+        raise ValueError(f"{name} is a {family.label}, which has no squeeze-excitation (se_dims is for MN only)")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     with torch.device(device):
         if name:
             return create_model(name, pretrained=False, **kwargs)
-        return get_mn(width_mult=width_mult, **kwargs)
+        return family.build(width_mult=width_mult, **kwargs)
 
 
 @dataclass(frozen=True)

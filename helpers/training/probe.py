@@ -44,12 +44,18 @@ from torch.utils.data import Dataset
 
 from datasets.cache import file_signature
 from datasets.files import AudioFileDataset
-from helpers.errors import InputError
-from helpers.files import atomic_write
-from helpers.finetune import Result, Task, _better
-from helpers.training import (DistInfo, Precision, RunLogger, _plain, frontend_config_from_args, model_config_from_args,
-                              load_checkpoint, model_from_config, save_checkpoint, seed_epoch, seed_everything, train_loader,
-                              train_one_epoch)
+from helpers.common.errors import InputError
+from helpers.common.files import atomic_write
+from helpers.training.args import frontend_config_from_args, model_config_from_args
+from helpers.training.data import train_loader
+from helpers.training.distributed import DistInfo
+from helpers.training.loop import Result, _better, train_one_epoch
+from helpers.training.precision import Precision
+from helpers.training.run_log import RunLogger
+from helpers.training.seeding import seed_epoch, seed_everything
+from helpers.training.tasks import Task
+from models.checkpoint import load_checkpoint, plain, save_checkpoint
+from models.factory import model_from_config
 from models.preprocess import AugmentMelSTFT
 
 logger = logging.getLogger(__name__)
@@ -328,14 +334,6 @@ def clip_logits(embedder: Embedder, clips: Sequence[ClipSource], multilabel: boo
 
 # ---------------------------------------------------------------- probe, then fine-tune
 
-def backbone_stages(model: nn.Module) -> list[nn.Module]:
-    """The stages below the classifier, input first (MN: features; DyMN: in_c, layers, out_c)."""
-    features = getattr(model, "features", None)
-    if isinstance(features, nn.Sequential):
-        return list(features)
-    return [model.in_c, *model.layers, model.out_c]
-
-
 def layerwise_param_groups(model: nn.Module, lr: float, decay: float) -> list[dict]:
     """Optimizer groups with layer-wise learning-rate decay: the final Linear at `lr`, the rest of
     the classifier at lr * decay, then each backbone stage from the top down another factor
@@ -343,7 +341,7 @@ def layerwise_param_groups(model: nn.Module, lr: float, decay: float) -> list[di
     name, last = final_linear(model)
     head_rest = [p for n, p in model.classifier.named_parameters()
                  if not f"classifier.{n}".startswith(name + ".")]
-    stages = [list(last.parameters()), head_rest] + [list(s.parameters()) for s in reversed(backbone_stages(model))]
+    stages = [list(last.parameters()), head_rest] + [list(s.parameters()) for s in reversed(list(model.stages()))]
     return [{"params": params, "lr": lr * decay ** depth} for depth, params in enumerate(stages) if params]
 
 
@@ -528,10 +526,10 @@ def run_probe_recipe(args: argparse.Namespace, recipe: str, task: Task, train: D
         run.log({k: v for k, v in entry.items() if k != "epoch"}, step=entry["epoch"])
     run.finish()
     metrics = {k: v for k, v in metrics.items() if k not in ("epoch", "train_loss", "seconds")}
-    state = {"model": model.state_dict(), "model_config": _plain(model_config),
-             "frontend_config": _plain(frontend_config), "class_names": list(task.class_names),
-             "multilabel": task.multilabel, "task": task.name, "metrics": _plain(metrics), "recipe": recipe,
-             "config": _plain(vars(args)), "probe": {"C": probe.C, "window": window, "crops": args.probe_crops}}
+    state = {"model": model.state_dict(), "model_config": plain(model_config),
+             "frontend_config": plain(frontend_config), "class_names": list(task.class_names),
+             "multilabel": task.multilabel, "task": task.name, "metrics": plain(metrics), "recipe": recipe,
+             "config": plain(vars(args)), "probe": {"C": probe.C, "window": window, "crops": args.probe_crops}}
     if best_epoch >= 0:
         state["epoch"] = best_epoch
     path = out_dir / "best.pt"

@@ -1,0 +1,184 @@
+"""The command-line argument groups every training script shares, and what they resolve to
+(dataset and output folders, model and frontend configuration)."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from helpers.common.errors import InputError
+from helpers.training.precision import PRECISIONS
+from models.checkpoint import load_checkpoint
+from models.factory import frontend_kwargs, model_config
+from models.pretrained import REGISTRY
+
+
+def model_config_from_args(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
+    """`models.factory.model_config` from `add_model_args` arguments: with --pretrained the
+    architecture of --model_name's registry entry (explicit --strides / --head_type win),
+    otherwise --model_width etc.; the family follows the name ("dymn*" builds a DyMN)."""
+    return model_config(args.model_name, num_classes, args.pretrained, args.model_width, args.strides,
+                        args.head_type, args.se_dims, args.pretrain_final_temp)
+
+
+def frontend_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The AugmentMelSTFT settings given by `add_preprocessing_args` arguments, without the
+    ones left unset (None)."""
+    given = {"sr": args.resample_rate, "win_length": args.window_size, "hopsize": args.hop_size,
+             "n_fft": args.n_fft, "n_mels": args.n_mels, "freqm": args.freqm, "timem": args.timem,
+             "fmin": args.fmin, "fmax": args.fmax, "fmin_aug_range": args.fmin_aug_range,
+             "fmax_aug_range": args.fmax_aug_range}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def frontend_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """AugmentMelSTFT keyword arguments: the preprocessing arguments given, then the registry
+    settings of --model_name (n_mels, hop size of the variants), then the standard defaults."""
+    name = getattr(args, "model_name", None)
+    return frontend_kwargs(name if name in REGISTRY else None, **frontend_overrides(args))
+
+
+def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_size: int,
+                 dataset_env: Optional[str] = None, num_workers: int = 12) -> None:
+    """Run arguments: --experiment_name, --cuda, --batch_size, --num_workers, --dataset_dir (default
+    from the environment variable `dataset_env`), --seed, --out_dir, --logger, --precision,
+    --resume."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--experiment_name", type=str, default=experiment_name, help="run name")
+    g.add_argument("--cuda", action="store_true", help="use the GPU if available")
+    g.add_argument("--batch_size", type=int, default=batch_size, help="clips per batch and process")
+    g.add_argument("--num_workers", type=int, default=num_workers, help="DataLoader workers")
+    env_note = f" (default: ${dataset_env})" if dataset_env else ""
+    g.add_argument("--dataset_dir", type=str,
+                   default=os.environ.get(dataset_env) if dataset_env else None,
+                   help=f"folder holding the dataset files{env_note}")
+    g.add_argument("--seed", type=int, default=42, help="seed of all random draws")
+    g.add_argument("--out_dir", type=str, default=None,
+                   help="folder for checkpoints and logs (default: runs/<experiment_name>)")
+    g.add_argument("--logger", choices=("wandb", "none"), default="wandb",
+                   help="wandb logs offline unless WANDB_MODE is set")
+    g.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="autocast precision (default fp32)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint (default: <out_dir>/last.pt)")
+
+
+def add_model_args(parser: argparse.ArgumentParser, model_name: str = "mn10_as",
+                   pretrain_final_temp: float = 1.0) -> None:
+    """Model arguments: --model_name, --pretrained, --pretrain_final_temp, --model_width,
+    --strides, --head_type, --se_dims."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_name", type=str, default=model_name,
+                   help="registry name; 'dymn*' names build a DyMN")
+    g.add_argument("--pretrained", action="store_true", help="start from --model_name's weights")
+    g.add_argument("--pretrain_final_temp", type=float, default=pretrain_final_temp,
+                   help="DyMN starting temperature when pretrained")
+    g.add_argument("--model_width", type=float, default=1.0, help="width when not pretrained")
+    g.add_argument("--strides", type=int, nargs=4, default=None,
+                   help="four strides (default: the checkpoint's, else 2 2 2 2)")
+    g.add_argument("--head_type", type=str, default=None,
+                   choices=("mlp", "fully_convolutional", "multihead_attention_pooling"),
+                   help="MN classifier head (default: the checkpoint's, else mlp)")
+    g.add_argument("--se_dims", type=str, default="c", help="MN squeeze-excitation dimensions")
+
+
+def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, n_epochs: int,
+                       warm_up_len: int, ramp_down_start: int, ramp_down_len: int,
+                       last_lr_value: float = 0.01, lr_flag: str = "lr",
+                       weight_decay: float = 0.0, mixup_alpha: float = 0.3) -> None:
+    """Optimization arguments: --n_epochs, --mixup_alpha, --adamw, --weight_decay (a float),
+    --<lr_flag> (--lr, or --max_lr for AudioSet), and the schedule (--warm_up_len,
+    --ramp_down_start, --ramp_down_len, --last_lr_value)."""
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--n_epochs", type=int, default=n_epochs)
+    g.add_argument("--mixup_alpha", type=float, default=mixup_alpha, help="0 disables mixup")
+    g.add_argument("--adamw", action="store_true", help="AdamW instead of Adam")
+    g.add_argument("--weight_decay", type=float, default=weight_decay)
+    g.add_argument(f"--{lr_flag}", dest="lr", type=float, default=lr, help="base learning rate (args.lr)")
+    g.add_argument("--warm_up_len", type=int, default=warm_up_len)
+    g.add_argument("--ramp_down_start", type=int, default=ramp_down_start)
+    g.add_argument("--ramp_down_len", type=int, default=ramp_down_len)
+    g.add_argument("--last_lr_value", type=float, default=last_lr_value)
+
+
+def add_preprocessing_args(parser: argparse.ArgumentParser) -> None:
+    """Frontend arguments with the original's names. Sample rate, window, hop, n_fft and n_mels
+    default to the --model_name checkpoint's settings (32000, 800, 320, 1024, 128 for most);
+    masking is off (freqm = timem = 0) and eval-time fmax is sr/2 - fmax_aug_range/2."""
+    g = parser.add_argument_group("preprocessing")
+    g.add_argument("--resample_rate", type=int, default=None)
+    g.add_argument("--window_size", type=int, default=None)
+    g.add_argument("--hop_size", type=int, default=None)
+    g.add_argument("--n_fft", type=int, default=None)
+    g.add_argument("--n_mels", type=int, default=None)
+    g.add_argument("--freqm", type=int, default=0, help="frequency mask width (train only)")
+    g.add_argument("--timem", type=int, default=0, help="time mask width (train only)")
+    g.add_argument("--fmin", type=float, default=0.0)
+    g.add_argument("--fmax", type=float, default=None)
+    g.add_argument("--fmin_aug_range", type=int, default=10)
+    g.add_argument("--fmax_aug_range", type=int, default=2000)
+
+
+def resolve_out_dir(args: argparse.Namespace) -> Path:
+    """--out_dir, or runs/<experiment_name>."""
+    return Path(args.out_dir) if args.out_dir else Path("runs") / args.experiment_name
+
+
+def resolve_dataset_dir(dataset_dir: Optional[str], env_var: Optional[str],
+                        required_files: Sequence[str] = ()) -> Path:
+    """The dataset folder, checked: InputError when it was not given (neither --dataset_dir nor
+    the environment variable), does not exist, or lacks one of `required_files`."""
+    if not dataset_dir:
+        hint = f" or set ${env_var}" if env_var else ""
+        raise InputError(f"no dataset folder given: pass --dataset_dir{hint}")
+    path = Path(dataset_dir)
+    if not path.is_dir():
+        raise InputError(f"{path}: dataset folder does not exist")
+    for name in required_files:
+        if not (path / name).is_file():
+            raise InputError(f"{path / name}: dataset file not found")
+    return path
+
+
+class _PretrainedName(argparse.Action):
+    """--pretrained_name NAME: the same as --pretrained --model_name NAME."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        namespace.model_name, namespace.pretrained = values, True
+
+
+def finetune_parser(description: str, experiment_name: str, batch_size: int, lr: float,
+                    dataset_env: str) -> argparse.ArgumentParser:
+    """The arguments every fine-tuning script has, with the original's defaults where the scripts
+    differ (run name, batch size, learning rate) and where they agree (80 epochs, warm-up 10,
+    ramp-down from epoch 10 over 65 epochs, gain 12 dB, roll and waveform mixing on): the
+    argument groups above (run, model, optimization, preprocessing), --pretrained_name, and
+    the fine-tuning data group: --cache_path, --no_roll, --no_wavmix, --gain_augment and
+    --checkpoint (evaluate a fine-tuned checkpoint instead of training)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_run_args(parser, experiment_name=experiment_name, batch_size=batch_size, dataset_env=dataset_env)
+    add_model_args(parser)
+    parser.add_argument("--pretrained_name", action=_PretrainedName, metavar="NAME",
+                        help="start from the released weights NAME (= --pretrained --model_name NAME)")
+    add_optimizer_args(parser, lr=lr, n_epochs=80, warm_up_len=10, ramp_down_start=10, ramp_down_len=65)
+    add_preprocessing_args(parser)
+    g = parser.add_argument_group("fine-tuning data")
+    g.add_argument("--cache_path", type=str, default=None,
+                   help="folder for decoded, resampled waveforms (later epochs skip decoding)")
+    g.add_argument("--no_roll", action="store_true", help="no random time shift of the waveforms")
+    g.add_argument("--no_wavmix", action="store_true", help="no waveform mixing of training clips")
+    g.add_argument("--gain_augment", type=int, default=12, help="random gain range in dB (0 disables)")
+    g.add_argument("--checkpoint", type=str, default=None,
+                   help="evaluate this fine-tuned checkpoint (best.pt / last.pt) instead of training")
+    return parser
+
+
+def sample_rate(args: argparse.Namespace) -> int:
+    """The rate to load clips at: that of --checkpoint's frontend when evaluating one, else the
+    frontend the arguments describe."""
+    if args.checkpoint:
+        settings = load_checkpoint(args.checkpoint, mmap=True).get("frontend_config", {})
+        return int(settings.get("sr", 32000))
+    return int(frontend_config_from_args(args)["sr"])

@@ -1,0 +1,211 @@
+"""The one training loop every `ex_*.py` script runs (AudioSet distillation and fine-tuning).
+
+A script describes its data as a `helpers.training.tasks.Task` (class names, loss callback,
+metrics, wandb project; optionally a training sampler and an end-of-epoch hook) and calls
+`fine_tune(args, task, train_set, val_set, dist, out_dir)`. Per epoch: re-seed from (seed, epoch,
+rank), the model's `update_params(epoch)` (DyMN temperature), one training pass, the scheduler
+step, evaluation on all ranks, the task's hook, logging and atomic checkpoints:
+
+    <out_dir>/last.pt      training state (resume with --resume) that also rebuilds the model:
+                           model configuration, frontend settings, class names, multilabel flag
+    <out_dir>/best.pt      the same for the epoch with the best validation score so far
+    <out_dir>/mn{w}_<task>_epoch_{e}_<metric>_{m}.pt   the latest weights alone, named as the
+                           original names them
+    <out_dir>/metrics.jsonl    one line per epoch: losses, metrics, learning rate, the hook's
+                           values, and the epoch's wall-clock seconds (training alone and with
+                           evaluation) and the CPU seconds of this process (without DataLoader workers)
+
+The loss callback receives the model, the spectrogram batch (B, 1, n_mels, T) and the loader's
+batch (a NamedTuple of `datasets.items`, tensors already on the device) and returns a dict holding
+the scalar "loss" to minimize and any other values to average and log.
+
+Errors in the user's input raise helpers.common.errors.InputError; scripts wrap `main` in
+helpers.common.errors.run_cli to turn them into one line on stderr and exit status 2.
+
+Reproducibility: `seed_epoch` re-seeds Python, NumPy and torch at the start of every epoch from
+(seed, epoch, rank); samplers draw from (seed, epoch); DataLoader workers derive their seeds from
+the loader's base seed (`worker_init_fn`). An epoch's randomness therefore depends only on those
+numbers, so a run resumed from an epoch checkpoint repeats the uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from helpers.common.errors import InputError
+from helpers.training.args import frontend_config_from_args, model_config_from_args
+from helpers.training.checkpoints import restore_training_state, save_epoch_weights, training_state
+from helpers.training.data import eval_loader, train_loader
+from helpers.training.distributed import DistInfo, all_reduce_mean, unwrap, wrap_ddp
+from helpers.training.evaluation import evaluate, mel
+from helpers.training.precision import Precision
+from helpers.training.run_log import RunLogger
+from helpers.training.schedule import make_optimizer, make_scheduler
+from helpers.training.seeding import seed_epoch, seed_everything
+from helpers.training.tasks import LossFn, Task
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.factory import model_from_config
+from models.preprocess import AugmentMelSTFT
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """The batch (a NamedTuple of `datasets.items`) with its tensors on `device`."""
+    return batch._replace(**{k: v.to(device, non_blocking=True) for k, v in batch._asdict().items()
+                             if isinstance(v, torch.Tensor)})
+
+
+def train_one_epoch(model: nn.Module, frontend: nn.Module, loader: DataLoader,
+                    optimizer: torch.optim.Optimizer, loss_fn: LossFn, precision: Precision,
+                    dist: DistInfo, epoch: int, progress: bool = True) -> dict[str, float]:
+    """One pass over `loader` in train mode (model and frontend). For each batch (a NamedTuple
+    with a `waveform` field): spectrograms under autocast, `loss_fn(model, x, batch)` ->
+    {"loss": tensor, ...}, backward and step. Returns the mean over batches of every returned value, averaged over ranks.
+    Calls the sampler's set_epoch(epoch) first when it has one."""
+    model.train()
+    frontend.train()
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    sums: dict[str, Any] = defaultdict(float)  # device tensors: no GPU sync per batch
+    batches = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (progress and dist.is_main),
+               dynamic_ncols=True, leave=False)
+    for batch in bar:
+        batch = _to_device(batch, dist.device)
+        with precision.autocast():
+            out = loss_fn(model, mel(frontend, batch.waveform), batch)
+        precision.step(out["loss"], optimizer)
+        for key, value in out.items():
+            sums[key] += value.detach().float() if isinstance(value, torch.Tensor) else value
+        batches += 1
+        if batches % 10 == 1 and not bar.disable:  # reading the loss waits for the GPU
+            bar.set_postfix(loss=f"{float(sums['loss']) / batches:.4f}")
+    if batches == 0:
+        raise InputError("the training loader yielded no batch (empty training set?)")
+    return all_reduce_mean({k: float(v) / batches for k, v in sums.items()}, dist)
+
+
+@dataclass
+class Result:
+    """Metrics of the last epoch and of the best epoch, and where the checkpoints are."""
+    last: dict[str, float]
+    best: dict[str, float]
+    best_epoch: int
+    out_dir: Path
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """What one training run holds: model (DDP-wrapped on several processes), frontend,
+    optimizer, schedule, precision, loaders and the configurations stored in checkpoints."""
+    model: nn.Module
+    frontend: AugmentMelSTFT
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision
+    train_dl: DataLoader
+    val_dl: DataLoader
+    model_config: dict[str, Any]
+    frontend_config: dict[str, Any]
+
+
+def _better(metrics: dict[str, float], best: dict[str, float], selection: str) -> bool:
+    """Higher `selection` metric wins; a tie goes to the lower validation loss."""
+    return (metrics[selection], -metrics["val_loss"]) > (best[selection], -best["val_loss"])
+
+
+def build_run(args: argparse.Namespace, task: Task, train_set: Dataset, val_set: Dataset, dist: DistInfo,
+              eval_batch_size: Optional[int] = None) -> Run:
+    """Model, frontend, optimizer (--lr), schedule, precision and loaders from the arguments; a
+    model the arguments cannot build (unknown name, conflicting settings) is an InputError."""
+    seed_everything(args.seed)
+    try:
+        model_config = model_config_from_args(args, num_classes=len(task.class_names))
+        model = wrap_ddp(model_from_config(model_config).to(dist.device), dist)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    frontend_config = frontend_config_from_args(args)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adamw)
+    return Run(model, AugmentMelSTFT(**frontend_config).to(dist.device), optimizer,
+               make_scheduler(optimizer, args), Precision(args.precision, dist.device),
+               train_loader(train_set, args.batch_size, args.num_workers, dist, args.seed, task.sampler),
+               eval_loader(val_set, eval_batch_size or args.batch_size, args.num_workers, dist),
+               model_config, frontend_config)
+
+
+def _resume(args: argparse.Namespace, run: Run, task: Task, paths: dict[str, Path]) -> tuple[int, dict, dict, int]:
+    """(first epoch, last metrics, best metrics, best epoch), from --resume's checkpoint if given."""
+    if not args.resume:
+        return 0, {}, {}, -1
+    resume_path = paths["last"] if args.resume == "auto" else Path(args.resume)
+    state = load_checkpoint(resume_path)
+    start = restore_training_state(state, run.model, run.optimizer, run.scheduler, run.precision, args.seed)
+    best, best_epoch = {}, -1
+    if paths["best"].is_file():
+        best_state = load_checkpoint(paths["best"])
+        best, best_epoch = dict(best_state["metrics"]), int(best_state["epoch"])
+    task.report(f"resumed from {resume_path} after epoch {start - 1}")
+    return start, dict(state["metrics"]), best, best_epoch
+
+
+def _train_epoch(run: Run, task: Task, args: argparse.Namespace, dist: DistInfo,
+                 epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """One epoch: seed, model settings, training pass, schedule step, evaluation, the task's
+    metrics (main process) and hook (all processes). Returns (metrics, values to log)."""
+    seed_epoch(args.seed, epoch, dist.rank)
+    unwrap(run.model).update_params(epoch)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    stats = train_one_epoch(run.model, run.frontend, run.train_dl, run.optimizer, task.loss_fn, run.precision,
+                            dist, epoch)
+    run.scheduler.step()
+    trained = time.perf_counter()
+    predictions = evaluate(run.model, run.frontend, run.val_dl, run.precision, dist, task.keep_fn)
+    metrics = task.metrics_fn(*predictions) if dist.is_main else {}
+    if dist.is_main:
+        task.report(f"epoch {epoch}: train_loss {stats['loss']:.4f}, "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    extra = task.epoch_end(epoch, metrics) if task.epoch_end is not None else {}
+    losses = {k: v for k, v in stats.items() if k != "loss"}
+    return metrics, {"train_loss": stats["loss"], **losses, "learning_rate": run.optimizer.param_groups[0]["lr"],
+            **metrics, **extra, "train_seconds": trained - started,
+            "epoch_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}
+
+
+def fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set: Dataset,
+              dist: DistInfo, out_dir: Path, eval_batch_size: Optional[int] = None) -> Result:
+    """Train for args.n_epochs on `train_set`, evaluating on `val_set` after every epoch; see the
+    module docstring for the files written. With --resume the run continues from
+    <out_dir>/last.pt (or the given file)."""
+    run = build_run(args, task, train_set, val_set, dist, eval_batch_size)
+    paths = {"last": out_dir / "last.pt", "best": out_dir / "best.pt"}
+    start, last, best, best_epoch = _resume(args, run, task, paths)
+    logger = RunLogger(args.logger, task.project, args.experiment_name, vars(args), out_dir, dist,
+                       tags=task.tags, notes=task.notes)
+    for epoch in range(start, args.n_epochs):
+        last, values = _train_epoch(run, task, args, dist, epoch)
+        if not dist.is_main:
+            continue
+        logger.log(values, step=epoch)
+        state = {**training_state(run.model, run.optimizer, run.scheduler, run.precision, epoch, args.seed,
+                                  vars(args), run.model_config, run.frontend_config, task.class_names, last),
+                 "multilabel": task.multilabel, "task": task.name}
+        save_checkpoint(paths["last"], state)
+        if best_epoch < 0 or _better(last, best, task.selection):
+            best, best_epoch = last, epoch
+            save_checkpoint(paths["best"], state)
+        save_epoch_weights(out_dir, run.model, run.model_config["width_mult"], task.name, epoch,
+                           task.metric_tag, last[task.selection])
+    logger.finish()
+    if dist.distributed:  # the other ranks may read the checkpoints the main process wrote
+        torch.distributed.barrier()
+    return Result(last, best, best_epoch, out_dir, paths)

@@ -1,0 +1,34 @@
+"""torch.hub entry points: every released model of the registry by its name.
+
+    model = torch.hub.load("fschmid56/EfficientAT", "mn10_as")                     # from GitHub
+    model = torch.hub.load("path/to/clone", "dymn04_as", source="local", num_classes=50)
+    model = torch.hub.load("path/to/clone", "mn04_as", source="local", pretrained=False)
+
+Each entry point returns the model (MN or DyMN) with the released weights (pretrained=True,
+downloaded once into the cache) or fresh weights of the same architecture (pretrained=False);
+`num_classes` other than the checkpoint's gives a fresh classifier. The model takes log-mel
+spectrograms (B, 1, n_mels, T) from `models.factory.create_frontend(name)` and returns
+(logits, embedding). Names that are not Python identifiers ("mn40_as(2)") are reached with
+torch.hub.load as well.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from models.factory import create_model
+from models.pretrained import REGISTRY
+
+dependencies = ["torch", "numpy"]
+
+
+def _entrypoint(name: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = True, num_classes: int = 527, **kwargs: Any) -> nn.Module:
+        return create_model(name, num_classes=num_classes, pretrained=pretrained, **kwargs)
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f"{name}: {REGISTRY[name].description or 'released EfficientAT model'}."
+    return entrypoint
+
+
+globals().update({name: _entrypoint(name) for name in REGISTRY})
