@@ -28,12 +28,10 @@ from datasets import custom
 from helpers.common.errors import InputError, run_cli
 from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
-from helpers.training.evaluation import evaluate_model, model_for_evaluation
-from helpers.training.loop import fine_tune
-from helpers.training.probe import (add_recipe_args, choose_recipe, evaluate_as_probe, probe_settings,
-                                    run_probe_recipe)
-from helpers.training.tasks import (Task, augment_training_set, classification_metrics, mean_std, multilabel_loss,
-                                    single_label_loss, tagging_metrics)
+from helpers.training.evaluation import model_for_evaluation
+from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
+from helpers.training.tasks import (Task, classification_metrics, mean_std, multilabel_loss, single_label_loss,
+                                    tagging_metrics)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -82,24 +80,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         name = f"fold {fold}" if fold is not None else "validation"
         if not args.checkpoint:  # else evaluate the given checkpoint only
             out_dir = resolve_out_dir(args) / (f"fold{fold}" if args.all_folds else "")
-            recipe, reason = choose_recipe(data.train.targets.numpy(), args.pretrained) if args.recipe == "auto" \
-                else (args.recipe, "as asked (--recipe)")
-            if dist.is_main:
-                print(f"recipe {recipe}: {reason}")
-            if recipe == "finetune":
-                result = fine_tune(args, task, augment_training_set(data.train, args), data.val, dist, out_dir)
-            else:
-                result = run_probe_recipe(args, recipe, task, data.train, data.val, dist, out_dir,
-                                          lambda dataset: augment_training_set(dataset, args))
+            result = train_recipe(args, task, data.train, data.val, dist, out_dir)
         checkpoint = args.checkpoint or result.checkpoints["best"]
         model, frontend, loaded = model_for_evaluation(checkpoint, args, task, dist)
-        settings = probe_settings(checkpoint)
         evaluations = {name: data.val, **({"test": data.test} if data.test is not None else {})}
         for split, dataset in evaluations.items():
-            if settings:  # a probe recipe's checkpoint: score clips as the probe does
-                metrics = evaluate_as_probe(model, frontend, dataset, task, settings, dist, args.embedding_cache or None)
-            else:
-                metrics = evaluate_model(model, frontend, dataset, task, args, dist)
+            metrics = evaluate_trained(checkpoint, model, frontend, dataset, task, args, dist)
             if dist.is_main:
                 print(f"{split} ({loaded}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if split == name:

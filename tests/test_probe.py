@@ -5,6 +5,7 @@ reused and invalidated, layer-wise learning rates, probe-then-fine-tune keeps th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -187,13 +188,14 @@ def test_auto_picks_by_median_clips_per_class() -> None:
 
 
 def test_custom_probe_checkpoint_tags_through_inference(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                        mn04_checkpoint: Path) -> None:
+                                                        caplog: pytest.LogCaptureFixture, mn04_checkpoint: Path) -> None:
+    caplog.set_level(logging.INFO)
     data_dir = make_custom(tmp_path / "mine", clips_per_class=6, split=True)
     out, cache = tmp_path / "run", tmp_path / "embeddings"
     args = ["--dataset_dir", data_dir, "--pretrained_name", "mn04_as", "--clip_length", 1, "--out_dir", out,
             "--embedding_cache", cache, *FAST]
     printed = run("custom", args, capsys)  # auto: 4 training clips per class
-    assert "recipe probe: median 4 labelled training clips per class" in printed
+    assert "recipe probe: median 4 labelled training clips per class" in caplog.text
     assert "accuracy 1.0000" in printed.split("test (")[1].splitlines()[0]
     cached = {p: p.stat().st_mtime_ns for p in cache.glob("*/*.npz")}
     assert len(cached) == 12  # train, val and test clips, embedded once
@@ -210,12 +212,13 @@ def test_custom_probe_checkpoint_tags_through_inference(tmp_path: Path, capsys: 
 
 
 def test_custom_multilabel_probe_finetune(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                          mn04_checkpoint: Path) -> None:
+                                          caplog: pytest.LogCaptureFixture, mn04_checkpoint: Path) -> None:
+    caplog.set_level(logging.INFO)
     data_dir = make_custom(tmp_path / "multi", clips_per_class=4, multilabel=True)
     printed = run("custom", ["--dataset_dir", data_dir, "--pretrained_name", "mn04_as", "--clip_length", 1,
                              "--recipe", "probe_finetune", "--probe_epochs", 1, "--val_fraction", 0.5,
                              "--out_dir", tmp_path / "run", "--embedding_cache", "", *FAST], capsys)
-    assert "multi-label task, 2 classes" in printed and "recipe probe_finetune: as asked" in printed
+    assert "multi-label task, 2 classes" in printed and "recipe probe_finetune: as asked" in caplog.text
     assert "mAP 1.0000" in printed
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [-1, 0]

@@ -49,11 +49,12 @@ from helpers.common.files import atomic_write
 from helpers.training.args import frontend_config_from_args, model_config_from_args
 from helpers.training.data import train_loader
 from helpers.training.distributed import DistInfo
-from helpers.training.loop import Result, _better, train_one_epoch
+from helpers.training.evaluation import evaluate_model
+from helpers.training.loop import Result, _better, fine_tune, train_one_epoch
 from helpers.training.precision import Precision
 from helpers.training.run_log import RunLogger
 from helpers.training.seeding import seed_epoch, seed_everything
-from helpers.training.tasks import Task
+from helpers.training.tasks import Task, augment_training_set
 from models.checkpoint import load_checkpoint, plain, save_checkpoint
 from models.factory import model_from_config
 from models.preprocess import AugmentMelSTFT
@@ -537,16 +538,32 @@ def run_probe_recipe(args: argparse.Namespace, recipe: str, task: Task, train: D
     return Result(metrics, metrics, best_epoch, out_dir, {"best": path})
 
 
-def probe_settings(checkpoint: str | os.PathLike) -> Optional[dict]:
-    """The probe settings (window, crops) stored in a checkpoint of the probe recipes, else None."""
-    return load_checkpoint(checkpoint, mmap=True).get("probe")
+def train_recipe(args: argparse.Namespace, task: Task, train_set: Dataset, val_set: Dataset, dist: DistInfo,
+                 out_dir: Path, eval_batch_size: Optional[int] = None, augment: bool = True) -> Result:
+    """Train by --recipe: `finetune` (the original's loop, `fine_tune`, on the training set wrapped
+    by `augment_training_set` if `augment`), `probe` / `probe_finetune` (`run_probe_recipe`), or
+    `auto`, resolved by `choose_recipe` on the training targets; the recipe and the reason are
+    logged."""
+    recipe, reason = args.recipe, "as asked (--recipe)"
+    if recipe == "auto":
+        recipe, reason = choose_recipe(file_dataset(train_set, "auto").targets.numpy(), args.pretrained)
+    logger.info("recipe %s: %s", recipe, reason)
+    wrap: Callable[[Dataset], Dataset] = (lambda d: augment_training_set(d, args)) if augment else (lambda d: d)
+    if recipe == "finetune":
+        return fine_tune(args, task, wrap(train_set), val_set, dist, out_dir, eval_batch_size)
+    return run_probe_recipe(args, recipe, task, train_set, val_set, dist, out_dir, wrap)
 
 
-def evaluate_as_probe(model: nn.Module, frontend: AugmentMelSTFT, dataset: Dataset, task: Task,
-                      settings: dict, dist: DistInfo, cache_dir: Optional[str | os.PathLike] = None) -> dict[str, float]:
-    """The task's metrics of a probe-recipe model on a file dataset, its clips scored as the probe
-    predicts them (whole clips, or `settings["crops"]` windows of `settings["window"]` samples;
-    embeddings cached under `cache_dir` when given)."""
+def evaluate_trained(checkpoint: Optional[str | os.PathLike], model: nn.Module, frontend: AugmentMelSTFT,
+                     dataset: Dataset, task: Task, args: argparse.Namespace, dist: DistInfo,
+                     batch_size: Optional[int] = None) -> dict[str, float]:
+    """The task's metrics of the model `model_for_evaluation` loaded from `checkpoint`: a probe
+    recipe's checkpoint scores clips as the probe predicts them (whole clips, or its crops averaged;
+    embeddings cached under --embedding_cache), any other as `evaluate_model`."""
+    settings = load_checkpoint(checkpoint, mmap=True).get("probe") if checkpoint else None
+    if settings is None:
+        return evaluate_model(model, frontend, dataset, task, args, dist, batch_size)
     dataset = file_dataset(dataset, "probe")
-    embedder = Embedder(model, frontend, settings["window"], settings["crops"], cache_dir, dist.device)
+    embedder = Embedder(model, frontend, settings["window"], settings["crops"], args.embedding_cache or None,
+                        dist.device)
     return task.metrics_fn(clip_logits(embedder, file_clips(dataset), task.multilabel), dataset.targets)
