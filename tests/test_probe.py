@@ -26,7 +26,7 @@ from helpers.training.probe import (AUTO_FINETUNE_FROM, AUTO_PROBE_BELOW, Embedd
 from helpers.training.tasks import Task, classification_metrics, single_label_loss
 from models.factory import model_config, model_from_config
 from models.preprocess import AugmentMelSTFT
-from tests.datagen import clip, make_custom
+from tests.datagen import clip, make_custom, make_esc50, make_fsd50k
 from tests.test_finetune_scripts import FAST, run
 
 SR = 16000
@@ -222,3 +222,24 @@ def test_custom_multilabel_probe_finetune(tmp_path: Path, capsys: pytest.Capture
     assert "mAP 1.0000" in printed
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [-1, 0]
+
+
+def test_esc50_probe_recipe_and_its_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               mn04_checkpoint: Path) -> None:
+    data_dir = make_esc50(tmp_path / "ESC-50")
+    common = ["--dataset_dir", data_dir, "--fold", 2, "--embedding_cache", "", *FAST]
+    printed = run("esc50", ["--pretrained_name", "mn04_as", "--recipe", "probe", "--out_dir", tmp_path / "run",
+                            *common], capsys)
+    assert "fold 2: accuracy 1.0000" in printed
+    evaluated = run("esc50", ["--checkpoint", tmp_path / "run" / "fold2" / "best.pt", *common], capsys)
+    assert "fold 2: accuracy 1.0000" in evaluated
+
+
+def test_probe_recipes_need_audio_files_and_pretrained_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fsd = make_fsd50k(tmp_path / "FSD50K")
+    with pytest.raises(InputError, match="supports --recipe finetune only"):
+        run("fsd50k", ["--dataset_dir", fsd, "--train", "--pretrained_name", "mn04_as", "--recipe", "probe", *FAST],
+            capsys)
+    custom_dir = make_custom(tmp_path / "mine", clips_per_class=3)
+    with pytest.raises(InputError, match="starts from released weights"):
+        run("custom", ["--dataset_dir", custom_dir, "--model_name", "mn01_as", "--recipe", "probe", *FAST], capsys)
