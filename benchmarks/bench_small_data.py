@@ -8,7 +8,8 @@ single recording is cut at the time that balances the halves best, the clips cro
 dropped. Fold k tests on half k; the other half is cut again the same way into train (2/3) and val
 (1/3, early stopping / best epoch). The `probe` row fits on train only, like the others; the
 `probe (train+val)` row gives it all labelled clips of the half, since the probe makes no choice
-on the validation data.
+on the validation data. `logreg (train+val)` is the reference the probe must match: scikit-learn's
+logistic regression (C = 1) on standardized pooled embeddings (`embeddings.py`'s, whole files).
 
 Each run is a fresh `python ex_custom.py` process (embedding cache emptied first); the table
 gives test accuracy per fold, the mean, and wall / CPU seconds per run (the machine may be shared:
@@ -32,8 +33,9 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "urbansound8k_subset"
-ROWS = ("probe (train+val)", "probe", "probe_finetune", "finetune")
+ROWS = ("logreg (train+val)", "probe (train+val)", "probe", "probe_finetune", "finetune")
 
 
 def two_parts(rows: list[dict], members: list[int], first_share: float = 0.5) -> tuple[list[int], list[int]]:
@@ -76,6 +78,29 @@ def write_fold_csv(rows: list[dict], fold: int, path: Path, merge_val: bool) -> 
         writer.writerows([rows[i]["file"], rows[i]["class"], split[i]] for i in sorted(split))
 
 
+def logreg_baseline(table: Path, data: Path, model: str) -> tuple[float, float, float]:
+    """(test accuracy, wall s, CPU s) of plain logistic regression on standardized pooled embeddings."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from helpers.inference.embeddings import embed_files
+    from helpers.inference.tagging import build_tagger
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    rows = list(csv.DictReader(open(table)))
+    _, features, errors = embed_files(build_tagger(model), [data / r["filename"] for r in rows])
+    if errors:
+        sys.exit(f"could not embed: {next(iter(errors.values()))}")
+    train = [r["split"] == "train" for r in rows]
+    labels = [r["label"] for r in rows]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
+    clf.fit(features[train], [lab for lab, t in zip(labels, train) if t])
+    test = [not t for t in train]
+    accuracy = float((clf.predict(features[test]) == [lab for lab, t in zip(labels, test) if t]).mean())
+    return accuracy, time.perf_counter() - started, time.process_time() - cpu_started
+
+
 def run(command: list[str]) -> tuple[str, float, float]:
     """(stdout, wall seconds, CPU seconds of the child) of one script run."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -107,6 +132,12 @@ def main() -> None:
                 recipe = name.split(" ")[0]
                 table = Path(tmp) / f"fold{fold}_{recipe}.csv"
                 write_fold_csv(rows, fold, table, merge_val=name.endswith("(train+val)"))
+                if recipe == "logreg":
+                    accuracy, wall, cpu = logreg_baseline(table, args.data, args.model)
+                    results[name].append((accuracy, wall, cpu))
+                    print(f"fold {fold} {name}: test accuracy {accuracy:.3f}, {wall:.0f} s wall, {cpu:.0f} s CPU",
+                          flush=True)
+                    continue
                 shutil.rmtree(Path(tmp) / "embeddings", ignore_errors=True)
                 command = [sys.executable, "ex_custom.py", "--pretrained_name", args.model,
                            "--dataset_dir", str(args.data), "--csv", str(table), "--clip_length", "4",
