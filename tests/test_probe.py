@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from helpers.training.tasks import Task, classification_metrics, single_label_lo
 from models.factory import model_config, model_from_config
 from models.preprocess import AugmentMelSTFT
 from tests.datagen import clip, make_custom, make_esc50, make_fsd50k
-from tests.test_finetune_scripts import FAST, run
+from tests.test_finetune_scripts import FAST, run, tag_test_clips
 
 SR = 16000
 TINY = model_config("mn01", num_classes=2, width_mult=0.1)  # from scratch, no download
@@ -125,11 +123,11 @@ def test_embedding_cache_reused_and_invalidated(tmp_path: Path) -> None:
     retrained = tiny_model()
     with torch.no_grad():
         retrained.features[0][0].weight.mul_(2)
-    assert Embedder(retrained, frontend(), SR, cache_dir=cache).key != first.key
+    assert Embedder(retrained, frontend(), SR, cache_dir=cache).cache_dir != first.cache_dir
     head_only = tiny_model()
     with torch.no_grad():
         final_linear(head_only)[1].weight.zero_()
-    assert Embedder(head_only, frontend(), SR, cache_dir=cache).key == first.key
+    assert Embedder(head_only, frontend(), SR, cache_dir=cache).cache_dir == first.cache_dir
 
 
 def test_fitted_probe_is_the_models_final_linear(tmp_path: Path) -> None:
@@ -201,13 +199,7 @@ def test_custom_probe_checkpoint_tags_through_inference(tmp_path: Path, capsys: 
     assert len(cached) == 12  # train, val and test clips, embedded once
     run("custom", [*args, "--recipe", "probe", "--probe_folds", 2], capsys)  # other head settings
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*/*.npz")} == cached  # all read back
-    clips = [data_dir / "clips" / "a" / f"{kind}_0.wav" for kind in ("tone", "noise")]  # the test clips
-    tags = tmp_path / "tags.json"
-    proc = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(out / "best.pt"),
-                           "--audio_path", *map(str, clips), "--top_k", "2", "--output", str(tags)],
-                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    for result in json.loads(tags.read_text())["results"]:
+    for result in tag_test_clips(out / "best.pt", data_dir, tmp_path):  # inference.py --checkpoint
         assert result["tags"][0]["label"] == Path(result["file"]).stem.split("_")[0]
 
 

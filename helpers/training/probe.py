@@ -108,34 +108,37 @@ def crop_starts(num_samples: int, window: int, n_crops: int) -> list[int]:
     return sorted({int(round(s)) for s in np.linspace(0, num_samples - window, n_crops)})
 
 
-def _backbone_hash(model: nn.Module, skip_prefix: str) -> hashlib._Hash:
+def cache_key(model: nn.Module, frontend: AugmentMelSTFT, window: int, n_crops: int) -> str:
+    """Hash of what a clip's features depend on besides the clip: the model's weights except the
+    final Linear, the frontend's evaluation settings, the window and the crop count."""
+    skip = final_linear(model)[0] + "."
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        if not name.startswith(skip_prefix + "."):
+        if not name.startswith(skip):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest
+    settings = (FEATURE_VERSION, frontend.sr, frontend.n_mels, frontend.win_length, frontend.hopsize,
+                frontend.n_fft, frontend.fmin, frontend.fmax, window, n_crops)
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()[:20]
 
 
 class Embedder:
     """Penultimate features of a frozen model for clips (see the module docstring), cached on disk
-    under `cache_dir` when given. Call it on `ClipSource`s; returns one (crops, D) float32 array per
+    under `cache_dir`/`cache_key(...)` when given. Call it on `ClipSource`s; returns one (crops, D) float32 array per
     clip. `lengths` holds each clip's length in samples by key; `computed` / `reused` count the
     clips embedded / read from the cache so far."""
 
     def __init__(self, model: nn.Module, frontend: AugmentMelSTFT, window: int, n_crops: int = 1,
                  cache_dir: Optional[str | os.PathLike] = None,
                  device: torch.device | str = "cpu") -> None:
-        name, _ = final_linear(model)
+        final_linear(model)  # fail early on heads the probe cannot use
         self.device = torch.device(device)
         self.frontend = frontend.to(self.device).eval()
         self.window, self.n_crops = int(window), int(n_crops)
-        settings = (FEATURE_VERSION, frontend.sr, frontend.n_mels, frontend.win_length, frontend.hopsize,
-                    frontend.n_fft, frontend.fmin, frontend.fmax, self.window, self.n_crops)
-        digest = _backbone_hash(model, name)
-        digest.update(repr(settings).encode())
-        self.key = digest.hexdigest()[:20]
-        self.cache_dir = Path(cache_dir) / self.key if cache_dir is not None else None
+        self.cache_dir = None
+        if cache_dir is not None:
+            self.cache_dir = Path(cache_dir) / cache_key(model, frontend, self.window, self.n_crops)
         self.model = inference_model(model).to(self.device)
         self.lengths: dict[str, int] = {}
         self.computed = self.reused = 0
