@@ -17,6 +17,11 @@ multi-label (clips may then also have no label). A `split` column (train/val/tes
 (--fold = the validation fold, --all_folds = cross-validation) fixes the evaluation data; otherwise
 a stratified --val_fraction is held out. The best epoch on the validation data is kept as
 best.pt, which carries the class names, and is evaluated on the test split when there is one.
+
+--recipe auto (the default) picks by the median number of labelled training clips per class: a
+linear probe on the frozen model below 10, the probe then a short fine-tuning below 50, the
+original's fine-tuning from 50 (helpers/training/probe.py); --recipe probe | probe_finetune |
+finetune asks for one.
 """
 from __future__ import annotations
 
