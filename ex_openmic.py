@@ -43,8 +43,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 tags=("OpenMic", "Instrument Recognition"))
 
     if args.train:
-        train_set = augment_training_set(train_set, args, mix_target=openmic.mix_targets)
-        metrics = train_recipe(args, task, train_set, test_set, dist, resolve_out_dir(args), augment=False).last
+        metrics = train_recipe(args, task, train_set, test_set, dist, resolve_out_dir(args),
+                               augment=lambda d: augment_training_set(d, args, mix_target=openmic.mix_targets)).last
         loaded = "fine-tuned (last epoch)"
     else:
         model, frontend, loaded = model_for_evaluation(args.checkpoint, args, task, dist)

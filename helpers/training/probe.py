@@ -542,16 +542,17 @@ def run_probe_recipe(args: argparse.Namespace, recipe: str, task: Task, train: D
 
 
 def train_recipe(args: argparse.Namespace, task: Task, train_set: Dataset, val_set: Dataset, dist: DistInfo,
-                 out_dir: Path, eval_batch_size: Optional[int] = None, augment: bool = True) -> Result:
-    """Train by --recipe: `finetune` (the original's loop, `fine_tune`, on the training set wrapped
-    by `augment_training_set` if `augment`), `probe` / `probe_finetune` (`run_probe_recipe`), or
-    `auto`, resolved by `choose_recipe` on the training targets; the recipe and the reason are
-    logged."""
+                 out_dir: Path, eval_batch_size: Optional[int] = None,
+                 augment: Optional[Callable[[Dataset], Dataset]] = None) -> Result:
+    """Train by --recipe: `finetune` (the original's loop, `fine_tune`), `probe` / `probe_finetune`
+    (`run_probe_recipe`), or `auto`, resolved by `choose_recipe` on the training targets; the
+    recipe and the reason are logged. `augment` wraps the training set for the fine-tuning
+    (default: `augment_training_set` as the arguments switch it)."""
     recipe, reason = args.recipe, "as asked (--recipe)"
     if recipe == "auto":
         recipe, reason = choose_recipe(file_dataset(train_set, "auto").targets.numpy(), args.pretrained)
     logger.info("recipe %s: %s", recipe, reason)
-    wrap: Callable[[Dataset], Dataset] = (lambda d: augment_training_set(d, args)) if augment else (lambda d: d)
+    wrap = augment or (lambda dataset: augment_training_set(dataset, args))
     if recipe == "finetune":
         return fine_tune(args, task, wrap(train_set), val_set, dist, out_dir, eval_batch_size)
     return run_probe_recipe(args, recipe, task, train_set, val_set, dist, out_dir, wrap)
