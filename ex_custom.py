@@ -17,6 +17,11 @@ multi-label (clips may then also have no label). A `split` column (train/val/tes
 (--fold = the validation fold, --all_folds = cross-validation) fixes the evaluation data; otherwise
 a stratified --val_fraction is held out. The best epoch on the validation data is kept as
 best.pt, which carries the class names, and is evaluated on the test split when there is one.
+
+--recipe auto (the default) picks by the median number of labelled training clips per class: a
+linear probe on the frozen model below 10, the probe then a short fine-tuning below 50, the
+original's fine-tuning from 50 (helpers/training/probe.py); --recipe probe | probe_finetune |
+finetune asks for one.
 """
 from __future__ import annotations
 
@@ -28,10 +33,10 @@ from datasets import custom
 from helpers.common.errors import InputError, run_cli
 from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
-from helpers.training.evaluation import evaluate_model, model_for_evaluation
-from helpers.training.loop import fine_tune
-from helpers.training.tasks import (Task, augment_training_set, classification_metrics, mean_std, multilabel_loss,
-                                    single_label_loss, tagging_metrics)
+from helpers.training.evaluation import model_for_evaluation
+from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
+from helpers.training.tasks import (Task, classification_metrics, mean_std, multilabel_loss, single_label_loss,
+                                    tagging_metrics)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -46,6 +51,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     g.add_argument("--all_folds", action="store_true", help="cross-validate over every fold of the fold column")
     g.add_argument("--val_fraction", type=float, default=0.2,
                    help="share of clips held out for validation when the CSV has no split or fold column")
+    add_recipe_args(parser, default="auto")
     args = parser.parse_args(argv)
     check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -80,12 +86,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         name = f"fold {fold}" if fold is not None else "validation"
         if not args.checkpoint:  # else evaluate the given checkpoint only
             out_dir = resolve_out_dir(args) / (f"fold{fold}" if args.all_folds else "")
-            result = fine_tune(args, task, augment_training_set(data.train, args), data.val, dist, out_dir)
+            result = train_recipe(args, task, data.train, data.val, dist, out_dir)
         checkpoint = args.checkpoint or result.checkpoints["best"]
         model, frontend, loaded = model_for_evaluation(checkpoint, args, task, dist)
         evaluations = {name: data.val, **({"test": data.test} if data.test is not None else {})}
         for split, dataset in evaluations.items():
-            metrics = evaluate_model(model, frontend, dataset, task, args, dist)
+            metrics = evaluate_trained(checkpoint, model, frontend, dataset, task, args, dist)
             if dist.is_main:
                 print(f"{split} ({loaded}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if split == name:

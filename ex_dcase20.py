@@ -21,10 +21,9 @@ from datasets.items import Clip
 from helpers.common.errors import run_cli
 from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
-from helpers.training.evaluation import evaluate_model, model_for_evaluation
-from helpers.training.loop import fine_tune
-from helpers.training.tasks import (Task, augment_training_set, classification_metrics, mixstyle,
-                                    single_label_loss)
+from helpers.training.evaluation import model_for_evaluation
+from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
+from helpers.training.tasks import Task, classification_metrics, mixstyle, single_label_loss
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -33,6 +32,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--mixstyle_p", type=float, default=0.0,
                         help="probability of frequency-wise MixStyle per batch (replaces mixup)")
     parser.add_argument("--mixstyle_alpha", type=float, default=0.4)
+    add_recipe_args(parser, default="finetune")
     args = parser.parse_args(argv)
     check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -68,10 +68,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 tags=("Tau Urban Acoustic Scenes 2020 Mobile", "Acoustic Scene Classification", "Fine-Tuning"))
     if args.checkpoint:
         model, frontend, _ = model_for_evaluation(args.checkpoint, args, task, dist)
-        metrics = evaluate_model(model, frontend, test_set, task, args, dist)
+        metrics = evaluate_trained(args.checkpoint, model, frontend, test_set, task, args, dist)
     else:
-        metrics = fine_tune(args, task, augment_training_set(train_set, args), test_set, dist,
-                            resolve_out_dir(args)).last
+        metrics = train_recipe(args, task, train_set, test_set, dist, resolve_out_dir(args)).last
     if dist.is_main:
         print(f"accuracy {metrics['accuracy']:.4f} (val_loss {metrics['val_loss']:.4f})")
         for device in test_set.device_names:

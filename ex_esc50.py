@@ -17,9 +17,9 @@ from datasets import esc50
 from helpers.common.errors import InputError, run_cli
 from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
-from helpers.training.evaluation import evaluate_model, model_for_evaluation
-from helpers.training.loop import fine_tune
-from helpers.training.tasks import Task, augment_training_set, classification_metrics, mean_std, single_label_loss
+from helpers.training.evaluation import model_for_evaluation
+from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
+from helpers.training.tasks import Task, classification_metrics, mean_std, single_label_loss
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -28,6 +28,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--fold", type=int, default=1, choices=range(1, esc50.NUM_FOLDS + 1), help="test fold")
     parser.add_argument("--all_folds", action="store_true",
                         help="run folds 1-5 one after another and report mean +- std accuracy")
+    add_recipe_args(parser, default="finetune")
     args = parser.parse_args(argv)
     check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -47,10 +48,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                     project="ESC50", tags=("Environmental Sound Classification", "Fine-Tuning"))
         if args.checkpoint:
             model, frontend, _ = model_for_evaluation(args.checkpoint, args, task, dist)
-            metrics = evaluate_model(model, frontend, test_set, task, args, dist)
+            metrics = evaluate_trained(args.checkpoint, model, frontend, test_set, task, args, dist)
         else:
             out_dir = resolve_out_dir(args) / f"fold{fold}"
-            metrics = fine_tune(args, task, augment_training_set(train_set, args), test_set, dist, out_dir).last
+            metrics = train_recipe(args, task, train_set, test_set, dist, out_dir).last
         if dist.is_main:
             print(f"fold {fold}: accuracy {metrics['accuracy']:.4f} (val_loss {metrics['val_loss']:.4f})")
             accuracies.append(metrics["accuracy"])

@@ -20,9 +20,9 @@ from helpers.common.errors import InputError, run_cli
 from helpers.metrics import format_tagging_results
 from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
-from helpers.training.evaluation import evaluate_model, model_for_evaluation
-from helpers.training.loop import fine_tune
-from helpers.training.tasks import Task, augment_training_set, multilabel_loss, tagging_metrics
+from helpers.training.evaluation import model_for_evaluation
+from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
+from helpers.training.tasks import Task, multilabel_loss, tagging_metrics
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -31,6 +31,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--train", action="store_true", help="fine-tune (without it: evaluate only)")
     parser.add_argument("--variable_eval_length", action="store_true",
                         help="evaluate whole clips (batch size 1) instead of 10-s crops")
+    add_recipe_args(parser, default="finetune")
     args = parser.parse_args(argv)
     check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -47,13 +48,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                 tags=("FSD50K", "Audio Tagging"))
 
     if args.train:
-        result = fine_tune(args, task, augment_training_set(train_set, args), val_set, dist,
-                           resolve_out_dir(args), eval_batch_size)
+        result = train_recipe(args, task, train_set, val_set, dist, resolve_out_dir(args), eval_batch_size)
         if dist.is_main:
             print(f"best validation mAP {result.best['mAP']:.4f} after epoch {result.best_epoch}")
     checkpoint = result.checkpoints["best"] if args.train else args.checkpoint
     model, frontend, loaded = model_for_evaluation(checkpoint, args, task, dist)
-    metrics = evaluate_model(model, frontend, eval_set, task, args, dist, eval_batch_size)
+    metrics = evaluate_trained(checkpoint, model, frontend, eval_set, task, args, dist, eval_batch_size)
     if dist.is_main:
         print(f"Results on FSD50K evaluation split for loaded model: {loaded}")
         print(format_tagging_results(metrics))

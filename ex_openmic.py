@@ -19,8 +19,8 @@ from helpers.common.errors import InputError, run_cli
 from helpers.metrics import format_tagging_results
 from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
-from helpers.training.evaluation import evaluate_model, model_for_evaluation
-from helpers.training.loop import fine_tune
+from helpers.training.evaluation import model_for_evaluation
+from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
 from helpers.training.tasks import Task, augment_training_set, masked_multilabel_loss, masked_tagging_metrics
 
 
@@ -28,6 +28,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = finetune_parser("Fine-tune on OpenMIC-2018.", experiment_name="OpenMic", batch_size=64,
                              lr=1e-5, dataset_env=openmic.ENV_VAR)
     parser.add_argument("--train", action="store_true", help="fine-tune (without it: evaluate only)")
+    add_recipe_args(parser, default="finetune")
     args = parser.parse_args(argv)
     check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -43,12 +44,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                 tags=("OpenMic", "Instrument Recognition"))
 
     if args.train:
-        train_set = augment_training_set(train_set, args, mix_target=openmic.mix_targets)
-        metrics = fine_tune(args, task, train_set, test_set, dist, resolve_out_dir(args)).last
+        metrics = train_recipe(args, task, train_set, test_set, dist, resolve_out_dir(args),
+                               augment=lambda d: augment_training_set(d, args, mix_target=openmic.mix_targets)).last
         loaded = "fine-tuned (last epoch)"
     else:
         model, frontend, loaded = model_for_evaluation(args.checkpoint, args, task, dist)
-        metrics = evaluate_model(model, frontend, test_set, task, args, dist)
+        metrics = evaluate_trained(args.checkpoint, model, frontend, test_set, task, args, dist)
     if dist.is_main:
         print(f"Results on OpenMIC test split for model: {loaded}")
         print(format_tagging_results(metrics))

@@ -42,6 +42,18 @@ def predictions(checkpoint: Path, dataset) -> tuple[np.ndarray, np.ndarray, list
     return logits.numpy(), torch.stack([it.target for it in items]).numpy(), class_names, multilabel
 
 
+def tag_test_clips(checkpoint: Path, data_dir: Path, tmp_path: Path) -> list[dict]:
+    """inference.py --checkpoint's JSON results (top 2) for the custom layout's test clips
+    (make_custom(split=True): tone_0 and noise_0)."""
+    clips = [data_dir / "clips" / "a" / f"{kind}_0.wav" for kind in ("tone", "noise")]
+    tags = tmp_path / "tags.json"
+    proc = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(checkpoint),
+                           "--audio_path", *map(str, clips), "--top_k", "2", "--output", str(tags)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(tags.read_text())["results"]
+
+
 def last_logged(out_dir: Path) -> dict:
     return json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
@@ -50,7 +62,7 @@ def test_custom_tones_vs_noise_reaches_full_accuracy(tmp_path: Path, capsys: pyt
                                                      mn04_checkpoint: Path) -> None:
     data_dir = make_custom(tmp_path / "mine", clips_per_class=6, split=True)
     out = tmp_path / "run"
-    printed = run("custom", ["--dataset_dir", data_dir, "--pretrained_name", "mn04_as", "--lr", "3e-3",
+    printed = run("custom", ["--dataset_dir", data_dir, "--recipe", "finetune", "--pretrained_name", "mn04_as", "--lr", "3e-3",
                              "--n_epochs", 3, "--clip_length", 1, "--out_dir", out, *FAST], capsys)
     assert "single-label task, 2 classes: noise, tone" in printed
     assert "validation (" in printed and "accuracy 1.0000" in printed.split("validation (")[1].splitlines()[0]
@@ -62,13 +74,7 @@ def test_custom_tones_vs_noise_reaches_full_accuracy(tmp_path: Path, capsys: pyt
     assert accuracy_score(targets.argmax(1), logits.argmax(1)) == 1.0
     assert [class_names[k] for k in logits.argmax(1)] == [Path(n).stem.split("_")[0] for n in data.test.names]
     # inference.py --checkpoint tags new files with the checkpoint's own classes (softmax: single-label)
-    clips = [data_dir / "clips" / "a" / f"{kind}_0.wav" for kind in ("tone", "noise")]  # the test clips
-    tags = tmp_path / "tags.json"
-    proc = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(out / "best.pt"),
-                           "--audio_path", *map(str, clips), "--top_k", "2", "--output", str(tags)],
-                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    for result in json.loads(tags.read_text())["results"]:
+    for result in tag_test_clips(out / "best.pt", data_dir, tmp_path):
         top = result["tags"]
         assert top[0]["label"] == Path(result["file"]).stem.split("_")[0] and top[0]["mid"] == ""
         assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-5)
