@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from datasets.audio import AudioLoadError
-from datasets.hdf5 import CorruptRowError, Mp3DecodeError, Mp3HDF5
+from datasets.hdf5 import Mp3DecodeError, Mp3HDF5
 from helpers.common.errors import InputError
 
 logger = logging.getLogger(__name__)

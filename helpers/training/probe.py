@@ -55,7 +55,7 @@ from helpers.training.precision import Precision
 from helpers.training.run_log import RunLogger
 from helpers.training.seeding import seed_epoch, seed_everything
 from helpers.training.tasks import Task, augment_training_set
-from models.checkpoint import load_checkpoint, plain, save_checkpoint
+from models.checkpoint import load_checkpoint, load_finetuned, plain, save_checkpoint
 from models.factory import model_from_config
 from models.preprocess import AugmentMelSTFT
 
@@ -413,8 +413,7 @@ def probe_finetune(model: nn.Module, frontend: AugmentMelSTFT, train_set: Datase
         if epoch - best_epoch > schedule.patience:
             break
         seed_epoch(seed, epoch, dist.rank)
-        if hasattr(model, "update_params"):
-            model.update_params(epoch)
+        model.update_params(epoch)
         started = time.perf_counter()
         stats = train_one_epoch(net, frontend, train_dl, optimizer, task.loss_fn, precision, dist, epoch,
                                 progress=False)
@@ -510,6 +509,7 @@ def run_probe_recipe(args: argparse.Namespace, recipe: str, task: Task, train: D
     probe = fit_probe(embedder(file_clips(train)), train.targets.numpy(), task.multilabel,
                       n_folds=args.probe_folds, seed=args.seed)
     set_classifier(model, probe)
+    set_classifier(embedder.model, probe)  # the embedder runs an eval-only copy of the model
     logger.info("probe: %d clips embedded, %d read from %s; C = %g chosen by %d-fold cross-validation "
                 "(%.1f s)", embedder.computed, embedder.reused, embedder.cache_dir or "no cache", probe.C,
                 args.probe_folds, time.perf_counter() - started)
@@ -568,6 +568,8 @@ def evaluate_trained(checkpoint: Optional[str | os.PathLike], model: nn.Module, 
     if settings is None:
         return evaluate_model(model, frontend, dataset, task, args, dist, batch_size)
     dataset = file_dataset(dataset, "probe")
-    embedder = Embedder(model, frontend, settings["window"], settings["crops"], args.embedding_cache or None,
-                        dist.device)
+    # the embedding cache is keyed by the plain model's weights, not by those of its fast copy `model`
+    plain_model, frontend_config, _, _ = load_finetuned(checkpoint)
+    embedder = Embedder(plain_model, AugmentMelSTFT(**frontend_config), settings["window"], settings["crops"],
+                        args.embedding_cache or None, dist.device)
     return task.metrics_fn(clip_logits(embedder, file_clips(dataset), task.multilabel), dataset.targets)
