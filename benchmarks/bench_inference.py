@@ -75,6 +75,8 @@ def variants(name: str, batch: int, tmp: Path, threads: int) -> dict[str, Callab
         quantize_onnx(path, tmp / f"{name}_int8.onnx", calibration)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # idle onnxruntime threads would otherwise spin on the cores the PyTorch runs timed next need
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for label, file in (("ort", path), ("ort-int8", tmp / f"{name}_int8.onnx")):
         session = onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
         feed = {"waveform": x.numpy()}

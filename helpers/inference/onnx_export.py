@@ -159,6 +159,8 @@ class OnnxModel(nn.Module):
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        # no spinning between runs: the PyTorch frontend shares the cores with onnxruntime's threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         graph_input = self.session.get_inputs()[0]
         self.input_name, self.takes_waveforms = graph_input.name, graph_input.name == "waveform"
