@@ -13,14 +13,13 @@ small enough to commit, so that architecture and frontend parity are checked in 
   `torch.manual_seed(0); torch.randn(2, 1, 128, 300)`. DyMN's golden weights do not come from a
   seed and are too large to commit: `dymn04_seeded/...` holds the outputs of our DyMN (checked here
   against the golden outputs first) with weights drawn per key from `seeded_state` below.
-- state_dict_shapes.json.gz, complexity.json: the golden files themselves (compressed).
+- state_dict_shapes.json.gz: the golden file itself (compressed).
 """
 from __future__ import annotations
 
 import argparse
 import gzip
 import json
-import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -137,7 +136,6 @@ def main() -> None:
     (EXPECT / "random_models.json").write_text(json.dumps(meta["random"], indent=1) + "\n")
     with gzip.GzipFile(EXPECT / "state_dict_shapes.json.gz", "wb", compresslevel=9, mtime=0) as f:
         f.write((golden / "state_dict_shapes.json").read_bytes())
-    shutil.copyfile(golden / "complexity.json", EXPECT / "complexity.json")
 
 
 if __name__ == "__main__":
