@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from helpers.common.files import atomic_path, atomic_write
-from models.dymn.dy_block import Context, DynamicConv
+from models.dymn.dy_block import Context, DynamicConv, batched_pointwise
 from models.preprocess import AugmentMelSTFT
 
 DEFAULT_OPSET = 17
@@ -87,9 +87,7 @@ class BatchFreeDynamicConv(nn.Module):
         attention = torch.softmax(c.residuals(context[0]) / c.temperature, dim=-1)  # (B, K)
         if c.groups == 1 and c.kernel_size == 1:
             kernels = torch.matmul(attention, c.weight.view(c.k, -1))  # (B, out * in)
-            kernels = kernels.view(-1, c.out_channels, c.in_channels)
-            out = torch.matmul(kernels, x.flatten(2))  # (B, out, F * T)
-            return out.view(out.shape[0], c.out_channels, x.shape[2], x.shape[3])
+            return batched_pointwise(x, kernels.view(-1, c.out_channels, c.in_channels))
         g, per_group = c.groups, c.out_channels // c.groups
         # the K kernels regrouped so that each group's K * per_group outputs are adjacent
         kernels = c.weight.view(c.k, g, per_group, c.in_channels // g, c.kernel_size, c.kernel_size)
