@@ -197,7 +197,7 @@ def test_custom_probe_checkpoint_tags_through_inference(tmp_path: Path, capsys: 
     assert "accuracy 1.0000" in printed.split("test (")[1].splitlines()[0]
     cached = {p: p.stat().st_mtime_ns for p in cache.glob("*/*.npz")}
     assert len(cached) == 12  # train, val and test clips, embedded once
-    run("custom", [*args, "--recipe", "probe", "--probe_folds", 2], capsys)  # other head settings
+    run("custom", [*args, "--recipe", "probe", "--probe_folds", 2, "--overwrite"], capsys)  # other head settings
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*/*.npz")} == cached  # all read back
     for result in tag_test_clips(out / "best.pt", data_dir, tmp_path):  # inference.py --checkpoint
         assert result["tags"][0]["label"] == Path(result["file"]).stem.split("_")[0]

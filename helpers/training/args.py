@@ -153,9 +153,9 @@ def add_preprocessing_args(parser: argparse.ArgumentParser) -> None:
 
 
 # flags whose values must be at least 1 / at least 0 / positive, where a script has them
-_AT_LEAST_ONE = ("batch_size", "n_epochs", "epoch_len")
+_AT_LEAST_ONE = ("batch_size", "n_epochs", "epoch_len", "probe_crops", "probe_epochs")
 _NOT_NEGATIVE = ("num_workers", "weight_decay", "mixup_alpha", "warm_up_len", "ramp_down_start",
-                 "ramp_down_len", "last_lr_value", "gain_augment", "freqm", "timem")
+                 "ramp_down_len", "last_lr_value", "gain_augment", "freqm", "timem", "patience")
 _POSITIVE = ("lr", "clip_length")
 
 
@@ -173,6 +173,8 @@ def check_args(args: argparse.Namespace) -> None:
             if value is not None and not ok(value):
                 flag = lr_flag if name == "lr" else f"--{name}"
                 raise InputError(f"{flag} must be {need}, got {value}")
+    if values.get("probe_folds") is not None and values["probe_folds"] < 2:
+        raise InputError(f"--probe_folds must be at least 2 (cross-validation), got {values['probe_folds']}")
     if values.get("resume") and values.get("overwrite"):
         raise InputError("--resume continues a run and --overwrite starts it over: give one of them")
 

@@ -135,17 +135,23 @@ def _better(metrics: dict[str, float], best: dict[str, float], selection: str) -
     return (metrics[selection], -metrics["val_loss"]) > (best[selection], -best["val_loss"])
 
 
-def build_run(args: argparse.Namespace, task: Task, train_set: Dataset, val_set: Dataset, dist: DistInfo,
-              eval_batch_size: Optional[int] = None) -> Run:
-    """Model, frontend, optimizer (--lr), schedule, precision and loaders from the arguments; a
-    model the arguments cannot build (unknown name, conflicting settings) is an InputError."""
-    seed_everything(args.seed)
+def model_from_args(args: argparse.Namespace, num_classes: int) -> tuple[dict[str, Any], nn.Module]:
+    """(model configuration, model) of the model arguments for `num_classes` classes; a model the
+    arguments cannot build (unknown name, conflicting settings) is an InputError."""
     try:
-        model_config = model_config_from_args(args, num_classes=len(task.class_names))
-        model = model_from_config(model_config).to(dist.device)
+        model_config = model_config_from_args(args, num_classes=num_classes)
+        return model_config, model_from_config(model_config)
     except ValueError as e:
         raise InputError(str(e)) from None
-    model = wrap_ddp(apply_speed_options(model, args), dist)
+
+
+def build_run(args: argparse.Namespace, task: Task, train_set: Dataset, val_set: Dataset, dist: DistInfo,
+              eval_batch_size: Optional[int] = None) -> Run:
+    """Model (`model_from_args`), frontend, optimizer (--lr), schedule, precision and loaders from
+    the arguments."""
+    seed_everything(args.seed)
+    model_config, model = model_from_args(args, len(task.class_names))
+    model = wrap_ddp(apply_speed_options(model.to(dist.device), args), dist)
     frontend_config = frontend_config_from_args(args)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adamw, fused=dist.device.type == "cuda")
     loader_options = {"persistent_workers": args.persistent_workers, "prefetch_factor": args.prefetch_factor}

@@ -46,17 +46,17 @@ from datasets.cache import file_signature
 from datasets.files import AudioFileDataset
 from helpers.common.errors import InputError
 from helpers.common.files import atomic_write
-from helpers.training.args import frontend_config_from_args, model_config_from_args
+from helpers.training.args import frontend_config_from_args
 from helpers.training.data import train_loader
 from helpers.training.distributed import DistInfo
 from helpers.training.evaluation import evaluate_model
-from helpers.training.loop import Result, _better, fine_tune, train_one_epoch
+from helpers.training.checkpoints import prepare_run_folder
+from helpers.training.loop import Result, _better, fine_tune, model_from_args, train_one_epoch
 from helpers.training.precision import Precision
 from helpers.training.run_log import RunLogger
 from helpers.training.seeding import seed_epoch, seed_everything
 from helpers.training.tasks import Task, augment_training_set
 from models.checkpoint import load_checkpoint, load_finetuned, plain, save_checkpoint
-from models.factory import model_from_config
 from models.preprocess import AugmentMelSTFT
 
 logger = logging.getLogger(__name__)
@@ -497,11 +497,14 @@ def run_probe_recipe(args: argparse.Namespace, recipe: str, task: Task, train: D
     if not args.pretrained:
         raise InputError(f"--recipe {recipe} starts from released weights: add --pretrained "
                          "(or --pretrained_name NAME)")
+    if args.resume:
+        raise InputError(f"--recipe {recipe} does not resume (it takes minutes at most): use --overwrite "
+                         "to run it again")
     train, val = file_dataset(train, recipe), file_dataset(val, recipe)
+    prepare_run_folder(out_dir, None, args.overwrite, dist.is_main)
     seed_everything(args.seed)
-    model_config = model_config_from_args(args, num_classes=len(task.class_names))
+    model_config, model = model_from_args(args, len(task.class_names))
     frontend_config = frontend_config_from_args(args)
-    model = model_from_config(model_config)
     window = train.clip_samples or max(len(train.waveform(i)) for i in range(len(train)))
     embedder = Embedder(model, AugmentMelSTFT(**frontend_config), window, args.probe_crops,
                         args.embedding_cache or None, dist.device)
@@ -537,7 +540,8 @@ def run_probe_recipe(args: argparse.Namespace, recipe: str, task: Task, train: D
     if best_epoch >= 0:
         state["epoch"] = best_epoch
     path = out_dir / "best.pt"
-    save_checkpoint(path, state)
+    if dist.is_main:
+        save_checkpoint(path, state)
     return Result(metrics, metrics, best_epoch, out_dir, {"best": path})
 
 
