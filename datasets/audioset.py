@@ -27,7 +27,7 @@ from datasets.audio import check_finite
 from datasets.augment import decimate, random_gain
 from datasets.badclips import BadClips, CountsBadClips, row_error
 from datasets.hdf5 import CorruptRowError, Mp3DecodeError, Mp3HDF5, decode_mp3, unpack_targets
-from datasets.items import IndexedClip, is_valid  # noqa: F401  (is_valid: re-exported)
+from datasets.items import IndexedClip
 from helpers.common.errors import InputError
 
 NUM_CLASSES = 527

@@ -4,7 +4,7 @@ mp3 row, a row of a corrupt HDF5 file, audio with NaN or infinite samples.
 Each such clip is logged once (per process) and counted (across DataLoader workers). A training
 set ("replace") returns the next usable clip instead, so a bad clip never enters a batch; an
 evaluation set ("mask") returns a silent placeholder whose index is -1, which
-`datasets.audioset.is_valid` drops from the results.
+`datasets.items.is_valid` drops from the results.
 """
 from __future__ import annotations
 

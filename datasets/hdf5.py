@@ -24,7 +24,6 @@ import h5py
 import numpy as np
 import soundfile as sf
 
-from datasets.augment import fit_length
 from helpers.common.errors import InputError
 from helpers.common.files import atomic_path
 
@@ -63,7 +62,7 @@ def decode_mp3(data: np.ndarray | bytes, length: Optional[int] = None) -> np.nda
         if waveform is not None:
             return waveform
     waveform = _decode_pyav(raw)
-    return waveform if length is None else fit_length(waveform, length)
+    return waveform if length is None else np.pad(waveform[:length], (0, max(0, length - len(waveform))))
 
 
 def _decode_sndfile(raw: bytes, length: Optional[int]) -> Optional[np.ndarray]:

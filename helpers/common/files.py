@@ -1,7 +1,9 @@
 """Writing files so that a reader never sees a half-written one."""
 from __future__ import annotations
 
+import codecs
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -9,6 +11,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from helpers.common.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -67,3 +71,26 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale
+
+
+def read_text(path: Path) -> str:
+    """The text of a CSV as common tools save it: UTF-8 (with or without BOM), UTF-16 with BOM
+    (Excel's "Unicode text"), or else Windows-1252 (Excel's "CSV" on Western Windows), which is
+    logged. InputError naming the line if none fits."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: starts like UTF-16 text but is not; save it as UTF-8") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        where = f"byte 0x{data[e.start]:02x} on line {line}"
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text ({where}); save it as UTF-8") from None
+    logger.warning("%s: not UTF-8 (%s); read as Windows-1252", path, where)
+    return text
