@@ -263,9 +263,10 @@ def agreement(path: str | os.PathLike, model: nn.Module, frontend: AugmentMelSTF
     eval-mode PyTorch model on `clips` (1-D waveforms, run one at a time): agreement is the share
     of PyTorch's top-k classes that are also in onnxruntime's top-k, over all clips."""
     shared, largest = 0, 0.0
+    session = OnnxModel(path)
     for clip in clips:
         onnx_input, reference, _ = _reference(model, frontend, clip[None], with_frontend)
-        logits, reference = run_onnx(path, onnx_input)[0], reference.numpy()
+        logits, reference = session(torch.from_numpy(onnx_input))[0].numpy(), reference.numpy()
         largest = max(largest, float(np.abs(_sigmoid(logits) - _sigmoid(reference)).max()))
         shared += len(set(np.argsort(-logits[0])[:k]) & set(np.argsort(-reference[0])[:k]))
     return shared / (k * len(clips)), largest

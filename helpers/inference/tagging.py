@@ -109,8 +109,9 @@ class Tagger:
     def _members(self) -> list[nn.Module]:
         members = list(self.model.models) if isinstance(self.model, EnsembleModel) else [self.model]
         for m in members:
-            if m.head_type not in POOLING_HEADS:
-                raise ValueError(f"a {m.head_type} head cannot combine chunks: recordings longer than "
+            head_type = getattr(m, "head_type", "exported (ONNX)")  # an OnnxModel has no head to apply
+            if head_type not in POOLING_HEADS:
+                raise ValueError(f"a {head_type} head cannot combine chunks: recordings longer than "
                                  f"{CHUNK_SECONDS:g} s cannot be tagged with this model")
         return members
 
@@ -130,8 +131,11 @@ class Tagger:
             with self._autocast():
                 spec = self.frontend(_batch(chunk).to(self.device)).unsqueeze(1)
                 for k, member in enumerate(members):
-                    fmaps = member.forward_features(spec, return_fmaps=True)
-                    maps = [fmaps[-1]] + ([fmaps[layer]] if layer is not None and k == 0 else [])
+                    if layer is not None and k == 0:  # every stage's output is kept only when asked for
+                        fmaps = member.forward_features(spec, return_fmaps=True)
+                        maps = [fmaps[-1], fmaps[layer]]
+                    else:
+                        maps = [member.forward_features(spec)]
                     for slot, fmap in zip((k, len(members)), maps):
                         total = fmap.float().sum(dim=(2, 3))
                         sums[slot] = total if sums[slot] is None else sums[slot] + total
