@@ -81,9 +81,9 @@ def class_lookup(classes_file: Optional[Path]) -> tuple[int, dict[str, int]]:
     return n, lookup
 
 
-def detect_format(csv_path: Path) -> str:
-    """'simple' when the first line is a header starting with 'filename', else 'segments'."""
-    first = read_text(csv_path).partition("\n")[0].strip().lower()
+def detect_format(text: str) -> str:
+    """'simple' when the CSV's first line is a header starting with 'filename', else 'segments'."""
+    first = text.partition("\n")[0].strip().lower()
     return "simple" if first.replace('"', "").startswith("filename") else "segments"
 
 
@@ -109,13 +109,14 @@ def _find_segment_file(ytid: str, stems: dict[str, Path], sorted_stems: list[str
     return None
 
 
-def read_segments_csv(csv_path: Path, audio_dir: Path, lookup: dict[str, int]) -> list[Clip]:
-    """Clips of an AudioSet segments CSV, matched to the files of `audio_dir`."""
+def read_segments_csv(text: str, csv_path: Path, audio_dir: Path, lookup: dict[str, int]) -> list[Clip]:
+    """Clips of an AudioSet segments CSV (`text`, read from `csv_path`), matched to the files of
+    `audio_dir`."""
     files = find_audio_files([audio_dir])
     stems = {f.stem: f for f in files}
     sorted_stems = sorted(stems)
     clips = []
-    with io.StringIO(read_text(csv_path), newline="") as f:
+    with io.StringIO(text, newline="") as f:
         for line, row in enumerate(csv.reader(f, skipinitialspace=True), start=1):
             if not row or row[0].startswith("#"):
                 continue
@@ -137,9 +138,10 @@ def _is_number(field: str) -> bool:
     return True
 
 
-def read_simple_csv(csv_path: Path, audio_dir: Path, lookup: dict[str, int]) -> list[Clip]:
-    """Clips of a `filename,labels` CSV; a missing file is an InputError."""
-    with io.StringIO(read_text(csv_path), newline="") as f:
+def read_simple_csv(text: str, csv_path: Path, audio_dir: Path, lookup: dict[str, int]) -> list[Clip]:
+    """Clips of a `filename,labels` CSV (`text`, read from `csv_path`); a missing file is an
+    InputError."""
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "filename" not in columns or "labels" not in columns:
@@ -218,9 +220,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args.csv.is_file():
         raise InputError(f"{args.csv}: CSV file not found")
     num_classes, lookup = class_lookup(args.classes)
-    fmt = detect_format(args.csv) if args.format == "auto" else args.format
+    text = read_text(args.csv)
+    fmt = detect_format(text) if args.format == "auto" else args.format
     reader = read_simple_csv if fmt == "simple" else read_segments_csv
-    clips = reader(args.csv, args.audio_dir, lookup)
+    clips = reader(text, args.csv, args.audio_dir, lookup)
     written, skipped = write_dataset(clips, num_classes, args.output, skip_bad=fmt == "segments",
                                      num_workers=args.num_workers)
     print(f"wrote {written} clips ({num_classes} classes) to {args.output}"

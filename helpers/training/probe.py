@@ -568,12 +568,13 @@ def evaluate_trained(checkpoint: Optional[str | os.PathLike], model: nn.Module, 
     """The task's metrics of the model `model_for_evaluation` loaded from `checkpoint`: a probe
     recipe's checkpoint scores clips as the probe predicts them (whole clips, or its crops averaged;
     embeddings cached under --embedding_cache), any other as `evaluate_model`."""
-    settings = load_checkpoint(checkpoint, mmap=True).get("probe") if checkpoint else None
+    state = load_checkpoint(checkpoint, mmap=True) if checkpoint else {}
+    settings = state.get("probe")
     if settings is None:
         return evaluate_model(model, frontend, dataset, task, args, dist, batch_size)
     dataset = file_dataset(dataset, "probe")
     # the embedding cache is keyed by the plain model's weights, not by those of its fast copy `model`
-    plain_model, frontend_config, _, _ = load_finetuned(checkpoint)
+    plain_model, frontend_config, _, _ = load_finetuned(checkpoint, state)
     embedder = Embedder(plain_model, AugmentMelSTFT(**frontend_config), settings["window"], settings["crops"],
                         args.embedding_cache or None, dist.device)
     return task.metrics_fn(clip_logits(embedder, file_clips(dataset), task.multilabel), dataset.targets)
