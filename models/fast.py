@@ -14,6 +14,10 @@ a complex-to-real reduction and the mel projection over the frequency bins it us
 from __future__ import annotations
 
 import copy
+import ctypes
+import logging
+import platform
+import sys
 
 import torch
 from torch import nn
@@ -22,7 +26,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from models.dymn.dy_block import (Context, ContextGen, CoordAtt, DynamicConv, DynamicInvertedResidual,
                                   DyReLUB, StaticWrapper)
 from models.layers import AudioTagger
+from models.mn.block_types import ConcurrentSEBlock, InvertedResidual, SqueezeExcitation
 from models.preprocess import AugmentMelSTFT
+
+logger = logging.getLogger(__name__)
 
 
 class _EvalOnly(nn.Module):
@@ -47,18 +54,96 @@ def fold_batch_norms(module: nn.Module) -> None:
                 seq._modules[second] = nn.Identity()
 
 
-class PointwiseConv(nn.Module):
-    """A 1x1 convolution (stride 1, no groups) as one matrix product over the channels of
-    channels_last activations (no layout conversion, no im2col)."""
+MATMUL_MIN_CHANNELS = 16
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """1x1 convolution of channels_last x (B, in, F, T) with weight (out, in), or per-sample
+    weights (B, out, in), plus bias; the result is channels_last. Layers with at least
+    `MATMUL_MIN_CHANNELS` input and output channels run as one matrix product over channels (no
+    layout conversion, no im2col); narrower ones as a oneDNN convolution, which is faster there
+    (measured on AVX2: 3.5x for 8 -> 8 channels at 64 x 500)."""
+    b = x.shape[0]
+    if weight.dim() == 3 and b == 1:
+        weight = weight[0]
+    rows = x.permute(0, 2, 3, 1)  # a view for channels_last x
+    if weight.dim() == 3:  # per-sample weights
+        flat = torch.bmm(rows.reshape(b, -1, rows.shape[-1]), weight.transpose(1, 2))
+        out = flat.view(*rows.shape[:3], -1).permute(0, 3, 1, 2)
+        return out if bias is None else out.add_(bias[:, None, None])
+    if min(weight.shape) < MATMUL_MIN_CHANNELS:
+        return nn.functional.conv2d(x, weight[:, :, None, None], bias)
+    return nn.functional.linear(rows.contiguous(), weight, bias).permute(0, 3, 1, 2)
+
+
+FUSED_MIN_OUTPUTS = 1 << 20
+_FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.Hardswish: "hardswish"}
+
+
+def conv_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
+                    padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+                    activation: nn.Module | None) -> torch.Tensor:
+    """conv2d followed by `activation` (in place). Outputs of at least `FUSED_MIN_OUTPUTS` values
+    run as one oneDNN convolution with the activation fused (one pass over the output less; a
+    call costs about 60 us more, which only large layers win back)."""
+    name = _FUSED_ACTIVATIONS.get(type(activation), "none" if activation is None else "")
+    if name and _fused_conv_available() and _output_numel(x, weight, stride, padding, dilation) >= FUSED_MIN_OUTPUTS:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
+                                                       name, [], "")
+    out = nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return out if activation is None else activation(out)
+
+
+def _output_numel(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                  dilation: tuple[int, int]) -> int:
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    return x.shape[0] * weight.shape[0] * size[0] * size[1]
+
+
+def _fused_conv_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class ConvActivation(nn.Module):
+    """A convolution (norm folded in) and its activation, through `conv_activation`."""
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module | None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(conv.weight.detach().flatten(1))
+        self.weight = nn.Parameter(conv.weight.detach())
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach())
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.permute(0, 2, 3, 1).contiguous()  # no copy when x is channels_last
-        return nn.functional.linear(rows, self.weight, self.bias).permute(0, 3, 1, 2)
+        return conv_activation(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                               self.activation)
+
+
+def conv_activation_of(layer: nn.Sequential) -> ConvActivation:
+    """A folded (conv, Identity[, activation]) ConvNormActivation as one ConvActivation."""
+    return ConvActivation(layer[0], layer[2] if len(layer) > 2 else None)
+
+
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution (stride 1, no groups) with its optional activation, on channels_last
+    activations (see `pointwise`; large outputs with an activation go through `conv_activation`).
+    `forward(x, scale)` multiplies input channel c of sample b by scale[b, c] through the weights,
+    which is how a channel squeeze-excitation before the layer costs no pass over the activations."""
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1))  # (out, in)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach())
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if scale is None else self.weight * scale[:, None, :]  # (B, out, in)
+        if self.activation is not None and weight.dim() == 2 and x.shape[0] * x.shape[2] * x.shape[3] * \
+                weight.shape[0] >= FUSED_MIN_OUTPUTS:
+            return conv_activation(x, weight[:, :, None, None], self.bias, (1, 1), (0, 0), (1, 1), 1, self.activation)
+        out = pointwise(x, weight, self.bias)
+        return out if self.activation is None else self.activation(out)
 
 
 def _is_pointwise(conv: nn.Module) -> bool:
@@ -72,6 +157,82 @@ def replace_pointwise_convs(module: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if _is_pointwise(child):
                 setattr(parent, name, PointwiseConv(child))
+
+
+class ChannelScale(nn.Module):
+    """A channel squeeze-excitation's scale: (B, C) from the global average of its input."""
+
+    def __init__(self, se: SqueezeExcitation) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = se.fc1, se.fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc2(torch.relu_(self.fc1(x.mean((2, 3))))))
+
+
+class FastInvertedResidual(nn.Module):
+    """MN's `InvertedResidual` with folded norms: pointwise expansion and projection as
+    `PointwiseConv`, a channel-only squeeze-excitation folded into the projection's weights, the
+    activations in place and the residual added into the projection's output."""
+
+    def __init__(self, block: InvertedResidual) -> None:
+        super().__init__()
+        self.use_res_connect = block.use_res_connect
+        layers = list(block.block)
+        fold_batch_norms(nn.ModuleList(layers))
+        self.expand = None
+        if _is_pointwise(layers[0][0]):
+            expand = layers.pop(0)
+            self.expand = PointwiseConv(expand[0], expand[2])
+        self.depthwise = conv_activation_of(layers.pop(0))
+        project = layers.pop()
+        se = layers[0] if layers else None
+        self.channel_scale, self.se = None, None
+        if isinstance(se, ConcurrentSEBlock) and len(se.conc_se_layers) == 1 and se.conc_se_layers[0].dim == 1:
+            self.channel_scale = ChannelScale(se.conc_se_layers[0])
+        else:
+            self.se = se
+        self.project = PointwiseConv(project[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x if self.expand is None else self.expand(x)
+        out = self.depthwise(out)
+        scale = None
+        if self.channel_scale is not None:
+            scale = self.channel_scale(out)
+        elif self.se is not None:
+            out = self.se(out)
+        out = self.project(out, scale)
+        return out.add_(x) if self.use_res_connect else out
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_KEPT_BYTES = 1 << 30
+_malloc_tuned: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed blocks of up to 1 GiB for reuse (process-wide, once).
+
+    By default glibc returns every freed block above 128 KiB-32 MiB to the kernel, so each new
+    activation tensor of a forward pass is faulted in page by page and zeroed again: about 2,700
+    page faults per 10-s clip for mn04, and a quarter to half of the fast path's time at batch 16
+    (measured; see benchmarks/bench_inference.py). Raising the mmap and trim thresholds makes the
+    heap reuse those blocks, as PyTorch's CUDA caching allocator does on a GPU; the process then
+    keeps its peak heap. Called by the fast inference paths; returns whether it applied (glibc
+    only; elsewhere nothing changes)."""
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        _malloc_tuned = False
+        if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _malloc_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEPT_BYTES)
+                                     and libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_BYTES))
+            except (OSError, AttributeError) as error:
+                logger.debug("malloc thresholds left as they are: %s", error)
+        logger.debug("malloc keeps freed blocks: %s", _malloc_tuned)
+    return _malloc_tuned
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -139,8 +300,8 @@ def _bn_scale_shift(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 class FastDynamicConv(nn.Module):
     """`DynamicConv` followed by its batch norm, in one: the norm's scale is folded into each of
     the K kernels (the attention weights sum to one, so the mixture keeps it) and its shift
-    becomes a bias. 1x1 convolutions run as one batched matrix product over channels_last
-    activations; other kernels as one convolution per sample with that sample's mixed kernel."""
+    becomes a bias. 1x1 convolutions run through `pointwise` with each sample's mixed kernel;
+    other kernels as one convolution per sample."""
 
     def __init__(self, conv: DynamicConv, norm: nn.BatchNorm2d) -> None:
         super().__init__()
@@ -154,20 +315,20 @@ class FastDynamicConv(nn.Module):
         self.pointwise = conv.kernel_size == 1 and conv.groups == 1 and conv.stride == 1 and conv.padding == 0
 
     def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
-        b, _, f, t = x.shape
+        b = x.shape[0]
         attention = torch.softmax(self.residuals(context[0]) / self.temperature, dim=-1)  # (B, K)
         kernels = torch.mm(attention, self.weight).view(b, *self.kernel_shape)
         if self.pointwise:
-            rows = x.permute(0, 2, 3, 1).reshape(b, f * t, -1)  # a view for channels_last x
-            out = torch.baddbmm(self.bias, rows, kernels.flatten(2).transpose(1, 2))
-            return out.view(b, f, t, -1).permute(0, 3, 1, 2)
+            return pointwise(x, kernels.flatten(2), self.bias)
         outs = [nn.functional.conv2d(x[i:i + 1], kernels[i], self.bias, self.stride, self.padding,
                                      groups=self.groups) for i in range(b)]
         return outs[0] if b == 1 else torch.cat(outs)
 
 
 class FastDyReLU(nn.Module):
-    """`DyReLUB` as the running maximum of its M affine pieces (no (B, C, M, F, T) tensor)."""
+    """`DyReLUB` as the running maximum of its M affine pieces (no (B, C, M, F, T) tensor), with
+    each piece's coefficients contiguous over channels (broadcast over channels_last activations
+    at full vector speed; strided coefficients measured 4.6x slower)."""
 
     def __init__(self, relu: DyReLUB) -> None:
         super().__init__()
@@ -176,11 +337,12 @@ class FastDyReLU(nn.Module):
     def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
         r = self.relu
         theta = 2 * torch.sigmoid(r.coef_net(context[0])) - 1
-        coefs = (theta.view(-1, r.channels, 2 * r.M) * r.lambdas + r.init_v)[..., None, None]
-        out = torch.addcmul(coefs[:, :, r.M], x, coefs[:, :, 0], out=torch.empty_like(x))  # keeps x's layout
+        coefs = (theta.view(-1, r.channels, 2 * r.M) * r.lambdas + r.init_v).permute(2, 0, 1).contiguous()
+        coefs = coefs[..., None, None]  # (2M, B, C, 1, 1): slopes, then intercepts
+        out = torch.addcmul(coefs[r.M], x, coefs[0], out=torch.empty_like(x))  # keeps x's layout
         piece = torch.empty_like(x)
         for m in range(1, r.M):
-            torch.maximum(out, torch.addcmul(coefs[:, :, r.M + m], x, coefs[:, :, m], out=piece), out=out)
+            torch.maximum(out, torch.addcmul(coefs[r.M + m], x, coefs[m], out=piece), out=out)
         return out
 
 
@@ -191,16 +353,44 @@ class FastCoordAtt(nn.Module):
         return x.mul_(context[1].sigmoid()).mul_(context[2].sigmoid())
 
 
+class FastContextGen(nn.Module):
+    """`ContextGen` on channels_last input: the frequency and time sequences are means over
+    (B, F, T, C) rows (10x faster than reducing the strided NCHW view), the 1x1 convs matrix
+    products over channels with the norm folded in, and the attention sequences are returned as
+    views shaped like the original's, (B, E, F', 1) and (B, E, 1, T')."""
+
+    def __init__(self, gen: ContextGen) -> None:
+        super().__init__()
+        joint = fuse_conv_bn_eval(gen.joint_conv, gen.joint_norm)
+        for name, conv in (("joint", joint), ("f", gen.conv_f), ("t", gen.conv_t)):
+            self.register_buffer(f"{name}_weight", conv.weight.detach().flatten(1).clone())
+            self.register_buffer(f"{name}_bias", conv.bias.detach().clone())
+        self.stride = gen.pool_f.stride[0] if isinstance(gen.pool_f, nn.AvgPool2d) else 1
+
+    def _pool(self, seq: torch.Tensor) -> torch.Tensor:
+        """The original's average pooling (kernel 3, padding 1, zeros counted) along a (B, L, H) sequence."""
+        if self.stride == 1:
+            return seq
+        return nn.functional.avg_pool1d(seq.transpose(1, 2), 3, self.stride, 1).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> Context:
+        f = x.shape[2]
+        rows = x.permute(0, 2, 3, 1)  # (B, F, T, C)
+        joint = nn.functional.linear(torch.cat([rows.mean(2), rows.mean(1)], dim=1), self.joint_weight,
+                                     self.joint_bias)
+        joint = nn.functional.hardswish(joint, inplace=True)  # (B, F + T, H)
+        g_f = nn.functional.linear(self._pool(joint[:, :f]), self.f_weight, self.f_bias)  # (B, F', E)
+        g_t = nn.functional.linear(self._pool(joint[:, f:]), self.t_weight, self.t_bias)  # (B, T', E)
+        return joint.mean(1), g_f.transpose(1, 2).unsqueeze(3), g_t.transpose(1, 2).unsqueeze(2)
+
+
 class FastDynamicInvertedResidual(nn.Module):
     """`DynamicInvertedResidual` with every norm folded into the convolution before it."""
 
     def __init__(self, block: DynamicInvertedResidual) -> None:
         super().__init__()
         self.use_res_connect, self.has_expansion = block.use_res_connect, block.has_expansion
-        gen: ContextGen = block.context_gen
-        gen.joint_conv = fuse_conv_bn_eval(gen.joint_conv, gen.joint_norm)
-        gen.joint_norm = nn.Identity()
-        self.context_gen = gen
+        self.context_gen = FastContextGen(block.context_gen)
         if self.has_expansion:
             self.exp_conv, self.exp_act = _fold_block_conv(block.exp_conv, block.exp_norm), block.exp_act
         self.depth_conv = _fold_block_conv(block.depth_conv, block.depth_norm)
@@ -225,14 +415,17 @@ def _fold_block_conv(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
     return StaticWrapper(fuse_conv_bn_eval(conv.module, norm))
 
 
+FAST_BLOCKS = {InvertedResidual: FastInvertedResidual, DynamicInvertedResidual: FastDynamicInvertedResidual}
+
+
 def fast_model(model: AudioTagger, precision: str = "fp32") -> FastTagger:
     """The eval-only fast copy of an MN or DyMN (the original is left untouched), computing in
     `precision` ("fp32", or "bf16" on CPUs with native bfloat16; see `check_precision`)."""
     dtype = check_precision(precision, next(model.parameters()).device)
+    keep_freed_memory()
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
-        stages = [FastDynamicInvertedResidual(m) if isinstance(m, DynamicInvertedResidual) else m
-                  for m in model.stages()]
+        stages = [FAST_BLOCKS[type(m)](m) if type(m) in FAST_BLOCKS else m for m in model.stages()]
         parts = nn.ModuleList([*stages, model.classifier])
         fold_batch_norms(parts)
         replace_pointwise_convs(parts)
@@ -241,17 +434,33 @@ def fast_model(model: AudioTagger, precision: str = "fp32") -> FastTagger:
 
 class FastMelFrontend(_EvalOnly, AugmentMelSTFT):
     """`AugmentMelSTFT` in eval mode (same settings and attributes), computed with fewer passes
-    over the data (same result within float rounding): (B, L) waveforms -> (B, n_mels, frames)."""
+    over the data and about a quarter of the mel projection's work (the same result within float32
+    rounding, and as close to a float64 computation): (B, L) waveforms -> (B, n_mels, frames).
+
+    Pre-emphasis is written straight into the reflect-padded signal; each frame is only its
+    `win_length` windowed samples, zero-extended to `n_fft` (a circular shift of torch.stft's
+    centred window, which leaves the power spectrum unchanged); the FFT runs over contiguous rows;
+    the mel projection runs in bands of `MEL_GROUP` filters over only the bins each band covers
+    (the triangular filters are zero elsewhere)."""
+
+    MEL_GROUP = 16
 
     def __init__(self, frontend: AugmentMelSTFT) -> None:
         AugmentMelSTFT.__init__(self, frontend.n_mels, frontend.sr, frontend.win_length, frontend.hopsize,
                                 frontend.n_fft, frontend.freqm, frontend.timem, frontend.fmin, frontend.fmax,
                                 frontend.fmin_aug_range, frontend.fmax_aug_range)
-        used = torch.nonzero(self.mel_basis.abs().sum(dim=0) > 0).flatten()
-        self.first_bin, self.end_bin = int(used[0]), int(used[-1]) + 1
         self.preemphasis = float(-self.preemphasis_coefficient[0, 0, 0])
-        self.register_buffer("used_mel_basis", self.mel_basis[:, self.first_bin:self.end_bin].clone(),
-                             persistent=False)
+        self.window_offset = (self.n_fft - self.win_length) // 2  # torch.stft centres the window
+        used = self.mel_basis.abs() > 0
+        self.first_bin, self.end_bin = _nonzero_span(used.any(dim=0))
+        self.mel_bands: list[tuple[int, int, int, int]] = []  # (first filter, end filter, first bin, end bin)
+        for start in range(0, self.n_mels, self.MEL_GROUP):
+            end = min(start + self.MEL_GROUP, self.n_mels)
+            low, high = _nonzero_span(used[start:end].any(dim=0), self.first_bin)
+            self.mel_bands.append((start, end, low, high))
+        for i, (start, end, low, high) in enumerate(self.mel_bands):
+            self.register_buffer(f"mel_band_{i}", self.mel_basis[start:end, low:high].clone(), persistent=False)
+        keep_freed_memory()
         self.to(frontend.mel_basis.device)
         self.eval()
 
@@ -259,17 +468,33 @@ class FastMelFrontend(_EvalOnly, AugmentMelSTFT):
         if x.dim() != 2 or x.shape[-1] < 2:
             raise ValueError(f"expected waveforms shaped (batch, samples >= 2), got {tuple(x.shape)}")
         x = x.float()
-        x = x[:, 1:] - self.preemphasis * x[:, :-1]
-        length = x.shape[-1]
-        if length <= self.n_fft // 2:
-            x = nn.functional.pad(x, (0, self.n_fft // 2 + 1 - length))
-        spec = torch.stft(x, self.n_fft, hop_length=self.hopsize, win_length=self.win_length,
-                          window=self.window, center=True, pad_mode="reflect", normalized=False,
-                          onesided=True, return_complex=True)
-        spec = spec[:, self.first_bin:self.end_bin, :1 + length // self.hopsize]
-        power = spec.real.square() + spec.imag.square()
-        mel = torch.matmul(self.used_mel_basis, power)
+        batch, length = x.shape[0], x.shape[-1] - 1  # samples after pre-emphasis
+        half, hop = self.n_fft // 2, self.hopsize
+        size = max(length, half + 1)  # a shorter signal is zero-extended so that it can be reflected
+        padded = x.new_empty(batch, size + 2 * half)
+        torch.add(x[:, 1:], x[:, :-1], alpha=-self.preemphasis, out=padded[:, half:half + length])
+        padded[:, half + length:half + size].zero_()
+        padded[:, :half] = padded[:, half + 1:2 * half + 1].flip(-1)
+        padded[:, half + size:] = padded[:, size - 1:half + size - 1].flip(-1)
+        frames_count = 1 + length // hop
+        frames = padded[:, self.window_offset:].unfold(-1, self.win_length, hop)[:, :frames_count]
+        windowed = x.new_empty(batch, frames_count, self.n_fft)
+        windowed[..., self.win_length:].zero_()
+        torch.mul(frames, self.window, out=windowed[..., :self.win_length])
+        spec = torch.fft.rfft(windowed.view(-1, self.n_fft))[:, self.first_bin:self.end_bin]
+        real, imag = torch.view_as_real(spec).unbind(-1)
+        power = torch.addcmul(real.square(), imag, imag).view(batch, frames_count, -1)  # (B, T, bins)
+        mel = x.new_empty(batch, self.n_mels, frames_count)
+        for i, (start, end, low, high) in enumerate(self.mel_bands):
+            band = power[:, :, low - self.first_bin:high - self.first_bin].transpose(1, 2)
+            torch.matmul(getattr(self, f"mel_band_{i}"), band, out=mel[:, start:end])
         return mel.add_(0.00001).log_().add_(4.5).div_(5.0)
+
+
+def _nonzero_span(flags: torch.Tensor, empty_at: int = 0) -> tuple[int, int]:
+    """[first, last + 1) of the True entries of a 1-D mask ((empty_at, empty_at) if there are none)."""
+    where = torch.nonzero(flags).flatten()
+    return (int(where[0]), int(where[-1]) + 1) if len(where) else (empty_at, empty_at)
 
 
 def fast_inference(model: nn.Module, frontend: AugmentMelSTFT, precision: str = "fp32"
