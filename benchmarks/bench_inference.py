@@ -1,7 +1,8 @@
 """Inference speed on the CPU: ms per 10-s clip and clips/s (frontend + model, eval, no grad) for
 mn04, mn10 and dymn10 at batch sizes 1 and 16, for
-  plain      the eval-mode model and AugmentMelSTFT (float32),
-  fast       model.for_inference() and FastMelFrontend (float32),
+  plain      the eval-mode model and AugmentMelSTFT (float32), in a process of its own with the
+             default allocator: the original's code path and conditions,
+  fast       model.for_inference() and FastMelFrontend (float32), the default of every command,
   bf16       model.for_inference("bf16") (only on CPUs with native bfloat16),
   ort        the exported ONNX graph with its frontend, onnxruntime, float32,
   ort-int8   the same graph statically quantized to int8 (calibrated on the demo clip),
@@ -11,14 +12,17 @@ wall time of one whole `inference.py` run on one clip.
 
     python benchmarks/bench_inference.py [--threads 2] [--rounds 10] [--models mn04 mn10 dymn10]
 
-All variants of one model and batch size are timed in the same process, alternating round by
-round; each figure is the best of the rounds, and the spread (median / best) is printed so that
-noise from other jobs on the machine shows. Random weights (speed does not depend on them); the
-CLI timing needs mn04_as in the checkpoint cache.
+Two worker processes hold the models: one the plain path, one the others (the fast path changes
+the process's allocator settings, `models.fast.keep_freed_memory`, which would speed up the plain
+model too). The coordinator asks them for one timed call at a time, alternating variants round by
+round, so that both see the same machine; each figure is the best of the rounds, and the spread
+(median / best) is printed so that noise from other jobs on the machine shows. Random weights
+(speed does not depend on them); the CLI timing needs mn04_as in the checkpoint cache.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -39,6 +43,7 @@ from models.fast import FastMelFrontend, bf16_supported  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"mn04": "mn04_as", "mn10": "mn10_as", "dymn10": "dymn10_as"}
 CLIP_SAMPLES = 320000
+WORKER_VARIANTS = {"plain": ["plain"], "fast": ["fast", "bf16", "ort", "ort-int8"]}
 
 
 def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -55,16 +60,17 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def variants(name: str, batch: int, tmp: Path, threads: int) -> dict[str, Callable[[], object]]:
-    """name -> one timed call (frontend + model on `batch` 10-s clips)."""
-    import onnxruntime
-
+def variants(kind: str, name: str, batch: int, tmp: Path, threads: int) -> dict[str, Callable[[], object]]:
+    """label -> one timed call (frontend + model on `batch` 10-s clips) for a worker of `kind`."""
     model = create_model(MODELS[name], pretrained=False).eval()
     frontend = create_frontend(MODELS[name])
     x = torch.randn(batch, CLIP_SAMPLES) * 0.1
+    if kind == "plain":
+        return {"plain": lambda: model(frontend(x).unsqueeze(1))}
+    import onnxruntime
+
     fast, fast_frontend = model.for_inference(), FastMelFrontend(frontend)
-    runs = {"plain": lambda: model(frontend(x).unsqueeze(1)),
-            "fast": lambda: fast(fast_frontend(x).unsqueeze(1))}
+    runs = {"fast": lambda: fast(fast_frontend(x).unsqueeze(1))}
     if bf16_supported():
         fast_bf16 = model.for_inference("bf16")
         runs["bf16"] = lambda: fast_bf16(fast_frontend(x).unsqueeze(1))
@@ -84,13 +90,40 @@ def variants(name: str, batch: int, tmp: Path, threads: int) -> dict[str, Callab
     return runs
 
 
+def worker(kind: str, threads: int, repeats: int) -> None:
+    """Serve timing requests on stdin ({"model", "batch", "variant"} per line) with one line of
+    JSON each: {"seconds": best of `repeats` back-to-back calls}, or {"missing": true} for a variant
+    this worker cannot run."""
+    torch.set_num_threads(threads)
+    built: dict[tuple[str, int], dict[str, Callable[[], object]]] = {}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for line in sys.stdin:
+            request = json.loads(line)
+            key = (request["model"], request["batch"])
+            if key not in built:
+                built.clear()  # one model and batch size at a time: memory stays bounded
+                built[key] = variants(kind, *key, Path(tmp), threads)
+                for run in built[key].values():  # warm-up: first calls allocate and pick kernels
+                    run()
+                    run()
+            run = built[key].get(request["variant"])
+            answer = {"missing": True} if run is None else {"seconds": min(_time(run) for _ in range(repeats))}
+            print(json.dumps(answer), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="back-to-back calls per turn (the first after the other worker's turn "
+                             "finds cold caches and sleeping threads)")
+    parser.add_argument("--worker", choices=list(WORKER_VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.threads, args.repeats)
     torch.set_num_threads(args.threads)
     rates = {"fp32": matmul_rate(torch.float32)}
     if bf16_supported():
@@ -98,17 +131,30 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {bf16_supported()}; matrix product "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+    workers = {kind: subprocess.Popen([sys.executable, __file__, "--worker", kind, "--threads", str(args.threads),
+                                       "--repeats", str(args.repeats)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for kind in WORKER_VARIANTS}
+
+    def ask(kind: str, name: str, batch: int, variant: str) -> float | None:
+        process = workers[kind]
+        process.stdin.write(json.dumps({"model": name, "batch": batch, "variant": variant}) + "\n")
+        process.stdin.flush()
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {kind} worker stopped (exit code {process.wait()})")
+        return json.loads(line).get("seconds")
+
+    try:
         for name in args.models:
             flops = 2 * count_macs(trace_model(create_model(MODELS[name], pretrained=False))).total
             for batch in args.batches:
-                runs = variants(name, batch, Path(tmp), args.threads)
-                for run in runs.values():
-                    run()
-                times: dict[str, list[float]] = {k: [] for k in runs}
+                labels = [(kind, v) for kind, vs in WORKER_VARIANTS.items() for v in vs
+                          if ask(kind, name, batch, v) is not None]  # builds, warms up, drops missing ones
+                times: dict[str, list[float]] = {v: [] for _, v in labels}
                 for _ in range(args.rounds):
-                    for label, run in runs.items():
-                        times[label].append(_time(run) / batch)
+                    for kind, label in labels:
+                        times[label].append(ask(kind, name, batch, label) / batch)
                 plain = min(times["plain"])
                 for label, ts in times.items():
                     best = min(ts)
@@ -116,6 +162,10 @@ def main() -> None:
                     print(f"{name:6s} batch {batch:2d} {label:8s} {1000 * best:8.2f} ms/clip {1 / best:7.1f} clips/s "
                           f"x{plain / best:5.2f} vs plain  {100 * flops / best / 1e9 / rate:5.1f} % of {rate:.0f} "
                           f"GFLOP/s  (median/best {statistics.median(ts) / best:.2f})", flush=True)
+    finally:
+        for process in workers.values():
+            process.stdin.close()
+            process.wait()
     if not bf16_supported():
         print("bf16 not measured: this CPU has no native bfloat16")
     clip = REPO / "resources" / "demo_bells.wav"

@@ -1,15 +1,22 @@
 """Eval-only fast paths for MN, DyMN and the mel frontend (CPU inference).
 
 `fast_model(model)` (what `model.for_inference()` returns) is a copy of an MN or DyMN that
-computes the same (logits, embedding) with less work: every batch norm folded into the convolution
-before it (for DyMN's dynamic convolutions into each of the K kernels, exact because the softmax
-weights sum to one), channels_last activations (oneDNN runs the other convolutions on them), 1x1
-convolutions as one matrix product over channels (batched for DyMN's per-sample kernels), dynamic
-ReLU as a running maximum of its pieces and coordinate attention in place. `FastMelFrontend` is
-`AugmentMelSTFT` in eval mode with the pre-emphasis as one subtraction, the power spectrum without
-a complex-to-real reduction and the mel projection over the frequency bins it uses.
-`fast_inference(model, frontend)` picks the pair a command runs. All are for inference only:
-`train()` raises; training uses the original modules.
+computes the same (logits, embedding) with less work:
+- every batch norm folded into the convolution before it (for DyMN's dynamic convolutions into
+  each of the K kernels, exact because the softmax weights sum to one);
+- channels_last activations throughout; 1x1 convolutions as one matrix product over channels, or
+  as a oneDNN convolution where the layer is narrow (`pointwise`), and the largest layers as
+  oneDNN convolutions with the activation fused (`conv_activation`);
+- MN's channel squeeze-excitation folded into the projection's weights (no pass over the
+  activations), the residual added in place;
+- DyMN's context sequences reduced over (B, F, T, C) rows, every context-driven layer of a block
+  (attention of each dynamic conv, dynamic ReLU coefficients) in one matrix product, dynamic ReLU
+  as a running maximum of its pieces and coordinate attention in place.
+`FastMelFrontend` is `AugmentMelSTFT` in eval mode with fewer passes over the data and a banded
+mel projection. `fast_inference(model, frontend)` picks the pair a command runs, and the fast
+path lets glibc's malloc keep freed blocks (`keep_freed_memory`), which alone saves thousands of
+page faults per clip. All are for inference only: `train()` raises; training uses the original
+modules.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from models.dymn.dy_block import (Context, ContextGen, CoordAtt, DynamicConv, DynamicInvertedResidual,
                                   DyReLUB, StaticWrapper)
-from models.layers import AudioTagger
+from models.layers import AudioTagger, ConvNormActivation
 from models.mn.block_types import ConcurrentSEBlock, InvertedResidual, SqueezeExcitation
 from models.preprocess import AugmentMelSTFT
 
@@ -120,11 +127,6 @@ class ConvActivation(nn.Module):
                                self.activation)
 
 
-def conv_activation_of(layer: nn.Sequential) -> ConvActivation:
-    """A folded (conv, Identity[, activation]) ConvNormActivation as one ConvActivation."""
-    return ConvActivation(layer[0], layer[2] if len(layer) > 2 else None)
-
-
 class PointwiseConv(nn.Module):
     """A 1x1 convolution (stride 1, no groups) with its optional activation, on channels_last
     activations (see `pointwise`; large outputs with an activation go through `conv_activation`).
@@ -179,20 +181,15 @@ class FastInvertedResidual(nn.Module):
         super().__init__()
         self.use_res_connect = block.use_res_connect
         layers = list(block.block)
-        fold_batch_norms(nn.ModuleList(layers))
-        self.expand = None
-        if _is_pointwise(layers[0][0]):
-            expand = layers.pop(0)
-            self.expand = PointwiseConv(expand[0], expand[2])
-        self.depthwise = conv_activation_of(layers.pop(0))
-        project = layers.pop()
+        self.expand = fast_conv_layer(layers.pop(0)) if _is_pointwise(layers[0][0]) else None
+        self.depthwise = fast_conv_layer(layers.pop(0))
+        self.project = fast_conv_layer(layers.pop())
         se = layers[0] if layers else None
         self.channel_scale, self.se = None, None
         if isinstance(se, ConcurrentSEBlock) and len(se.conc_se_layers) == 1 and se.conc_se_layers[0].dim == 1:
             self.channel_scale = ChannelScale(se.conc_se_layers[0])
         else:
             self.se = se
-        self.project = PointwiseConv(project[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x if self.expand is None else self.expand(x)
@@ -301,7 +298,8 @@ class FastDynamicConv(nn.Module):
     """`DynamicConv` followed by its batch norm, in one: the norm's scale is folded into each of
     the K kernels (the attention weights sum to one, so the mixture keeps it) and its shift
     becomes a bias. 1x1 convolutions run through `pointwise` with each sample's mixed kernel;
-    other kernels as one convolution per sample."""
+    other kernels as one convolution per sample. Its attention layer (`head`, a (weight, bias) pair)
+    is computed by the block together with the others (`FastDynamicInvertedResidual`)."""
 
     def __init__(self, conv: DynamicConv, norm: nn.BatchNorm2d) -> None:
         super().__init__()
@@ -310,14 +308,16 @@ class FastDynamicConv(nn.Module):
         kernels = conv.weight.detach().view(conv.k, *shape) * scale.view(1, -1, 1, 1, 1)
         self.register_buffer("weight", kernels.reshape(conv.k, -1))
         self.register_buffer("bias", shift.detach().clone())
-        self.residuals, self.temperature = conv.residuals, conv.temperature
+        residuals: nn.Linear = conv.residuals[0]
+        # the attention logits' layer, divided by the (fixed) temperature
+        self.head = (residuals.weight.detach() / conv.temperature, residuals.bias.detach() / conv.temperature)
         self.kernel_shape, self.stride, self.padding, self.groups = shape, conv.stride, conv.padding, conv.groups
         self.pointwise = conv.kernel_size == 1 and conv.groups == 1 and conv.stride == 1 and conv.padding == 0
 
-    def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """x with each sample's kernel mixture; `logits` (B, K) is this conv's slice of the block's heads."""
         b = x.shape[0]
-        attention = torch.softmax(self.residuals(context[0]) / self.temperature, dim=-1)  # (B, K)
-        kernels = torch.mm(attention, self.weight).view(b, *self.kernel_shape)
+        kernels = torch.mm(torch.softmax(logits, dim=-1), self.weight).view(b, *self.kernel_shape)
         if self.pointwise:
             return pointwise(x, kernels.flatten(2), self.bias)
         outs = [nn.functional.conv2d(x[i:i + 1], kernels[i], self.bias, self.stride, self.padding,
@@ -328,21 +328,26 @@ class FastDynamicConv(nn.Module):
 class FastDyReLU(nn.Module):
     """`DyReLUB` as the running maximum of its M affine pieces (no (B, C, M, F, T) tensor), with
     each piece's coefficients contiguous over channels (broadcast over channels_last activations
-    at full vector speed; strided coefficients measured 4.6x slower)."""
+    at full vector speed; strided coefficients measured 4.6x slower). Its coefficient layer
+    (`head`) is computed by the block together with the others."""
 
     def __init__(self, relu: DyReLUB) -> None:
         super().__init__()
-        self.relu = relu
+        layer: nn.Linear = relu.coef_net[0]
+        self.head = (layer.weight.detach(), layer.bias.detach())
+        self.channels, self.M = relu.channels, relu.M
+        # coefs = (2 sigmoid(z) - 1) * lambdas + init_v = sigmoid(z) * 2 lambdas + (init_v - lambdas)
+        self.register_buffer("coef_scale", 2 * relu.lambdas)
+        self.register_buffer("coef_shift", relu.init_v - relu.lambdas)
 
-    def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
-        r = self.relu
-        theta = 2 * torch.sigmoid(r.coef_net(context[0])) - 1
-        coefs = (theta.view(-1, r.channels, 2 * r.M) * r.lambdas + r.init_v).permute(2, 0, 1).contiguous()
-        coefs = coefs[..., None, None]  # (2M, B, C, 1, 1): slopes, then intercepts
-        out = torch.addcmul(coefs[r.M], x, coefs[0], out=torch.empty_like(x))  # keeps x's layout
+    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        coefs = torch.addcmul(self.coef_shift, torch.sigmoid(logits).view(-1, self.channels, 2 * self.M),
+                              self.coef_scale)
+        coefs = coefs.permute(2, 0, 1).contiguous()[..., None, None]  # (2M, B, C, 1, 1): slopes, intercepts
+        out = torch.addcmul(coefs[self.M], x, coefs[0], out=torch.empty_like(x))  # keeps x's layout
         piece = torch.empty_like(x)
-        for m in range(1, r.M):
-            torch.maximum(out, torch.addcmul(coefs[r.M + m], x, coefs[m], out=piece), out=out)
+        for m in range(1, self.M):
+            torch.maximum(out, torch.addcmul(coefs[self.M + m], x, coefs[m], out=piece), out=out)
         return out
 
 
@@ -385,7 +390,9 @@ class FastContextGen(nn.Module):
 
 
 class FastDynamicInvertedResidual(nn.Module):
-    """`DynamicInvertedResidual` with every norm folded into the convolution before it."""
+    """`DynamicInvertedResidual` with every norm folded into the convolution before it, and the
+    layers that read the context vector (each dynamic conv's attention, the dynamic ReLU's
+    coefficients) stacked into one matrix product per block."""
 
     def __init__(self, block: DynamicInvertedResidual) -> None:
         super().__init__()
@@ -397,14 +404,24 @@ class FastDynamicInvertedResidual(nn.Module):
         self.depth_act = FastDyReLU(block.depth_act) if isinstance(block.depth_act, DyReLUB) else block.depth_act
         self.ca = FastCoordAtt() if isinstance(block.ca, CoordAtt) else block.ca
         self.proj_conv = _fold_block_conv(block.proj_conv, block.proj_norm)
+        names = ["exp_conv"] if self.has_expansion else []
+        self.dynamic = [n for n in names + ["depth_conv", "depth_act", "proj_conv"] if hasattr(getattr(self, n), "head")]
+        heads = [getattr(self, n).head for n in self.dynamic]
+        self.head_sizes = [w.shape[0] for w, _ in heads]
+        self.register_buffer("head_weight", torch.cat([w for w, _ in heads]) if heads else torch.empty(0))
+        self.register_buffer("head_bias", torch.cat([b for _, b in heads]) if heads else torch.empty(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = self.context_gen(x)
+        heads: dict[str, torch.Tensor] = {}
+        if self.dynamic:
+            logits = nn.functional.linear(context[0], self.head_weight, self.head_bias)
+            heads = dict(zip(self.dynamic, logits.split(self.head_sizes, dim=1)))
         out = x
         if self.has_expansion:
-            out = self.exp_act(self.exp_conv(out, context))
-        out = self.ca(self.depth_act(self.depth_conv(out, context), context), context)
-        out = self.proj_conv(out, context)
+            out = self.exp_act(self.exp_conv(out, heads.get("exp_conv")))
+        out = self.depth_act(self.depth_conv(out, heads.get("depth_conv")), heads.get("depth_act"))
+        out = self.proj_conv(self.ca(out, context), heads.get("proj_conv"))
         return out.add_(x) if self.use_res_connect else out
 
 
@@ -415,7 +432,16 @@ def _fold_block_conv(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
     return StaticWrapper(fuse_conv_bn_eval(conv.module, norm))
 
 
-FAST_BLOCKS = {InvertedResidual: FastInvertedResidual, DynamicInvertedResidual: FastDynamicInvertedResidual}
+def fast_conv_layer(layer: ConvNormActivation) -> nn.Module:
+    """The stem or last conv (Conv-BN-Activation) with its norm folded: a `PointwiseConv` for
+    1x1 kernels, else a `ConvActivation`."""
+    fold_batch_norms(nn.ModuleList([layer]))
+    activation = layer[2] if len(layer) > 2 else None
+    return PointwiseConv(layer[0], activation) if _is_pointwise(layer[0]) else ConvActivation(layer[0], activation)
+
+
+FAST_BLOCKS = {InvertedResidual: FastInvertedResidual, DynamicInvertedResidual: FastDynamicInvertedResidual,
+               ConvNormActivation: fast_conv_layer}
 
 
 def fast_model(model: AudioTagger, precision: str = "fp32") -> FastTagger:
@@ -425,7 +451,7 @@ def fast_model(model: AudioTagger, precision: str = "fp32") -> FastTagger:
     keep_freed_memory()
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
-        stages = [FAST_BLOCKS[type(m)](m) if type(m) in FAST_BLOCKS else m for m in model.stages()]
+        stages = [FAST_BLOCKS[type(m)](m) for m in model.stages()]
         parts = nn.ModuleList([*stages, model.classifier])
         fold_batch_norms(parts)
         replace_pointwise_convs(parts)
