@@ -141,11 +141,20 @@ class PointwiseConv(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if scale is None else self.weight * scale[:, None, :]  # (B, out, in)
-        if self.activation is not None and weight.dim() == 2 and x.shape[0] * x.shape[2] * x.shape[3] * \
-                weight.shape[0] >= FUSED_MIN_OUTPUTS:
-            return conv_activation(x, weight[:, :, None, None], self.bias, (1, 1), (0, 0), (1, 1), 1, self.activation)
-        out = pointwise(x, weight, self.bias)
-        return out if self.activation is None else self.activation(out)
+        return pointwise_activation(x, weight, self.bias, self.activation)
+
+
+def pointwise_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         activation: nn.Module | None) -> torch.Tensor:
+    """`pointwise` then `activation` (in place); one weight for a large output with an activation
+    goes through `conv_activation` (fused)."""
+    if weight.dim() == 3 and x.shape[0] == 1:
+        weight = weight[0]
+    if activation is not None and weight.dim() == 2 and \
+            x.shape[0] * x.shape[2] * x.shape[3] * weight.shape[0] >= FUSED_MIN_OUTPUTS:
+        return conv_activation(x, weight[:, :, None, None], bias, (1, 1), (0, 0), (1, 1), 1, activation)
+    out = pointwise(x, weight, bias)
+    return out if activation is None else activation(out)
 
 
 def _is_pointwise(conv: nn.Module) -> bool:
@@ -301,16 +310,17 @@ class FastDynamicConv(nn.Module):
     other kernels as one convolution per sample. Its attention layer (`head`, a (weight, bias) pair)
     is computed by the block together with the others (`FastDynamicInvertedResidual`)."""
 
-    def __init__(self, conv: DynamicConv, norm: nn.BatchNorm2d) -> None:
+    def __init__(self, conv: DynamicConv, norm: nn.BatchNorm2d, activation: nn.Module | None = None) -> None:
         super().__init__()
+        self.activation = activation
         scale, shift = _bn_scale_shift(norm)
         shape = (conv.out_channels, conv.in_channels // conv.groups, conv.kernel_size, conv.kernel_size)
         kernels = conv.weight.detach().view(conv.k, *shape) * scale.view(1, -1, 1, 1, 1)
         self.register_buffer("weight", kernels.reshape(conv.k, -1))
         self.register_buffer("bias", shift.detach().clone())
         residuals: nn.Linear = conv.residuals[0]
-        # the attention logits' layer, divided by the (fixed) temperature
-        self.head = (residuals.weight.detach() / conv.temperature, residuals.bias.detach() / conv.temperature)
+        self.temperature = conv.temperature  # fixed at the model's temperature when it was copied
+        self.head = (residuals.weight.detach() / self.temperature, residuals.bias.detach() / self.temperature)
         self.kernel_shape, self.stride, self.padding, self.groups = shape, conv.stride, conv.padding, conv.groups
         self.pointwise = conv.kernel_size == 1 and conv.groups == 1 and conv.stride == 1 and conv.padding == 0
 
@@ -319,10 +329,11 @@ class FastDynamicConv(nn.Module):
         b = x.shape[0]
         kernels = torch.mm(torch.softmax(logits, dim=-1), self.weight).view(b, *self.kernel_shape)
         if self.pointwise:
-            return pointwise(x, kernels.flatten(2), self.bias)
+            return pointwise_activation(x, kernels.flatten(2), self.bias, self.activation)
         outs = [nn.functional.conv2d(x[i:i + 1], kernels[i], self.bias, self.stride, self.padding,
                                      groups=self.groups) for i in range(b)]
-        return outs[0] if b == 1 else torch.cat(outs)
+        out = outs[0] if b == 1 else torch.cat(outs)
+        return out if self.activation is None else self.activation(out)
 
 
 class FastDyReLU(nn.Module):
@@ -399,7 +410,7 @@ class FastDynamicInvertedResidual(nn.Module):
         self.use_res_connect, self.has_expansion = block.use_res_connect, block.has_expansion
         self.context_gen = FastContextGen(block.context_gen)
         if self.has_expansion:
-            self.exp_conv, self.exp_act = _fold_block_conv(block.exp_conv, block.exp_norm), block.exp_act
+            self.exp_conv = _fold_block_conv(block.exp_conv, block.exp_norm, block.exp_act)
         self.depth_conv = _fold_block_conv(block.depth_conv, block.depth_norm)
         self.depth_act = FastDyReLU(block.depth_act) if isinstance(block.depth_act, DyReLUB) else block.depth_act
         self.ca = FastCoordAtt() if isinstance(block.ca, CoordAtt) else block.ca
@@ -419,17 +430,18 @@ class FastDynamicInvertedResidual(nn.Module):
             heads = dict(zip(self.dynamic, logits.split(self.head_sizes, dim=1)))
         out = x
         if self.has_expansion:
-            out = self.exp_act(self.exp_conv(out, heads.get("exp_conv")))
+            out = self.exp_conv(out, heads.get("exp_conv"))
         out = self.depth_act(self.depth_conv(out, heads.get("depth_conv")), heads.get("depth_act"))
         out = self.proj_conv(self.ca(out, context), heads.get("proj_conv"))
         return out.add_(x) if self.use_res_connect else out
 
 
-def _fold_block_conv(conv: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
-    """A dynamic block's conv (DynamicConv, or a static one in a StaticWrapper) with `norm` folded in."""
+def _fold_block_conv(conv: nn.Module, norm: nn.BatchNorm2d, activation: nn.Module | None = None) -> nn.Module:
+    """A dynamic block's conv (DynamicConv, or a static one in a StaticWrapper) with `norm` folded
+    in, followed by `activation`."""
     if isinstance(conv, DynamicConv):
-        return FastDynamicConv(conv, norm)
-    return StaticWrapper(fuse_conv_bn_eval(conv.module, norm))
+        return FastDynamicConv(conv, norm, activation)
+    return StaticWrapper(ConvActivation(fuse_conv_bn_eval(conv.module, norm), activation))
 
 
 def fast_conv_layer(layer: ConvNormActivation) -> nn.Module:
@@ -451,7 +463,11 @@ def fast_model(model: AudioTagger, precision: str = "fp32") -> FastTagger:
     keep_freed_memory()
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
-        stages = [FAST_BLOCKS[type(m)](m) for m in model.stages()]
+        stages = []
+        for stage in model.stages():
+            stages.append(FAST_BLOCKS[type(stage)](stage))
+            if hasattr(stage, "out_channels"):  # kept for code that picks layers by width
+                stages[-1].out_channels = stage.out_channels
         parts = nn.ModuleList([*stages, model.classifier])
         fold_batch_norms(parts)
         replace_pointwise_convs(parts)
