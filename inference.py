@@ -48,11 +48,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--top_k", type=int, default=10, help="labels printed / written per file")
     parser.add_argument("--output", default=None, help="write results to a .json or .csv file")
     parser.add_argument("--all_classes", action="store_true", help="write every class's probability to --output")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="files of equal length run together (default: 16 on GPU, 1 on CPU, where "
-                             "larger batches measured slower per clip)")
+    parser.add_argument("--batch_size", type=int, default=16,
+                        help="files of equal length run together (on the CPU's fast path a batch of 16 "
+                             "costs 1.6-2.5x less per clip than one clip at a time)")
     args = parser.parse_args(argv)
-    if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1):
+    if args.top_k < 1 or args.batch_size < 1:
         raise InputError("--top_k and --batch_size must be at least 1")
     check_suffix("--output", args.output, (".json", ".csv"))
     if args.output:
@@ -107,8 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise InputError(str(e)) from None
 
     # tag: consecutive files of equal length share a batch; results keep the input order
-    batch_size = args.batch_size or (16 if tagger.device.type == "cuda" else 1)
-    results, errors = run_on_files(files, tagger.sample_rate, tagger.predict, batch_size,
+    results, errors = run_on_files(files, tagger.sample_rate, tagger.predict, args.batch_size,
                                    chunked_fn=tagger.predict_chunks)
     for message in errors.values():
         print(f"error: {message}", file=sys.stderr)
