@@ -71,8 +71,6 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     layout conversion, no im2col); narrower ones as a oneDNN convolution, which is faster there
     (measured on AVX2: 3.5x for 8 -> 8 channels at 64 x 500)."""
     b = x.shape[0]
-    if weight.dim() == 3 and b == 1:
-        weight = weight[0]
     rows = x.permute(0, 2, 3, 1)  # a view for channels_last x
     if weight.dim() == 3:  # per-sample weights
         flat = torch.bmm(rows.reshape(b, -1, rows.shape[-1]), weight.transpose(1, 2))
@@ -90,11 +88,13 @@ _FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.Hardswish: "hardswish"}
 def conv_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
                     padding: tuple[int, int], dilation: tuple[int, int], groups: int,
                     activation: nn.Module | None) -> torch.Tensor:
-    """conv2d followed by `activation` (in place). Outputs of at least `FUSED_MIN_OUTPUTS` values
-    run as one oneDNN convolution with the activation fused (one pass over the output less; a
-    call costs about 60 us more, which only large layers win back)."""
+    """conv2d followed by `activation` (in place). float32 outputs of at least `FUSED_MIN_OUTPUTS`
+    values run as one oneDNN convolution with the activation fused (one pass over the output less;
+    a call costs about 60 us more, which only large layers win back; bf16 keeps the plain calls,
+    as the fused ones could not be checked on a CPU with native bf16)."""
     name = _FUSED_ACTIVATIONS.get(type(activation), "none" if activation is None else "")
-    if name and _fused_conv_available() and _output_numel(x, weight, stride, padding, dilation) >= FUSED_MIN_OUTPUTS:
+    if name and x.dtype == torch.float32 and _fused_conv_available() \
+            and _output_numel(x, weight, stride, padding, dilation) >= FUSED_MIN_OUTPUTS:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
                                                        name, [], "")
     out = nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -147,7 +147,7 @@ class PointwiseConv(nn.Module):
 def pointwise_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          activation: nn.Module | None) -> torch.Tensor:
     """`pointwise` then `activation` (in place); one weight for a large output with an activation
-    goes through `conv_activation` (fused)."""
+    goes through `conv_activation` (fused). Per-sample weights of a batch of one are one weight."""
     if weight.dim() == 3 and x.shape[0] == 1:
         weight = weight[0]
     if activation is not None and weight.dim() == 2 and \
