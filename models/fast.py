@@ -92,24 +92,23 @@ def conv_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     values run as one oneDNN convolution with the activation fused (one pass over the output less;
     a call costs about 60 us more, which only large layers win back; bf16 keeps the plain calls,
     as the fused ones could not be checked on a CPU with native bf16)."""
-    name = _FUSED_ACTIVATIONS.get(type(activation), "none" if activation is None else "")
-    if name and x.dtype == torch.float32 and _fused_conv_available() \
-            and _output_numel(x, weight, stride, padding, dilation) >= FUSED_MIN_OUTPUTS:
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    name = _fused_name(x, activation, x.shape[0] * weight.shape[0] * size[0] * size[1])
+    if name:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
                                                        name, [], "")
     out = nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return out if activation is None else activation(out)
 
 
-def _output_numel(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
-                  dilation: tuple[int, int]) -> int:
-    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
-    return x.shape[0] * weight.shape[0] * size[0] * size[1]
-
-
-def _fused_conv_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+def _fused_name(x: torch.Tensor, activation: nn.Module | None, outputs: int) -> str | None:
+    """oneDNN's name for `activation` when a conv of x with `outputs` output values runs fused."""
+    name = _FUSED_ACTIVATIONS.get(type(activation), "none" if activation is None else None)
+    if (name and x.dtype == torch.float32 and outputs >= FUSED_MIN_OUTPUTS and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return name
+    return None
 
 
 class ConvActivation(nn.Module):
@@ -151,7 +150,7 @@ def pointwise_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if weight.dim() == 3 and x.shape[0] == 1:
         weight = weight[0]
     if activation is not None and weight.dim() == 2 and \
-            x.shape[0] * x.shape[2] * x.shape[3] * weight.shape[0] >= FUSED_MIN_OUTPUTS:
+            _fused_name(x, activation, x.shape[0] * x.shape[2] * x.shape[3] * weight.shape[0]):
         return conv_activation(x, weight[:, :, None, None], bias, (1, 1), (0, 0), (1, 1), 1, activation)
     out = pointwise(x, weight, bias)
     return out if activation is None else activation(out)
@@ -307,8 +306,8 @@ class FastDynamicConv(nn.Module):
     """`DynamicConv` followed by its batch norm, in one: the norm's scale is folded into each of
     the K kernels (the attention weights sum to one, so the mixture keeps it) and its shift
     becomes a bias. 1x1 convolutions run through `pointwise` with each sample's mixed kernel;
-    other kernels as one convolution per sample. Its attention layer (`head`, a (weight, bias) pair)
-    is computed by the block together with the others (`FastDynamicInvertedResidual`)."""
+    other kernels as one convolution per sample. Its attention logits are computed by the block
+    together with its other context-driven layers (`FastDynamicInvertedResidual`)."""
 
     def __init__(self, conv: DynamicConv, norm: nn.BatchNorm2d, activation: nn.Module | None = None) -> None:
         super().__init__()
@@ -318,9 +317,7 @@ class FastDynamicConv(nn.Module):
         kernels = conv.weight.detach().view(conv.k, *shape) * scale.view(1, -1, 1, 1, 1)
         self.register_buffer("weight", kernels.reshape(conv.k, -1))
         self.register_buffer("bias", shift.detach().clone())
-        residuals: nn.Linear = conv.residuals[0]
         self.temperature = conv.temperature  # fixed at the model's temperature when it was copied
-        self.head = (residuals.weight.detach() / self.temperature, residuals.bias.detach() / self.temperature)
         self.kernel_shape, self.stride, self.padding, self.groups = shape, conv.stride, conv.padding, conv.groups
         self.pointwise = conv.kernel_size == 1 and conv.groups == 1 and conv.stride == 1 and conv.padding == 0
 
@@ -339,13 +336,11 @@ class FastDynamicConv(nn.Module):
 class FastDyReLU(nn.Module):
     """`DyReLUB` as the running maximum of its M affine pieces (no (B, C, M, F, T) tensor), with
     each piece's coefficients contiguous over channels (broadcast over channels_last activations
-    at full vector speed; strided coefficients measured 4.6x slower). Its coefficient layer
-    (`head`) is computed by the block together with the others."""
+    at full vector speed; strided coefficients measured 4.6x slower). Its coefficient logits are
+    computed by the block together with its other context-driven layers."""
 
     def __init__(self, relu: DyReLUB) -> None:
         super().__init__()
-        layer: nn.Linear = relu.coef_net[0]
-        self.head = (layer.weight.detach(), layer.bias.detach())
         self.channels, self.M = relu.channels, relu.M
         # coefs = (2 sigmoid(z) - 1) * lambdas + init_v = sigmoid(z) * 2 lambdas + (init_v - lambdas)
         self.register_buffer("coef_scale", 2 * relu.lambdas)
@@ -415,12 +410,19 @@ class FastDynamicInvertedResidual(nn.Module):
         self.depth_act = FastDyReLU(block.depth_act) if isinstance(block.depth_act, DyReLUB) else block.depth_act
         self.ca = FastCoordAtt() if isinstance(block.ca, CoordAtt) else block.ca
         self.proj_conv = _fold_block_conv(block.proj_conv, block.proj_norm)
-        names = ["exp_conv"] if self.has_expansion else []
-        self.dynamic = [n for n in names + ["depth_conv", "depth_act", "proj_conv"] if hasattr(getattr(self, n), "head")]
-        heads = [getattr(self, n).head for n in self.dynamic]
-        self.head_sizes = [w.shape[0] for w, _ in heads]
-        self.register_buffer("head_weight", torch.cat([w for w, _ in heads]) if heads else torch.empty(0))
-        self.register_buffer("head_bias", torch.cat([b for _, b in heads]) if heads else torch.empty(0))
+        heads = {}  # name -> the original's layer reading the context vector, and its logits' divisor
+        for name in (["exp_conv"] if self.has_expansion else []) + ["depth_conv", "depth_act", "proj_conv"]:
+            layer = getattr(block, name)
+            if isinstance(layer, DynamicConv):
+                heads[name] = (layer.residuals[0], layer.temperature)
+            elif isinstance(layer, DyReLUB):
+                heads[name] = (layer.coef_net[0], 1.0)
+        self.dynamic = list(heads)
+        self.head_sizes = [linear.out_features for linear, _ in heads.values()]
+        weights = [linear.weight.detach() / divisor for linear, divisor in heads.values()]
+        biases = [linear.bias.detach() / divisor for linear, divisor in heads.values()]
+        self.register_buffer("head_weight", torch.cat(weights) if weights else torch.empty(0))
+        self.register_buffer("head_bias", torch.cat(biases) if biases else torch.empty(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = self.context_gen(x)
@@ -441,15 +443,18 @@ def _fold_block_conv(conv: nn.Module, norm: nn.BatchNorm2d, activation: nn.Modul
     in, followed by `activation`."""
     if isinstance(conv, DynamicConv):
         return FastDynamicConv(conv, norm, activation)
-    return StaticWrapper(ConvActivation(fuse_conv_bn_eval(conv.module, norm), activation))
+    return StaticWrapper(_fast_conv(fuse_conv_bn_eval(conv.module, norm), activation))
+
+
+def _fast_conv(conv: nn.Conv2d, activation: nn.Module | None) -> nn.Module:
+    """A (folded) conv and its activation: a `PointwiseConv` for 1x1 kernels, else a `ConvActivation`."""
+    return PointwiseConv(conv, activation) if _is_pointwise(conv) else ConvActivation(conv, activation)
 
 
 def fast_conv_layer(layer: ConvNormActivation) -> nn.Module:
-    """The stem or last conv (Conv-BN-Activation) with its norm folded: a `PointwiseConv` for
-    1x1 kernels, else a `ConvActivation`."""
-    fold_batch_norms(nn.ModuleList([layer]))
-    activation = layer[2] if len(layer) > 2 else None
-    return PointwiseConv(layer[0], activation) if _is_pointwise(layer[0]) else ConvActivation(layer[0], activation)
+    """A Conv-BN-Activation layer (stem, last conv, a block's convs) with its norm folded."""
+    fold_batch_norms(layer)
+    return _fast_conv(layer[0], layer[2] if len(layer) > 2 else None)
 
 
 FAST_BLOCKS = {InvertedResidual: FastInvertedResidual, DynamicInvertedResidual: FastDynamicInvertedResidual,
@@ -468,9 +473,8 @@ def fast_model(model: AudioTagger, precision: str = "fp32") -> FastTagger:
             stages.append(FAST_BLOCKS[type(stage)](stage))
             if hasattr(stage, "out_channels"):  # kept for code that picks layers by width
                 stages[-1].out_channels = stage.out_channels
-        parts = nn.ModuleList([*stages, model.classifier])
-        fold_batch_norms(parts)
-        replace_pointwise_convs(parts)
+        fold_batch_norms(model.classifier)  # the fully convolutional head's 1x1 conv and norm
+        replace_pointwise_convs(model.classifier)
     return FastTagger(model, stages, dtype)
 
 
@@ -496,11 +500,10 @@ class FastMelFrontend(_EvalOnly, AugmentMelSTFT):
         used = self.mel_basis.abs() > 0
         self.first_bin, self.end_bin = _nonzero_span(used.any(dim=0))
         self.mel_bands: list[tuple[int, int, int, int]] = []  # (first filter, end filter, first bin, end bin)
-        for start in range(0, self.n_mels, self.MEL_GROUP):
+        for i, start in enumerate(range(0, self.n_mels, self.MEL_GROUP)):
             end = min(start + self.MEL_GROUP, self.n_mels)
             low, high = _nonzero_span(used[start:end].any(dim=0), self.first_bin)
             self.mel_bands.append((start, end, low, high))
-        for i, (start, end, low, high) in enumerate(self.mel_bands):
             self.register_buffer(f"mel_band_{i}", self.mel_basis[start:end, low:high].clone(), persistent=False)
         keep_freed_memory()
         self.to(frontend.mel_basis.device)
