@@ -15,8 +15,8 @@ import argparse
 import sys
 from typing import Optional
 
-from datasets.audio import AudioLoadError, find_audio_files
-from helpers.common.errors import DownloadError, InputError, check_suffix, run_cli
+from datasets.audio import find_audio_files
+from helpers.common.errors import InputError, as_input_error, check_suffix, run_cli
 from helpers.common.files import check_output
 from helpers.inference.embeddings import embed_files, save_embeddings
 from helpers.inference.tagging import add_precision_arg, build_tagger, select_device
@@ -45,11 +45,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    try:
+    with as_input_error():
         files = find_audio_files(args.audio_path)
         tagger = build_tagger(args.model_name, device=select_device(args.cuda), precision=args.precision)
-    except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
-        raise InputError(str(e)) from None
 
     done, embeddings, errors = embed_files(tagger, files, args.layer, args.batch_size)
     for message in errors.values():

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from datasets.audio import AudioLoadError, find_audio_files, load_audio
-from helpers.common.errors import DownloadError, InputError, check_suffix, run_cli
+from helpers.common.errors import InputError, as_input_error, check_suffix, run_cli
 from helpers.common.files import check_output
 from helpers.inference.onnx_export import DEFAULT_OPSET, agreement, compare_with_torch, export_onnx, quantize_onnx
 from helpers.inference.tagging import Tagger, build_tagger, top_k
@@ -101,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     check_output(output, "--output")
     if not (math.isfinite(args.tolerance) and args.tolerance > 0):
         raise InputError(f"--tolerance must be a positive number, got {args.tolerance}")
-    try:
+    with as_input_error():
         tagger = build_tagger(args.model_name, fast=False)
         clip = load_audio(args.check, tagger.sample_rate) if args.check else None
         if clip is not None and len(clip) <= tagger.frontend.n_fft // 2 + 1:
@@ -109,8 +109,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         calibration = [load_audio(f, tagger.sample_rate) for f in find_audio_files(args.calibration or [])]
         n_mels = tagger.frontend.n_mels
         export_onnx(tagger.model, output, tagger.frontend if args.with_frontend else None, args.opset, n_mels)
-    except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
-        raise InputError(str(e)) from None
 
     shape = "waveform (batch, samples)" if args.with_frontend else f"spectrogram (batch, 1, {n_mels}, frames)"
     print(f"exported {tagger.name} to {output} ({output.stat().st_size / 2 ** 20:.1f} MiB, opset {args.opset}): "

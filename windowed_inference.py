@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.common.errors import DownloadError, InputError, check_suffix, run_cli
+from helpers.common.errors import InputError, as_input_error, check_suffix, run_cli
 from helpers.common.files import atomic_write, check_output
 from helpers.inference.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
                                    tag_windows, window_samples)
@@ -57,10 +57,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         raise InputError("--batch_size and --plot_classes must be at least 1, --top_k at least 0")
     if not 0.0 <= args.threshold <= 1.0:
         raise InputError(f"--threshold must be between 0 and 1, got {args.threshold}")
-    try:  # before any model is loaded; checked again at the model's sample rate
+    with as_input_error():  # before any model is loaded; checked again at the model's sample rate
         window_samples(args.window_size, args.hop_length, 32000)
-    except ValueError as e:
-        raise InputError(str(e)) from None
     for option, value, suffixes in (("--events", args.events, (".csv", ".json")),
                                     ("--probabilities", args.probabilities, (".csv", ".npz")),
                                     ("--plot", args.plot, (".png",))):
@@ -72,15 +70,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def load(args: argparse.Namespace) -> tuple[list[Path], Tagger]:
     """The recordings and the tagger; unreadable input or an unknown model is an InputError."""
-    try:
+    with as_input_error():
         files = find_audio_files(args.audio_path)
         if args.plot and len(files) > 1:
             raise ValueError(f"--plot draws one recording; {len(files)} files given")
         tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda),
                                       precision=args.precision)
         window_samples(args.window_size, args.hop_length, tagger.sample_rate)
-    except (AudioLoadError, DownloadError, ValueError, RuntimeError) as e:
-        raise InputError(str(e)) from None
     return files, tagger
 
 

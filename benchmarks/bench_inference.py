@@ -14,9 +14,10 @@ wall time of one whole `inference.py` run on one clip.
 
 Two worker processes hold the models: one the plain path, one the others (the fast path changes
 the process's allocator settings, `models.fast.keep_freed_memory`, which would speed up the plain
-model too). The coordinator asks them for one timed call at a time, alternating variants round by
-round, so that both see the same machine; each figure is the best of the rounds, and the spread
-(median / best) is printed so that noise from other jobs on the machine shows. Random weights
+model too). The coordinator asks them for one turn at a time (the best of `--repeats` back-to-back
+calls), alternating variants round by round, so that both see the same machine; each figure is the
+best turn, and the spread (median / best) is printed so that noise from other jobs on the machine
+shows. Random weights
 (speed does not depend on them); the CLI timing needs mn04_as in the checkpoint cache.
 """
 from __future__ import annotations

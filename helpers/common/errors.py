@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 
 class AudioLoadError(ValueError):
@@ -19,6 +20,18 @@ class DownloadError(RuntimeError):
 class InputError(ValueError):
     """Bad user input: a missing dataset folder or file, a malformed data file, inconsistent
     arguments. The message is one line that names the file or argument and the problem."""
+
+
+@contextmanager
+def as_input_error() -> Iterator[None]:
+    """Inside: a ValueError or RuntimeError (an unreadable file, a failed download, settings a
+    model or checkpoint refuses) is bad input, raised again as a one-line InputError."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (ValueError, RuntimeError) as e:
+        raise InputError(str(e)) from None
 
 
 def fail(message: str) -> NoReturn:
