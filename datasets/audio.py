@@ -29,11 +29,13 @@ AUDIO_EXTENSIONS = SOUNDFILE_EXTENSIONS | {".mp3", ".m4a", ".mp4", ".aac", ".opu
 
 def _checked_path(path: str | os.PathLike) -> Path:
     path = Path(path)
-    if not path.exists():
-        raise AudioLoadError(f"{path}: no such file")
-    if path.is_dir():
+    try:
+        info = path.stat()  # once: a file read from a network share costs a round trip per call
+    except (FileNotFoundError, NotADirectoryError):
+        raise AudioLoadError(f"{path}: no such file") from None
+    if stat.S_ISDIR(info.st_mode):
         raise AudioLoadError(f"{path}: is a folder, not an audio file")
-    if _is_regular(path) and path.stat().st_size == 0:
+    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
         raise AudioLoadError(f"{path}: file is empty")
     return path
 
