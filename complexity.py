@@ -23,8 +23,8 @@ from typing import Any, Optional
 
 from helpers.analysis.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
 from helpers.analysis.complexity_plots import plot_tradeoffs
-from helpers.common.errors import InputError, check_suffix, run_cli
-from helpers.common.files import atomic_write, check_output
+from common.errors import InputError, check_suffix, run_cli
+from common.files import atomic_write, check_output
 from models.factory import create_frontend, family_of
 from models.pretrained import get_entry, name_to_width
 

@@ -16,8 +16,8 @@ import sys
 from typing import Optional
 
 from datasets.audio import find_audio_files
-from helpers.common.errors import InputError, as_input_error, check_suffix, run_cli
-from helpers.common.files import check_output
+from common.errors import InputError, as_input_error, check_suffix, run_cli
+from common.files import check_output
 from helpers.inference.embeddings import embed_files, save_embeddings
 from helpers.inference.tagging import add_precision_arg, build_tagger, select_device
 

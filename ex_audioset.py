@@ -25,11 +25,11 @@ from datasets.audioset import (BALANCED_FILE, DATASET_ENV, EVAL_FILE, UNBALANCED
                                AudioSetDataset, TeacherPredictions, sample_weights, teacher_paths)
 from datasets.augment import RollDataset, WavMixDataset
 from datasets.items import IndexedClip
-from helpers.common.errors import InputError, run_cli
-from helpers.common.files import atomic_write, check_output
-from helpers.common.labels import class_names
+from common.errors import InputError, run_cli
+from common.files import atomic_write, check_output
+from common.labels import class_names
 from helpers.inference.tagging import build_tagger
-from helpers.metrics import format_tagging_results, multilabel_metrics
+from helpers.training.metrics import format_tagging_results, multilabel_metrics
 from helpers.training.args import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args, check_args,
                                    frontend_config_from_args, frontend_overrides, model_config_from_args,
                                    resolve_dataset_dir, resolve_out_dir)

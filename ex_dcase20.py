@@ -18,7 +18,7 @@ import torch
 
 from datasets import dcase20
 from datasets.items import Clip
-from helpers.common.errors import run_cli
+from common.errors import run_cli
 from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
 from helpers.training.evaluation import model_for_evaluation

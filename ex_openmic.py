@@ -15,8 +15,8 @@ import sys
 from typing import Optional
 
 from datasets import openmic
-from helpers.common.errors import InputError, run_cli
-from helpers.metrics import format_tagging_results
+from common.errors import InputError, run_cli
+from helpers.training.metrics import format_tagging_results
 from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
 from helpers.training.evaluation import model_for_evaluation

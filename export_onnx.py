@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from datasets.audio import AudioLoadError, find_audio_files, load_audio
-from helpers.common.errors import InputError, as_input_error, check_suffix, run_cli
-from helpers.common.files import check_output
+from common.errors import InputError, as_input_error, check_suffix, run_cli
+from common.files import check_output
 from helpers.inference.onnx_export import DEFAULT_OPSET, agreement, compare_with_torch, export_onnx, quantize_onnx
 from helpers.inference.tagging import Tagger, build_tagger, top_k
 

@@ -21,8 +21,8 @@ from typing import Optional
 import numpy as np
 
 from datasets.audio import find_audio_files
-from helpers.common.errors import InputError, as_input_error, check_suffix, run_cli
-from helpers.common.files import atomic_write, check_output
+from common.errors import InputError, as_input_error, check_suffix, run_cli
+from common.files import atomic_write, check_output
 from helpers.inference.tagging import (Tagger, add_precision_arg, build_onnx_tagger, build_tagger, format_tags,
                                        run_on_files, select_device, top_k)
 

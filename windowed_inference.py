@@ -26,8 +26,8 @@ from typing import Optional
 import numpy as np
 
 from datasets.audio import AudioLoadError, find_audio_files
-from helpers.common.errors import InputError, as_input_error, check_suffix, run_cli
-from helpers.common.files import atomic_write, check_output
+from common.errors import InputError, as_input_error, check_suffix, run_cli
+from common.files import atomic_write, check_output
 from helpers.inference.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
                                    tag_windows, window_samples)
 from helpers.inference.tagging import Tagger, add_precision_arg, build_tagger, select_device, top_k

@@ -18,7 +18,7 @@ import av
 import numpy as np
 import soundfile as sf
 
-from helpers.common.errors import AudioLoadError  # noqa: F401  (re-exported: datasets.audio.AudioLoadError)
+from common.errors import AudioLoadError  # noqa: F401  (re-exported: datasets.audio.AudioLoadError)
 import soxr
 
 SOUNDFILE_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".aifc", ".au",

@@ -28,7 +28,7 @@ from datasets.augment import decimate, random_gain
 from datasets.badclips import BadClips, CountsBadClips, row_error
 from datasets.hdf5 import CorruptRowError, Mp3DecodeError, Mp3HDF5, decode_mp3, unpack_targets
 from datasets.items import IndexedClip
-from helpers.common.errors import InputError
+from common.errors import InputError
 
 NUM_CLASSES = 527
 SAMPLE_RATE = 32000
@@ -187,7 +187,7 @@ class TeacherPredictions:
 def teacher_paths(preds: Optional[str], index: Optional[str]) -> tuple[Path, Path]:
     """The teacher files: the given paths, or the released files in the model cache (downloaded on
     first use, ~4 GB for the logits)."""
-    from helpers.common.download import cached_file  # network access only on this path
+    from common.download import cached_file  # network access only on this path
 
     preds_path = Path(preds) if preds else cached_file(TEACHER_PREDS_FILE, TEACHER_URL + TEACHER_PREDS_FILE)
     index_path = Path(index) if index else cached_file(FNAME_TO_INDEX_FILE, TEACHER_URL + FNAME_TO_INDEX_FILE)

@@ -16,7 +16,7 @@ import numpy as np
 
 from datasets.audio import AudioLoadError
 from datasets.hdf5 import Mp3DecodeError, Mp3HDF5
-from helpers.common.errors import InputError
+from common.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from helpers.common.files import atomic_write
+from common.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

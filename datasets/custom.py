@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from datasets.files import AudioFileDataset, check_files_exist, make_cache, read_table
-from helpers.common.errors import InputError
+from common.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from datasets.files import AudioFileDataset, check_files_exist, make_cache, one_hot, read_table
-from helpers.common.errors import InputError
+from common.errors import InputError
 
 ENV_VAR = "EFFICIENTAT_DCASE20_DIR"
 CLIP_SECONDS = 10

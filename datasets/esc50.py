@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from datasets.files import AudioFileDataset, check_files_exist, make_cache, one_hot, read_table
-from helpers.common.errors import InputError
+from common.errors import InputError
 
 ENV_VAR = "EFFICIENTAT_ESC50_DIR"
 NUM_CLASSES = 50

@@ -21,8 +21,8 @@ from datasets.augment import fit_length
 from datasets.badclips import BadClips, CountsBadClips
 from datasets.cache import WaveformCache, file_signature
 from datasets.items import IndexedClip
-from helpers.common.errors import InputError
-from helpers.common.files import read_text
+from common.errors import InputError
+from common.files import read_text
 
 
 def read_table(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:

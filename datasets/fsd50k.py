@@ -23,7 +23,7 @@ from typing import Optional
 from datasets.files import make_cache
 from datasets.hdf5 import Mp3HDF5, unpack_targets
 from datasets.mp3clips import SAMPLE_RATE, Mp3ClipDataset
-from helpers.common.errors import InputError
+from common.errors import InputError
 
 ENV_VAR = "EFFICIENTAT_FSD50K_DIR"
 NUM_CLASSES = 200

@@ -24,8 +24,8 @@ import h5py
 import numpy as np
 import soundfile as sf
 
-from helpers.common.errors import InputError
-from helpers.common.files import atomic_path
+from common.errors import InputError
+from common.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class Mp3HDF5Writer:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "Mp3HDF5Writer":
-        # a temp path (helpers.common.files.atomic_path): HDF5 reads back chunks it wrote as datasets grow
+        # a temp path (common.files.atomic_path): HDF5 reads back chunks it wrote as datasets grow
         with self._stack as stack:
             tmp = stack.enter_context(atomic_path(self.path))
             self._file = f = stack.enter_context(h5py.File(tmp, "w"))

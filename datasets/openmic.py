@@ -20,7 +20,7 @@ from datasets.files import make_cache
 from datasets.hdf5 import Mp3HDF5
 from datasets.items import MaskedClip
 from datasets.mp3clips import SAMPLE_RATE, Mp3ClipDataset
-from helpers.common.errors import InputError
+from common.errors import InputError
 
 ENV_VAR = "EFFICIENTAT_OPENMIC_DIR"
 NUM_CLASSES = 20

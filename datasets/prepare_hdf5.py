@@ -42,10 +42,10 @@ import numpy as np  # noqa: E402 (after the path fix above)
 from tqdm import tqdm  # noqa: E402
 
 from datasets.audio import AudioLoadError, find_audio_files, load_audio  # noqa: E402
-from helpers.common.files import read_text  # noqa: E402
+from common.files import read_text  # noqa: E402
 from datasets.hdf5 import Mp3HDF5Writer, encode_mp3, pack_targets  # noqa: E402
-from helpers.common.errors import InputError, run_cli  # noqa: E402
-from helpers.common.labels import label_table  # noqa: E402
+from common.errors import InputError, run_cli  # noqa: E402
+from common.labels import label_table  # noqa: E402
 
 logger = logging.getLogger(__name__)
 SAMPLE_RATE = 32000

@@ -9,15 +9,15 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from helpers.common.errors import InputError
-from helpers.common.files import atomic_write
+from common.errors import InputError
+from common.files import atomic_write
 from models.factory import model_from_config
 
 CHECKPOINT_FORMAT = "efficientat-training-checkpoint"
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
-    """torch.save `state` atomically (helpers.common.files.atomic_write): a crash never leaves a
+    """torch.save `state` atomically (common.files.atomic_write): a crash never leaves a
     half-written checkpoint."""
     with atomic_write(path, "wb") as f:
         torch.save(dict(state), f)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from helpers.common.download import cached_file
+from common.download import cached_file
 
 logger = logging.getLogger(__name__)
 

@@ -111,7 +111,7 @@ def released_file(request: pytest.FixtureRequest, cache: Path, filename: str, mo
     if model_name:
         from models.pretrained import checkpoint_path
         return checkpoint_path(model_name, progress=False)
-    from helpers.common.labels import label_table
+    from common.labels import label_table
     label_table()
     return path
 

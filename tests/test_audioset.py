@@ -22,8 +22,8 @@ from datasets.audioset import (BALANCED_FILE, EVAL_FILE, NUM_CLASSES, UNBALANCED
                                AudioSetDataset, TeacherPredictions, normalize_name, sample_weights)
 from datasets.hdf5 import Mp3HDF5, Mp3HDF5Writer, decode_mp3, encode_mp3, pack_targets, unpack_targets
 from datasets.prepare_hdf5 import main as prepare_main
-from helpers.common.errors import InputError, run_cli
-from helpers.metrics import multilabel_metrics
+from common.errors import InputError, run_cli
+from helpers.training.metrics import multilabel_metrics
 from helpers.training.data import DistributedWeightedSampler
 from models.checkpoint import load_checkpoint
 from tests.conftest import REPO, shared_path
@@ -445,5 +445,5 @@ def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys, l
         roc = roc_auc_score(targets[:, cols], logits[:, cols], average=None).mean()
     assert f"  mAP: {ap:.3f}\n" in out and f"  ROC: {roc:.3f}\n" in out
     assert "classes have positive clips" in out
-    from helpers.common.labels import class_names
+    from common.labels import class_names
     assert class_names()[int(np.argmax(logits[0]))] == "Train"  # the metro clip survived mp3

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.common import labels
-from helpers.common.download import DownloadError, cached_file, download
+from common import labels
+from common.download import DownloadError, cached_file, download
 from models import pretrained
 
 PAYLOAD = bytes(range(256)) * 400

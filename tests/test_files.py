@@ -1,4 +1,4 @@
-"""helpers/common/files.py: atomic writes leave either the complete new file or the old state."""
+"""common/files.py: atomic writes leave either the complete new file or the old state."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.common.files import atomic_write
+from common.files import atomic_write
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from datasets import custom, dcase20, esc50
 from datasets.audio import load_audio
 from datasets.cache import WaveformCache, file_signature
-from helpers.common.errors import InputError
+from common.errors import InputError
 from tests.datagen import make_custom, make_dcase20, make_esc50
 
 

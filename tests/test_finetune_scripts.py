@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 from datasets import custom, esc50, fsd50k, openmic
-from helpers.common.errors import run_cli
+from common.errors import run_cli
 from helpers.training.evaluation import mel
 from models.checkpoint import load_finetuned
 from models.preprocess import AugmentMelSTFT

@@ -11,7 +11,7 @@ from datasets.augment import (GainDataset, RollDataset, WavMixDataset, decimate,
 from datasets.items import IndexedClip
 from datasets.hdf5 import (Mp3DecodeError, Mp3HDF5, Mp3HDF5Writer, decode_mp3, encode_mp3,
                            pack_targets, unpack_targets)
-from helpers.common.errors import InputError
+from common.errors import InputError
 
 
 def _chirp(seconds: float = 0.5, sr: int = 32000) -> np.ndarray:

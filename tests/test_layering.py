@@ -1,9 +1,9 @@
 """The packages import only downwards (README, Layout):
 
-    0  helpers.common                        imports no other project module
-    1  models, datasets                      helpers.common (and themselves; not each other)
-    2  helpers.training, helpers.inference,  layers 0-1 and layer 2, never a script
-       helpers.analysis, helpers.metrics
+    0  common                               imports no other project module
+    1  models, datasets                     common (and themselves; not each other)
+    2  helpers.training, helpers.inference, layers 0-1 and layer 2, never a script
+       helpers.analysis
     3  root scripts, benchmarks, tests       anything
 
 Checked by walking the import statements of every project .py file (also imports inside
@@ -19,7 +19,7 @@ from tests.conftest import REPO
 
 SKIP = {".git", "resources", "__pycache__", "runs", ".venv", "venv"}
 SCRIPTS = {p.stem for p in REPO.glob("*.py")}
-LAYER2 = ("helpers.training", "helpers.inference", "helpers.analysis", "helpers.metrics")
+LAYER2 = ("helpers.training", "helpers.inference", "helpers.analysis")
 
 
 def _project_files() -> list[Path]:
@@ -40,7 +40,7 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{a.name}" for a in node.names)
-    roots = {"helpers", "models", "datasets", "tests", "benchmarks"} | SCRIPTS
+    roots = {"common", "helpers", "models", "datasets", "tests", "benchmarks"} | SCRIPTS
     return {n for n in names if n.split(".")[0] in roots}
 
 
@@ -49,16 +49,16 @@ def _within(name: str, *packages: str) -> bool:
 
 
 def _allowed(module: str, imported: str) -> bool:
-    if _within(module, "helpers.common"):
-        return _within(imported, "helpers.common")
+    if _within(module, "common"):
+        return _within(imported, "common")
     if _within(module, "models"):
-        return _within(imported, "helpers.common", "models")
+        return _within(imported, "common", "models")
     if _within(module, "datasets"):
-        return _within(imported, "helpers.common", "datasets")
+        return _within(imported, "common", "datasets")
     if _within(module, *LAYER2):
-        return _within(imported, "helpers.common", "models", "datasets", *LAYER2)
+        return _within(imported, "common", "models", "datasets", *LAYER2)
     if _within(module, "helpers"):  # helpers/__init__.py and any other helpers module
-        return imported == "helpers" or _within(imported, "helpers.common")
+        return _within(imported, "common")
     if module in SCRIPTS:  # scripts use the library, not each other
         return imported.split(".")[0] not in SCRIPTS | {"tests", "benchmarks"}
     return True  # tests and benchmarks sit on top
@@ -77,8 +77,8 @@ def test_helpers_init_is_empty():
 
 
 @pytest.mark.parametrize("module, imported, ok", [
-    ("helpers.common.errors", "datasets.audio", False),
-    ("models.pretrained", "helpers.common.download", True),
+    ("common.errors", "datasets.audio", False),
+    ("models.pretrained", "common.download", True),
     ("models.pretrained", "helpers.inference.tagging", False),
     ("models.factory", "datasets.items", False),
     ("datasets.audio", "models.preprocess", False),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from helpers import metrics as M
+from helpers.training import metrics as M
 
 
 def _data(seed=0, n=60, c=12):

@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 
 from datasets.files import AudioFileDataset
-from helpers.common.errors import InputError
+from common.errors import InputError
 from helpers.training.distributed import setup_distributed
 from helpers.training.precision import Precision
 from helpers.training.probe import (AUTO_FINETUNE_FROM, AUTO_PROBE_BELOW, Embedder, FinetuneSchedule, choose_recipe,

@@ -11,7 +11,7 @@ import pytest
 import ex_audioset
 import ex_custom
 import ex_esc50
-from helpers.common.errors import InputError, run_cli
+from common.errors import InputError, run_cli
 from helpers.training.checkpoints import check_resumable, prepare_run_folder
 from tests.datagen import make_esc50
 

@@ -17,7 +17,7 @@ import ex_audioset
 import export_onnx
 import inference
 import windowed_inference
-from helpers.common.errors import run_cli
+from common.errors import run_cli
 from tests.conftest import REPO
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from datasets.items import IndexedClip
-from helpers.common.errors import InputError
+from common.errors import InputError
 from helpers.training.args import add_model_args, model_config_from_args, resolve_dataset_dir
 from helpers.training.data import ShardSampler, eval_loader, train_loader
 from helpers.training.distributed import DistInfo, cleanup_distributed, setup_distributed, unwrap, wrap_ddp

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from helpers.common.files import atomic_write
+from common.files import atomic_write
 from models.factory import DEFAULT_FAMILY, FAMILIES
 
 

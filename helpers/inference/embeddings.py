@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from helpers.common.files import atomic_write
+from common.files import atomic_write
 from helpers.inference.tagging import Tagger, run_on_files
 
 

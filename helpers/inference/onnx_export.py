@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from helpers.common.files import atomic_path, atomic_write
+from common.files import atomic_path, atomic_write
 from models.dymn.dy_block import Context, DynamicConv, batched_pointwise
 from models.preprocess import AugmentMelSTFT
 

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from datasets.audio import AudioLoadError, stream_audio
-from helpers.common.labels import label_table
+from common.labels import label_table
 from models.checkpoint import load_finetuned
 from models.ensemble import EnsembleModel, ensemble_frontend_kwargs, get_ensemble_model
 from helpers.inference.onnx_export import OnnxModel

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from helpers.common.errors import InputError
+from common.errors import InputError
 from helpers.training.precision import PRECISIONS
 from models.checkpoint import load_checkpoint
 from models.factory import frontend_kwargs, model_config

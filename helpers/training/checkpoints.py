@@ -9,8 +9,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from helpers.common.errors import InputError
-from helpers.common.files import check_output, remove_stale_temporaries
+from common.errors import InputError
+from common.files import check_output, remove_stale_temporaries
 from helpers.training.distributed import unwrap
 from helpers.training.precision import Precision
 from models.checkpoint import CHECKPOINT_FORMAT, plain, save_checkpoint

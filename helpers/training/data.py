@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from helpers.common.errors import InputError
+from common.errors import InputError
 from helpers.training.distributed import DistInfo
 from helpers.training.seeding import worker_init_fn
 

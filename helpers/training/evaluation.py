@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from helpers.common.errors import InputError
+from common.errors import InputError
 from helpers.training.args import apply_speed_options, frontend_config_from_args, model_config_from_args
 from helpers.training.data import eval_loader
 from helpers.training.distributed import DistInfo, broadcast_buffers, gather_cat, unwrap

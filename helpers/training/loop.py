@@ -19,8 +19,8 @@ The loss callback receives the model, the spectrogram batch (B, 1, n_mels, T) an
 batch (a NamedTuple of `datasets.items`, tensors already on the device) and returns a dict holding
 the scalar "loss" to minimize and any other values to average and log.
 
-Errors in the user's input raise helpers.common.errors.InputError; scripts wrap `main` in
-helpers.common.errors.run_cli to turn them into one line on stderr and exit status 2.
+Errors in the user's input raise common.errors.InputError; scripts wrap `main` in
+common.errors.run_cli to turn them into one line on stderr and exit status 2.
 
 Reproducibility: `seed_epoch` re-seeds Python, NumPy and torch at the start of every epoch from
 (seed, epoch, rank); samplers draw from (seed, epoch); DataLoader workers derive their seeds from
@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from helpers.common.errors import InputError
+from common.errors import InputError
 from helpers.training.args import apply_speed_options, frontend_config_from_args, model_config_from_args
 from helpers.training.checkpoints import (check_resumable, prepare_run_folder, restore_training_state,
                                           save_epoch_weights, training_state)

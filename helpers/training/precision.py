@@ -5,7 +5,7 @@ from typing import Any, Optional
 
 import torch
 
-from helpers.common.errors import InputError
+from common.errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 

@@ -44,8 +44,8 @@ from torch.utils.data import Dataset
 
 from datasets.cache import file_signature
 from datasets.files import AudioFileDataset
-from helpers.common.errors import InputError
-from helpers.common.files import atomic_write
+from common.errors import InputError
+from common.files import atomic_write
 from helpers.training.args import frontend_config_from_args
 from helpers.training.data import train_loader
 from helpers.training.distributed import DistInfo

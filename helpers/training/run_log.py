@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from helpers.common.errors import InputError
+from common.errors import InputError
 from helpers.training.distributed import DistInfo
 from models.checkpoint import plain
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from datasets.augment import GainDataset, RollDataset, WavMixDataset, mix_targets
-from helpers.metrics import accuracy, multilabel_metrics
+from helpers.training.metrics import accuracy, multilabel_metrics
 from datasets.items import is_valid
 from helpers.training.mixup import mix, mixup
 
@@ -132,7 +132,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
 
 def tagging_metrics(logits: torch.Tensor, targets: torch.Tensor,
                     mask: Optional[torch.Tensor] = None) -> dict[str, float]:
-    """mAP, ROC AUC and d' (helpers.metrics) and the mean binary cross-entropy; with a label
+    """mAP, ROC AUC and d' (helpers.training.metrics) and the mean binary cross-entropy; with a label
     mask see `masked_tagging_metrics`."""
     if mask is not None:
         return masked_tagging_metrics(logits, targets, mask)

@@ -5,7 +5,7 @@ import csv
 from functools import lru_cache
 from pathlib import Path
 
-from helpers.common.download import cached_file
+from common.download import cached_file
 
 LABELS_FILE = "class_labels_indices.csv"
 # The AudioSet release first, the original repository's copy as fallback.

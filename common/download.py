@@ -19,8 +19,8 @@ from typing import Callable, Optional, Sequence
 
 from tqdm import tqdm
 
-from helpers.common.errors import DownloadError  # noqa: F401  (re-exported)
-from helpers.common.files import atomic_path
+from common.errors import DownloadError  # noqa: F401  (re-exported)
+from common.files import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from helpers.common.errors import InputError
+from common.errors import InputError
 
 logger = logging.getLogger(__name__)
 
