@@ -31,8 +31,9 @@ import torch
 from datasets.audio import AudioLoadError, find_audio_files, load_audio
 from common.errors import InputError, as_input_error, check_suffix, run_cli
 from common.files import check_output
-from helpers.inference.onnx_export import DEFAULT_OPSET, agreement, compare_with_torch, export_onnx, quantize_onnx
+from helpers.inference.onnx_export import DEFAULT_OPSET, OPSETS, agreement, compare_with_torch, export_onnx, quantize_onnx
 from helpers.inference.tagging import Tagger, build_tagger, top_k
+from models.factory import frontend_kwargs
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -51,6 +52,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--calibration", nargs="+", default=None, metavar="AUDIO",
                         help="files and/or folders of typical clips to calibrate --quantize int8 on")
     args = parser.parse_args(argv)
+    if args.opset not in OPSETS:
+        raise InputError(f"--opset {args.opset} is not supported: use {OPSETS.start}-{OPSETS.stop - 1}")
     if args.calibration and not args.quantize:
         raise InputError("--calibration is for --quantize int8")
     if args.check and args.quantize:
@@ -108,7 +111,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise AudioLoadError(f"{args.check}: too short for the check ({len(clip)} samples)")
         calibration = [load_audio(f, tagger.sample_rate) for f in find_audio_files(args.calibration or [])]
         n_mels = tagger.frontend.n_mels
-        export_onnx(tagger.model, output, tagger.frontend if args.with_frontend else None, args.opset, n_mels)
+        export_onnx(tagger.model, output, tagger.frontend if args.with_frontend else None, args.opset, n_mels,
+                    frontend_kwargs(args.model_name))
 
     shape = "waveform (batch, samples)" if args.with_frontend else f"spectrogram (batch, 1, {n_mels}, frames)"
     print(f"exported {tagger.name} to {output} ({output.stat().st_size / 2 ** 20:.1f} MiB, opset {args.opset}): "

@@ -6,38 +6,45 @@
     python inference.py --onnx mn10_as_int8.onnx --audio_path metro.wav      # exported with export_onnx.py
 
 Each file is analyzed whole, in one pass, at 32 kHz mono. Files of equal length are batched.
+Results are printed and written as each file finishes; Ctrl-C or SIGTERM stops the run with what
+was done written to --output (exit code 130 / 143), and --resume then tags only the files it lacks.
 Exit code: 0 all files tagged, 1 some files failed (the others are tagged), 2 nothing tagged
 (bad arguments, unknown model, unreadable input).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from common.errors import InputError, as_input_error, run_cli
 from datasets.audio import find_audio_files
-from common.errors import InputError, as_input_error, check_suffix, run_cli
-from common.files import atomic_write, check_output
+from helpers.inference.interrupt import Interrupted, StopSignals
+from helpers.inference.tables import TableWriter, check_table_output
 from helpers.inference.tagging import (Tagger, add_precision_arg, build_onnx_tagger, build_tagger, format_tags,
-                                       run_on_files, select_device, top_k)
+                                       iter_files, select_device, top_k)
+
+TAG_COLUMNS = ["file", "rank", "index", "mid", "label", "probability"]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
-    parser.add_argument("--model_name", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
+    parser.add_argument("--model_name", default=None,
+                        help="registry name, e.g. mn04_as, dymn10_as (default: mn10_as; with --onnx: the "
+                             "settings stored in the file)")
     parser.add_argument("--ensemble", nargs="+", default=None, help="several model names; averages logits")
     parser.add_argument("--checkpoint", default=None,
                         help="a checkpoint written by a training script (ex_*.py): tags with its own classes")
     parser.add_argument("--onnx", default=None,
                         help="tag with this model exported by export_onnx.py (float or int8), with onnxruntime")
-    parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
+    parser.add_argument("--cuda", action="store_true", help="run on the GPU (fp16 autocast); an error without one")
     add_precision_arg(parser)
     parser.add_argument("--strides", nargs=4, type=int, default=None, help="MN/DyMN strides (default: registry)")
     parser.add_argument("--head_type", default=None, help="MN head (default: registry)")
@@ -46,21 +53,34 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--hop_size", type=int, default=None, help="STFT hop in samples (default: registry)")
     parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: registry)")
     parser.add_argument("--top_k", type=int, default=10, help="labels printed / written per file")
-    parser.add_argument("--output", default=None, help="write results to a .json or .csv file")
+    parser.add_argument("--output", default=None,
+                        help="write results to a .json or .csv file (CSV rows are written as files finish)")
     parser.add_argument("--all_classes", action="store_true", help="write every class's probability to --output")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the results already in --output and tag only the files it lacks")
     parser.add_argument("--batch_size", type=int, default=16,
                         help="files of equal length run together (on the CPU's fast path a batch of 16 "
                              "costs 1.3-2.3x less per clip than one clip at a time)")
     args = parser.parse_args(argv)
+    check_flags(args)
+    return args
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """InputError for values out of range and for flags that contradict or would be ignored."""
     if args.top_k < 1 or args.batch_size < 1:
         raise InputError("--top_k and --batch_size must be at least 1")
-    check_suffix("--output", args.output, (".json", ".csv"))
-    if args.output:
-        check_output(args.output, "--output")
+    check_table_output("--output", args.output)
+    for flag, needs in (("--all_classes", "--output"), ("--resume", "--output")):
+        if getattr(args, flag[2:]) and not args.output:
+            raise InputError(f"{flag} is about the {needs} file: give {needs} too")
     if args.onnx and (args.ensemble or args.checkpoint or args.cuda or args.precision != "fp32"):
         raise InputError("--onnx runs the exported model on the CPU: it excludes --ensemble, --checkpoint, "
                          "--cuda and --precision")
-    return args
+    if args.checkpoint and (args.ensemble or args.model_name):
+        raise InputError("--checkpoint holds its own model: it excludes --ensemble and --model_name")
+    if args.ensemble and args.model_name:
+        raise InputError("--ensemble names its models: it excludes --model_name")
 
 
 def ranked(probs: np.ndarray, tagger: Tagger, args: argparse.Namespace) -> list[dict]:
@@ -71,55 +91,88 @@ def ranked(probs: np.ndarray, tagger: Tagger, args: argparse.Namespace) -> list[
             for r, i in enumerate(order)]
 
 
-def write_results(args: argparse.Namespace, tagger: Tagger, files: list[Path], results: dict[Path, np.ndarray],
-                  errors: dict[Path, str]) -> None:
-    """--output as .json or .csv, written atomically."""
-    out = Path(args.output)
-    with atomic_write(out, newline="", encoding="utf-8") as f:
-        if out.suffix.lower() == ".json":
-            json.dump({"model": tagger.name, "sample_rate": tagger.sample_rate,
-                       "results": [{"file": str(p), "tags": ranked(results[p], tagger, args)}
-                                   for p in files if p in results],
-                       "errors": [{"file": str(p), "error": msg} for p, msg in errors.items()]},
-                      f, indent=2)
-        else:
-            writer = csv.writer(f)
-            writer.writerow(["file", "rank", "index", "mid", "label", "probability"])
-            for p in files:
-                if p in results:
-                    for tag in ranked(results[p], tagger, args):
-                        writer.writerow([str(p), *tag.values()])
-    print(f"wrote {len(results)} result(s) to {out}", file=sys.stderr)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
+def load(args: argparse.Namespace) -> tuple[list[Path], Tagger]:
+    """The files and the tagger; unreadable input or an unknown model is an InputError."""
     with as_input_error():
         files = find_audio_files(args.audio_path)
         frontend = {"sr": args.sample_rate, "win_length": args.window_size, "hopsize": args.hop_size,
                     "n_mels": args.n_mels}
         if args.onnx:
-            tagger: Tagger = build_onnx_tagger(args.onnx, args.model_name, **frontend)
-        else:
-            tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda), args.strides,
-                                  args.head_type, args.checkpoint, args.precision, **frontend)
+            return files, build_onnx_tagger(args.onnx, args.model_name, **frontend)
+        return files, build_tagger(args.model_name or "mn10_as", args.ensemble, select_device(args.cuda),
+                                   args.strides, args.head_type, args.checkpoint, args.precision, **frontend)
 
-    # tag: consecutive files of equal length share a batch; results keep the input order
-    results, errors = run_on_files(files, tagger.sample_rate, tagger.predict, args.batch_size,
-                                   chunked_fn=tagger.predict_chunks)
-    for message in errors.values():
-        print(f"error: {message}", file=sys.stderr)
 
-    for path in files:
-        if path in results:
+def open_output(args: argparse.Namespace, tagger: Tagger, files: list[Path]) -> tuple[Optional[TableWriter], list[Path]]:
+    """The --output writer (None without --output) and the files left to tag (--resume skips those
+    the earlier --output holds)."""
+    if not args.output:
+        return None, files
+    writer = TableWriter(args.output, TAG_COLUMNS, {"model": tagger.name, "sample_rate": tagger.sample_rate})
+    if args.resume:
+        with as_input_error():
+            try:
+                done = writer.carry_over()
+            except ValueError:
+                writer.abort()
+                raise
+        files = [f for f in files if str(f) not in done]
+        print(f"resuming: {len(done)} file(s) already in {args.output}, {len(files)} to tag", file=sys.stderr)
+    return writer, files
+
+
+def tag(args: argparse.Namespace, tagger: Tagger, files: list[Path], writer: Optional[TableWriter],
+        stop: StopSignals) -> tuple[int, int]:
+    """Tag `files`, printing and writing each result as it comes; (tagged, failed)."""
+    tagged = failed = 0
+    for path, probs, error in iter_files(files, tagger.sample_rate, tagger.predict, args.batch_size,
+                                         chunked_fn=tagger.predict_chunks):
+        with stop.deferred():
+            if error is not None:
+                failed += 1
+                print(f"error: {error}", file=sys.stderr)
+                if writer is not None:
+                    writer.add_error(str(path), error)
+                continue
+            tagged += 1
             if len(files) > 1:
                 print(path)
-            print(format_tags(results[path], tagger.class_names, args.top_k))
-    if args.output and results:
-        write_results(args, tagger, files, results, errors)
-    if not results:
+            print(format_tags(probs, tagger.class_names, args.top_k), flush=True)
+            if writer is not None:
+                tags = ranked(probs, tagger, args)
+                writer.add({"file": str(path), "tags": tags}, ([str(path), *t.values()] for t in tags))
+    return tagged, failed
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    files, tagger = load(args)
+    writer, todo = open_output(args, tagger, files)
+    stop = StopSignals()
+    tagged = failed = 0
+    with stop.installed():
+        try:
+            tagged, failed = tag(args, tagger, todo, writer, stop)
+        except Interrupted:
+            pass
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None and writer.count:
+            writer.close()
+            print(f"wrote {writer.count} result(s) to {args.output}", file=sys.stderr)
+        elif writer is not None:
+            writer.abort()
+    if stop.signum is not None:
+        print(f"interrupted by {signal.Signals(stop.signum).name}: {tagged} of {len(todo)} file(s) tagged"
+              + (f", written to {args.output} (--resume continues)" if writer is not None and writer.count else ""),
+              file=sys.stderr)
+        return 128 + stop.signum
+    if not (tagged or (writer is not None and writer.count)):
         return 2
-    return 1 if errors else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ and resampled incrementally, the same samples) for recordings too long to hold i
 """
 from __future__ import annotations
 
+import io
 import itertools
+import logging
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -20,6 +23,16 @@ import soundfile as sf
 
 from common.errors import AudioLoadError  # noqa: F401  (re-exported: datasets.audio.AudioLoadError)
 import soxr
+
+logger = logging.getLogger(__name__)
+
+# A pipe or device can be read only once, so it is read whole into memory (up to this size) and
+# both decoders are given that copy: opening it a second time would block forever.
+MAX_PIPE_BYTES = 2 << 30
+# float audio whose peak exceeds this is not in the [-1, 1] the models were trained on (int16 values
+# stored unscaled in a float file, say): warned about, as the tags it gets are meaningless
+PEAK_WARNING = 4.0
+APPLEDOUBLE_PREFIX = "._"  # macOS resource-fork companions: named like audio, hold no audio
 
 SOUNDFILE_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".aifc", ".au",
                         ".snd", ".caf", ".w64", ".rf64"}
@@ -74,27 +87,63 @@ def _pyav_blocks(container: av.container.InputContainer, stream: av.AudioStream)
             yield out.to_ndarray()
 
 
+def _read_pipe(path: Path) -> io.BytesIO:
+    """The whole content of a pipe or device (read once, at most MAX_PIPE_BYTES)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_PIPE_BYTES + 1)
+    if len(data) > MAX_PIPE_BYTES:
+        raise AudioLoadError(f"{path}: a pipe of more than {MAX_PIPE_BYTES >> 20} MiB; save it to a file first")
+    return io.BytesIO(data)
+
+
+def _usable_rate(path: Path, rate: Optional[int]) -> int:
+    """`rate` if it is a sample rate; AudioLoadError otherwise (FFmpeg reports 0 Hz for some
+    files that hold no audio, e.g. macOS AppleDouble `._*` files)."""
+    if not rate or rate <= 0:
+        raise AudioLoadError(f"{path}: not a readable audio file (the decoder reports a sample rate of {rate} Hz)")
+    return int(rate)
+
+
+def _truncation_note(path: Path, f: sf.SoundFile) -> None:
+    """Log a warning when a WAV header announces more audio than the file holds (libsndfile
+    reads what is there and notes `data : <header> (should be <actual>)`)."""
+    found = re.search(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", f.extra_info, re.MULTILINE)
+    if found and int(found.group(1)) > int(found.group(2)) > 0:
+        held = f.frames / f.samplerate
+        logger.warning("%s: truncated: the header announces %.2f s of audio, the file holds %.2f s "
+                       "(the %.2f s present are used)", path, held * int(found.group(1)) / int(found.group(2)),
+                       held, held)
+
+
 def _open_blocks(path: Path, block_seconds: Optional[float]) -> tuple[int, Iterator[np.ndarray]]:
     """Native sample rate and an iterator of (channels, n) float32 blocks of the decoded file:
-    soundfile blocks of `block_seconds` (None: the whole file at once), or PyAV's codec frames."""
+    soundfile blocks of `block_seconds` (None: the whole file at once), or PyAV's codec frames.
+    A pipe is read once into memory and both decoders try that copy."""
+    source: str | io.BytesIO = str(path) if _is_regular(path) else _read_pipe(path)
     if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
         try:
-            f = sf.SoundFile(str(path))
+            f = sf.SoundFile(source)
         except sf.LibsndfileError:
             pass  # e.g. an mp3 or exotic codec in a .wav container: let FFmpeg try
         else:
-            if block_seconds is None and f.seekable():
-                frames = -1
-            else:  # a pipe cannot be read whole in one call
-                frames = max(1, round((block_seconds or 30.0) * f.samplerate))
-            return f.samplerate, _soundfile_blocks(f, frames)
-    container = av.open(str(path))
+            rate = _usable_rate(path, f.samplerate)
+            _truncation_note(path, f)
+            frames = -1 if block_seconds is None else max(1, round(block_seconds * rate))
+            return rate, _soundfile_blocks(f, frames)
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+    container = av.open(source)
     streams = [s for s in container.streams if s.type == "audio"]
     if not streams:
         container.close()
         raise AudioLoadError(f"{path}: no audio stream in file")
     stream = streams[0]
-    return stream.rate or stream.codec_context.sample_rate, _pyav_blocks(container, stream)
+    try:
+        rate = _usable_rate(path, stream.rate or stream.codec_context.sample_rate)
+    except AudioLoadError:
+        container.close()
+        raise
+    return rate, _pyav_blocks(container, stream)
 
 
 def _decoded(path: Path, sample_rate: int, block_seconds: Optional[float]) -> Iterator[np.ndarray]:
@@ -116,7 +165,7 @@ def _mono_resampled(path: Path, rate: int, blocks: Iterator[np.ndarray], sample_
     block sizes. Small decoder frames are gathered into blocks of at least `min_frames`."""
     resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ") \
         if rate != sample_rate else None
-    total = 0
+    total, peak = 0, 0.0
     pending: list[np.ndarray] = []
     pending_frames = 0
     try:
@@ -134,6 +183,7 @@ def _mono_resampled(path: Path, rate: int, blocks: Iterator[np.ndarray], sample_
             else:
                 mono = np.zeros(0, dtype=np.float32)
             check_finite(path, mono, rate, total)
+            peak = max(peak, float(np.abs(mono).max())) if len(mono) else peak
             total += len(mono)
             if resampler is not None:
                 mono = resampler.resample_chunk(mono, last=last)
@@ -145,6 +195,9 @@ def _mono_resampled(path: Path, rate: int, blocks: Iterator[np.ndarray], sample_
         raise _unreadable(path, e) from None
     if total == 0:
         raise AudioLoadError(f"{path}: contains no audio samples")
+    if peak > PEAK_WARNING:
+        logger.warning("%s: samples reach %.3g, far outside [-1, 1] (integer values stored unscaled in a float "
+                       "file?): the tags are not meaningful", path, peak)
 
 
 def check_finite(source: str | os.PathLike, samples: np.ndarray, rate: int, start: int = 0) -> np.ndarray:
@@ -179,6 +232,19 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 32000) -> np.ndarray:
     return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
+def native_length(path: str | os.PathLike) -> Optional[tuple[int, int]]:
+    """(frames, sample rate) of a file libsndfile reads, from its header; None for other files and
+    for pipes (which reading the header would consume)."""
+    path = Path(path)
+    if path.suffix.lower() not in SOUNDFILE_EXTENSIONS or not path.is_file():
+        return None
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError):
+        return None
+    return (info.frames, info.samplerate) if info.samplerate > 0 else None
+
+
 def audio_duration(path: str | os.PathLike) -> Optional[float]:
     """Duration of `path` in seconds from its header (None where the container does not say);
     meant for progress bars, not for sample-exact work. None for a pipe, which reading the header
@@ -187,12 +253,9 @@ def audio_duration(path: str | os.PathLike) -> Optional[float]:
     if not _is_regular(path):
         return None
     try:
-        if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
-            try:
-                info = sf.info(str(path))
-                return info.frames / info.samplerate
-            except sf.LibsndfileError:
-                pass
+        length = native_length(path)
+        if length is not None:
+            return length[0] / length[1]
         with av.open(str(path)) as container:
             streams = [s for s in container.streams if s.type == "audio"]
             if streams and streams[0].duration is not None and streams[0].time_base is not None:
@@ -210,6 +273,11 @@ def find_audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS)
+            companions = [f for f in found if f.name.startswith(APPLEDOUBLE_PREFIX)]
+            if companions:
+                logger.warning("%s: skipped %d macOS metadata file(s) named %s* (no audio inside)", p,
+                               len(companions), APPLEDOUBLE_PREFIX)
+                found = [f for f in found if not f.name.startswith(APPLEDOUBLE_PREFIX)]
             if not found:
                 raise AudioLoadError(f"{p}: folder contains no audio files "
                                      f"({', '.join(sorted(AUDIO_EXTENSIONS))})")
@@ -218,4 +286,14 @@ def find_audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
             files.append(p)
         else:
             raise AudioLoadError(f"{p}: no such file or folder")
-    return files
+    return _unique(files)
+
+
+def _unique(files: list[Path]) -> list[Path]:
+    """`files` without repeats of one file (by any spelling of its path), first ones kept; logged."""
+    seen: dict[Path, Path] = {}
+    for f in files:
+        seen.setdefault(f.resolve(), f)
+    if len(seen) < len(files):
+        logger.warning("%d repeated path(s) left out: each file is analyzed once", len(files) - len(seen))
+    return list(seen.values())

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 import os
 import tempfile
@@ -45,6 +46,9 @@ from models.dymn.dy_block import Context, DynamicConv, batched_pointwise
 from models.preprocess import AugmentMelSTFT
 
 DEFAULT_OPSET = 17
+OPSETS = range(13, 21)  # what the TorchScript exporter writes for these models (13: Pad with a dynamic size)
+# the metadata key holding the spectrogram settings the exported model was trained with (JSON)
+FRONTEND_KEY = "efficientat_frontend"
 
 
 class DFTMelFrontend(nn.Module):
@@ -124,10 +128,16 @@ class ExportWrapper(nn.Module):
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, frontend: Optional[AugmentMelSTFT] = None,
-                opset: int = DEFAULT_OPSET, n_mels: int = 128) -> None:
+                opset: int = DEFAULT_OPSET, n_mels: int = 128, settings: Optional[dict] = None) -> None:
     """Export `model` (with `frontend` in front when given) to `path`, written atomically, with
-    dynamic batch and time axes; the graph is checked with onnx.checker before it is written."""
+    dynamic batch and time axes; the graph is checked with onnx.checker before it is written.
+    `settings` (the frontend settings the model was trained with) are stored in the model's
+    metadata, so that `OnnxModel` users can refuse a different spectrogram. An opset outside
+    OPSETS is a ValueError; an exporter failure a RuntimeError of one line."""
     import onnx
+
+    if opset not in OPSETS:
+        raise ValueError(f"opset {opset} is not supported: use {OPSETS.start}-{OPSETS.stop - 1}")
 
     wrapper = ExportWrapper(model, frontend).eval()
     if frontend is not None:  # a dummy input of an odd size, so no size is taken for a constant
@@ -138,12 +148,19 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, frontend: Optional[Au
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
         warnings.filterwarnings("ignore", "Constant folding - Only steps=1")  # reflect padding's Slice
-        torch.onnx.export(wrapper, (dummy,), buffer, dynamo=False, opset_version=opset,
-                          input_names=[name], output_names=["logits", "embedding"],
-                          dynamic_axes={name: axes, "logits": {0: "batch"}, "embedding": {0: "batch"}})
-    onnx.checker.check_model(onnx.load_from_string(buffer.getvalue()), full_check=True)
+        try:
+            torch.onnx.export(wrapper, (dummy,), buffer, dynamo=False, opset_version=opset,
+                              input_names=[name], output_names=["logits", "embedding"],
+                              dynamic_axes={name: axes, "logits": {0: "batch"}, "embedding": {0: "batch"}})
+        except Exception as e:  # the exporter's messages carry the whole TorchScript graph
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"ONNX export failed at opset {opset}: {first}") from None
+    exported = onnx.load_from_string(buffer.getvalue())
+    onnx.checker.check_model(exported, full_check=True)
+    if settings is not None:
+        onnx.helper.set_model_props(exported, {FRONTEND_KEY: json.dumps(settings, sort_keys=True)})
     with atomic_write(path, "wb") as f:
-        f.write(buffer.getvalue())
+        f.write(exported.SerializeToString())
 
 
 class OnnxModel(nn.Module):
@@ -159,18 +176,38 @@ class OnnxModel(nn.Module):
         options.intra_op_num_threads = threads or torch.get_num_threads()
         # no spinning between runs: the PyTorch frontend shares the cores with onnxruntime's threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = _session(Path(path), options)
         graph_input = self.session.get_inputs()[0]
         self.input_name, self.takes_waveforms = graph_input.name, graph_input.name == "waveform"
+        # mel bands of a spectrogram input (batch, 1, n_mels, frames); None for waveforms
+        self.n_mels = None if self.takes_waveforms else graph_input.shape[2]
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         if set(outputs) != {"logits", "embedding"}:
             raise ValueError(f"{path}: not a model written by export_onnx (outputs {sorted(outputs)})")
         self.num_classes, self.embedding_dim = outputs["logits"][1], outputs["embedding"][1]
+        stored = self.session.get_modelmeta().custom_metadata_map.get(FRONTEND_KEY)
+        # the spectrogram settings it was trained with; None for files exported before they were stored
+        self.frontend_settings: Optional[dict] = json.loads(stored) if stored else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feed = {self.input_name: x.detach().cpu().numpy().astype(np.float32, copy=False)}
         logits, embedding = self.session.run(["logits", "embedding"], feed)
         return torch.from_numpy(logits), torch.from_numpy(embedding)
+
+
+def _session(path: Path, options: "onnxruntime.SessionOptions") -> "onnxruntime.InferenceSession":
+    """An onnxruntime session of `path`; ValueError of one line for a path that is no ONNX model."""
+    import onnxruntime
+
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not an ONNX model")
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not an ONNX model written by export_onnx.py ({first[:200]})") from None
 
 
 def run_onnx(path: str | os.PathLike, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +287,19 @@ def quantize_onnx(path: str | os.PathLike, output: str | os.PathLike,
             else:
                 quantize_dynamic(str(prepared), str(target), op_types_to_quantize=["MatMul", "Gemm"],
                                  per_channel=True, weight_type=QuantType.QInt8, nodes_to_quantize=network[1:])
+            _copy_metadata(path, target)
     return "static" if calibration else "dynamic"
+
+
+def _copy_metadata(source: str | os.PathLike, target: Path) -> None:
+    """The metadata of `source` (the frontend settings) added to the model at `target`."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(source)).metadata_props}
+    if props:
+        model = onnx.load(str(target))
+        onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})
+        onnx.save(model, str(target))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

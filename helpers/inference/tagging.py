@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import logging
 import math
 import os
 import sys
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from datasets.audio import AudioLoadError, stream_audio
+from datasets.audio import AudioLoadError, native_length, stream_audio
 from common.labels import label_table
 from models.checkpoint import load_finetuned
 from models.ensemble import EnsembleModel, ensemble_frontend_kwargs, get_ensemble_model
@@ -29,6 +30,8 @@ from helpers.inference.onnx_export import OnnxModel
 from models.factory import FRONTEND_DEFAULTS, create_model, frontend_kwargs
 from models.fast import PRECISIONS, FastMelFrontend, fast_inference
 from models.preprocess import AugmentMelSTFT
+
+logger = logging.getLogger(__name__)
 
 # Recordings longer than this are tagged chunk by chunk (Tagger.forward_chunks), so memory does not
 # grow with their length; shorter ones in one pass.
@@ -159,8 +162,11 @@ def _batch(waveforms: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def select_device(cuda: bool) -> torch.device:
-    """CUDA if asked for and available, else CPU."""
-    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+    """CUDA if asked for, else CPU; ValueError when CUDA is asked for but there is no GPU (the
+    user would otherwise wait for a CPU run believing it to be a GPU one)."""
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("--cuda: no CUDA GPU is available here (leave out --cuda to run on the CPU)")
+    return torch.device("cuda" if cuda else "cpu")
 
 
 def build_tagger(model_name: str = "mn10_as", ensemble: Optional[Sequence[str]] = None,
@@ -203,12 +209,27 @@ def build_tagger(model_name: str = "mn10_as", ensemble: Optional[Sequence[str]] 
     return Tagger(model, frontend, names, name, device, class_ids, multilabel)
 
 
-def build_onnx_tagger(path: str | os.PathLike, model_name: str = "mn10_as", **frontend_overrides: Any) -> Tagger:
+def build_onnx_tagger(path: str | os.PathLike, model_name: Optional[str] = None,
+                      **frontend_overrides: Any) -> Tagger:
     """A CPU Tagger running the exported model at `path` (export_onnx.py, float or int8) with
-    onnxruntime. A graph without the frontend gets `model_name`'s frontend (with overrides);
-    527 classes are AudioSet's."""
+    onnxruntime, on the spectrogram settings stored in the file at export; `model_name` and
+    overrides that contradict them are a ValueError. A file exported before the settings were
+    stored gets `model_name`'s (default mn10_as) with overrides, and a warning. 527 classes are
+    AudioSet's."""
     model = OnnxModel(path)
-    frontend = FastMelFrontend(AugmentMelSTFT(**frontend_kwargs(model_name, **frontend_overrides)))
+    settings = model.frontend_settings
+    if settings is None:
+        logger.warning("%s holds no spectrogram settings (exported before they were stored): assuming "
+                       "%s's; export it again to have them checked", path, model_name or "mn10_as")
+        settings = frontend_kwargs(model_name or "mn10_as", **frontend_overrides)
+    else:
+        if model_name is not None:
+            _check_frontend(str(path), settings, frontend_kwargs(model_name))
+        _check_frontend(str(path), settings, frontend_overrides)
+    if model.n_mels is not None and model.n_mels != settings["n_mels"]:
+        raise ValueError(f"{path} takes spectrograms of {model.n_mels} mel bands, not {settings['n_mels']}: "
+                         "leave the spectrogram settings to the model")
+    frontend = FastMelFrontend(AugmentMelSTFT(**settings))
     table = label_table() if model.num_classes == 527 else None
     names = [n for _, n in table] if table else [f"class {i}" for i in range(model.num_classes)]
     return Tagger(model, frontend, names, str(path), torch.device("cpu"),
@@ -246,7 +267,8 @@ def read_or_chunk(path: Path, sample_rate: int, chunk_seconds: float = CHUNK_SEC
         if size > chunk:
             return None, _chunks(np.concatenate(head), blocks, int(chunk), sample_rate)
     if size < 2:
-        raise AudioLoadError(f"{path}: too short to analyze ({size} sample)")
+        given = native_length(path) or (size, sample_rate)
+        raise AudioLoadError(f"{path}: too short to analyze ({given[0]} sample(s) at {given[1]} Hz)")
     return np.concatenate(head), iter(())
 
 
@@ -263,39 +285,65 @@ def _chunks(start: np.ndarray, blocks: Iterator[np.ndarray], chunk: int, tail: i
     yield buffer
 
 
-def run_on_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Tensor], np.ndarray],
-                 batch_size: int = 16, desc: str = "tagging",
-                 chunked_fn: Optional[Callable[[Iterator[np.ndarray]], np.ndarray]] = None,
-                 chunk_seconds: float = CHUNK_SECONDS) -> tuple[dict[Path, np.ndarray], dict[Path, str]]:
+Outcome = tuple[Path, Optional[np.ndarray], Optional[str]]  # (file, its row, or a one-line error)
+
+
+def iter_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Tensor], np.ndarray],
+               batch_size: int = 16, desc: str = "tagging",
+               chunked_fn: Optional[Callable[[Iterator[np.ndarray]], np.ndarray]] = None,
+               chunk_seconds: float = CHUNK_SECONDS) -> Iterator[Outcome]:
     """Apply `fn` to batches (B, L) of consecutive files of equal length (so no padding changes a
     result), each file read whole; `fn` returns one row per waveform. Files longer than
     `chunk_seconds` go to `chunked_fn` instead, as an iterator of chunks (`read_or_chunk`), which
-    returns their row. Returns the rows by file, and a one-line error message by file for those
-    that could not be read. A progress bar on stderr appears for more than one file."""
-    results: dict[Path, np.ndarray] = {}
-    errors: dict[Path, str] = {}
+    returns their row. Yields (file, row, None) as soon as a file's row is computed, in input
+    order, or (file, None, message) for a file that cannot be read or whose row is not finite
+    (audio far outside [-1, 1] overflows the spectrogram). A progress bar on stderr appears for
+    more than one file."""
     pending: list[tuple[Path, np.ndarray]] = []
 
-    def flush() -> None:
+    def flush() -> Iterator[Outcome]:
         if pending:
             rows = fn(torch.from_numpy(np.stack([w for _, w in pending])))
-            results.update((path, row) for (path, _), row in zip(pending, rows))
+            done = [(path, row) for (path, _), row in zip(pending, rows)]
             pending.clear()
+            yield from (_checked_row(path, row) for path, row in done)
 
     for path in tqdm(files, desc=desc, unit="file", disable=len(files) <= 1, file=sys.stderr):
         try:
             waveform, chunks = read_or_chunk(path, sample_rate, chunk_seconds if chunked_fn else math.inf)
             if waveform is None:
-                flush()
-                results[path] = chunked_fn(chunks)
+                yield from flush()
+                yield _checked_row(path, chunked_fn(chunks))
                 continue
         except AudioLoadError as e:
-            errors[path] = str(e)
+            yield from flush()
+            yield path, None, str(e)
             continue
         if pending and (len(pending) == batch_size or len(pending[0][1]) != len(waveform)):
-            flush()
+            yield from flush()
         pending.append((path, waveform))
-    flush()
+    yield from flush()
+
+
+def _checked_row(path: Path, row: np.ndarray) -> Outcome:
+    if np.isfinite(row).all():
+        return path, row, None
+    return path, None, (f"{path}: the model's output is not finite (NaN or infinity): are the samples far "
+                        "outside [-1, 1]?")
+
+
+def run_on_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Tensor], np.ndarray],
+                 batch_size: int = 16, desc: str = "tagging",
+                 chunked_fn: Optional[Callable[[Iterator[np.ndarray]], np.ndarray]] = None,
+                 chunk_seconds: float = CHUNK_SECONDS) -> tuple[dict[Path, np.ndarray], dict[Path, str]]:
+    """`iter_files` run to the end: the rows by file, and a one-line error message by file."""
+    results: dict[Path, np.ndarray] = {}
+    errors: dict[Path, str] = {}
+    for path, row, error in iter_files(files, sample_rate, fn, batch_size, desc, chunked_fn, chunk_seconds):
+        if error is None:
+            results[path] = row
+        else:
+            errors[path] = error
     return results, errors
 
 

@@ -1,0 +1,57 @@
+"""SIGINT (Ctrl-C) and SIGTERM as one exception that a multi-file run catches to keep its work.
+
+Inside `StopSignals.installed()` the first of these signals raises `Interrupted` where the program
+is (decoding, running the model), except inside `deferred()` blocks (writing a result), which finish
+first. Later signals are ignored, so the run's closing writes are not cut short.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Iterator, Optional
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """A signal asked the run to stop; `signum` says which (exit status 128 + signum)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """The handler of SIGINT and SIGTERM for one run (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._deferred = 0
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            return
+        self.signum = signum
+        if not self._deferred:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["StopSignals"]:
+        """The handler in place inside the block, the previous ones restored after it."""
+        previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A block that a signal does not cut short; a signal that came meanwhile raises after it."""
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
+        if self.signum is not None and not self._deferred:
+            raise Interrupted(self.signum)
