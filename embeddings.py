@@ -7,18 +7,22 @@ The embedding is the model's pooled embedding (the global average of the last co
 values for width 0.4, 960 for 1.0, 1920 for 2.0), or with --layer N the global average of feature
 map N (0 stem, 1-15 blocks, 16 last conv). The .npz holds `filenames`, `embeddings` (n, D),
 `model`, `layer` and `sample_rate`; read it with helpers.inference.embeddings.load_embeddings or np.load.
+Ctrl-C or SIGTERM stops the run and saves the embeddings done so far (exit code 130 / 143).
 Exit code: 0 all files embedded, 1 some failed (the others are saved), 2 nothing embedded.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 from typing import Optional
 
 from datasets.audio import find_audio_files
-from common.errors import InputError, as_input_error, check_suffix, run_cli
-from common.files import check_output
+from common.errors import InputError, as_input_error, run_cli
 from helpers.inference.embeddings import embed_files, save_embeddings
+from helpers.inference.interrupt import Interrupted, StopSignals
+from helpers.inference.tables import check_table_output
 from helpers.inference.tagging import add_precision_arg, build_tagger, select_device
 
 
@@ -36,8 +40,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise InputError("--batch_size must be at least 1")
-    check_suffix("--output", args.output, (".npz",))
-    check_output(args.output, "--output")
+    check_table_output("--output", args.output, (".npz",))
     if args.layer is not None and not -17 <= args.layer <= 16:
         raise InputError(f"--layer must be in -17..16 (17 feature maps), got {args.layer}")
     return args
@@ -45,17 +48,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     with as_input_error():
         files = find_audio_files(args.audio_path)
         tagger = build_tagger(args.model_name, device=select_device(args.cuda), precision=args.precision)
 
-    done, embeddings, errors = embed_files(tagger, files, args.layer, args.batch_size)
-    for message in errors.values():
-        print(f"error: {message}", file=sys.stderr)
+    stop = StopSignals()
+    with stop.installed():
+        try:
+            done, embeddings, errors = embed_files(tagger, files, args.layer, args.batch_size,
+                                                   lambda _, message: print(f"error: {message}", file=sys.stderr))
+        except Interrupted as e:
+            done, embeddings, errors = e.partial  # type: ignore[attr-defined]
+        stop.hold()
+        if done:
+            save_embeddings(args.output, done, embeddings, tagger.name, args.layer, tagger.sample_rate)
+            print(f"wrote {embeddings.shape[0]} embedding(s) of dimension {embeddings.shape[1]} to {args.output}")
+    if stop.signum is not None:
+        print(f"interrupted by {signal.Signals(stop.signum).name}: {len(done)} of {len(files)} file(s) embedded"
+              + (f", saved to {args.output}" if done else ", nothing saved"), file=sys.stderr)
+        return 128 + stop.signum
     if not done:
         return 2
-    save_embeddings(args.output, done, embeddings, tagger.name, args.layer, tagger.sample_rate)
-    print(f"wrote {embeddings.shape[0]} embedding(s) of dimension {embeddings.shape[1]} to {args.output}")
     return 1 if errors else 0
 
 

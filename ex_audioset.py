@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     kd.add_argument("--teacher_preds", type=str, default=None,
                     help="teacher logits .npy (default: the released file, downloaded to resources/)")
     kd.add_argument("--fname_to_index", type=str, default=None,
-                    help="pickled YouTube ID -> row dict (default: the released file)")
+                    help="YouTube ID -> teacher row mapping: .json, .csv (name,row) or the released .pkl (default: the released file)")
     kd.add_argument("--missing_teacher", choices=("error", "mask"), default="error",
                     help="training clips without a teacher row: stop, or train them on labels only")
     kd.add_argument("--temperature", type=float, default=1.0, help="KD temperature")

@@ -13,18 +13,26 @@ torch.hub.load as well.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 from torch import nn
 
 from models.factory import create_model
-from models.pretrained import REGISTRY
+from models.pretrained import REGISTRY, get_entry
 
 dependencies = ["torch", "numpy"]
 
 
+def _check_num_classes(num_classes: Any) -> None:
+    """ValueError unless `num_classes` is a whole number of at least 1."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a whole number of at least 1, got {num_classes!r}")
+
+
 def _entrypoint(name: str) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = True, num_classes: int = 527, **kwargs: Any) -> nn.Module:
+        _check_num_classes(num_classes)
         return create_model(name, num_classes=num_classes, pretrained=pretrained, **kwargs)
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__doc__ = f"{name}: {REGISTRY[name].description or 'released EfficientAT model'}."
@@ -32,3 +40,13 @@ def _entrypoint(name: str) -> Callable[..., nn.Module]:
 
 
 globals().update({name: _entrypoint(name) for name in REGISTRY})
+
+
+def __dir__() -> list[str]:
+    """The module's names. torch.hub.load looks a name up with `name in dir(hubconf)` and answers
+    an unknown one with "Cannot find callable"; the name it asks for (its caller's `func_name`) is
+    checked here first, so an unknown one gets the registry's close matches, as on the command line."""
+    asked = sys._getframe(1).f_locals.get("func_name")
+    if isinstance(asked, str) and asked not in globals():
+        get_entry(asked)  # ValueError: unknown model name ...; did you mean ...?
+    return sorted(globals())

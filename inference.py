@@ -17,6 +17,7 @@ import argparse
 import logging
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -26,8 +27,9 @@ from common.errors import InputError, as_input_error, run_cli
 from datasets.audio import find_audio_files
 from helpers.inference.interrupt import Interrupted, StopSignals
 from helpers.inference.tables import TableWriter, check_table_output
+from helpers.inference.batching import iter_files
 from helpers.inference.tagging import (Tagger, add_precision_arg, build_onnx_tagger, build_tagger, format_tags,
-                                       iter_files, select_device, top_k)
+                                       select_device, top_k)
 
 TAG_COLUMNS = ["file", "rank", "index", "mid", "label", "probability"]
 
@@ -122,26 +124,24 @@ def open_output(args: argparse.Namespace, tagger: Tagger, files: list[Path]) -> 
 
 
 def tag(args: argparse.Namespace, tagger: Tagger, files: list[Path], writer: Optional[TableWriter],
-        stop: StopSignals) -> tuple[int, int]:
-    """Tag `files`, printing and writing each result as it comes; (tagged, failed)."""
-    tagged = failed = 0
+        stop: StopSignals, counts: Counter) -> None:
+    """Tag `files`, printing and writing each result as it comes; `counts` the tagged and failed."""
     for path, probs, error in iter_files(files, tagger.sample_rate, tagger.predict, args.batch_size,
                                          chunked_fn=tagger.predict_chunks):
         with stop.deferred():
             if error is not None:
-                failed += 1
+                counts["failed"] += 1
                 print(f"error: {error}", file=sys.stderr)
                 if writer is not None:
                     writer.add_error(str(path), error)
                 continue
-            tagged += 1
+            counts["tagged"] += 1
             if len(files) > 1:
                 print(path)
             print(format_tags(probs, tagger.class_names, args.top_k), flush=True)
             if writer is not None:
                 tags = ranked(probs, tagger, args)
                 writer.add({"file": str(path), "tags": tags}, ([str(path), *t.values()] for t in tags))
-    return tagged, failed
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -150,29 +150,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     files, tagger = load(args)
     writer, todo = open_output(args, tagger, files)
     stop = StopSignals()
-    tagged = failed = 0
+    counts: Counter = Counter()
     with stop.installed():
         try:
-            tagged, failed = tag(args, tagger, todo, writer, stop)
+            tag(args, tagger, todo, writer, stop, counts)
         except Interrupted:
             pass
         except BaseException:
             if writer is not None:
                 writer.abort()
             raise
+        stop.hold()
         if writer is not None and writer.count:
             writer.close()
             print(f"wrote {writer.count} result(s) to {args.output}", file=sys.stderr)
         elif writer is not None:
             writer.abort()
     if stop.signum is not None:
-        print(f"interrupted by {signal.Signals(stop.signum).name}: {tagged} of {len(todo)} file(s) tagged"
+        print(f"interrupted by {signal.Signals(stop.signum).name}: {counts['tagged']} of {len(todo)} file(s) tagged"
               + (f", written to {args.output} (--resume continues)" if writer is not None and writer.count else ""),
               file=sys.stderr)
         return 128 + stop.signum
-    if not (tagged or (writer is not None and writer.count)):
+    if not (counts["tagged"] or (writer is not None and writer.count)):
         return 2
-    return 1 if failed else 0
+    return 1 if counts["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -57,6 +57,30 @@ def sha256sum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _stamp(path: Path) -> str:
+    info = path.stat()
+    return f"{info.st_size} {info.st_mtime_ns}"
+
+
+def check_sha256(path: Path, sha256: str) -> None:
+    """DownloadError unless the file at `path` has the digest `sha256`. A match is remembered
+    beside the file (.<name>.verified: size, modification time, digest), so an unchanged file is
+    not read again; a file changed since (same size or not) is checked anew."""
+    record = path.with_name(f".{path.name}.verified")
+    try:
+        if record.read_text().split() == [*_stamp(path).split(), sha256]:
+            return
+    except OSError:
+        pass
+    if sha256sum(path) != sha256:
+        raise DownloadError(f"{path}: not the released file (its sha256 differs: changed or corrupt); delete it "
+                            "to download it again")
+    try:
+        record.write_text(f"{_stamp(path)} {sha256}\n")
+    except OSError:  # a read-only cache: checked again next time
+        pass
+
+
 def _fetch(url: str, dest: Path, timeout: float, progress: bool) -> None:
     """Stream `url` into `dest`; raise if the transfer is shorter than announced."""
     request = urllib.request.Request(url, headers={"User-Agent": "EfficientAT"})
@@ -110,6 +134,8 @@ def cached_file(filename: str, urls: str | Sequence[str], sha256: Optional[str] 
     """Path of `filename` in the cache, downloading it first if it is not there yet."""
     path = cache_dir() / filename
     if path.is_file():
+        if sha256 is not None:
+            check_sha256(path, sha256)
         return path
     _check_writable(path.parent, filename)
     return download(urls, path, sha256=sha256, validate=validate, progress=progress)

@@ -163,12 +163,12 @@ def _mono_resampled(path: Path, rate: int, blocks: Iterator[np.ndarray], sample_
     """Average channels and convert to `sample_rate` block by block. soxr's streaming resampler
     gives exactly the samples its one-shot resampler gives for the whole signal, whatever the
     block sizes. Small decoder frames are gathered into blocks of at least `min_frames`."""
-    resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ") \
-        if rate != sample_rate else None
     total, peak = 0, 0.0
     pending: list[np.ndarray] = []
     pending_frames = 0
     try:
+        resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ") \
+            if rate != sample_rate else None
         for block in itertools.chain(blocks, [None]):
             last = block is None
             if not last:

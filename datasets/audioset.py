@@ -15,7 +15,6 @@ evaluation can drop it (`datasets.items.is_valid`; see `datasets.badclips`).
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,6 +24,7 @@ from torch.utils.data import Dataset
 
 from datasets.audio import check_finite
 from datasets.augment import decimate, random_gain
+from datasets.name_index import read_name_index
 from datasets.badclips import BadClips, CountsBadClips, row_error
 from datasets.hdf5 import CorruptRowError, Mp3DecodeError, Mp3HDF5, decode_mp3, unpack_targets
 from datasets.items import IndexedClip
@@ -153,13 +153,7 @@ class TeacherPredictions:
         if self.logits.ndim != 2 or self.logits.shape[1] != NUM_CLASSES:
             raise InputError(f"{preds_path}: teacher logits have shape {self.logits.shape}, "
                              f"expected (clips, {NUM_CLASSES})")
-        try:
-            with open(index_path, "rb") as fh:
-                self.index = pickle.load(fh)
-        except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ImportError) as e:
-            raise InputError(f"{index_path}: not a pickled name -> row dictionary ({e})") from None
-        if not isinstance(self.index, dict):
-            raise InputError(f"{index_path}: holds a {type(self.index).__name__}, expected a dict")
+        self.index = read_name_index(index_path)
         rows = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self.logits)):
             raise InputError(f"{index_path}: row indices {rows.min()}..{rows.max()} do not fit the "

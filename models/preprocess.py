@@ -16,8 +16,10 @@ from torch import nn
 def _check_band_edges(n_mels: int, n_fft: int, sr: float, fmin: float, fmax: float) -> None:
     if n_mels <= 3:
         raise ValueError(f"n_mels must be greater than 3, got {n_mels}")
-    if n_fft % 2:
-        raise ValueError(f"n_fft must be even, got {n_fft}")
+    if n_fft < 2 or n_fft % 2:
+        raise ValueError(f"n_fft must be even and at least 2, got {n_fft}")
+    if n_mels > n_fft // 2:  # more bands than frequency bins: most bands are empty
+        raise ValueError(f"n_mels ({n_mels}) must not exceed the {n_fft // 2} frequency bins of n_fft {n_fft}")
     nyquist = 0.5 * sr
     fmax = fmax + nyquist if fmax <= 0.0 else fmax
     if not (0.0 <= fmin < nyquist and 0.0 < fmax <= nyquist and fmin < fmax):
@@ -82,8 +84,8 @@ class AugmentMelSTFT(nn.Module):
             raise ValueError("fmin_aug_range and fmax_aug_range must be at least 1 (1 = no jitter)")
         if win_length > n_fft:
             raise ValueError(f"win_length ({win_length}) must not exceed n_fft ({n_fft})")
-        if hopsize < 1:
-            raise ValueError(f"hopsize must be positive, got {hopsize}")
+        if hopsize < 1 or win_length < 1:
+            raise ValueError(f"hopsize and win_length must be positive, got {hopsize} and {win_length}")
         self.n_mels, self.sr, self.win_length, self.hopsize, self.n_fft = n_mels, sr, win_length, hopsize, n_fft
         self.freqm, self.timem = freqm, timem
         self.fmin = fmin

@@ -10,7 +10,8 @@ import soundfile as sf
 import torch
 
 from datasets.audio import load_audio
-from helpers.inference.tagging import Tagger, read_or_chunk, run_on_files
+from helpers.inference.batching import read_or_chunk, run_on_files
+from helpers.inference.tagging import Tagger
 from models.dymn.model import get_model as get_dymn
 from models.ensemble import EnsembleModel
 from models.mn.model import get_model as get_mn

@@ -10,24 +10,46 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from common.files import atomic_write
-from helpers.inference.tagging import Tagger, run_on_files
+from helpers.inference.tables import write_target
+from helpers.inference.batching import iter_files
+from helpers.inference.tagging import Tagger
 
 
 def embed_files(tagger: Tagger, files: Sequence[Path], layer: Optional[int] = None,
-                batch_size: int = 16) -> tuple[list[Path], np.ndarray, dict[Path, str]]:
+                batch_size: int = 16, on_error: Optional[Callable[[Path, str], None]] = None
+                ) -> tuple[list[Path], np.ndarray, dict[Path, str]]:
     """(files embedded, in input order; their float32 embeddings (n_files, D); one-line error by
-    file for those that could not be read). `layer` as in `Tagger.embed`."""
-    results, errors = run_on_files(files, tagger.sample_rate,
-                                   lambda batch: tagger.embed(batch, layer).cpu().numpy(),
-                                   batch_size, desc="embedding",
-                                   chunked_fn=lambda chunks: tagger.embed_chunks(chunks, layer))
-    done = [f for f in files if f in results]
-    matrix = np.stack([results[f] for f in done]) if done else np.zeros((0, 0), dtype=np.float32)
+    file for those that could not be read). `layer` as in `Tagger.embed`; `on_error` is told of
+    each failure as it happens. Raised out of it (an interruption), the embeddings done so far are
+    in the exception's `partial` attribute as the same triple."""
+    rows: dict[Path, np.ndarray] = {}
+    errors: dict[Path, str] = {}
+    try:
+        for path, row, error in iter_files(files, tagger.sample_rate,
+                                           lambda batch: tagger.embed(batch, layer).cpu().numpy(),
+                                           batch_size, desc="embedding",
+                                           chunked_fn=lambda chunks: tagger.embed_chunks(chunks, layer)):
+            if error is None:
+                rows[path] = row
+            else:
+                errors[path] = error
+                if on_error is not None:
+                    on_error(path, error)
+    except BaseException as e:
+        e.partial = _stacked(files, rows, errors)  # type: ignore[attr-defined]
+        raise
+    return _stacked(files, rows, errors)
+
+
+def _stacked(files: Sequence[Path], rows: dict[Path, np.ndarray], errors: dict[Path, str]
+             ) -> tuple[list[Path], np.ndarray, dict[Path, str]]:
+    done = [f for f in files if f in rows]
+    matrix = np.stack([rows[f] for f in done]) if done else np.zeros((0, 0), dtype=np.float32)
     return done, matrix, errors
 
 
@@ -37,7 +59,7 @@ def save_embeddings(path: str | os.PathLike, filenames: Sequence[str | os.PathLi
     `layer` (-1 for the pooled embedding, which is the last layer's average) and `sample_rate`."""
     if len(filenames) != len(embeddings):
         raise ValueError(f"{len(filenames)} file names for {len(embeddings)} embeddings")
-    with atomic_write(path, "wb") as f:
+    with atomic_write(write_target(path), "wb") as f:
         np.savez(f, filenames=np.array([str(n) for n in filenames]),
                  embeddings=np.asarray(embeddings, dtype=np.float32), model=np.array(model_name),
                  layer=np.array(-1 if layer is None else layer), sample_rate=np.array(sample_rate))

@@ -45,6 +45,10 @@ class StopSignals:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def hold(self) -> None:
+        """From now on a signal is only recorded (the run is writing what it finished)."""
+        self._deferred += 1
+
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         """A block that a signal does not cut short; a signal that came meanwhile raises after it."""

@@ -65,8 +65,10 @@ class TableWriter:
         try:
             if self._csv is None:
                 records = json.loads(old.read_text(encoding="utf-8"))[self.key]
+                done = {r[column] for r in records}
                 self.records += records
-                return {r[column] for r in records}
+                self.count += len(records)
+                return done
             with open(old, newline="", encoding="utf-8") as f:
                 reader = csv.reader(f)
                 if next(reader) != self.columns:
@@ -77,7 +79,9 @@ class TableWriter:
             raise ValueError(f"{self.path}: cannot resume from it ({type(e).__name__}: {e})") from None
         self._csv.writerows(rows)
         self._file.flush()
-        return {row[where] for row in rows if len(row) > where}
+        done = {row[where] for row in rows if len(row) > where}
+        self.count += len(done)
+        return done
 
     def add(self, record: dict[str, Any], rows: Iterable[Sequence[Any]]) -> None:
         """One result: `record` for the JSON list, `rows` (in column order) for the CSV."""
