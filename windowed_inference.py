@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -30,6 +29,7 @@ from common.errors import InputError, as_input_error, check_suffix, run_cli
 from common.files import atomic_write, check_output
 from helpers.inference.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
                                    tag_windows, window_samples)
+from helpers.inference.tables import TABLE_SUFFIXES, TableWriter
 from helpers.inference.tagging import Tagger, add_precision_arg, build_tagger, select_device, top_k
 
 
@@ -59,7 +59,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         raise InputError(f"--threshold must be between 0 and 1, got {args.threshold}")
     with as_input_error():  # before any model is loaded; checked again at the model's sample rate
         window_samples(args.window_size, args.hop_length, 32000)
-    for option, value, suffixes in (("--events", args.events, (".csv", ".json")),
+    for option, value, suffixes in (("--events", args.events, TABLE_SUFFIXES),
                                     ("--probabilities", args.probabilities, (".csv", ".npz")),
                                     ("--plot", args.plot, (".png",))):
         check_suffix(option, value, suffixes)
@@ -112,15 +112,12 @@ def tag_files(args: argparse.Namespace, files: list[Path],
 
 def write_events(args: argparse.Namespace, tagger: Tagger, events: list[Event]) -> None:
     if args.events:
-        with atomic_write(args.events, "w", newline="", encoding="utf-8") as f:
-            if Path(args.events).suffix.lower() == ".json":
-                json.dump({"model": tagger.name, "window_size": args.window_size, "hop_length": args.hop_length,
-                           "threshold": args.threshold, "events": [dataclasses.asdict(e) for e in events]},
-                          f, indent=2)
-            else:
-                writer = csv.writer(f)
-                writer.writerow(EVENT_FIELDS)
-                writer.writerows(dataclasses.astuple(e) for e in events)
+        table = TableWriter(args.events, EVENT_FIELDS, {"model": tagger.name, "window_size": args.window_size,
+                                                        "hop_length": args.hop_length, "threshold": args.threshold},
+                            key="events", errors=False)
+        for e in events:
+            table.add(dataclasses.asdict(e), [dataclasses.astuple(e)])
+        table.close()
         print(f"wrote {len(events)} event(s) to {args.events}", file=sys.stderr)
 
 

@@ -37,15 +37,15 @@ def write_target(path: str | os.PathLike) -> Path:
 
 class TableWriter:
     """Results to a .csv (`columns`, one row per value list) or a .json ({**meta, key: records,
-    "errors": [...]}); see the module doc."""
+    "errors": [...]}, without "errors" when `errors` is False); see the module doc."""
 
     def __init__(self, path: str | os.PathLike, columns: Sequence[str], meta: dict[str, Any],
-                 key: str = "results") -> None:
+                 key: str = "results", errors: bool = True) -> None:
         self.path = Path(path)
         self.json = self.path.suffix.lower() == ".json"
         self.meta, self.key, self.columns = meta, key, list(columns)
         self.records: list[dict[str, Any]] = []
-        self.errors: list[dict[str, str]] = []
+        self.errors: Optional[list[dict[str, str]]] = [] if errors else None
         self.count = 0
         self._stack = contextlib.ExitStack()
         self._tmp = self._stack.enter_context(atomic_path(write_target(self.path)))
@@ -94,12 +94,14 @@ class TableWriter:
 
     def add_error(self, file: str, message: str) -> None:
         """A file that gave no result (listed under "errors" in the JSON; the CSV has only results)."""
-        self.errors.append({"file": file, "error": message})
+        if self.errors is not None:
+            self.errors.append({"file": file, "error": message})
 
     def close(self) -> None:
         """Complete the file: it appears at `path` (or a link's target) with everything added."""
         if self._csv is None:
-            json.dump({**self.meta, self.key: self.records, "errors": self.errors}, self._file, indent=2)
+            errors = {} if self.errors is None else {"errors": self.errors}
+            json.dump({**self.meta, self.key: self.records, **errors}, self._file, indent=2)
         self._stack.close()
 
     def abort(self) -> None:
