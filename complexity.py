@@ -63,7 +63,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.bits_per_elem < 1:
         raise InputError(f"--bits_per_elem must be positive, got {args.bits_per_elem}")
     if args.model_width is not None and not (math.isfinite(args.model_width) and 0 < args.model_width <= 100):
-        raise InputError(f"--model_width must be a number above 0 and at most 100, got {args.model_width}")
+        raise InputError(f"--model_width must be positive, finite and at most 100, got {args.model_width}")
     if args.model_name and args.model_width is not None and (
             family_of(args.model_name) != "mn" or name_to_width(args.model_name) != args.model_width):
         raise InputError(f"--model_width {args.model_width} analyzes a plain MN of that width, which "

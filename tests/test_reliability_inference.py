@@ -282,8 +282,8 @@ def test_export_opset_out_of_range_is_one_line(tmp_path, capsys, opset):
     (["--hop_size", "0"], "hopsize and win_length must be positive"),
     (["--n_mels", "100000"], "n_mels (100000) must not exceed the 512 frequency bins"),
     (["--n_fft", "0"], "must not exceed n_fft (0)"),
-    (["--model_width", "inf"], "--model_width must be a number above 0"),
-    (["--model_width", "nan"], "--model_width must be a number above 0"),
+    (["--model_width", "inf"], "--model_width must be positive, finite"),
+    (["--model_width", "nan"], "--model_width must be positive, finite"),
 ])
 def test_complexity_refuses_absurd_settings(capsys, flags, problem):
     code, err = _cli("complexity", flags, capsys)
