@@ -2,8 +2,8 @@
 mn04, mn10 and dymn10 at batch sizes 1 and 16, for
   plain      the eval-mode model and AugmentMelSTFT (float32), in a process of its own with the
              default allocator: the original's code path and conditions,
-  fast       model.for_inference() and FastMelFrontend (float32), the default of every command,
-  bf16       model.for_inference("bf16") (only on CPUs with native bfloat16),
+  fast       for_inference(model) and FastMelFrontend (float32), the default of every command,
+  bf16       for_inference(model, "bf16") (only on CPUs with native bfloat16),
   ort        the exported ONNX graph with its frontend, onnxruntime, float32,
   ort-int8   the same graph statically quantized to int8 (calibrated on the demo clip),
 next to this machine's measured float32 / bfloat16 matrix-multiplication rate and the share of it
@@ -39,7 +39,9 @@ from datasets.audio import load_audio  # noqa: E402
 from helpers.analysis.complexity import count_macs, trace_model  # noqa: E402
 from helpers.inference.onnx_export import export_onnx, quantize_onnx  # noqa: E402
 from models.factory import create_frontend, create_model  # noqa: E402
-from models.fast import FastMelFrontend, bf16_supported  # noqa: E402
+from models.fast import bf16_supported  # noqa: E402
+from models.frontend_twins import FastMelFrontend  # noqa: E402
+from models.runtime import for_inference  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"mn04": "mn04_as", "mn10": "mn10_as", "dymn10": "dymn10_as"}
@@ -70,10 +72,10 @@ def variants(kind: str, name: str, batch: int, tmp: Path, threads: int) -> dict[
         return {"plain": lambda: model(frontend(x).unsqueeze(1))}
     import onnxruntime
 
-    fast, fast_frontend = model.for_inference(), FastMelFrontend(frontend)
+    fast, fast_frontend = for_inference(model), FastMelFrontend(frontend)
     runs = {"fast": lambda: fast(fast_frontend(x).unsqueeze(1))}
     if bf16_supported():
-        fast_bf16 = model.for_inference("bf16")
+        fast_bf16 = for_inference(model, "bf16")
         runs["bf16"] = lambda: fast_bf16(fast_frontend(x).unsqueeze(1))
     path = tmp / f"{name}.onnx"
     if not path.exists():

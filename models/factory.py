@@ -13,28 +13,40 @@ forward_head, reset_classifier, update_params).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torch import nn
 
+from models.dymn import fast as dymn_fast
+from models.dymn.dy_block import DynamicInvertedResidual
 from models.dymn.model import get_model as get_dymn
+from models.mn import fast as mn_fast
+from models.mn.block_types import InvertedResidual
 from models.mn.model import get_model as get_mn
-from models.preprocess import AugmentMelSTFT
+from models.preprocess import SPECTROGRAM_SHAPE, AugmentMelSTFT
 from models.pretrained import REGISTRY, get_entry
 
-FRONTEND_DEFAULTS = {"n_mels": 128, "sr": 32000, "win_length": 800, "hopsize": 320, "n_fft": 1024}
+FRONTEND_DEFAULTS = {key: value for key, value in AugmentMelSTFT().eval_settings().items()
+                     if key in SPECTROGRAM_SHAPE}  # what a model without a registry entry is fed
 
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: `label` its display name, `build` its get_model; `options(arch, settings)` gives the
-    family-specific entries of a model configuration and `build_options(config)` the
-    family-specific keyword arguments of `build` for one."""
+    """A model family, everything the rest of the code needs to know of it: `label` its display
+    name, `prefix` the start of its model names ("dymn04_as"), `build` its get_model;
+    `options(arch, settings)` gives the family-specific entries of a model configuration and
+    `build_options(config)` the family-specific keyword arguments of `build` for one;
+    `block_types` the blocks complexity analysis counts; `fast_twins` (block type -> eval-only
+    twin builder, models/fast.py) and `export_twins` (layer type -> ONNX-exportable twin)."""
     label: str
+    prefix: str
     build: Callable[..., nn.Module]
     options: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]
     build_options: Callable[[Mapping[str, Any]], dict[str, Any]]
+    block_types: tuple[type, ...]
+    fast_twins: Mapping[type, Callable[[nn.Module], nn.Module]] = field(default_factory=dict)
+    export_twins: Mapping[type, Callable[[nn.Module], nn.Module]] = field(default_factory=dict)
 
     def accepts(self, argument: str) -> bool:
         """Whether `build` takes this keyword argument (e.g. se_dims: MN only)."""
@@ -52,10 +64,13 @@ def _dymn_options(arch: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[
 
 
 FAMILIES: dict[str, Family] = {
-    "mn": Family("MN", get_mn, _mn_options, lambda c: {"se_dims": c["se_dims"]}),
-    "dymn": Family("DyMN", get_dymn, _dymn_options,
+    "mn": Family("MN", "mn", get_mn, _mn_options, lambda c: {"se_dims": c["se_dims"]}, (InvertedResidual,),
+                 fast_twins=mn_fast.FAST_TWINS),
+    "dymn": Family("DyMN", "dymn", get_dymn, _dymn_options,
                    lambda c: {"use_dy_blocks": c["use_dy_blocks"], "T_max": c["T_max"],
-                              "pretrain_final_temp": c["T_max"]}),
+                              "pretrain_final_temp": c["T_max"]},
+                   (InvertedResidual, DynamicInvertedResidual),
+                   fast_twins={**mn_fast.FAST_TWINS, **dymn_fast.FAST_TWINS}, export_twins=dymn_fast.EXPORT_TWINS),
 }
 
 
@@ -67,7 +82,8 @@ def family_of(name: Optional[str]) -> str:
     otherwise."""
     if name in REGISTRY:
         return REGISTRY[name].family
-    prefixes = sorted((f for f in FAMILIES if name and name.startswith(f)), key=len, reverse=True)
+    prefixes = sorted((f for f, family in FAMILIES.items() if name and name.startswith(family.prefix)),
+                      key=lambda f: len(FAMILIES[f].prefix), reverse=True)
     return prefixes[0] if prefixes else DEFAULT_FAMILY
 
 

@@ -22,14 +22,14 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from models.dymn.dy_block import DynamicConv, DynamicInvertedResidual
+from models.dymn.dy_block import DynamicConv
 from models.factory import FAMILIES, create_frontend, create_model, family_of
-from models.mn.block_types import ConcurrentSEBlock, InvertedResidual
+from models.mn.block_types import ConcurrentSEBlock
 from models.preprocess import AugmentMelSTFT
 from models.pretrained import REGISTRY, get_entry
 
 CLIP_SECONDS = 10.0
-BLOCK_TYPES = (InvertedResidual, DynamicInvertedResidual)
+BLOCK_TYPES = tuple({block: None for family in FAMILIES.values() for block in family.block_types})
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
