@@ -1,4 +1,5 @@
-"""The eval-only fast paths (models/fast.py, the families' twins, models/frontend_twins.py): same outputs as the plain eval models and frontend."""
+"""The eval-only fast paths (models/fast.py, the families' twins, models/frontend_twins.py): same
+outputs as the plain eval models and frontend."""
 import subprocess
 import sys
 
@@ -8,8 +9,11 @@ import torch
 
 from models import fast
 from models.dymn.model import get_model as get_dymn
+from models.ensemble import EnsembleModel
 from models.fast import check_precision
 from models.frontend_twins import FastMelFrontend
+from models.mn.block_types import InvertedResidual
+from models.mn.fast import FastInvertedResidual
 from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
 from models.runtime import for_inference
@@ -84,6 +88,50 @@ def test_feature_maps_match_and_original_is_untouched():
         assert (g - e).abs().max() <= TOLERANCE
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert model.training is False and not any(p.requires_grad is False for p in model.parameters())
+
+
+class ScaledInvertedResidual(InvertedResidual):
+    """A subclass computing something else: the fast path must not take it for its parent."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * super().forward(x)
+
+
+def test_stage_without_a_twin_runs_folded_and_unchanged(caplog):
+    model = randomize(get_mn(width_mult=0.4, num_classes=20))
+    model.features[4].__class__ = ScaledInvertedResidual  # a subclassed block
+    channels = model.features[7].out_channels
+    model.features.insert(8, torch.nn.Sequential(  # a new kind of stage: conv, norm, activation
+        torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False), torch.nn.BatchNorm2d(channels),
+        torch.nn.ReLU()))
+    randomize(model.features[8])
+    with caplog.at_level("INFO", logger="models.fast"):
+        assert_same_outputs(model, torch.randn(2, 1, 128, 64))
+    assert "ScaledInvertedResidual has no fast twin" in caplog.text and "Sequential has no fast twin" in caplog.text
+    fast_model = for_inference(model)
+    assert isinstance(fast_model.blocks[4], fast.FoldedStage) and isinstance(fast_model.blocks[3], FastInvertedResidual)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast_model.blocks[8].modules())  # folded
+
+
+def test_for_inference_takes_an_ensemble_and_leaves_other_models():
+    members = [randomize(get_mn(width_mult=0.1, num_classes=5), seed) for seed in (0, 1)]
+    ensemble = EnsembleModel(members).eval()
+    fast_ensemble = for_inference(ensemble)
+    assert all(isinstance(m, fast.FastTagger) for m in fast_ensemble.models)
+    x = torch.randn(2, 1, 128, 32)
+    with torch.no_grad():
+        assert (fast_ensemble(x)[0] - ensemble(x)[0]).abs().max() <= TOLERANCE
+    other = torch.nn.Linear(3, 3).train()  # e.g. an ONNX model, fast by itself
+    assert for_inference(other) is other and not other.training
+
+
+def test_frontend_twins_take_the_originals_settings():
+    frontend = AugmentMelSTFT(n_mels=64, hopsize=160, fmin=20.0, fmax=15000.0, fmax_aug_range=1)
+    assert frontend.eval_settings() == {"n_mels": 64, "sr": 32000, "win_length": 800, "hopsize": 160,
+                                        "n_fft": 1024, "fmin": 20.0, "fmax": 15000.0}
+    assert AugmentMelSTFT(**frontend.settings()).settings() == frontend.settings()
+    assert FastMelFrontend(frontend).eval_settings() == frontend.eval_settings()
+    assert AugmentMelSTFT().eval_settings()["fmax"] == 15000  # the default fmax, resolved
 
 
 def test_fast_model_is_eval_only():
