@@ -330,7 +330,7 @@ def build_model(name: Optional[str] = None, width_mult: Optional[float] = None,
     with torch.device(device):
         if name:
             return create_model(name, pretrained=False, **kwargs)
-        return family.build(width_mult=width_mult, **kwargs)
+        return family.build(width_mult=1.0 if width_mult is None else width_mult, **kwargs)
 
 
 @dataclass(frozen=True)
