@@ -40,7 +40,9 @@ class Family:
     `options(arch, settings)` gives the family-specific entries of a model configuration and
     `build_options(config)` the family-specific keyword arguments of `build` for one;
     `block_types` the blocks complexity analysis counts; `fast_twins` (block type -> eval-only
-    twin builder, models/fast.py) and `export_twins` (layer type -> ONNX-exportable twin)."""
+    twin builder, models/fast.py) and `export_twins` (layer type -> ONNX-exportable twin);
+    `cli_options` the training scripts' family-specific flags (name -> argparse keywords), whose
+    values `options` reads."""
     label: str
     prefix: str
     build: Callable[..., nn.Module]
@@ -48,6 +50,7 @@ class Family:
     build_options: Callable[[Mapping[str, Any]], dict[str, Any]]
     block_types: tuple[type, ...]
     pretrained_defaults: Mapping[str, Any] = field(default_factory=dict)
+    cli_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     fast_twins: Mapping[type, Callable[[nn.Module], nn.Module]] = field(default_factory=dict)
     export_twins: Mapping[type, Callable[[nn.Module], nn.Module]] = field(default_factory=dict)
 
@@ -68,10 +71,13 @@ def _dymn_options(arch: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[
 
 FAMILIES: dict[str, Family] = {
     "mn": Family("MN", "mn", build_mn, _mn_options, lambda c: {"se_dims": c["se_dims"]}, (InvertedResidual,),
-                 fast_twins=mn_fast.FAST_TWINS),
+                 fast_twins=mn_fast.FAST_TWINS,
+                 cli_options={"se_dims": {"type": str, "default": "c", "help": "MN squeeze-excitation dimensions"}}),
     "dymn": Family("DyMN", "dymn", build_dymn, _dymn_options,
                    lambda c: {"use_dy_blocks": c["use_dy_blocks"], "T_max": c["T_max"]},
                    (InvertedResidual, DynamicInvertedResidual), pretrained_defaults={"T_max": 1.0},
+                   cli_options={"pretrain_final_temp": {"type": float, "default": 1.0,
+                                                        "help": "DyMN starting temperature when pretrained"}},
                    fast_twins={**mn_fast.FAST_TWINS, **dymn_fast.FAST_TWINS}, export_twins=dymn_fast.EXPORT_TWINS),
 }
 
