@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datasets.audio import load_audio  # noqa: E402
-from helpers.analysis.complexity import count_macs, trace_model  # noqa: E402
+from helpers.analysis.complexity import count_macs  # noqa: E402
+from helpers.analysis.trace import trace_model  # noqa: E402
 from helpers.inference.onnx_export import export_onnx, quantize_onnx  # noqa: E402
 from models.factory import create_frontend, create_model  # noqa: E402
 from models.fast import bf16_supported  # noqa: E402
