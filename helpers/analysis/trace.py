@@ -4,9 +4,10 @@ output sizes, the record complexity analysis computes costs from (helpers/analys
 Only shapes matter, so models are traced on the "meta" device."""
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
