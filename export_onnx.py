@@ -33,7 +33,6 @@ from common.errors import InputError, as_input_error, check_suffix, run_cli
 from common.files import check_output
 from helpers.inference.onnx_export import DEFAULT_OPSET, OPSETS, agreement, compare_with_torch, export_onnx, quantize_onnx
 from helpers.inference.tagging import Tagger, build_tagger, top_k
-from models.factory import frontend_kwargs
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -112,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         calibration = [load_audio(f, tagger.sample_rate) for f in find_audio_files(args.calibration or [])]
         n_mels = tagger.frontend.n_mels
         export_onnx(tagger.model, output, tagger.frontend if args.with_frontend else None, args.opset, n_mels,
-                    frontend_kwargs(args.model_name))
+                    tagger.frontend.eval_settings())
 
     shape = "waveform (batch, samples)" if args.with_frontend else f"spectrogram (batch, 1, {n_mels}, frames)"
     print(f"exported {tagger.name} to {output} ({output.stat().st_size / 2 ** 20:.1f} MiB, opset {args.opset}): "

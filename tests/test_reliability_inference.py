@@ -220,10 +220,9 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys, mn04_checkpoint, scrip
 def exported(tmp_path_factory, mn04_checkpoint) -> Path:
     from helpers.inference.onnx_export import export_onnx
     from helpers.inference.tagging import build_tagger
-    from models.factory import frontend_kwargs
     path = tmp_path_factory.mktemp("onnx") / "mn04.onnx"
     tagger = build_tagger("mn04_as", fast=False)
-    export_onnx(tagger.model, path, None, n_mels=128, settings=frontend_kwargs("mn04_as"))
+    export_onnx(tagger.model, path, None, n_mels=128, settings=tagger.frontend.eval_settings())
     return path
 
 
