@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from common.errors import AudioLoadError, InputError, as_input_error, check_suffix, run_cli
 from common.files import check_output
 from datasets.audio import find_audio_files, stream_audio
@@ -51,6 +53,9 @@ def add_stream_args(parser: argparse.ArgumentParser) -> None:
                       help="record from a microphone (default device, or a number or name from --list_devices)")
     live.add_argument("--list_devices", action="store_true", help="list the input devices and exit")
     live.add_argument("--wall_clock", action="store_true", help="JSON event lines also give the wall-clock time")
+    live.add_argument("--threads", type=int, default=None,
+                      help="CPU threads for the model (default: 1 for live input, which keeps it light and "
+                           "its latency steady on a busy machine; all cores for files)")
     live.add_argument("--stall_timeout", type=float, default=None,
                       help="end a stream that sends nothing for this many seconds (default: wait forever)")
 
@@ -70,6 +75,8 @@ def check_stream_args(args: argparse.Namespace) -> None:
         raise InputError("--raw needs --sample_rate (the stream's rate in Hz)")
     if (args.sample_rate is not None and args.sample_rate < 1) or (args.channels is not None and args.channels < 1):
         raise InputError("--sample_rate and --channels must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.stall_timeout is not None and not args.stall_timeout > 0:
         raise InputError(f"--stall_timeout must be a positive number of seconds, got {args.stall_timeout}")
 
@@ -129,6 +136,9 @@ def load(args: argparse.Namespace) -> tuple[list, Tagger]:
         if args.audio_path == ["-"]:
             files = [open_stream(sys.stdin.fileno(), "stdin", tagger.sample_rate, args.raw, args.sample_rate,
                                  args.channels, args.stall_timeout)]
+    threads = args.threads or (1 if args.audio_path == ["-"] or args.mic is not None else None)
+    if threads:
+        torch.set_num_threads(threads)
     return files or [mic], tagger
 
 

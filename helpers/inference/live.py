@@ -106,6 +106,8 @@ class StreamRun:
         self.bad = bad if bad is not None else []  # sample ranges holding NaN/inf (the source appends)
         self.started: Optional[float] = None
         self._warned: set[tuple[int, int]] = set()
+        self._pending: list[np.ndarray] = []  # samples not yet handed to the engine
+        self._pending_samples = self._windows_done = 0
 
     def _skip(self, index: int) -> bool:
         start = index * self.engine.hop
@@ -143,6 +145,22 @@ class StreamRun:
                 self.sinks.events_out.write(event_line(change, self.name if self.sinks.name_in_lines else None,
                                                        self.started if self.sinks.wall_clock else None))
 
+    def _push(self, block: Optional[np.ndarray]) -> None:
+        """Hand samples to the engine once they complete a window (None: all that wait): a live
+        stream arrives in blocks of a few milliseconds, and passing each on costs more than the wait."""
+        if block is not None:
+            self._pending.append(block)
+            self._pending_samples += len(block)
+            due = self._windows_done * self.engine.hop + self.engine.window
+            if self.engine.num_samples + self._pending_samples < due:
+                return
+        if self._pending:
+            samples = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending, self._pending_samples = [], 0
+            for index, probs in self.engine.push(samples):
+                self._windows_done = index + 1
+                self._emit(self._window(index, probs, final=False))
+
     def run(self, blocks: Iterable[np.ndarray], stop: StopSignals) -> StreamResult:
         """Tag `blocks` until they end, a signal stops them or stdout's only reader goes; then finish."""
         result = StreamResult(0, [])
@@ -155,8 +173,7 @@ class StreamRun:
                     break
                 if self.started is None:
                     self.started = time.time() - len(block) / self.tracker.sample_rate
-                for index, probs in self.engine.push(block):
-                    self._emit(self._window(index, probs, final=False))
+                self._push(block)
                 if self.sinks.stdout_gone():
                     result.reader_gone = True
                     break
@@ -164,6 +181,7 @@ class StreamRun:
             result.stopped = e.signum
         except (AudioLoadError, StreamStalled) as e:
             result.error = str(e)
+        self._push(None)
         last = self.engine.finish()
         for index, probs in last:
             self._window(index, probs, final=True)
