@@ -29,14 +29,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from common.errors import AudioLoadError, InputError, as_input_error, check_suffix, run_cli
 from common.files import check_output
-from datasets.audio import find_audio_files, stream_audio
+from datasets.audio import audio_duration, find_audio_files, stream_audio
 from datasets.mic import Microphone, input_devices
 from datasets.stream import RAW_FORMATS, Stream, open_stream
 from helpers.inference.events import EventTracker
-from helpers.inference.live import Sinks, StopSignals, Stopped, StreamResult, StreamRun
+from helpers.inference.live import Sinks, StopSignals, Stopped, StreamResult, StreamRun, counted
 from helpers.inference.outputs import LineOutput, PlotKeeper, ProbabilityWriter, write_event_file
 from helpers.inference.sed import Event, window_samples
 from helpers.inference.tagging import Tagger, add_precision_arg, build_tagger, select_device
@@ -123,23 +124,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def load(args: argparse.Namespace) -> tuple[list, Tagger]:
     """The inputs (files, or one stream or microphone) and the tagger; unreadable input or an unknown
-    model is an InputError."""
+    model is an InputError. A stream's header is read first, so that a bad one fails at once."""
     with as_input_error():
-        files = find_audio_files(args.audio_path) if args.audio_path and args.audio_path != ["-"] else []
-        if args.plot and len(files) > 1:
-            raise ValueError(f"--plot draws one recording; {len(files)} files given")
-        mic = Microphone(args.mic or None, args.hop_length, max(2 * args.hop_length, 1.0)) \
-            if args.mic is not None else None
+        if args.audio_path == ["-"]:
+            sources: list = [open_stream(sys.stdin.fileno(), "stdin", args.raw, args.sample_rate, args.channels,
+                                         args.stall_timeout)]
+        elif args.mic is not None:
+            sources = [Microphone(args.mic or None, args.hop_length, max(2 * args.hop_length, 1.0))]
+        else:
+            sources = find_audio_files(args.audio_path)
+        if args.plot and len(sources) > 1:
+            raise ValueError(f"--plot draws one recording; {len(sources)} files given")
         tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda),
                                       precision=args.precision)
         window_samples(args.window_size, args.hop_length, tagger.sample_rate)
-        if args.audio_path == ["-"]:
-            files = [open_stream(sys.stdin.fileno(), "stdin", tagger.sample_rate, args.raw, args.sample_rate,
-                                 args.channels, args.stall_timeout)]
     threads = args.threads or (1 if args.audio_path == ["-"] or args.mic is not None else None)
     if threads:
         torch.set_num_threads(threads)
-    return files or [mic], tagger
+    return sources, tagger
 
 
 def make_sinks(args: argparse.Namespace, tagger: Tagger, several: bool) -> Sinks:
@@ -160,23 +162,30 @@ def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tag
     """Tag one file or stream through the live loop; None for a file that cannot be opened."""
     window, hop = window_samples(args.window_size, args.hop_length, tagger.sample_rate)
     engine = WindowEngine(tagger, window, hop, batch_size=args.batch_size)
+    bar = None
     if isinstance(source, Path):
         name, bad = str(source), None
         try:
             blocks = stream_audio(source, tagger.sample_rate, block_seconds=args.window_size +
                                   args.batch_size * args.hop_length)
+            duration = audio_duration(source)
         except AudioLoadError as e:
             print(f"error: {e}", file=sys.stderr)
             return None
+        bar = tqdm(total=round(duration, 1) if duration else None, desc=source.name[:40], unit="s", file=sys.stderr,
+                   leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s")
+        blocks = counted(blocks, lambda n: bar.update(n / tagger.sample_rate))
         if args.top_k and several and sinks.windows_out is not None:
             sinks.windows_out.write(f"File: {source}\n")
     elif isinstance(source, Stream):
-        name, bad, blocks = source.name, source.bad, source.blocks()
+        name, bad, blocks = source.name, source.bad, source.blocks(tagger.sample_rate)
     else:
         name, bad = source.name, None
-        blocks = Stream(name, source.rate, 1, source.blocks(), tagger.sample_rate).blocks()
+        blocks = Stream(name, source.rate, 1, source.blocks()).blocks(tagger.sample_rate)
     tracker = EventTracker(tagger.class_names, window, hop, tagger.sample_rate, args.threshold, name)
     result = StreamRun(name, engine, tracker, sinks, bad).run(blocks, stop)
+    if bar is not None:
+        bar.close()
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
     if 0 < result.num_samples < window:

@@ -3,7 +3,7 @@
 Three kinds of stream: a WAV stream whose header may give no length (`arecord -t wav`, `ffmpeg -f wav -`
 write data size 0 or 0xFFFFFFFF), headerless PCM (`--raw s16le|s32le|f32le` with a rate and a
 channel count), and any container FFmpeg decodes from a pipe (mp3, ogg/opus, flac), through PyAV.
-`open_stream` returns a `Stream` whose `blocks()` are mono float32 at the model's rate: channels
+`open_stream` returns a `Stream` whose `blocks(rate)` are mono float32 at the model's rate: channels
 averaged and resampled with soxr's streaming resampler block by block, as the file loader does, so
 a stream and the same audio as a file give the same samples.
 """
@@ -161,12 +161,12 @@ def _pyav_blocks(reader: PipeReader) -> tuple[int, int, Iterator[np.ndarray]]:
 
 
 class Stream:
-    """Mono float32 blocks at `sample_rate` (`blocks()`) of a stream of (channels, n) blocks at
-    `rate`. NaN or infinite samples become zeros; the ranges they touch (in samples at
+    """Mono float32 blocks at `sample_rate` (`blocks(sample_rate)`) of a stream of (channels, n)
+    blocks at `rate`. NaN or infinite samples become zeros; the ranges they touch (in samples at
     `sample_rate`, with the resampler's reach) are appended to `bad` for the caller to skip."""
 
-    def __init__(self, name: str, rate: int, channels: int, native: Iterator[np.ndarray], sample_rate: int) -> None:
-        self.name, self.rate, self.channels, self.sample_rate = name, rate, channels, sample_rate
+    def __init__(self, name: str, rate: int, channels: int, native: Iterator[np.ndarray]) -> None:
+        self.name, self.rate, self.channels, self.sample_rate = name, rate, channels, rate
         self.bad: list[tuple[int, int]] = []
         self._native = native
 
@@ -180,24 +180,30 @@ class Stream:
         self.bad.append((max(0, int((start + where[0]) * ratio) - reach), int((start + where[-1] + 1) * ratio) + reach))
         return np.where(bad, np.float32(0), mono)
 
-    def blocks(self) -> Iterator[np.ndarray]:
+    def blocks(self, sample_rate: int) -> Iterator[np.ndarray]:
+        self.sample_rate = sample_rate
         resampler = soxr.ResampleStream(self.rate, self.sample_rate, 1, dtype="float32", quality="HQ") \
             if self.rate != self.sample_rate else None
-        seen = 0
-        for block in self._native:
-            mono = np.ascontiguousarray(block.mean(axis=0) if block.shape[0] > 1 else block[0])
-            mono = self._mark_bad(mono, seen)
-            seen += len(mono)
-            if resampler is not None:
-                mono = resampler.resample_chunk(mono)
-            if len(mono):
-                yield np.ascontiguousarray(mono, dtype=np.float32)
-        if seen == 0:
+        seen, ended = 0, None
+        try:
+            for block in self._native:
+                mono = np.ascontiguousarray(block.mean(axis=0) if block.shape[0] > 1 else block[0])
+                mono = self._mark_bad(mono, seen)
+                seen += len(mono)
+                if resampler is not None:
+                    mono = resampler.resample_chunk(mono)
+                if len(mono):
+                    yield np.ascontiguousarray(mono, dtype=np.float32)
+        except Exception as e:  # a stall or a signal: what was received still ends the stream
+            ended = e
+        if seen == 0 and ended is None:
             raise AudioLoadError(f"{self.name}: the stream holds no audio samples")
-        if resampler is not None:
+        if resampler is not None and seen:
             tail = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
             if len(tail):
                 yield np.ascontiguousarray(tail, dtype=np.float32)
+        if ended is not None:
+            raise ended
 
 
 def _check_given(name: str, option: str, header: int, given: Optional[int]) -> None:
@@ -205,9 +211,9 @@ def _check_given(name: str, option: str, header: int, given: Optional[int]) -> N
         raise AudioLoadError(f"{name}: the stream's header says {option.lstrip('-')} {header}, {option} says {given}")
 
 
-def open_stream(fd: int, name: str, sample_rate: int, raw: Optional[str] = None, rate: Optional[int] = None,
+def open_stream(fd: int, name: str, raw: Optional[str] = None, rate: Optional[int] = None,
                 channels: Optional[int] = None, stall_timeout: Optional[float] = None) -> Stream:
-    """The audio arriving on `fd` (named `name` in messages) as a Stream at `sample_rate`: headerless
+    """The audio arriving on `fd` (named `name` in messages) as a Stream: headerless
     PCM in `raw` format at `rate` with `channels`, else a WAV stream or any container FFmpeg reads,
     whose header must agree with `rate` and `channels` where they are given. AudioLoadError for a
     stream that is not audio; StreamStalled when nothing arrives for `stall_timeout` seconds."""
@@ -216,7 +222,7 @@ def open_stream(fd: int, name: str, sample_rate: int, raw: Optional[str] = None,
         if raw not in RAW_FORMATS or not rate or rate < 1 or (channels or 1) < 1:
             raise AudioLoadError(f"{name}: raw PCM needs a format ({', '.join(RAW_FORMATS)}), a sample rate "
                                  "and at least one channel")
-        return Stream(name, rate, channels or 1, _pcm_blocks(reader, *RAW_FORMATS[raw], channels or 1), sample_rate)
+        return Stream(name, rate, channels or 1, _pcm_blocks(reader, *RAW_FORMATS[raw], channels or 1))
     head = reader.read_exactly(12)
     if not head:
         raise AudioLoadError(f"{name}: the stream is empty (no header, no audio)")
@@ -228,4 +234,4 @@ def open_stream(fd: int, name: str, sample_rate: int, raw: Optional[str] = None,
         header_rate, header_channels, native = _pyav_blocks(reader)
     _check_given(name, "--sample_rate", header_rate, rate)
     _check_given(name, "--channels", header_channels, channels)
-    return Stream(name, header_rate, header_channels, native, sample_rate)
+    return Stream(name, header_rate, header_channels, native)

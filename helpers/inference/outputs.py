@@ -14,6 +14,9 @@ import csv
 import dataclasses
 import datetime
 import json
+import os
+import select
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -51,7 +54,21 @@ class LineOutput:
 
     @property
     def gone(self) -> bool:
-        return bool(getattr(self._file, "reader_gone", False))
+        """True once the reader of a stdout pipe has closed it (seen by a failed write, or by poll,
+        for a stream that has nothing to write for a long time)."""
+        if self._file is not sys.stdout:
+            return False
+        if getattr(self._file, "reader_gone", False):
+            return True
+        try:
+            fd = self._file.fileno()
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                return False
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+        except (OSError, ValueError):
+            return False
 
     def close(self) -> None:
         if self._file is not sys.stdout:
@@ -136,8 +153,9 @@ class ProbabilityWriter:
             self._stack.close()
 
     def abort(self) -> None:
-        """Leave nothing behind."""
-        self._stack.__exit__(InputError, InputError("aborted"), None)
+        """Leave nothing behind (closing the temporary file may fail again, on a full disk)."""
+        with contextlib.suppress(OSError):
+            self._stack.__exit__(InputError, InputError("aborted"), None)
 
 
 class PlotKeeper:
