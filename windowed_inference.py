@@ -183,9 +183,11 @@ def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tag
         name, bad = source.name, None
         blocks = Stream(name, source.rate, 1, source.blocks()).blocks(tagger.sample_rate)
     tracker = EventTracker(tagger.class_names, window, hop, tagger.sample_rate, args.threshold, name)
-    result = StreamRun(name, engine, tracker, sinks, bad).run(blocks, stop)
-    if bar is not None:
-        bar.close()
+    try:
+        result = StreamRun(name, engine, tracker, sinks, bad).run(blocks, stop)
+    finally:
+        if bar is not None:
+            bar.close()
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
     if 0 < result.num_samples < window:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -81,7 +81,6 @@ class Sinks:
     wall_clock: bool = False
     files_only_on_stdout: bool = False  # nothing but stdout is written: stop once its reader has gone
     name_in_lines: bool = False  # JSON lines carry the file name (several files)
-    skipped_windows: int = field(default=0)
 
     def stdout_gone(self) -> bool:
         outs = [o for o in (self.windows_out, self.events_out) if o is not None and o.path == "-"]
@@ -112,7 +111,7 @@ class StreamRun:
     def _skip(self, index: int) -> bool:
         start = index * self.engine.hop
         while self.bad and self.bad[0][1] <= start:
-            self.bad.pop(0)
+            self._warned.discard(self.bad.pop(0))
         hit = [r for r in self.bad if r[0] < start + self.engine.window]
         for r in hit:
             if r not in self._warned:
@@ -127,7 +126,6 @@ class StreamRun:
         start = index * self.engine.hop
         end = min(start + self.engine.window, self.engine.num_samples)
         if self._skip(index):
-            s.skipped_windows += 1
             if s.plot is not None:
                 s.plot.rows.append(np.zeros_like(probs))
             return [] if final else self.tracker.push(index, None)
