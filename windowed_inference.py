@@ -76,6 +76,10 @@ def check_stream_args(args: argparse.Namespace) -> None:
         raise InputError("--raw needs --sample_rate (the stream's rate in Hz)")
     if (args.sample_rate is not None and args.sample_rate < 1) or (args.channels is not None and args.channels < 1):
         raise InputError("--sample_rate and --channels must be at least 1")
+    if args.wall_clock and not (args.events == "-" or (args.events or "").lower().endswith(".jsonl")):
+        raise InputError("--wall_clock dates JSON event lines: give --events - or --events FILE.jsonl")
+    if args.stall_timeout is not None and not stdin:
+        raise InputError("--stall_timeout watches standard input: give --audio_path -")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.stall_timeout is not None and not args.stall_timeout > 0:
@@ -252,8 +256,8 @@ def report(args: argparse.Namespace, sources: list, n_events: int, done: int, fa
         print(f"{sources[0].name}: {dropped:.1f} s of audio dropped (the model could not keep up)"
               if dropped else f"{sources[0].name}: nothing dropped", file=sys.stderr)
     if stopped:
-        print(f"interrupted by {signal.Signals(stopped).name}: open events closed at the last sample "
-              f"received; {done} input(s) done, outputs written", file=sys.stderr)
+        print(f"interrupted by {signal.Signals(stopped).name} after {done} input(s), the last one tagged up to "
+              "where it stopped: open events closed there, outputs written", file=sys.stderr)
         return 128 + stopped
     if not done:
         return 2

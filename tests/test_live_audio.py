@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from common.errors import InputError
 from datasets.hdf5 import encode_mp3
 from datasets.stream import pcm_to_float
 from helpers.inference.events import EventTracker
@@ -190,9 +191,24 @@ def test_a_closed_pipe_ends_an_endless_stream_quietly(mn04_checkpoint: Path, lab
     assert b"rc=0" in result.stderr and b"Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--audio_path", "-", "--raw", "s16le"], "--raw needs --sample_rate"),
+    (["--audio_path", "a.wav", "--raw", "s16le", "--sample_rate", "8000"], "describe standard input"),
+    (["--audio_path", "-", "--sample_rate", "0"], "must be at least 1"),
+    (["--audio_path", "-", "x.wav"], "standard input is read alone"),
+    (["--mic", "--audio_path", "a.wav"], "exclude each other"),
+    ([], "give --audio_path"),
+    (["--audio_path", "-", "--wall_clock", "--events", "x.csv"], "--wall_clock dates JSON event lines"),
+    (["--audio_path", "a.wav", "--stall_timeout", "5"], "--stall_timeout watches standard input"),
+    (["--audio_path", "-", "--stall_timeout", "0"], "--stall_timeout must be a positive"),
+])
+def test_stream_flags_that_do_not_fit(args: list[str], message: str) -> None:
+    import windowed_inference
+    with pytest.raises(InputError, match=re.escape(message)):
+        windowed_inference.parse_args(args)
+
+
 def test_bad_streams(audio: dict, mn04_checkpoint: Path, labels_file: Path) -> None:
-    no_rate = run([*SETTINGS, "--audio_path", "-", "--raw", "s16le"])
-    assert no_rate.returncode == 2 and no_rate.stderr.startswith(b"error: --raw needs --sample_rate")
     wrong_rate = run([*SETTINGS, "--audio_path", "-", "--sample_rate", "16000"], audio["wav_stream"])
     assert wrong_rate.returncode == 2
     assert wrong_rate.stderr.decode().strip() == "error: stdin: the stream's header says sample_rate 44100, " \

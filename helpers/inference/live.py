@@ -109,10 +109,10 @@ class StreamRun:
         self._pending_samples = self._windows_done = 0
 
     def _skip(self, index: int) -> bool:
-        start = index * self.engine.hop
+        start = index * self.tracker.hop
         while self.bad and self.bad[0][1] <= start:
             self._warned.discard(self.bad.pop(0))
-        hit = [r for r in self.bad if r[0] < start + self.engine.window]
+        hit = [r for r in self.bad if r[0] < start + self.tracker.window]
         for r in hit:
             if r not in self._warned:
                 self._warned.add(r)
@@ -123,8 +123,8 @@ class StreamRun:
 
     def _window(self, index: int, probs: np.ndarray, final: bool) -> list[EventChange]:
         rate, s = self.tracker.sample_rate, self.sinks
-        start = index * self.engine.hop
-        end = min(start + self.engine.window, self.engine.num_samples)
+        start = index * self.tracker.hop
+        end = min(start + self.tracker.window, self.engine.num_samples)
         if self._skip(index):
             if s.plot is not None:
                 s.plot.rows.append(np.zeros_like(probs))
@@ -149,7 +149,7 @@ class StreamRun:
         if block is not None:
             self._pending.append(block)
             self._pending_samples += len(block)
-            due = self._windows_done * self.engine.hop + self.engine.window
+            due = self._windows_done * self.tracker.hop + self.tracker.window
             if self.engine.num_samples + self._pending_samples < due:
                 return
         if self._pending:
