@@ -1,43 +1,96 @@
-"""Sound event detection: tag long recordings window by window and report when each sound occurs.
+"""Sound event detection: tag recordings or live audio window by window and report when each sound occurs.
 
     python windowed_inference.py --model_name mn04_as --audio_path recording.wav
     python windowed_inference.py --model dymn10_as --audio_path field/ --window_size 5 --hop_length 1 \
         --threshold 0.4 --events events.csv --plot activity.png
+    arecord -f S16_LE -r 32000 -c 1 -t raw | python windowed_inference.py --model mn04_as --audio_path - \
+        --raw s16le --sample_rate 32000 --hop_length 1 --events -
 
 Recordings are streamed in blocks (memory does not grow with their length), cut into windows of
 --window_size seconds every --hop_length seconds (the last window zero-padded, so the whole file is
 covered; a recording shorter than a window is one window of its own length, and a note says so),
-and each window is tagged. For every window the top tags are printed;
+and each window is tagged. For every window the top tags are printed as it is done;
 --events writes the DCASE event list (filename,onset,offset,event_label,probability): hop-long
 segments where the overlap-weighted average of the windows' probabilities for a class reaches
---threshold, consecutive segments merged (see helpers/inference/sed.py). Exit code: 0 all files analyzed,
-1 some failed, 2 nothing analyzed (bad arguments, unknown model, unreadable input).
+--threshold, consecutive segments merged (see helpers/inference/sed.py); `--events -` or a .jsonl
+file gets each event's start and end as a JSON line when it happens. `--audio_path -` reads standard
+input as it arrives (a WAV stream, --raw PCM, or any container FFmpeg decodes), --mic a microphone
+(docs/live-audio.md). Exit code: 0 all input analyzed, 1 some failed (or a stream stalled), 2 nothing
+analyzed (bad arguments, unknown model, unreadable input), 130/143 stopped by SIGINT/SIGTERM (what was
+done is written, open events closed).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
+import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
+import torch
+from tqdm import tqdm
 
-from datasets.audio import AudioLoadError, find_audio_files
-from common.errors import InputError, as_input_error, check_suffix, run_cli
-from common.files import atomic_write, check_output
-from helpers.inference.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
-                                   tag_windows, window_samples)
-from helpers.inference.tables import TABLE_SUFFIXES, TableWriter
-from helpers.inference.tagging import Tagger, add_precision_arg, build_tagger, select_device, top_k
+from common.errors import AudioLoadError, InputError, as_input_error, check_suffix, run_cli
+from common.files import check_output
+from datasets.audio import audio_duration, find_audio_files, stream_audio
+from datasets.mic import Microphone, input_devices
+from datasets.stream import RAW_FORMATS, Stream, open_stream
+from helpers.inference.events import EventTracker
+from helpers.inference.live import Sinks, StopSignals, Stopped, StreamResult, StreamRun, counted
+from helpers.inference.outputs import LineOutput, PlotKeeper, ProbabilityWriter, write_event_file
+from helpers.inference.sed import Event, window_samples
+from helpers.inference.tagging import Tagger, add_precision_arg, build_tagger, select_device
+from helpers.inference.windows import WindowEngine
 
+
+def add_stream_args(parser: argparse.ArgumentParser) -> None:
+    live = parser.add_argument_group("live audio (docs/live-audio.md)")
+    live.add_argument("--raw", choices=sorted(RAW_FORMATS), default=None,
+                      help="standard input is headerless PCM in this format (needs --sample_rate)")
+    live.add_argument("--sample_rate", type=int, default=None, help="sample rate of a --raw stream in Hz")
+    live.add_argument("--channels", type=int, default=None, help="channels of a --raw stream (default 1)")
+    live.add_argument("--mic", nargs="?", const="", default=None, metavar="DEVICE",
+                      help="record from a microphone (default device, or a number or name from --list_devices)")
+    live.add_argument("--list_devices", action="store_true", help="list the input devices and exit")
+    live.add_argument("--wall_clock", action="store_true", help="JSON event lines also give the wall-clock time")
+    live.add_argument("--threads", type=int, default=None,
+                      help="CPU threads for the model (default: 1 for live input, which keeps it light and "
+                           "its latency steady on a busy machine; all cores for files)")
+    live.add_argument("--stall_timeout", type=float, default=None,
+                      help="end a stream that sends nothing for this many seconds (default: wait forever)")
+
+
+def check_stream_args(args: argparse.Namespace) -> None:
+    """InputError for stream flags that do not fit together."""
+    stdin = args.audio_path == ["-"]
+    if args.audio_path is None and args.mic is None and not args.list_devices:
+        raise InputError("give --audio_path (files, folders, or - for standard input), --mic or --list_devices")
+    if args.audio_path and "-" in args.audio_path and not stdin:
+        raise InputError("--audio_path -: standard input is read alone, without other files")
+    if args.mic is not None and args.audio_path:
+        raise InputError("--mic and --audio_path exclude each other")
+    if (args.raw or args.sample_rate or args.channels) and not stdin:
+        raise InputError("--raw, --sample_rate and --channels describe standard input: give --audio_path -")
+    if args.raw and not args.sample_rate:
+        raise InputError("--raw needs --sample_rate (the stream's rate in Hz)")
+    if (args.sample_rate is not None and args.sample_rate < 1) or (args.channels is not None and args.channels < 1):
+        raise InputError("--sample_rate and --channels must be at least 1")
+    if args.wall_clock and not (args.events == "-" or (args.events or "").lower().endswith(".jsonl")):
+        raise InputError("--wall_clock dates JSON event lines: give --events - or --events FILE.jsonl")
+    if args.stall_timeout is not None and not stdin:
+        raise InputError("--stall_timeout watches standard input: give --audio_path -")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    if args.stall_timeout is not None and not args.stall_timeout > 0:
+        raise InputError(f"--stall_timeout must be a positive number of seconds, got {args.stall_timeout}")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
+    parser.add_argument("--audio_path", nargs="+", default=None,
+                        help="audio files and/or folders; - reads standard input as it arrives")
     parser.add_argument("--model_name", "--model", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
     parser.add_argument("--ensemble", nargs="+", default=None, help="several model names; averages logits")
     parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
@@ -47,19 +100,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8, help="windows tagged together")
     parser.add_argument("--top_k", type=int, default=5, help="tags printed per window (0: print no windows)")
     parser.add_argument("--threshold", type=float, default=0.3, help="probability at which a class is active")
-    parser.add_argument("--events", default=None, help="write the events to a .csv or .json file")
+    parser.add_argument("--events", default=None,
+                        help="events to a .csv or .json file (at the end), or as JSON lines to a .jsonl file or - "
+                             "(stdout) as they happen")
     parser.add_argument("--probabilities", default=None,
                         help="write every window's start, end and class probabilities to a .csv or .npz file")
     parser.add_argument("--plot", default=None, help="save a .png of class activity over time (one file)")
     parser.add_argument("--plot_classes", type=int, default=10, help="classes shown in --plot")
+    add_stream_args(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.top_k < 0 or args.plot_classes < 1:
         raise InputError("--batch_size and --plot_classes must be at least 1, --top_k at least 0")
     if not 0.0 <= args.threshold <= 1.0:
         raise InputError(f"--threshold must be between 0 and 1, got {args.threshold}")
+    check_stream_args(args)
     with as_input_error():  # before any model is loaded; checked again at the model's sample rate
         window_samples(args.window_size, args.hop_length, 32000)
-    for option, value, suffixes in (("--events", args.events, TABLE_SUFFIXES),
+    for option, value, suffixes in (("--events", None if args.events == "-" else args.events,
+                                     (".csv", ".json", ".jsonl")),
                                     ("--probabilities", args.probabilities, (".csv", ".npz")),
                                     ("--plot", args.plot, (".png",))):
         check_suffix(option, value, suffixes)
@@ -68,95 +126,160 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def load(args: argparse.Namespace) -> tuple[list[Path], Tagger]:
-    """The recordings and the tagger; unreadable input or an unknown model is an InputError."""
+def load(args: argparse.Namespace) -> tuple[list, Tagger]:
+    """The inputs (files, or one stream or microphone) and the tagger; unreadable input or an unknown
+    model is an InputError. A stream's header is read first, so that a bad one fails at once."""
     with as_input_error():
-        files = find_audio_files(args.audio_path)
-        if args.plot and len(files) > 1:
-            raise ValueError(f"--plot draws one recording; {len(files)} files given")
+        if args.audio_path == ["-"]:
+            sources: list = [open_stream(sys.stdin.fileno(), "stdin", args.raw, args.sample_rate, args.channels,
+                                         args.stall_timeout)]
+        elif args.mic is not None:
+            sources = [Microphone(args.mic or None, args.hop_length, max(2 * args.hop_length, 1.0))]
+        else:
+            sources = find_audio_files(args.audio_path)
+        if args.plot and len(sources) > 1:
+            raise ValueError(f"--plot draws one recording; {len(sources)} files given")
         tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda),
                                       precision=args.precision)
         window_samples(args.window_size, args.hop_length, tagger.sample_rate)
-    return files, tagger
+    threads = args.threads or (1 if args.audio_path == ["-"] or args.mic is not None else None)
+    if threads:
+        torch.set_num_threads(threads)
+    return sources, tagger
 
 
-def tag_files(args: argparse.Namespace, files: list[Path],
-              tagger: Tagger) -> tuple[list[WindowPredictions], list[Event], int]:
-    """Tag every recording window by window, printing each window's top tags as the original
-    does; returns (predictions, events, number of unreadable files)."""
-    results: list[WindowPredictions] = []
-    events: list[Event] = []
-    failed = 0
-    for path in files:
+def make_sinks(args: argparse.Namespace, tagger: Tagger, several: bool) -> Sinks:
+    """The outputs written while the windows arrive (see helpers/inference/outputs.py)."""
+    events_lines = args.events if args.events and (args.events == "-" or args.events.endswith(".jsonl")) else None
+    files = [args.probabilities, args.plot, args.events if args.events != "-" else None]
+    return Sinks(tagger.class_names, top_k=0 if args.events == "-" else args.top_k,
+                 windows_out=LineOutput("-") if args.top_k and args.events != "-" else None,
+                 events_out=LineOutput(events_lines) if events_lines else None,
+                 probabilities=ProbabilityWriter(args.probabilities, tagger.class_names, tagger.name)
+                 if args.probabilities else None,
+                 plot=PlotKeeper(args.plot, tagger.class_names, args.plot_classes) if args.plot else None,
+                 wall_clock=args.wall_clock, files_only_on_stdout=not any(files), name_in_lines=several)
+
+
+def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tagger: Tagger, sinks: Sinks,
+               stop: StopSignals, several: bool) -> Optional[StreamResult]:
+    """Tag one file or stream through the live loop; None for a file that cannot be opened."""
+    window, hop = window_samples(args.window_size, args.hop_length, tagger.sample_rate)
+    engine = WindowEngine(tagger, window, hop, batch_size=args.batch_size)
+    bar = None
+    if isinstance(source, Path):
+        name, bad = str(source), None
         try:
-            pred = tag_windows(tagger, path, args.window_size, args.hop_length, args.batch_size)
+            blocks = stream_audio(source, tagger.sample_rate, block_seconds=args.window_size +
+                                  args.batch_size * args.hop_length)
+            duration = audio_duration(source)
         except AudioLoadError as e:
             print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        results.append(pred)
-        if pred.num_samples < pred.window:
-            print(f"note: {path} ({pred.duration:.2f} s) is shorter than --window_size {args.window_size:g} s: "
-                  "tagged as one window over its own length", file=sys.stderr)
-        events += detect_events(pred, tagger.class_names, args.threshold)
-        if args.top_k:
-            if len(files) > 1:
-                print(f"File: {path}")
-            for start, end, probs in zip(pred.starts, pred.ends, pred.probabilities):
-                print(f"Window: {start:.2f} - {end:.2f}")
-                for i in top_k(probs, args.top_k):
-                    print(f"\t{tagger.class_names[i]}: {probs[i]:.2f}")
-                print()
-    return results, events, failed
+            return None
+        bar = tqdm(total=round(duration, 1) if duration else None, desc=source.name[:40], unit="s", file=sys.stderr,
+                   leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s")
+        blocks = counted(blocks, lambda n: bar.update(n / tagger.sample_rate))
+        if args.top_k and several and sinks.windows_out is not None:
+            sinks.windows_out.write(f"File: {source}\n")
+    elif isinstance(source, Stream):
+        name, bad, blocks = source.name, source.bad, source.blocks(tagger.sample_rate)
+    else:
+        name, bad = source.name, None
+        blocks = Stream(name, source.rate, 1, source.blocks()).blocks(tagger.sample_rate)
+    tracker = EventTracker(tagger.class_names, window, hop, tagger.sample_rate, args.threshold, name)
+    try:
+        result = StreamRun(name, engine, tracker, sinks, bad).run(blocks, stop)
+    finally:
+        if bar is not None:
+            bar.close()
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+    if 0 < result.num_samples < window:
+        print(f"note: {name} ({result.num_samples / tagger.sample_rate:.2f} s) is shorter than --window_size "
+              f"{args.window_size:g} s: tagged as one window over its own length", file=sys.stderr)
+    return result
 
 
-def write_events(args: argparse.Namespace, tagger: Tagger, events: list[Event]) -> None:
-    if args.events:
-        table = TableWriter(args.events, EVENT_FIELDS, {"model": tagger.name, "window_size": args.window_size,
-                                                        "hop_length": args.hop_length, "threshold": args.threshold},
-                            key="events", errors=False)
-        for e in events:
-            table.add(dataclasses.asdict(e), [dataclasses.astuple(e)])
-        table.close()
+def finish_outputs(args: argparse.Namespace, tagger: Tagger, sinks: Sinks, events: list[Event],
+                   last: Optional[StreamResult], name: str) -> None:
+    """The files written whole at the end, each atomically."""
+    if sinks.events_out is not None:
+        sinks.events_out.close()
+    elif args.events:
+        write_event_file(args.events, events, {"model": tagger.name, "window_size": args.window_size,
+                                               "hop_length": args.hop_length, "threshold": args.threshold})
+    if args.events and args.events != "-":
         print(f"wrote {len(events)} event(s) to {args.events}", file=sys.stderr)
-
-
-def write_probabilities(args: argparse.Namespace, tagger: Tagger, results: list[WindowPredictions]) -> None:
-    if args.probabilities:
-        if Path(args.probabilities).suffix.lower() == ".npz":
-            with atomic_write(args.probabilities, "wb") as f:
-                np.savez(f, filenames=np.array([p.filename for p in results]),
-                         starts=np.concatenate([p.starts for p in results]),
-                         ends=np.concatenate([p.ends for p in results]),
-                         file_index=np.concatenate([np.full(len(p.probabilities), i) for i, p in enumerate(results)]),
-                         probabilities=np.concatenate([p.probabilities for p in results]),
-                         class_names=np.array(tagger.class_names), model=np.array(tagger.name))
-        else:
-            with atomic_write(args.probabilities, "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                writer.writerow(["filename", "start", "end", *tagger.class_names])
-                for p in results:
-                    for start, end, probs in zip(p.starts, p.ends, p.probabilities):
-                        writer.writerow([p.filename, f"{start:.3f}", f"{end:.3f}", *(f"{x:.5f}" for x in probs)])
+    if sinks.probabilities is not None:
+        sinks.probabilities.close()
         print(f"wrote window probabilities to {args.probabilities}", file=sys.stderr)
+    if sinks.plot is not None and last is not None:
+        window, hop = window_samples(args.window_size, args.hop_length, tagger.sample_rate)
+        sinks.plot.write(name, tagger.sample_rate, window, hop, last.num_samples, events)
+        print(f"wrote activity plot to {args.plot}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace, sources: list, tagger: Tagger, stop: StopSignals) -> int:
+    """Tag every source, then write the outputs; the exit status (module doc)."""
+    sinks = make_sinks(args, tagger, isinstance(sources[0], Path) and len(sources) > 1)
+    events: list[Event] = []
+    done = failed = 0
+    last: Optional[StreamResult] = None
+    stopped: Optional[int] = None
+    try:
+        for source in sources:
+            result = tag_source(args, source, tagger, sinks, stop, len(sources) > 1)
+            failed += result is None or bool(result.error)
+            if result is not None and result.num_samples:
+                done, last = done + 1, result
+                events += result.events
+            stopped = stop.signum
+            if stopped or (result is not None and result.reader_gone):
+                break
+        if done:
+            finish_outputs(args, tagger, sinks, events, last, getattr(sources[0], "name", str(sources[0])))
+    except InputError:
+        if sinks.probabilities is not None:
+            sinks.probabilities.abort()
+        raise
+    seconds = last.num_samples / tagger.sample_rate if last is not None and not isinstance(sources[0], Path) else 0
+    return report(args, sources, len(events), done, failed, stopped, seconds)
+
+
+def report(args: argparse.Namespace, sources: list, n_events: int, done: int, failed: int,
+           stopped: Optional[int], seconds: float) -> int:
+    """The closing lines on stderr and the exit status."""
+    where = f"{done} file(s)" if isinstance(sources[0], Path) else f"{seconds:.1f} s of {sources[0].name}"
+    print(f"{n_events} event(s) at threshold {args.threshold} in {where}", file=sys.stderr)
+    if isinstance(sources[0], Microphone):
+        dropped = sources[0].dropped_seconds
+        print(f"{sources[0].name}: {dropped:.1f} s of audio dropped (the model could not keep up)"
+              if dropped else f"{sources[0].name}: nothing dropped", file=sys.stderr)
+    if stopped:
+        print(f"interrupted by {signal.Signals(stopped).name} after {done} input(s), the last one tagged up to "
+              "where it stopped: open events closed there, outputs written", file=sys.stderr)
+        return 128 + stopped
+    if not done:
+        return 2
+    return 1 if failed else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    files, tagger = load(args)
-    results, events, failed = tag_files(args, files, tagger)
-    if not results:
-        return 2
-    print(f"{len(events)} event(s) at threshold {args.threshold} in {len(results)} file(s)", file=sys.stderr)
-    # outputs, each written atomically
-    write_events(args, tagger, events)
-    write_probabilities(args, tagger, results)
-    if args.plot:
-        with atomic_write(args.plot, "wb") as f:
-            plot_activity(results[0], tagger.class_names, f, args.plot_classes, events)
-        print(f"wrote activity plot to {args.plot}", file=sys.stderr)
-    return 1 if failed else 0
-
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    if args.list_devices:
+        with as_input_error():
+            print("\n".join(input_devices()) or "no input devices")
+        return 0
+    stop = StopSignals()
+    with stop.installed():
+        try:
+            with stop.waiting():
+                sources, tagger = load(args)
+        except Stopped as e:
+            print(f"interrupted by {e} before anything was tagged", file=sys.stderr)
+            return 128 + e.signum
+        return run(args, sources, tagger, stop)
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -52,6 +52,7 @@ class _PipeTolerantStdout:
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
+        self.reader_gone = False  # set once the reader has closed the pipe
 
     def write(self, text: str) -> int:
         try:
@@ -67,6 +68,7 @@ class _PipeTolerantStdout:
             self._discard()
 
     def _discard(self) -> None:
+        self.reader_gone = True
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self._stream.fileno())  # later flushes, also at exit, go nowhere
         os.close(devnull)
