@@ -72,6 +72,9 @@ def evaluate(model: nn.Module, frontend: nn.Module, loader: DataLoader, precisio
     kept = torch.cat(keep)
     # the logits come to the host once, after the last batch
     gathered = [gather_cat(torch.cat(column).cpu()[kept], dist) for column in zip(*parts)]
+    if len(gathered[0]) == 0:  # metrics of nothing would be NaN
+        raise InputError(f"none of the {len(loader.dataset)} evaluation clips could be read "
+                         "(see the warnings above)")
     return Predictions(*gathered) if len(gathered) == 3 else Predictions(*gathered, None)
 
 
