@@ -45,6 +45,15 @@ def disk_full(error: OSError, path: str | os.PathLike) -> OSError:
     return OSError(error.errno, os.strerror(error.errno), str(path))
 
 
+def publish(tmp: Path, path: Path) -> None:
+    """Rename the finished temporary file `tmp` to `path`, with an ordinary new file's
+    permissions (not the temporary file's owner-only 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path next to `path` to write to (`temp_path`); renamed to `path` (with an
@@ -59,10 +68,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise (disk_full(e, path) if e.errno in DISK_FULL else e) from None
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # not the temporary file's owner-only 0600
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as e:
         if e.errno in DISK_FULL:
             raise disk_full(e, path) from None

@@ -130,12 +130,13 @@ def epoch_weights_name(width: float, task: str, epoch: int, metric: str, value: 
     return f"mn{str(width).replace('.', '')}_{task}_epoch_{epoch}_{metric}_{score}.pt"
 
 
-def save_epoch_weights(out_dir: Path, record: RunRecord) -> None:
-    """Write the model's state dict of `record` as its `epoch_weights` file (if missing) and
-    delete its `stale_weights` file, the previous epoch's that this run wrote: only the latest
-    is kept, as the original does, and no file of another run is ever deleted."""
+def save_epoch_weights(out_dir: Path, record: RunRecord, only_if_missing: bool = False) -> None:
+    """Write the model's state dict of `record` as its `epoch_weights` file (`only_if_missing`:
+    when a resume finishes an epoch's commit) and delete its `stale_weights` file, the previous
+    epoch's that this run wrote: only the latest is kept, as the original does, and no file of
+    another run is ever deleted."""
     path = out_dir / record.epoch_weights
-    if not path.is_file():
+    if not (only_if_missing and path.is_file()):
         save_checkpoint(path, record.model)
     if record.stale_weights and record.stale_weights != record.epoch_weights:
         (out_dir / record.stale_weights).unlink(missing_ok=True)

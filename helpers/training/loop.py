@@ -223,7 +223,7 @@ def _finish_commit(out_dir: Path, record: RunRecord, source: Path, logger: RunLo
             best = {"epoch": record.epoch, "metrics": record.metrics}
             save_run_record(best_path, record)
     if record.epoch_weights:
-        save_epoch_weights(out_dir, record)
+        save_epoch_weights(out_dir, record, only_if_missing=True)
     logger.align(record.epoch, record.log)
     return best
 
