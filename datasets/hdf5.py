@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_DATASETS = ("audio_name", "mp3", "target")
 MP3_BITRATE = 128_000
-SPACE_MARGIN = 256 * 1024  # bytes kept free beside a row: HDF5's chunk index and metadata on close
+SPACE_MARGIN = 64 * 1024  # bytes kept free beside a row: HDF5's chunk index and metadata on close
 
 
 class Mp3DecodeError(ValueError):
@@ -265,6 +265,7 @@ class Mp3HDF5Writer:
         self.count = 0
         self._file: Optional[h5py.File] = None
         self._tmp = self.path
+        self._unflushed = 0  # bytes appended since HDF5 last wrote its cache to disk
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "Mp3HDF5Writer":
@@ -304,10 +305,15 @@ class Mp3HDF5Writer:
         self.count += 1
 
     def _check_space(self, nbytes: int) -> None:
-        """OSError ENOSPC naming the output before a row that would not fit (with room for HDF5's
-        own bookkeeping): HDF5 meeting a full disk prints its error stack and may crash on close."""
-        if shutil.disk_usage(self._tmp.parent).free < nbytes + SPACE_MARGIN:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        """OSError ENOSPC naming the output before a row that would not fit beside the rows HDF5
+        still holds in memory (flushed first when room gets short) and its own bookkeeping: HDF5
+        meeting a full disk prints its error stack and may crash on close."""
+        if shutil.disk_usage(self._tmp.parent).free < self._unflushed + nbytes + SPACE_MARGIN:
+            self._file.flush()
+            self._unflushed = 0
+            if shutil.disk_usage(self._tmp.parent).free < nbytes + SPACE_MARGIN:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        self._unflushed += nbytes
 
     def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException],
                  tb: Optional[TracebackType]) -> None:

@@ -70,6 +70,7 @@ class ResumableMp3Writer(Mp3HDF5Writer):
         """Flush the rows written so far to disk and record their number."""
         self._file.attrs["complete_rows"] = self.count
         self._file.flush()
+        self._unflushed = 0
 
     def stored(self) -> tuple[list[str], np.ndarray]:
         """(names, target rows) of the rows in the file."""

@@ -2,11 +2,10 @@
 model a checkpoint describes without the command line (`load_finetuned`)."""
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import IO, Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -18,14 +17,35 @@ from models.factory import model_from_config
 CHECKPOINT_FORMAT = "efficientat-training-checkpoint"
 
 
+class _WriteErrors:
+    """A binary file for torch.save that keeps the OSError a write raised: torch's writer turns it
+    into "unexpected pos" (a full disk would read as a torch bug)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """torch.save `state` atomically (common.files.atomic_write): a crash never leaves a
-    half-written checkpoint. It is serialized in memory first: torch's writer turns a failed
-    write (a full disk) into "unexpected pos", while a plain write raises the OSError itself."""
-    buffer = io.BytesIO()
-    torch.save(dict(state), buffer)
+    half-written checkpoint, and a failed write (a full disk) is raised as its OSError."""
     with atomic_write(path, "wb") as f:
-        f.write(buffer.getbuffer())
+        writer = _WriteErrors(f)
+        try:
+            torch.save(dict(state), writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
