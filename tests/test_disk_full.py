@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from common.errors import run_cli
+from common.files import atomic_write
 from datasets.hdf5 import Mp3HDF5
 from tests.conftest import REPO
 from tests.datagen import make_custom
@@ -45,6 +47,22 @@ def _script(args: list) -> subprocess.CompletedProcess:
 
 def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith(("error", "Traceback"))]
+
+
+def test_every_atomic_write_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    """The path of inference --output, complexity --table, export_onnx and checkpoints."""
+    _fill(small_disk, 0)
+    target = small_disk / "results.json"
+
+    def main() -> None:
+        with atomic_write(target) as f:
+            f.write("x" * 100_000)
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main)
+    assert exit_.value.code == 1 and capsys.readouterr().err == f"error: {target}: no space left on device\n"
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]
 
 
 def test_training_on_a_full_disk_is_one_line_and_the_last_commit_survives(tmp_path: Path, small_disk: Path) -> None:

@@ -261,3 +261,38 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.
     assert list(tmp_path.iterdir()) == []
     code, _, err = _cli(lambda argv: (_ for _ in ()).throw(OSError(errno.EDQUOT, "quota")), [], capsys)
     assert code == 1 and err == "error: disk quota exceeded"
+
+
+# ---------------------------------------------------------------- prepare_hdf5 interrupted
+
+def test_a_killed_prepare_hdf5_is_continued_by_the_next_run(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    from datasets.hdf5 import Mp3HDF5
+    from datasets.prepare_hdf5 import main as prepare_main
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(6):
+        sf.write(audio / f"clip{i}.wav", np.sin(np.arange(8000) * (i + 1) / 50).astype(np.float32) * 0.3, 32000)
+    (tmp_path / "labels.csv").write_text("filename,labels\n" + "".join(f"clip{i}.wav,{i % 2}\n" for i in range(6)))
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    args = ["--audio_dir", audio, "--csv", tmp_path / "labels.csv", "--output", tmp_path / "out.hdf",
+            "--classes", tmp_path / "classes.txt"]
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys; import datasets.prepare_hdf5 as p, datasets.hdf5_partial as h\n"
+        "h.COMMIT_EVERY = 1; encode = p._encode; calls = []\n"
+        "def dying(source):\n"
+        "    calls.append(source)\n"
+        "    if len(calls) == 4: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return encode(source)\n"
+        "p._encode = dying; p.main(sys.argv[1:])"), *map(str, args)], cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == -9 and not (tmp_path / "out.hdf").exists()
+    assert len(list(tmp_path.glob(".out.hdf.efficientat-*.tmp"))) == 1
+    with caplog.at_level(logging.WARNING):
+        prepare_main([str(a) for a in args])
+    assert "continuing the 3 clips an interrupted run wrote" in caplog.text
+    assert "wrote 6 clips" in capsys.readouterr().out
+    assert Mp3HDF5(tmp_path / "out.hdf").names() == [f"clip{i}.mp3" for i in range(6)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio", "classes.txt", "labels.csv", "out.hdf"]
