@@ -296,3 +296,20 @@ def test_a_killed_prepare_hdf5_is_continued_by_the_next_run(tmp_path: Path, capl
     assert "wrote 6 clips" in capsys.readouterr().out
     assert Mp3HDF5(tmp_path / "out.hdf").names() == [f"clip{i}.mp3" for i in range(6)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audio", "classes.txt", "labels.csv", "out.hdf"]
+
+
+def test_all_folds_resume_finishes_a_fold_without_best_pt_and_starts_one_never_begun(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_custom(tmp_path / "c", clips_per_class=4, seconds=0.5)
+    lines = (data / "labels.csv").read_text().splitlines()
+    (data / "labels.csv").write_text("\n".join([lines[0] + ",fold"] + [f"{line},{k % 2 + 1}"
+                                                                       for k, line in enumerate(lines[1:])]) + "\n")
+    out = tmp_path / "run"
+    argv = ["--dataset_dir", data, *SCRATCH, *FAST, "--out_dir", out, "--n_epochs", 1, "--all_folds"]
+    assert _cli(ex_custom.main, argv, capsys)[0] == 0
+    (out / "fold1" / "best.pt").unlink()  # killed between last.pt and best.pt
+    for path in (out / "fold2").iterdir():  # killed before fold 2 committed anything
+        path.unlink()
+    code, printed, _ = _cli(ex_custom.main, [*argv, "--resume"], capsys)
+    assert code == 0 and "accuracy over 2 folds" in printed
+    assert read_run_record(out / "fold1" / "best.pt").epoch == read_run_record(out / "fold2" / "best.pt").epoch == 0

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from common.errors import InputError
 from helpers.training.args import apply_speed_options, frontend_config_from_args, model_config_from_args
 from common.files import unlock_folder
-from helpers.training.checkpoints import (check_resumable, epoch_weights_name, prepare_run_folder,
+from helpers.training.checkpoints import (RUN_FILES, check_resumable, epoch_weights_name, prepare_run_folder,
                                           restore_training_state, save_epoch_weights, training_record)
 from helpers.training.data import eval_loader, train_loader
 from helpers.training.distributed import DistInfo, all_reduce_mean, unwrap, wrap_ddp
@@ -191,6 +191,10 @@ def _resume(args: argparse.Namespace, run: Run, task: Task, out_dir: Path) -> tu
     if not args.resume:
         return 0, None, out_dir
     resume_path = out_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
+    if args.resume == "auto" and not any((out_dir / name).exists() for name in RUN_FILES):
+        # e.g. a fold of --all_folds that an interruption kept from starting
+        log.warning("--resume: %s holds no run yet; starting it from epoch 0", out_dir)
+        return 0, None, out_dir
     record = read_run_record(resume_path)
     check_resumable(record, resume_path, vars(args), run.model_config, task.class_names)
     start = restore_training_state(record, run.model, run.optimizer, run.scheduler, run.precision, args.seed)
