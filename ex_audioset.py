@@ -39,7 +39,7 @@ from helpers.training.evaluation import predict
 from helpers.training.loop import fine_tune
 from helpers.training.mixup import mix, mixup
 from helpers.training.tasks import LossFn, Task, tagging_metrics
-from models.checkpoint import load_checkpoint, load_finetuned
+from models.checkpoint import is_run_record, load_checkpoint, load_finetuned
 from models.factory import model_from_config
 from models.fast import fast_inference
 from models.preprocess import AugmentMelSTFT
@@ -208,7 +208,7 @@ def model_to_evaluate(args: argparse.Namespace, dist: DistInfo) -> tuple[torch.n
     """(model, frontend, title): --checkpoint (a training checkpoint or a bare state dict), or a
     released model or ensemble with its frontend, as inference.py builds them."""
     state = load_checkpoint(args.checkpoint, mmap=True) if args.checkpoint else {}
-    if "model_config" in state:  # a checkpoint written by --train
+    if is_run_record(state):  # a checkpoint written by --train
         model, settings, _, _ = load_finetuned(args.checkpoint, state)
         return model, AugmentMelSTFT(**settings), args.checkpoint
     if args.checkpoint:

@@ -151,7 +151,7 @@ def read_run_record(path: str | os.PathLike, mmap: bool = False) -> RunRecord:
 def load_finetuned(checkpoint_path: str | os.PathLike,
                    state: Optional[dict[str, Any]] = None) -> tuple[nn.Module, dict[str, Any], list[str], bool]:
     """(model in eval mode, frontend keyword arguments, class names, multilabel) of a checkpoint
-    written by a training script (`training_state`), rebuilt from the configuration stored in it:
+    written by a training script (a `RunRecord`), rebuilt from the configuration stored in it:
     no command line and no download needed. Apply sigmoid to the logits of multi-label models and
     softmax to those of single-label ones (checkpoints without the flag count as multi-label, like
     AudioSet's). `state`: the checkpoint's contents when the caller has already loaded them."""

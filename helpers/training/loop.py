@@ -15,6 +15,12 @@ step, evaluation on all ranks, the task's hook, logging and atomic checkpoints:
                            values, and the epoch's wall-clock seconds (training alone and with
                            evaluation) and the CPU seconds of this process (without DataLoader workers)
 
+An epoch is committed by writing last.pt (a `models.checkpoint.RunRecord` that also holds the
+best epoch so far, the epoch's log line and the name of its weight file); best.pt, the weight
+file and the metrics line follow, and `--resume` redoes whichever a kill cut short. The run folder
+is locked while a run writes into it (`common.files.lock_folder`). A NaN or infinite loss stops
+the run (`TrainingDiverged`) before anything non-finite is saved.
+
 The loss callback receives the model, the spectrogram batch (B, 1, n_mels, T) and the loader's
 batch (a NamedTuple of `datasets.items`, tensors already on the device) and returns a dict holding
 the scalar "loss" to minimize and any other values to average and log.
