@@ -192,7 +192,7 @@ def test_a_diverged_run_stops_with_one_line_and_keeps_only_finite_checkpoints(
 def test_non_finite_values_are_logged_as_json_null_and_never_win() -> None:
     assert json_line({"epoch": 0, "loss": float("nan"), "x": [float("inf"), 1.0]}) == \
         '{"epoch": 0, "loss": null, "x": [null, 1.0]}\n'
-    best = {"epoch": 0, "metrics": {"accuracy": 0.5, "val_loss": 1.0}}
+    best = {"accuracy": 0.5, "val_loss": 1.0}
     assert not loop._better({"accuracy": float("nan"), "val_loss": 0.1}, best, "accuracy")
     assert loop._better({"accuracy": 0.5, "val_loss": 0.5}, best, "accuracy")
     assert not loop._better({"accuracy": 0.5, "val_loss": float("nan")}, best, "accuracy")

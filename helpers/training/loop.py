@@ -156,12 +156,12 @@ class Run:
     frontend_config: dict[str, Any]
 
 
-def _better(metrics: dict[str, float], best: Optional[dict[str, Any]], selection: str) -> bool:
-    """Whether `metrics` beat the best epoch's (`best`: epoch and metrics, None before the first):
-    higher `selection` metric wins, a tie goes to the lower validation loss; a NaN never wins."""
-    def key(m: dict[str, float]) -> tuple[float, float]:
+def _better(metrics: dict[str, float], best: dict[str, float], selection: str) -> bool:
+    """Whether `metrics` beat the best epoch's: higher `selection` metric wins, a tie goes to the
+    lower validation loss; a NaN never wins."""
+    def key(m: dict[str, float]) -> tuple[float, ...]:
         return tuple(-math.inf if math.isnan(v) else v for v in (m[selection], -m["val_loss"]))
-    return best is None or key(metrics) > key(best["metrics"])
+    return key(metrics) > key(best)
 
 
 def model_from_args(args: argparse.Namespace, num_classes: int) -> tuple[dict[str, Any], nn.Module]:
@@ -302,7 +302,7 @@ def _fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set
             raise TrainingDiverged(f"{e}; {kept}") from None
         if not dist.is_main:
             continue
-        if _better(last, best, task.selection):
+        if best is None or _better(last, best["metrics"], task.selection):
             best = {"epoch": epoch, "metrics": last}
         weights = epoch_weights_name(run.model_config["width_mult"], task.name, epoch, task.metric_tag,
                                      last[task.selection])
