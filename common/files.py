@@ -27,8 +27,9 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 def temp_path(path: str | os.PathLike) -> Path:
     """A new, empty temporary file beside `path`, named .<name>.efficientat-<pid>.tmp (a counter
     is added when this process already has one): recognisably ours, and the pid tells a later
-    run whether its writer still lives (`remove_stale_temporaries`)."""
+    run whether its writer still lives (`remove_stale_temporaries`). Parent folders are created."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     for k in range(1000):
         tmp = path.with_name(f".{path.name}.{TEMP_TAG}-{os.getpid()}{f'-{k}' if k else ''}.tmp")
         try:
@@ -62,7 +63,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     full disk (or quota) is raised as an OSError naming `path`."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(path)
     except OSError as e:
         raise (disk_full(e, path) if e.errno in DISK_FULL else e) from None
