@@ -30,16 +30,16 @@ from common.files import atomic_write, check_output
 from common.labels import class_names
 from helpers.inference.tagging import build_tagger
 from helpers.training.metrics import format_tagging_results, multilabel_metrics
-from helpers.training.args import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args, check_args,
+from helpers.training.args import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
                                    frontend_config_from_args, frontend_overrides, model_config_from_args,
-                                   resolve_dataset_dir, resolve_out_dir)
+                                   resolve_dataset_dir, resolve_out_dir, TrainingParser)
 from helpers.training.data import DistributedWeightedSampler
 from helpers.training.distributed import DistInfo, all_reduce_sum, gather_cat, setup_distributed
 from helpers.training.evaluation import predict
 from helpers.training.loop import fine_tune
 from helpers.training.mixup import mix, mixup
 from helpers.training.tasks import LossFn, Task, tagging_metrics
-from models.checkpoint import load_checkpoint, load_finetuned
+from models.checkpoint import is_run_record, load_checkpoint, load_finetuned
 from models.factory import model_from_config
 from models.runtime import fast_inference
 from models.preprocess import AugmentMelSTFT
@@ -49,7 +49,7 @@ WANDB_TAGS = ("AudioSet", "Audio Tagging", "Knowledge Disitillation")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = TrainingParser(description=__doc__.split("\n\n")[0])
     add_run_args(parser, experiment_name="AudioSet", batch_size=120, dataset_env=DATASET_ENV)
     parser.add_argument("--train", action="store_true", help="train; without it, evaluate")
     parser.add_argument("--ensemble", nargs="+", default=[], help="evaluate this ensemble")
@@ -83,7 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--ensemble, --checkpoint and --save_predictions are for evaluation (without --train)")
     if not 0.0 <= args.kd_lambda <= 1.0:
         parser.error(f"--kd_lambda must be in [0, 1], got {args.kd_lambda}")
-    check_args(args)
     if args.save_predictions:
         check_output(args.save_predictions, "--save_predictions")
     return args
@@ -209,7 +208,7 @@ def model_to_evaluate(args: argparse.Namespace, dist: DistInfo) -> tuple[torch.n
     """(model, frontend, title): --checkpoint (a training checkpoint or a bare state dict), or a
     released model or ensemble with its frontend, as inference.py builds them."""
     state = load_checkpoint(args.checkpoint, mmap=True) if args.checkpoint else {}
-    if "model_config" in state:  # a checkpoint written by --train
+    if is_run_record(state):  # a checkpoint written by --train
         model, settings, _, _ = load_finetuned(args.checkpoint, state)
         return model, AugmentMelSTFT(**settings), args.checkpoint
     if args.checkpoint:

@@ -31,7 +31,7 @@ from typing import Optional
 
 from datasets import custom
 from common.errors import InputError, run_cli
-from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
 from helpers.training.evaluation import model_for_evaluation
 from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
@@ -62,7 +62,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="share of clips held out for validation when the CSV has no split or fold column")
     add_recipe_args(parser, default="auto")
     args = parser.parse_args(argv)
-    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     root = resolve_dataset_dir(args.dataset_dir, custom.ENV_VAR)

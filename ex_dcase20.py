@@ -19,7 +19,7 @@ import torch
 from datasets import dcase20
 from datasets.items import Clip
 from common.errors import run_cli
-from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
 from helpers.training.evaluation import model_for_evaluation
 from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
@@ -34,7 +34,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--mixstyle_alpha", type=float, default=0.4)
     add_recipe_args(parser, default="finetune")
     args = parser.parse_args(argv)
-    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     root = resolve_dataset_dir(args.dataset_dir, dcase20.ENV_VAR)

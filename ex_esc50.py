@@ -15,7 +15,7 @@ from typing import Optional
 
 from datasets import esc50
 from common.errors import InputError, run_cli
-from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
 from helpers.training.evaluation import model_for_evaluation
 from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
@@ -30,7 +30,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="run folds 1-5 one after another and report mean +- std accuracy")
     add_recipe_args(parser, default="finetune")
     args = parser.parse_args(argv)
-    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.all_folds and args.checkpoint:
         raise InputError("--checkpoint evaluates one model on its own test --fold; drop --all_folds")

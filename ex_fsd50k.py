@@ -18,7 +18,7 @@ from typing import Optional
 from datasets import fsd50k
 from common.errors import InputError, run_cli
 from helpers.training.metrics import format_tagging_results
-from helpers.training.args import check_args, finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
 from helpers.training.evaluation import model_for_evaluation
 from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
@@ -33,7 +33,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="evaluate whole clips (batch size 1) instead of 10-s crops")
     add_recipe_args(parser, default="finetune")
     args = parser.parse_args(argv)
-    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.train and args.checkpoint:
         raise InputError("--checkpoint is for evaluation only; drop it or --train")

@@ -110,7 +110,7 @@ def download(urls: str | Sequence[str], dest: Path, sha256: Optional[str] = None
     problems = []
     for url in urls:
         try:
-            with atomic_path(dest, suffix=".part") as tmp:
+            with atomic_path(dest) as tmp:
                 logger.info("downloading %s to %s", url, dest)
                 _fetch(url, tmp, timeout, progress)
                 if sha256 is not None:

@@ -2,6 +2,7 @@
 them into one clear line on stderr and exit code 2 (the argparse convention) instead of a traceback."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -34,10 +35,19 @@ def as_input_error() -> Iterator[None]:
         raise InputError(str(e)) from None
 
 
-def fail(message: str) -> NoReturn:
-    """Print `error: <message>` on stderr and exit with status 2 (usage or input error)."""
+def fail(message: str, status: int = 2) -> NoReturn:
+    """Print `error: <message>` on stderr and exit with `status` (2: usage or input error)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
+
+
+def no_space_message(error: OSError) -> Optional[str]:
+    """The one line for an OSError of a full disk or quota (ENOSPC, EDQUOT), naming the file
+    when the error does; None for any other error."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    what = "no space left on device" if error.errno == errno.ENOSPC else "disk quota exceeded"
+    return f"{error.filename}: {what}" if error.filename else what
 
 
 def check_suffix(option: str, path: Optional[str | os.PathLike], suffixes: Sequence[str]) -> None:
@@ -79,12 +89,18 @@ class _PipeTolerantStdout:
 
 def run_cli(main: Callable[[], Optional[int]]) -> Optional[int]:
     """Run a script's `main` and return its exit status; an InputError, AudioLoadError or
-    DownloadError ends the program through `fail` (one line on stderr, exit status 2). Output
+    DownloadError ends the program through `fail` (one line on stderr, exit status 2), a full
+    disk too (`no_space_message`, exit status 1). Output
     piped into a command that stops reading early is discarded from then on, without a traceback."""
     stdout, sys.stdout = sys.stdout, _PipeTolerantStdout(sys.stdout)
     try:
         return main()
     except (InputError, AudioLoadError, DownloadError) as e:
         fail(str(e))
+    except OSError as e:
+        message = no_space_message(e)
+        if message is None:
+            raise
+        fail(message, status=1)
     finally:
         sys.stdout = stdout

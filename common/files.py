@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
+import fcntl
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,24 +16,63 @@ from typing import IO, Any
 from common.errors import InputError
 
 logger = logging.getLogger(__name__)
+LOCK_NAME = ".efficientat.lock"
+
+
+TEMP_TAG = "efficientat"  # in every temporary file name this project writes: .<name>.efficientat-<pid>.tmp
+_TEMP_NAME = re.compile(rf"^\..+\.{TEMP_TAG}-(\d+)(?:-\d+)?\.tmp$")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A new, empty temporary file beside `path`, named .<name>.efficientat-<pid>.tmp (a counter
+    is added when this process already has one): recognisably ours, and the pid tells a later
+    run whether its writer still lives (`remove_stale_temporaries`). Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1000):
+        tmp = path.with_name(f".{path.name}.{TEMP_TAG}-{os.getpid()}{f'-{k}' if k else ''}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: too many temporary files of this process beside it")
+
+
+def disk_full(error: OSError, path: str | os.PathLike) -> OSError:
+    """`error` (ENOSPC or EDQUOT) as an OSError naming `path` (a write on an open file names
+    none), for `common.errors.run_cli`'s one line."""
+    return OSError(error.errno, os.strerror(error.errno), str(path))
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename the finished temporary file `tmp` to `path`, with an ordinary new file's
+    permissions (not the temporary file's owner-only 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """A temporary path next to `path` to write to; renamed to `path` (with an ordinary new
-    file's permissions) when the block finishes without an exception, removed otherwise, so an
-    existing `path` is never left half-written. Parent folders are created."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to `path` to write to (`temp_path`); renamed to `path` (with an
+    ordinary new file's permissions) when the block finishes without an exception, removed
+    otherwise, so an existing `path` is never left half-written. Parent folders are created. A
+    full disk (or quota) is raised as an OSError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    try:
+        tmp = temp_path(path)
+    except OSError as e:
+        raise (disk_full(e, path) if e.errno in DISK_FULL else e) from None
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # not mkstemp's owner-only 0600
-        os.replace(tmp, path)
+        publish(tmp, path)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full(e, path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -38,7 +80,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
     """Open a file for writing that appears at `path` only when the block finishes without an
-    exception (see `atomic_path`)."""
+    exception (see `atomic_path`; the file is flushed and closed before the rename, so a full
+    disk found then is raised too)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as f:
@@ -64,13 +107,67 @@ def check_output(path: str | os.PathLike, option: str) -> None:
         raise InputError(f"{path}: {option} cannot be written ({e.strerror or e} in {folder})") from None
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_temporaries(folder: str | os.PathLike, name: str = "*") -> list[Path]:
+    """This project's temporary files in `folder` (for `name`, default any) whose writing
+    process has died: left by a kill or a crash. Other files, such as a user's .notes.tmp,
+    never match."""
+    stale = []
+    for tmp in sorted(Path(folder).glob(f".{name}.{TEMP_TAG}-*.tmp")):
+        match = _TEMP_NAME.match(tmp.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            stale.append(tmp)
+    return stale
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files `atomic_path` leaves in `folder` when a process is killed while
-    writing (.<name>.<random>.tmp); returns them. Call it where no other process writes."""
-    stale = sorted(Path(folder).glob(".*.tmp"))
+    """Delete `stale_temporaries(folder)`; returns them."""
+    stale = stale_temporaries(folder)
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale
+
+
+_LOCKS: dict[Path, int] = {}  # folder -> descriptor of its held lock file, for this process's life
+
+
+def lock_folder(folder: str | os.PathLike, what: str = "run") -> None:
+    """Take the OS lock of `folder` (flock on <folder>/.efficientat.lock, holding this pid) for
+    this process: InputError naming the holder's pid when another process holds it. The OS
+    releases it when the process ends, however it ends; `unlock_folder` releases it sooner.
+    Taking a lock this process holds already does nothing."""
+    folder = Path(folder).resolve()
+    if folder in _LOCKS:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise InputError(f"{folder}: another {what} is writing into this folder (pid {holder}); "
+                         "wait for it to end or use another folder") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCKS[folder] = fd
+
+
+def unlock_folder(folder: str | os.PathLike) -> None:
+    """Release `lock_folder`'s lock of `folder` if this process holds it."""
+    fd = _LOCKS.pop(Path(folder).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock
 
 
 def read_text(path: Path) -> str:

@@ -74,7 +74,7 @@ def read_clips(csv_path: Path, audio_dir: Path) -> list[Clip]:
     for line, row in enumerate(rows, start=2):
         if not row["filename"]:
             raise InputError(f"{csv_path}: line {line}: empty filename")
-        key = os.path.normpath(row["filename"])
+        key = os.path.realpath(audio_dir / row["filename"])  # one clip by any spelling: ./a.wav, /abs/a.wav
         if key in first_line:
             raise InputError(f"{csv_path}: lines {first_line[key]} and {line} both list {row['filename']} "
                              "(a clip must appear once, or it could be trained and validated on)")
@@ -95,6 +95,18 @@ def read_clips(csv_path: Path, audio_dir: Path) -> list[Clip]:
         clips.append(clip)
     check_files_exist([c.path for c in clips], csv_path)
     return clips
+
+
+def _warn_case_variants(table: Path, class_names: list[str]) -> None:
+    """Log labels that differ only in case (Dog, dog): they are different classes, which is
+    rarely meant."""
+    variants: dict[str, list[str]] = defaultdict(list)
+    for name in class_names:
+        variants[name.casefold()].append(name)
+    for names in variants.values():
+        if len(names) > 1:
+            logger.warning("%s: the labels %s differ only in case; they are %d different classes",
+                           table, " and ".join(repr(n) for n in names), len(names))
 
 
 def _warn_missing_classes(table: Path, class_names: list[str], clips: list[Clip], part: list[Clip],
@@ -143,6 +155,7 @@ def get_datasets(root: Path, csv_path: Optional[str | os.PathLike] = None,
                                f"per clip, got {len(clips[bad].labels)} (use --multilabel for clips "
                                "with zero or several labels)")
     class_names = sorted({lab for c in clips for lab in c.labels})
+    _warn_case_variants(table, class_names)
     if len(class_names) < 2 and not multilabel:
         raise InputError(f"{table}: a single-label dataset needs at least two classes, found "
                            f"{', '.join(class_names) or 'none'}")

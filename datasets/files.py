@@ -27,6 +27,8 @@ from common.files import read_text
 
 def read_table(path: Path, required: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
     """Rows of a CSV/TSV file with a header line, as dicts; checks that `required` columns exist."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give the table file in it (a CSV file)")
     if not path.is_file():
         raise InputError(f"{path}: metadata file not found")
     with io.StringIO(read_text(path), newline="") as f:
@@ -48,6 +50,9 @@ def check_files_exist(files: Sequence[Path], table: Path) -> None:
     """Raise naming `table` and the first missing file (and how many are missing)."""
     missing = [f for f in files if not f.is_file()]
     if missing:
+        if "\\" in str(missing[0]):
+            raise InputError(f"{table}: lists {missing[0]}, which does not exist: its path has Windows "
+                             "backslashes; write paths with / (as in sub/clip.wav)")
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise InputError(f"{table}: lists {missing[0]}, which does not exist{more}")
 

@@ -12,9 +12,11 @@ float32 without resampling, by libsndfile where it gives FFmpeg's samples, else 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Optional
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_DATASETS = ("audio_name", "mp3", "target")
 MP3_BITRATE = 128_000
+SPACE_MARGIN = 64 * 1024  # bytes kept free beside a row: HDF5's chunk index and metadata on close
 
 
 class Mp3DecodeError(ValueError):
@@ -261,12 +264,14 @@ class Mp3HDF5Writer:
         self.name_length = name_length
         self.count = 0
         self._file: Optional[h5py.File] = None
+        self._tmp = self.path
+        self._unflushed = 0  # bytes appended since HDF5 last wrote its cache to disk
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "Mp3HDF5Writer":
         # a temp path (common.files.atomic_path): HDF5 reads back chunks it wrote as datasets grow
         with self._stack as stack:
-            tmp = stack.enter_context(atomic_path(self.path))
+            self._tmp = tmp = stack.enter_context(atomic_path(self.path))
             self._file = f = stack.enter_context(h5py.File(tmp, "w"))
             self._create_datasets(f)
             self._stack = stack.pop_all()  # keep both open until __exit__; on error both close here
@@ -290,6 +295,7 @@ class Mp3HDF5Writer:
         target = np.asarray(target, dtype=self.target_dtype).reshape(-1)
         if target.shape != (self.target_width,):
             raise ValueError(f"target of {name!r} has {target.size} values, expected {self.target_width}")
+        self._check_space(len(mp3) + len(encoded) + target.nbytes)
         f, i = self._file, self.count
         for key in REQUIRED_DATASETS:
             f[key].resize(i + 1, axis=0)
@@ -297,6 +303,17 @@ class Mp3HDF5Writer:
         f["mp3"][i] = np.frombuffer(mp3, dtype=np.uint8)
         f["target"][i] = target
         self.count += 1
+
+    def _check_space(self, nbytes: int) -> None:
+        """OSError ENOSPC naming the output before a row that would not fit beside the rows HDF5
+        still holds in memory (flushed first when room gets short) and its own bookkeeping: HDF5
+        meeting a full disk prints its error stack and may crash on close."""
+        if shutil.disk_usage(self._tmp.parent).free < self._unflushed + nbytes + SPACE_MARGIN:
+            self._file.flush()
+            self._unflushed = 0
+            if shutil.disk_usage(self._tmp.parent).free < nbytes + SPACE_MARGIN:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        self._unflushed += nbytes
 
     def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException],
                  tb: Optional[TracebackType]) -> None:

@@ -20,7 +20,8 @@ Two CSV formats are read (picked automatically, or with --format):
 
 Classes are the 527 AudioSet classes, or those listed one per line in --classes. Each file is
 loaded mono at 32 kHz (soxr resampling), encoded as mp3 (LAME, 128 kbit/s) and stored with its
-bit-packed multi-hot target. The output is written to a temp file and renamed when complete.
+bit-packed multi-hot target. The output is written to a temp file and renamed when complete; an
+interrupted run (Ctrl-C, a kill, a full disk) leaves that file, and the same command continues it.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import io
 import logging
 import multiprocessing
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -43,7 +45,8 @@ from tqdm import tqdm  # noqa: E402
 
 from datasets.audio import AudioLoadError, find_audio_files, load_audio  # noqa: E402
 from common.files import read_text  # noqa: E402
-from datasets.hdf5 import Mp3HDF5Writer, encode_mp3, pack_targets  # noqa: E402
+from datasets.hdf5 import encode_mp3, pack_targets  # noqa: E402
+from datasets.hdf5_partial import ResumableMp3Writer  # noqa: E402
 from common.errors import InputError, run_cli  # noqa: E402
 from common.labels import label_table  # noqa: E402
 
@@ -166,11 +169,39 @@ def _encode(source: Path) -> bytes | str:
         return str(e)
 
 
+def _still_to_write(clips: Sequence[Clip], writer: ResumableMp3Writer, num_classes: int) -> list[Clip]:
+    """The clips a taken-over file lacks; when its rows are not all among these clips (another
+    CSV, other labels) it is emptied and every clip is written."""
+    names, targets = writer.stored()
+    done = Counter(zip(names, map(bytes, targets)))
+    if sum(done.values()) == 0:
+        return list(clips)
+    todo = []
+    for clip in clips:
+        key = (clip.name, bytes(_packed(clip, num_classes)))
+        if done[key] > 0:
+            done[key] -= 1
+        else:
+            todo.append(clip)
+    if sum(done.values()):
+        logger.warning("the interrupted run wrote other clips or labels; starting over")
+        writer.restart()
+        return list(clips)
+    return todo
+
+
+def _packed(clip: Clip, num_classes: int) -> np.ndarray:
+    multi_hot = np.zeros(num_classes, dtype=np.float32)
+    multi_hot[list(clip.labels)] = 1.0
+    return pack_targets(multi_hot)
+
+
 def write_dataset(clips: Sequence[Clip], num_classes: int, output: Path, skip_bad: bool,
                   num_workers: int = 1, progress: bool = True) -> tuple[int, int]:
     """Encode and write `clips`; returns (written, skipped). Clips without a source file, and
     unreadable ones when `skip_bad`, are skipped with a warning; otherwise an unreadable file is an
-    InputError and no output is left behind."""
+    InputError and no output is left behind. An interruption keeps what was written for the next
+    run with the same output to continue (`ResumableMp3Writer`)."""
     present = [c for c in clips if c.source is not None]
     skipped = len(clips) - len(present)
     if skipped:
@@ -178,28 +209,26 @@ def write_dataset(clips: Sequence[Clip], num_classes: int, output: Path, skip_ba
     if not present:
         raise InputError("none of the CSV's clips has an audio file in the folder")
     name_length = max(20, max(len(c.name.encode()) for c in present))
-    pool = multiprocessing.Pool(num_workers) if num_workers > 1 else None
-    try:
-        encoded = (pool.imap(_encode, [c.source for c in present], chunksize=4) if pool
-                   else map(_encode, (c.source for c in present)))
-        with Mp3HDF5Writer(output, (num_classes + 7) // 8, np.uint8, name_length) as writer:
-            for clip, mp3 in tqdm(zip(present, encoded), total=len(present), desc=output.name,
-                                  disable=not progress):
+    with ResumableMp3Writer(output, (num_classes + 7) // 8, np.uint8, name_length) as writer:
+        todo = _still_to_write(present, writer, num_classes)
+        pool = multiprocessing.Pool(num_workers) if num_workers > 1 and todo else None
+        try:
+            encoded = (pool.imap(_encode, [c.source for c in todo], chunksize=4) if pool
+                       else map(_encode, (c.source for c in todo)))
+            for clip, mp3 in tqdm(zip(todo, encoded), total=len(todo), desc=output.name, disable=not progress):
                 if isinstance(mp3, str):
                     if not skip_bad:
                         raise InputError(mp3)
                     logger.warning("skipped line %d: %s", clip.line, mp3)
                     skipped += 1
                     continue
-                multi_hot = np.zeros(num_classes, dtype=np.float32)
-                multi_hot[list(clip.labels)] = 1.0
-                writer.append(clip.name, mp3, pack_targets(multi_hot))
-            if writer.count == 0:
-                raise InputError("no clip could be read; nothing written")
-            written = writer.count
-    finally:
-        if pool is not None:
-            pool.terminate()
+                writer.append(clip.name, mp3, _packed(clip, num_classes))
+        finally:
+            if pool is not None:
+                pool.terminate()
+        if writer.count == 0:
+            raise InputError("no clip could be read; nothing written")
+        written = writer.count
     return written, skipped
 
 
@@ -215,6 +244,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--num_workers", type=int, default=1, help="parallel encoding processes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.num_workers < 1:
+        raise InputError(f"--num_workers must be at least 1, got {args.num_workers}")
     if not args.audio_dir.is_dir():
         raise InputError(f"{args.audio_dir}: audio folder does not exist")
     if not args.csv.is_file():

@@ -3,8 +3,9 @@ model a checkpoint describes without the command line (`load_finetuned`)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import IO, Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -16,11 +17,35 @@ from models.factory import model_from_config
 CHECKPOINT_FORMAT = "efficientat-training-checkpoint"
 
 
+class _WriteErrors:
+    """A binary file for torch.save that keeps the OSError a write raised: torch's writer turns it
+    into "unexpected pos" (a full disk would read as a torch bug)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """torch.save `state` atomically (common.files.atomic_write): a crash never leaves a
-    half-written checkpoint."""
+    half-written checkpoint, and a failed write (a full disk) is raised as its OSError."""
     with atomic_write(path, "wb") as f:
-        torch.save(dict(state), f)
+        writer = _WriteErrors(f)
+        try:
+            torch.save(dict(state), writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
@@ -50,24 +75,91 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
+@dataclass
+class RunRecord:
+    """The one checkpoint record of a training run (last.pt, best.pt, a probe's best.pt): written
+    by `save_run_record`, read by `read_run_record` / `RunRecord.from_state`. `model` is the
+    state dict; model_config, frontend_config and class_names rebuild the model without the
+    command line; `config` holds the run's arguments. A resumable record also has `format`,
+    `epoch` (0-based, completed), `seed`, the optimizer / scheduler / scaler states, `best` (epoch
+    and metrics of the best epoch so far), `log` (the epoch's metrics.jsonl values),
+    `epoch_weights` (the file name of the epoch's weights) and `stale_weights` (the previous
+    epoch's, which this run wrote and deletes). A probe recipe's adds
+    `recipe` and `probe` (its settings)."""
+    model: dict[str, Any]
+    model_config: dict[str, Any]
+    frontend_config: dict[str, Any]
+    class_names: list[str]
+    multilabel: bool = True
+    task: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    epoch: Optional[int] = None
+    seed: Optional[int] = None
+    format: Optional[str] = None
+    optimizer: Optional[dict[str, Any]] = None
+    scheduler: Optional[dict[str, Any]] = None
+    scaler: Optional[dict[str, Any]] = None
+    best: Optional[dict[str, Any]] = None
+    log: Optional[dict[str, Any]] = None
+    epoch_weights: Optional[str] = None
+    stale_weights: Optional[str] = None
+    recipe: Optional[str] = None
+    probe: Optional[dict[str, Any]] = None
+
+    REQUIRED = ("model", "model_config", "frontend_config", "class_names")
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], path: str | os.PathLike) -> "RunRecord":
+        """The record of a loaded checkpoint dict; InputError naming `path` when it is not one of
+        a training script (a released model's bare state dict)."""
+        missing = [k for k in cls.REQUIRED if k not in state]
+        if missing:
+            raise InputError(f"{path}: not a checkpoint of a training script (no "
+                             f"{', '.join(missing)}); released models are loaded by name")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in known})
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the record holds the optimizer state a run resumes from."""
+        return self.format == CHECKPOINT_FORMAT and self.optimizer is not None
+
+    def to_state(self) -> dict[str, Any]:
+        """The checkpoint dict (plain values, so it loads with weights_only=True)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}  # tensors as they are
+        for key in ("model_config", "frontend_config", "metrics", "config", "best", "log", "probe"):
+            state[key] = plain(state[key])
+        return {k: v for k, v in state.items() if v is not None}
+
+
+def is_run_record(state: Mapping[str, Any]) -> bool:
+    """Whether a loaded checkpoint dict is a `RunRecord` (not a bare state dict)."""
+    return all(k in state for k in RunRecord.REQUIRED)
+
+
+def save_run_record(path: str | os.PathLike, record: RunRecord) -> None:
+    """Write `record` atomically (`save_checkpoint`)."""
+    save_checkpoint(path, record.to_state())
+
+
+def read_run_record(path: str | os.PathLike, mmap: bool = False) -> RunRecord:
+    """The `RunRecord` at `path`; InputError naming the file if it is missing, unreadable or not one."""
+    return RunRecord.from_state(load_checkpoint(path, mmap=mmap), path)
+
+
 def load_finetuned(checkpoint_path: str | os.PathLike,
                    state: Optional[dict[str, Any]] = None) -> tuple[nn.Module, dict[str, Any], list[str], bool]:
     """(model in eval mode, frontend keyword arguments, class names, multilabel) of a checkpoint
-    written by a training script (`training_state`), rebuilt from the configuration stored in it:
+    written by a training script (a `RunRecord`), rebuilt from the configuration stored in it:
     no command line and no download needed. Apply sigmoid to the logits of multi-label models and
     softmax to those of single-label ones (checkpoints without the flag count as multi-label, like
     AudioSet's). `state`: the checkpoint's contents when the caller has already loaded them."""
-    if state is None:
-        state = load_checkpoint(checkpoint_path)
-    missing = [k for k in ("model", "model_config", "frontend_config", "class_names") if k not in state]
-    if missing:
-        raise InputError(f"{checkpoint_path}: not a checkpoint of a training script (no "
-                         f"{', '.join(missing)}); released models are loaded by name")
-    model = model_from_config(state["model_config"], load_pretrained=False, epoch=state.get("epoch"))
+    record = RunRecord.from_state(load_checkpoint(checkpoint_path) if state is None else state, checkpoint_path)
+    model = model_from_config(record.model_config, load_pretrained=False, epoch=record.epoch)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(record.model)
     except RuntimeError as e:
         raise InputError(f"{checkpoint_path}: weights do not fit the stored model configuration "
                          f"({str(e).splitlines()[0]})") from None
-    return (model.eval(), dict(state["frontend_config"]), list(state["class_names"]),
-            bool(state.get("multilabel", True)))
+    return model.eval(), dict(record.frontend_config), list(record.class_names), bool(record.multilabel)

@@ -129,14 +129,37 @@ def test_custom_errors(tmp_path: Path) -> None:
         custom.get_datasets(tmp_path / "absent")
 
 
-def test_custom_rejects_duplicate_files_with_their_lines(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spelling", ["./{rel}", "{root}/{rel}", "{root}/../{name}/{rel}", "{dir}//./{fname}"])
+def test_custom_rejects_one_clip_listed_twice_by_any_spelling(tmp_path: Path, spelling: str) -> None:
     root = make_custom(tmp_path / "dup", clips_per_class=3)
     csv_path = root / "labels.csv"
     lines = csv_path.read_text().splitlines()
     first = lines[2].split(",")[0]
-    csv_path.write_text("\n".join(lines + [f"./{first},noise"]) + "\n")  # the same file, other label
-    with pytest.raises(InputError, match=rf"labels.csv: lines 3 and {len(lines) + 1} both list \./{first}"):
+    other = spelling.format(rel=first, root=root, name=root.name, dir=Path(first).parent, fname=Path(first).name)
+    csv_path.write_text("\n".join(lines + [f"{other},noise"]) + "\n")  # the same file, other label
+    with pytest.raises(InputError, match=rf"labels.csv: lines 3 and {len(lines) + 1} both list "):
         custom.get_datasets(root)
+
+
+def test_custom_names_case_variants_backslash_paths_and_a_folder_given_as_csv(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_custom(tmp_path / "c", clips_per_class=3)
+    csv_path = root / "labels.csv"
+    text = csv_path.read_text()
+    lines = text.splitlines()
+    csv_path.write_text("\n".join(lines[:2] + [lines[2].replace(",tone", ",Tone").replace(",noise", ",Noise")]
+                                  + lines[3:]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="datasets.custom"):
+        data = custom.get_datasets(root)
+    assert len(data.class_names) == 3
+    assert "differ only in case; they are 2 different classes" in caplog.text
+    nested = [line for line in lines[1:] if "/" in line.split(",")[0]][0]
+    csv_path.write_text(lines[0] + "\n" + nested.replace("/", "\\") + "\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(InputError, match=r"labels.csv: lists .*, which does not exist: its path has Windows "
+                                         r"backslashes; write paths with /"):
+        custom.get_datasets(root)
+    with pytest.raises(InputError, match=r"c: is a folder; give the table file in it"):
+        custom.get_datasets(root, csv_path=root)
 
 
 @pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "cp1252"])

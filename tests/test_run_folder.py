@@ -3,6 +3,8 @@ never overwritten unless asked; a resumed run keeps its model, classes and optim
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +14,9 @@ import ex_audioset
 import ex_custom
 import ex_esc50
 from common.errors import InputError, run_cli
+from common.files import LOCK_NAME, unlock_folder
 from helpers.training.checkpoints import check_resumable, prepare_run_folder
+from models.checkpoint import RunRecord
 from tests.datagen import make_esc50
 
 
@@ -68,17 +72,22 @@ def test_model_conflicts_and_unknown_names_are_one_line(flags, message, esc_dir,
     assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1
 
 
-def test_overwrite_deletes_the_earlier_run_and_stale_temporaries(tmp_path: Path) -> None:
+def test_overwrite_deletes_only_the_earlier_runs_files_and_our_stale_temporaries(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
-    for name in ("last.pt", "best.pt", "metrics.jsonl", "mn10_esc50_epoch_3_acc_500.pt", ".last.pt.x1y2.tmp",
-                 "notes.txt"):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    ours_stale, ours_live = f".last.pt.efficientat-{dead}.tmp", ".best.pt.efficientat-1.tmp"  # pid 1 lives
+    foreign = ("mn10_esc50_epoch_3_acc_500.pt", ".notes.tmp", ".last.pt.x1y2.tmp", "notes.txt")
+    for name in ("last.pt", "best.pt", "metrics.jsonl", ours_stale, ours_live, *foreign):
         (out / name).write_text("x")
     prepare_run_folder(out, resume="auto", overwrite=False, is_main=True)  # resuming: only the temporary goes
-    assert not (out / ".last.pt.x1y2.tmp").exists() and (out / "last.pt").exists()
+    assert not (out / ours_stale).exists() and (out / "last.pt").exists() and (out / ours_live).exists()
     prepare_run_folder(out, resume=None, overwrite=True, is_main=True)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, ours_live, *foreign])
+    unlock_folder(out)
     prepare_run_folder(tmp_path / "new", resume=None, overwrite=False, is_main=True)  # nothing to check
+    unlock_folder(tmp_path / "new")
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="--out_dir lies under .*file, which is a file"):
         prepare_run_folder(tmp_path / "file" / "run", resume=None, overwrite=False, is_main=True)
@@ -86,15 +95,23 @@ def test_overwrite_deletes_the_earlier_run_and_stale_temporaries(tmp_path: Path)
 
 def test_resume_refuses_other_model_classes_or_optimizer_settings(tmp_path: Path) -> None:
     model = {"family": "mn", "width_mult": 0.4, "num_classes": 2}
-    state = {"model_config": model, "class_names": ["a", "b"], "config": {"lr": 0.001, "n_epochs": 10}}
+    state = RunRecord({}, model, {}, ["a", "b"], config={"lr": 0.001, "n_epochs": 10})
     path = tmp_path / "last.pt"
     check_resumable(state, path, {"lr": 0.001, "n_epochs": 20}, model, ["a", "b"])  # more epochs: fine
     with pytest.raises(InputError, match=r"last.pt: the run was trained with --lr 0.001 \(now 0.002\)"):
         check_resumable(state, path, {"lr": 0.002, "n_epochs": 10}, model, ["a", "b"])
     with pytest.raises(InputError, match=r"needs the run's model, which had width_mult 0.4 \(now 1.0\)"):
         check_resumable(state, path, {"lr": 0.001}, {**model, "width_mult": 1.0}, ["a", "b"])
-    with pytest.raises(InputError, match=r"needs the run's classes \(2\), not these 3"):
+    with pytest.raises(InputError, match=r"needs the run's classes; not c$"):
         check_resumable(state, path, {"lr": 0.001}, model, ["a", "b", "c"])
+    with pytest.raises(InputError, match=r"needs the run's classes; it had a, b; not A, B$"):  # renamed
+        check_resumable(state, path, {"lr": 0.001}, {**model}, ["A", "B"])
+    with pytest.raises(InputError, match=r"the 2 classes are the same but in another order"):
+        check_resumable(state, path, {"lr": 0.001}, model, ["b", "a"])
+    for flag, value in (("clip_length", 5.0), ("mixup_alpha", 0.0), ("batch_size", 8)):  # data and steps change
+        state.config[flag] = {"clip_length": 10.0, "mixup_alpha": 0.3, "batch_size": 16}[flag]
+        with pytest.raises(InputError, match=rf"trained with --{flag} .* \(now {value}\)"):
+            check_resumable(state, path, {"lr": 0.001, flag: value}, model, ["a", "b"])
 
 
 def test_check_args_ignores_flags_a_script_lacks() -> None:

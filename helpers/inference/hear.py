@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from helpers.inference.tagging import Tagger
-from models.checkpoint import load_checkpoint, load_finetuned
+from models.checkpoint import is_run_record, load_checkpoint, load_finetuned
 from models.factory import create_model, frontend_kwargs, model_config, model_from_config
 from models.runtime import fast_inference
 from models.preprocess import AugmentMelSTFT
@@ -79,7 +79,7 @@ def load_model(model_file_path: str | os.PathLike = "", model_name: str = "mn10_
     if model_file_path:
         path = Path(model_file_path)
         state = load_checkpoint(path)
-        if "model_config" in state:
+        if is_run_record(state):
             model, settings, _, _ = load_finetuned(path, state)
         else:
             model = _model_from_weights(model_name, state.get("model", state), path)

@@ -6,14 +6,14 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, NoReturn, Optional, Sequence
 
 import torch
 from torch import nn
 
-from common.errors import InputError
+from common.errors import InputError, fail
 from helpers.training.precision import PRECISIONS
-from models.checkpoint import load_checkpoint
+from models.checkpoint import read_run_record
 from models.factory import FAMILIES, frontend_kwargs, model_config
 from models.pretrained import REGISTRY
 
@@ -44,8 +44,9 @@ def frontend_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_size: int,
-                 dataset_env: Optional[str] = None, num_workers: int = 12) -> None:
-    """Run arguments: --experiment_name, --cuda, --batch_size, --num_workers, --dataset_dir (default
+                 dataset_env: Optional[str] = None, num_workers: Optional[int] = None) -> None:
+    """Run arguments: --experiment_name, --cuda, --batch_size, --num_workers (default: the cores
+    available), --dataset_dir (default
     from the environment variable `dataset_env`), --seed, --out_dir, --logger, --precision,
     --resume; speed options: --compile, --channels_last, --cudnn_benchmark, --persistent_workers,
     --prefetch_factor."""
@@ -53,7 +54,9 @@ def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_si
     g.add_argument("--experiment_name", type=str, default=experiment_name, help="run name")
     g.add_argument("--cuda", action="store_true", help="use the GPU if available")
     g.add_argument("--batch_size", type=int, default=batch_size, help="clips per batch and process")
-    g.add_argument("--num_workers", type=int, default=num_workers, help="DataLoader workers")
+    cores = available_cores()
+    g.add_argument("--num_workers", type=int, default=cores if num_workers is None else num_workers,
+                   help=f"DataLoader workers (default: the cores this process may use, here {cores})")
     env_note = f" (default: ${dataset_env})" if dataset_env else ""
     g.add_argument("--dataset_dir", type=str,
                    default=os.environ.get(dataset_env) if dataset_env else None,
@@ -160,24 +163,46 @@ _NOT_NEGATIVE = ("num_workers", "weight_decay", "mixup_alpha", "warm_up_len", "r
 _POSITIVE = ("lr", "clip_length")
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, flags: Optional[Mapping[str, str]] = None) -> None:
     """InputError (one line naming the flag) for values no run can use: a batch size, epoch count
     below 1, a negative worker count, a learning rate or clip length that is not a positive
-    number, ... Scripts call it right after parsing, before any work."""
-    values = vars(args)
-    lr_flag = "--max_lr" if "train" in values else "--lr"  # ex_audioset names the learning rate --max_lr
+    number, ... `flags` maps an argument to the flag the script spells it with (default
+    --<name>); `TrainingParser` calls this with its own flags right after parsing."""
+    values, flags = vars(args), flags or {}
     for names, ok, need in ((_AT_LEAST_ONE, lambda v: v >= 1, "at least 1"),
                             (_NOT_NEGATIVE, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
                             (_POSITIVE, lambda v: math.isfinite(v) and v > 0, "a positive number")):
         for name in names:
             value = values.get(name)
             if value is not None and not ok(value):
-                flag = lr_flag if name == "lr" else f"--{name}"
-                raise InputError(f"{flag} must be {need}, got {value}")
+                raise InputError(f"{flags.get(name, f'--{name}')} must be {need}, got {value}")
     if values.get("probe_folds") is not None and values["probe_folds"] < 2:
         raise InputError(f"--probe_folds must be at least 2 (cross-validation), got {values['probe_folds']}")
     if values.get("resume") and values.get("overwrite"):
         raise InputError("--resume continues a run and --overwrite starts it over: give one of them")
+
+
+class TrainingParser(argparse.ArgumentParser):
+    """The training scripts' parser: a bad flag is one line `error: ...` (not the usage block
+    first), and the parsed values are checked (`check_args`) under the flags the script spells."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see --help)")
+
+    def parse_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
+                   namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+        parsed = super().parse_args(args, namespace)
+        # argparse keeps its actions in _actions (no public accessor): dest -> the long flag
+        check_args(parsed, {a.dest: a.option_strings[-1] for a in self._actions if a.option_strings})
+        return parsed
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity; all of them where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
 
 
 def resolve_out_dir(args: argparse.Namespace) -> Path:
@@ -217,7 +242,7 @@ def finetune_parser(description: str, experiment_name: str, batch_size: int, lr:
     argument groups above (run, model, optimization, preprocessing), --pretrained_name, and
     the fine-tuning data group: --cache_path, --no_roll, --no_wavmix, --gain_augment and
     --checkpoint (evaluate a fine-tuned checkpoint instead of training)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = TrainingParser(description=description)
     add_run_args(parser, experiment_name=experiment_name, batch_size=batch_size, dataset_env=dataset_env)
     add_model_args(parser)
     parser.add_argument("--pretrained_name", action=_PretrainedName, metavar="NAME",
@@ -239,6 +264,5 @@ def sample_rate(args: argparse.Namespace) -> int:
     """The rate to load clips at: that of --checkpoint's frontend when evaluating one, else the
     frontend the arguments describe."""
     if args.checkpoint:
-        settings = load_checkpoint(args.checkpoint, mmap=True).get("frontend_config", {})
-        return int(settings.get("sr", 32000))
+        return int(read_run_record(args.checkpoint, mmap=True).frontend_config.get("sr", 32000))
     return int(frontend_config_from_args(args)["sr"])

@@ -72,6 +72,9 @@ def evaluate(model: nn.Module, frontend: nn.Module, loader: DataLoader, precisio
     kept = torch.cat(keep)
     # the logits come to the host once, after the last batch
     gathered = [gather_cat(torch.cat(column).cpu()[kept], dist) for column in zip(*parts)]
+    if len(gathered[0]) == 0:  # metrics of nothing would be NaN
+        raise InputError(f"none of the {len(loader.dataset)} evaluation clips could be read "
+                         "(see the warnings above)")
     return Predictions(*gathered) if len(gathered) == 3 else Predictions(*gathered, None)
 
 
@@ -80,19 +83,25 @@ def model_for_evaluation(checkpoint: Optional[str | Path], args: argparse.Namesp
     """(model, frontend, description) to evaluate: a fine-tuned checkpoint, checked against the
     task's classes, or without one (the original's evaluation mode) the model of the model
     arguments with an untrained classifier for the task's classes, which is logged as a warning.
-    On the CPU both are the eval-only fast copies (models/fast.py)."""
+    On the CPU in fp32 both are the eval-only fast copies (models/fast.py); under a reduced
+    --precision the originals, as the training loop evaluates them: autocast rounds a folded
+    convolution otherwise than the convolution and batch norm it replaces, so the fast copies
+    would score other numbers than the epoch lines logged."""
     if checkpoint:
         model, frontend_config, class_names, _ = load_finetuned(checkpoint)
         if class_names != list(task.class_names):
             raise InputError(f"{checkpoint}: was trained on other classes ({len(class_names)}) than "
                              f"the {len(task.class_names)} of this dataset")
-        return (*fast_inference(model.to(dist.device), AugmentMelSTFT(**frontend_config).to(dist.device)),
-                str(checkpoint))
-    model = model_from_config(model_config_from_args(args, num_classes=len(task.class_names)))
-    logger.warning("no --checkpoint given: %s is evaluated with an untrained %d-class classifier",
-                   args.model_name, len(task.class_names))
-    frontend = AugmentMelSTFT(**frontend_config_from_args(args)).to(dist.device)
-    return (*fast_inference(model.to(dist.device), frontend), args.model_name)
+        title = str(checkpoint)
+    else:
+        model = model_from_config(model_config_from_args(args, num_classes=len(task.class_names)))
+        logger.warning("no --checkpoint given: %s is evaluated with an untrained %d-class classifier",
+                       args.model_name, len(task.class_names))
+        frontend_config, title = frontend_config_from_args(args), args.model_name
+    model, frontend = model.to(dist.device).eval(), AugmentMelSTFT(**frontend_config).to(dist.device).eval()
+    if getattr(args, "precision", None) in (None, "fp32"):
+        model, frontend = fast_inference(model, frontend)
+    return model, frontend, title
 
 
 def evaluate_model(model: torch.nn.Module, frontend: AugmentMelSTFT, dataset: Dataset, task: Task,

@@ -15,6 +15,12 @@ step, evaluation on all ranks, the task's hook, logging and atomic checkpoints:
                            values, and the epoch's wall-clock seconds (training alone and with
                            evaluation) and the CPU seconds of this process (without DataLoader workers)
 
+An epoch is committed by writing last.pt (a `models.checkpoint.RunRecord` that also holds the
+best epoch so far, the epoch's log line and the name of its weight file); best.pt, the weight
+file and the metrics line follow, and `--resume` redoes whichever a kill cut short. The run folder
+is locked while a run writes into it (`common.files.lock_folder`). A NaN or infinite loss stops
+the run (`TrainingDiverged`) before anything non-finite is saved.
+
 The loss callback receives the model, the spectrogram batch (B, 1, n_mels, T) and the loader's
 batch (a NamedTuple of `datasets.items`, tensors already on the device) and returns a dict holding
 the scalar "loss" to minimize and any other values to average and log.
@@ -30,6 +36,8 @@ numbers, so a run resumed from an epoch checkpoint repeats the uninterrupted run
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -44,8 +52,9 @@ from tqdm import tqdm
 
 from common.errors import InputError
 from helpers.training.args import apply_speed_options, frontend_config_from_args, model_config_from_args
-from helpers.training.checkpoints import (check_resumable, prepare_run_folder, restore_training_state,
-                                          save_epoch_weights, training_state)
+from common.files import unlock_folder
+from helpers.training.checkpoints import (RUN_FILES, check_resumable, epoch_weights_name, prepare_run_folder,
+                                          restore_training_state, save_epoch_weights, training_record)
 from helpers.training.data import eval_loader, train_loader
 from helpers.training.distributed import DistInfo, all_reduce_mean, unwrap, wrap_ddp
 from helpers.training.evaluation import evaluate, mel
@@ -54,9 +63,15 @@ from helpers.training.run_log import RunLogger
 from helpers.training.schedule import make_optimizer, make_scheduler
 from helpers.training.seeding import seed_epoch, seed_everything
 from helpers.training.tasks import LossFn, Task
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import RunRecord, read_run_record, save_run_record
 from models.factory import model_from_config
 from models.preprocess import AugmentMelSTFT
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(InputError):
+    """The loss or the model's outputs became NaN or infinite (a learning rate too high, ...)."""
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -98,11 +113,22 @@ def train_one_epoch(model: nn.Module, frontend: nn.Module, loader: DataLoader,
         for key, value in out.items():
             sums[key] += value.detach().float() if isinstance(value, torch.Tensor) else value
         batches += 1
-        if batches % 10 == 1 and not bar.disable:  # reading the loss waits for the GPU
-            bar.set_postfix(loss=f"{float(sums['loss']) / batches:.4f}")
+        if batches % 10 == 1 or dist.device.type == "cpu":  # reading the loss waits for the GPU
+            _check_finite(float(sums["loss"]), epoch, batches)  # a non-finite loss stays in the sum
+            if not bar.disable:
+                bar.set_postfix(loss=f"{float(sums['loss']) / batches:.4f}")
     if batches == 0:
         raise InputError("the training loader yielded no batch (empty training set?)")
+    _check_finite(float(sums["loss"]), epoch, batches)
     return all_reduce_mean({k: float(v) / batches for k, v in sums.items()}, dist)
+
+
+def _check_finite(loss_sum: float, epoch: int, batches: int) -> None:
+    """TrainingDiverged once the running loss sum is NaN or infinite: every later step would
+    train NaN weights."""
+    if not math.isfinite(loss_sum):
+        raise TrainingDiverged(f"training diverged: the loss became {loss_sum} in epoch {epoch} (by batch "
+                               f"{batches}); try a lower --lr")
 
 
 @dataclass
@@ -131,8 +157,11 @@ class Run:
 
 
 def _better(metrics: dict[str, float], best: dict[str, float], selection: str) -> bool:
-    """Higher `selection` metric wins; a tie goes to the lower validation loss."""
-    return (metrics[selection], -metrics["val_loss"]) > (best[selection], -best["val_loss"])
+    """Whether `metrics` beat the best epoch's: higher `selection` metric wins, a tie goes to the
+    lower validation loss; a NaN never wins."""
+    def key(m: dict[str, float]) -> tuple[float, ...]:
+        return tuple(-math.inf if math.isnan(v) else v for v in (m[selection], -m["val_loss"]))
+    return key(metrics) > key(best)
 
 
 def model_from_args(args: argparse.Namespace, num_classes: int) -> tuple[dict[str, Any], nn.Module]:
@@ -163,20 +192,60 @@ def build_run(args: argparse.Namespace, task: Task, train_set: Dataset, val_set:
                model_config, frontend_config)
 
 
-def _resume(args: argparse.Namespace, run: Run, task: Task, paths: dict[str, Path]) -> tuple[int, dict, dict, int]:
-    """(first epoch, last metrics, best metrics, best epoch), from --resume's checkpoint if given."""
+def _resume(args: argparse.Namespace, run: Run, task: Task, out_dir: Path) -> tuple[int, Optional[RunRecord], Path]:
+    """(first epoch, the record resumed from, its folder), from --resume's checkpoint if given."""
     if not args.resume:
-        return 0, {}, {}, -1
-    resume_path = paths["last"] if args.resume == "auto" else Path(args.resume)
-    state = load_checkpoint(resume_path)
-    check_resumable(state, resume_path, vars(args), run.model_config, task.class_names)
-    start = restore_training_state(state, run.model, run.optimizer, run.scheduler, run.precision, args.seed)
-    best, best_epoch = {}, -1
-    if paths["best"].is_file():
-        best_state = load_checkpoint(paths["best"])
-        best, best_epoch = dict(best_state["metrics"]), int(best_state["epoch"])
+        return 0, None, out_dir
+    resume_path = out_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
+    if args.resume == "auto" and not any((out_dir / name).exists() for name in RUN_FILES):
+        # e.g. a fold of --all_folds that an interruption kept from starting
+        log.warning("--resume: %s holds no run yet; starting it from epoch 0", out_dir)
+        return 0, None, out_dir
+    record = read_run_record(resume_path)
+    check_resumable(record, resume_path, vars(args), run.model_config, task.class_names)
+    start = restore_training_state(record, run.model, run.optimizer, run.scheduler, run.precision, args.seed)
+    if start >= args.n_epochs and resume_path.resolve().parent != out_dir.resolve():
+        raise InputError(f"{resume_path}: that run has finished its {start} epochs, and its models are in "
+                         f"{resume_path.parent}, not --out_dir {out_dir}; raise --n_epochs to train it further")
     task.report(f"resumed from {resume_path} after epoch {start - 1}")
-    return start, dict(state["metrics"]), best, best_epoch
+    return start, record, resume_path.parent
+
+
+def _finish_commit(out_dir: Path, record: RunRecord, source: Path, logger: RunLogger) -> Optional[dict[str, Any]]:
+    """Redo what follows last.pt in an epoch's commit (`_commit_epoch`), which a kill may have cut
+    short or which another --out_dir lacks: best.pt, the epoch weights, metrics.jsonl's lines.
+    Returns the best epoch so far (epoch and metrics)."""
+    best_path = out_dir / "best.pt"
+    best = record.best
+    if best is None and best_path.is_file():  # a record of an earlier version
+        earlier = read_run_record(best_path, mmap=True)
+        best = {"epoch": earlier.epoch, "metrics": earlier.metrics}
+    best = best or {"epoch": record.epoch, "metrics": record.metrics}
+    if not best_path.is_file() or read_run_record(best_path, mmap=True).epoch != best["epoch"]:
+        source_best = source / "best.pt"
+        if best["epoch"] == record.epoch:
+            save_run_record(best_path, record)
+        elif source_best.is_file() and read_run_record(source_best, mmap=True).epoch == best["epoch"]:
+            save_run_record(best_path, read_run_record(source_best))
+        else:
+            log.warning("%s of epoch %d is missing: it now holds the last epoch, %d", best_path,
+                        best["epoch"], record.epoch)
+            best = {"epoch": record.epoch, "metrics": record.metrics}
+            save_run_record(best_path, record)
+    if record.epoch_weights:
+        save_epoch_weights(out_dir, record, only_if_missing=True)
+    logger.align(record.epoch, record.log)
+    return best
+
+
+def _commit_epoch(out_dir: Path, record: RunRecord, logger: RunLogger) -> None:
+    """Write an epoch's files. last.pt is the commit: what follows it (best.pt when this epoch is
+    the best, the epoch weights, the metrics line) is redone by `_finish_commit` on resume."""
+    save_run_record(out_dir / "last.pt", record)
+    if record.best["epoch"] == record.epoch:
+        save_run_record(out_dir / "best.pt", record)
+    save_epoch_weights(out_dir, record)
+    logger.log(record.log, step=record.epoch)
 
 
 def _train_epoch(run: Run, task: Task, args: argparse.Namespace, dist: DistInfo,
@@ -191,6 +260,9 @@ def _train_epoch(run: Run, task: Task, args: argparse.Namespace, dist: DistInfo,
     run.scheduler.step()
     trained = time.perf_counter()
     predictions = evaluate(run.model, run.frontend, run.val_dl, run.precision, dist, task.keep_fn)
+    if not torch.isfinite(predictions.logits).all():
+        raise TrainingDiverged(f"training diverged: the model's outputs are NaN or infinite after epoch "
+                               f"{epoch} (training loss {stats['loss']:.4g}); try a lower --lr")
     metrics = task.metrics_fn(*predictions) if dist.is_main else {}
     if dist.is_main:
         task.report(f"epoch {epoch}: train_loss {stats['loss']:.4f}, "
@@ -206,28 +278,41 @@ def fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set:
               dist: DistInfo, out_dir: Path, eval_batch_size: Optional[int] = None) -> Result:
     """Train for args.n_epochs on `train_set`, evaluating on `val_set` after every epoch; see the
     module docstring for the files written. With --resume the run continues from
-    <out_dir>/last.pt (or the given file)."""
+    <out_dir>/last.pt (or the given file). The run folder is locked while it runs."""
     prepare_run_folder(out_dir, args.resume, args.overwrite, dist.is_main)
+    try:
+        return _fine_tune(args, task, train_set, val_set, dist, out_dir, eval_batch_size)
+    finally:
+        unlock_folder(out_dir)
+
+
+def _fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set: Dataset,
+               dist: DistInfo, out_dir: Path, eval_batch_size: Optional[int]) -> Result:
     run = build_run(args, task, train_set, val_set, dist, eval_batch_size)
-    paths = {"last": out_dir / "last.pt", "best": out_dir / "best.pt"}
-    start, last, best, best_epoch = _resume(args, run, task, paths)
+    start, record, source = _resume(args, run, task, out_dir)
     logger = RunLogger(args.logger, task.project, args.experiment_name, vars(args), out_dir, dist,
                        tags=task.tags, notes=task.notes)
+    best = _finish_commit(out_dir, record, source, logger) if record is not None and dist.is_main else None
+    last = record.metrics if record is not None else {}
     for epoch in range(start, args.n_epochs):
-        last, values = _train_epoch(run, task, args, dist, epoch)
+        try:
+            last, values = _train_epoch(run, task, args, dist, epoch)
+        except TrainingDiverged as e:
+            kept = f"{out_dir / 'last.pt'} keeps epoch {epoch - 1}" if epoch > 0 else "nothing was saved"
+            raise TrainingDiverged(f"{e}; {kept}") from None
         if not dist.is_main:
             continue
-        logger.log(values, step=epoch)
-        state = {**training_state(run.model, run.optimizer, run.scheduler, run.precision, epoch, args.seed,
-                                  vars(args), run.model_config, run.frontend_config, task.class_names, last),
-                 "multilabel": task.multilabel, "task": task.name}
-        save_checkpoint(paths["last"], state)
-        if best_epoch < 0 or _better(last, best, task.selection):
-            best, best_epoch = last, epoch
-            save_checkpoint(paths["best"], state)
-        save_epoch_weights(out_dir, run.model, run.model_config["width_mult"], task.name, epoch,
-                           task.metric_tag, last[task.selection])
+        if best is None or _better(last, best["metrics"], task.selection):
+            best = {"epoch": epoch, "metrics": last}
+        weights = epoch_weights_name(run.model_config["width_mult"], task.name, epoch, task.metric_tag,
+                                     last[task.selection])
+        record = training_record(run.model, run.optimizer, run.scheduler, run.precision, epoch, args.seed,
+                                 vars(args), run.model_config, run.frontend_config, task.class_names, last,
+                                 multilabel=task.multilabel, task=task.name, best=best, log=values,
+                                 epoch_weights=weights, stale_weights=record.epoch_weights if record else None)
+        _commit_epoch(out_dir, record, logger)
     logger.finish()
     if dist.distributed:  # the other ranks may read the checkpoints the main process wrote
         torch.distributed.barrier()
-    return Result(last, best, best_epoch, out_dir, paths)
+    paths = {"last": out_dir / "last.pt", "best": out_dir / "best.pt"}
+    return Result(last, best["metrics"] if best else {}, best["epoch"] if best else -1, out_dir, paths)

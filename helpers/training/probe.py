@@ -56,7 +56,7 @@ from helpers.training.precision import Precision
 from helpers.training.run_log import RunLogger
 from helpers.training.seeding import seed_epoch, seed_everything
 from helpers.training.tasks import Task, augment_training_set
-from models.checkpoint import load_checkpoint, load_finetuned, plain, save_checkpoint
+from models.checkpoint import RunRecord, load_finetuned, read_run_record, save_run_record
 from models.preprocess import AugmentMelSTFT
 from models.runtime import for_inference
 
@@ -534,15 +534,12 @@ def run_probe_recipe(args: argparse.Namespace, recipe: str, task: Task, train: D
         run.log({k: v for k, v in entry.items() if k != "epoch"}, step=entry["epoch"])
     run.finish()
     metrics = {k: v for k, v in metrics.items() if k not in ("epoch", "train_loss", "seconds")}
-    state = {"model": model.state_dict(), "model_config": plain(model_config),
-             "frontend_config": plain(frontend_config), "class_names": list(task.class_names),
-             "multilabel": task.multilabel, "task": task.name, "metrics": plain(metrics), "recipe": recipe,
-             "config": plain(vars(args)), "probe": {"C": probe.C, "window": window, "crops": args.probe_crops}}
-    if best_epoch >= 0:
-        state["epoch"] = best_epoch
+    record = RunRecord(model.state_dict(), model_config, frontend_config, list(task.class_names), task.multilabel,
+                       task.name, metrics, vars(args), epoch=best_epoch if best_epoch >= 0 else None,
+                       recipe=recipe, probe={"C": probe.C, "window": window, "crops": args.probe_crops})
     path = out_dir / "best.pt"
     if dist.is_main:
-        save_checkpoint(path, state)
+        save_run_record(path, record)
     return Result(metrics, metrics, best_epoch, out_dir, {"best": path})
 
 
@@ -569,13 +566,13 @@ def evaluate_trained(checkpoint: Optional[str | os.PathLike], model: nn.Module, 
     """The task's metrics of the model `model_for_evaluation` loaded from `checkpoint`: a probe
     recipe's checkpoint scores clips as the probe predicts them (whole clips, or its crops averaged;
     embeddings cached under --embedding_cache), any other as `evaluate_model`."""
-    state = load_checkpoint(checkpoint, mmap=True) if checkpoint else {}
-    settings = state.get("probe")
+    record = read_run_record(checkpoint, mmap=True) if checkpoint else None
+    settings = record.probe if record is not None else None
     if settings is None:
         return evaluate_model(model, frontend, dataset, task, args, dist, batch_size)
     dataset = file_dataset(dataset, "probe")
     # the embedding cache is keyed by the plain model's weights, not by those of its fast copy `model`
-    plain_model, frontend_config, _, _ = load_finetuned(checkpoint, state)
+    plain_model, frontend_config, _, _ = load_finetuned(checkpoint, record.to_state())
     embedder = Embedder(plain_model, AugmentMelSTFT(**frontend_config), settings["window"], settings["crops"],
                         args.embedding_cache or None, dist.device)
     return task.metrics_fn(clip_logits(embedder, file_clips(dataset), task.multilabel), dataset.targets)

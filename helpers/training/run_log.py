@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from common.errors import InputError
+from common.files import DISK_FULL, atomic_write, disk_full
 from helpers.training.distributed import DistInfo
 from models.checkpoint import plain
+
+
+def json_line(values: Mapping[str, Any]) -> str:
+    """One line of strict JSON: non-finite numbers (a diverged loss) become null, never a bare
+    NaN that JSON readers reject."""
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return [finite(v) for v in value] if isinstance(value, list) else value
+    return json.dumps({k: finite(v) for k, v in plain(dict(values)).items()}, allow_nan=False) + "\n"
 
 
 class RunLogger:
@@ -35,12 +47,35 @@ class RunLogger:
                                         tags=list(tags), notes=notes, dir=str(out_dir))
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Append the line of epoch `step` (flushed; a full disk names the file)."""
         if not self.active:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"epoch": step, **plain(dict(metrics))}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json_line({"epoch": step, **metrics}))
+        except OSError as e:
+            raise (disk_full(e, self.path) if e.errno in DISK_FULL else e) from None
         if self.wandb_run is not None:
             self.wandb_run.log(dict(metrics), step=step)
+
+    def align(self, step: int, metrics: Optional[Mapping[str, float]]) -> None:
+        """Make metrics.jsonl end with the line of epoch `step` (`metrics`, from the checkpoint a
+        run resumes from): lines of later epochs, which a kill after them but before their
+        checkpoint left, and a torn last line are dropped; a missing line of `step` is added."""
+        if not self.active or not self.path.is_file():
+            return
+        kept, limit = [], step if metrics is not None else step + 1
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("epoch", step) < limit:
+                kept.append(json_line(entry))
+        if metrics is not None:
+            kept.append(json_line({"epoch": step, **metrics}))
+        with atomic_write(self.path) as f:
+            f.write("".join(kept))
 
     def finish(self) -> None:
         if self.wandb_run is not None:
