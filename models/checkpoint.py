@@ -50,19 +50,24 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
-def load_finetuned(checkpoint_path: str | os.PathLike,
-                   state: Optional[dict[str, Any]] = None) -> tuple[nn.Module, dict[str, Any], list[str], bool]:
+def load_finetuned(checkpoint_path: str | os.PathLike, state: Optional[dict[str, Any]] = None,
+                   probe_beside: bool = False) -> tuple[nn.Module, dict[str, Any], list[str], bool]:
     """(model in eval mode, frontend keyword arguments, class names, multilabel) of a checkpoint
     written by a training script (`training_state`), rebuilt from the configuration stored in it:
     no command line and no download needed. Apply sigmoid to the logits of multi-label models and
     softmax to those of single-label ones (checkpoints without the flag count as multi-label, like
-    AudioSet's). `state`: the checkpoint's contents when the caller has already loaded them."""
+    AudioSet's). `state`: the checkpoint's contents when the caller has already loaded them.
+    A probe checkpoint whose probe lives beside the model (`layer:N` features) is an InputError
+    unless `probe_beside` (the training scripts evaluate it themselves)."""
     if state is None:
         state = load_checkpoint(checkpoint_path)
     missing = [k for k in ("model", "model_config", "frontend_config", "class_names") if k not in state]
     if missing:
         raise InputError(f"{checkpoint_path}: not a checkpoint of a training script (no "
                          f"{', '.join(missing)}); released models are loaded by name")
+    if state.get("probe", {}).get("in_model") is False and not probe_beside:
+        raise InputError(f"{checkpoint_path}: its linear probe reads features of an inner layer, which the "
+                         "model's head does not compute; evaluate it with the training script's --checkpoint")
     model = model_from_config(state["model_config"], load_pretrained=False, epoch=state.get("epoch"))
     try:
         model.load_state_dict(state["model"])

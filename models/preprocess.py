@@ -104,6 +104,12 @@ class AugmentMelSTFT(nn.Module):
                 f"hopsize={self.hopsize}, n_fft={self.n_fft}, freqm={self.freqm}, timem={self.timem}, "
                 f"fmin={self.fmin}, fmax={self.fmax}")
 
+    def eval_settings(self) -> dict[str, float]:
+        """Every argument that changes the eval-mode output (cache keys derive from it); the
+        training-only jitter and masking ranges are left out."""
+        return {"n_mels": self.n_mels, "sr": self.sr, "win_length": self.win_length, "hopsize": self.hopsize,
+                "n_fft": self.n_fft, "fmin": self.fmin, "fmax": self.fmax}
+
     def num_frames(self, num_samples: int) -> int:
         """Number of spectrogram frames produced for a waveform of `num_samples` samples."""
         return 1 + (num_samples - 1) // self.hopsize

@@ -35,7 +35,7 @@ from models.preprocess import AugmentMelSTFT
 CHUNK_SECONDS = 60.0
 # heads whose output depends on the last feature map only through its average over frequency and
 # time, so that chunks combine exactly (mlp: pooling first; fully convolutional: linear, then pooling)
-POOLING_HEADS = ("mlp", "fully_convolutional")
+POOLING_HEADS = ("mlp", "fully_convolutional", "linear", "concat")
 
 
 @dataclass

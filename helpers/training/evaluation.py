@@ -82,7 +82,7 @@ def model_for_evaluation(checkpoint: Optional[str | Path], args: argparse.Namesp
     arguments with an untrained classifier for the task's classes, which is logged as a warning.
     On the CPU both are the eval-only fast copies (models/fast.py)."""
     if checkpoint:
-        model, frontend_config, class_names, _ = load_finetuned(checkpoint)
+        model, frontend_config, class_names, _ = load_finetuned(checkpoint, probe_beside=True)
         if class_names != list(task.class_names):
             raise InputError(f"{checkpoint}: was trained on other classes ({len(class_names)}) than "
                              f"the {len(task.class_names)} of this dataset")
