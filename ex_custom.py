@@ -26,19 +26,41 @@ refitted on training + validation clips; the validation line then gives the scor
 """
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 from typing import Optional
+
+from torch.utils.data import Dataset
 
 from datasets import custom
 from common.errors import InputError, run_cli
 from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
-from helpers.training.distributed import setup_distributed
+from helpers.training.distributed import DistInfo, setup_distributed
 from helpers.training.evaluation import model_for_evaluation
 from helpers.training.recipes import evaluate_trained, recipe_summary, train_recipe
 from helpers.training.script_main import parse_script_args
 from models.checkpoint import load_checkpoint
 from helpers.training.tasks import (Task, classification_metrics, mean_std, multilabel_loss, single_label_loss,
                                     tagging_metrics)
+
+
+def evaluate_splits(checkpoint: str | Path, splits: dict[str, Dataset], task: Task, args: argparse.Namespace,
+                    dist: DistInfo) -> dict[str, dict[str, float]]:
+    """Metrics of the checkpoint on each split (the first one being the validation split), printed;
+    a probe refitted on the validation clips reports its validation score from before the refit."""
+    model, frontend, loaded = model_for_evaluation(checkpoint, args, task, dist)
+    probe = load_checkpoint(checkpoint, mmap=True).get("probe") or {}
+    results = {}
+    for split, dataset in splits.items():
+        if split == next(iter(splits)) and probe.get("refit"):  # the final head has seen these clips
+            metrics, seen = probe["validation_before_refit"], ", head fitted on the training clips"
+        else:
+            metrics, seen = evaluate_trained(checkpoint, model, frontend, dataset, task, args, dist), ""
+        if dist.is_main:
+            print(f"{split} ({loaded}{seen}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        results[split] = metrics
+    return results
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -86,19 +108,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             out_dir = resolve_out_dir(args) / (f"fold{fold}" if args.all_folds else "")
             result = train_recipe(args, task, data.train, data.val, dist, out_dir, refit=True)
         checkpoint = args.checkpoint or result.checkpoints["best"]
-        model, frontend, loaded = model_for_evaluation(checkpoint, args, task, dist)
         evaluations = {name: data.val, **({"test": data.test} if data.test is not None else {})}
-        probe = load_checkpoint(checkpoint, mmap=True).get("probe") or {}
-        for split, dataset in evaluations.items():
-            if split == name and probe.get("refit"):  # the final head has seen these clips
-                metrics, seen = probe["validation_before_refit"], ", head fitted on the training clips"
-            else:
-                metrics, seen = evaluate_trained(checkpoint, model, frontend, dataset, task, args, dist), ""
-            if dist.is_main:
-                print(f"{split} ({loaded}{seen}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                if split == name:
-                    scores.append(metrics[task.selection])
-        if dist.is_main:
+        results = evaluate_splits(checkpoint, evaluations, task, args, dist)
+        if dist.is_main:  # the other processes get no metrics
+            scores.append(results[name][task.selection])
             print(recipe_summary(checkpoint) + (" (chosen by --recipe auto)" if args.recipe == "auto" else ""))
     if dist.is_main and len(scores) > 1:
         mean, std = mean_std(scores)

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
 from common.errors import InputError
 from datasets.files import AudioFileDataset
@@ -26,7 +25,7 @@ from helpers.training.args import frontend_config_from_args
 from helpers.training.checkpoints import prepare_run_folder
 from helpers.training.clip_features import Embedder, check_feature_kind, file_clips
 from helpers.training.distributed import DistInfo
-from helpers.training.embedding_cache import clear_cache, default_cache_dir, folder_size
+from helpers.training.embedding_cache import clear_cache, default_cache_dir
 from helpers.training.evaluation import evaluate_model
 from helpers.training.linear_probe import LinearProbe, as_logits, clip_probabilities, fit_probe, install_probe
 from helpers.training.loop import Result, fine_tune, model_from_args
