@@ -23,6 +23,7 @@ from helpers.training.linear_probe import (DEFAULT_C, choose_c, cv_folds_allowed
                                            stratified_folds)
 from models.factory import model_config, model_from_config
 from models.preprocess import AugmentMelSTFT
+from models.runtime import for_inference
 from tests.datagen import clip
 
 SR = 16000
@@ -116,7 +117,7 @@ def test_head_api_pre_logits_classifier_and_param_groups() -> None:
         features = model.forward_features(x)
         hidden = model.forward_head(features, pre_logits=True)
         assert torch.allclose(model.get_classifier()(hidden), model.forward_head(features), atol=1e-6)
-        fast = model.for_inference()
+        fast = for_inference(model)
         assert torch.allclose(fast.forward_head(fast.forward_features(x), pre_logits=True), hidden, atol=1e-4)
     groups = model.param_groups(lr=1e-3, layer_decay=0.5)
     ids = [id(p) for g in groups for p in g["params"]]

@@ -30,6 +30,7 @@ from datasets.cache import file_signature
 from datasets.files import AudioFileDataset
 from helpers.training.embedding_cache import EmbeddingCache
 from models.preprocess import AugmentMelSTFT
+from models.runtime import for_inference
 
 FEATURE_VERSION = "stages+pre_logits-v2"  # part of the cache key: bump when the extraction changes
 FEATURE_KINDS = ("embedding", "hidden", "concat", "layer:N")
@@ -122,7 +123,7 @@ class Embedder:
         self.frontend = frontend.to(self.device).eval()
         self.window, self.n_crops = int(window), int(n_crops)
         self.cache = EmbeddingCache(cache_root, extractor_key(model, frontend, self.window, self.n_crops))
-        self.model = model.for_inference() if hasattr(model, "for_inference") else model.eval()
+        self.model = for_inference(model)
         self.model.to(self.device)
         self.lengths: dict[str, int] = {}
         self.computed = self.reused = 0
