@@ -19,24 +19,48 @@ a stratified --val_fraction is held out. The best epoch on the validation data i
 best.pt, which carries the class names, and is evaluated on the test split when there is one.
 
 --recipe auto (the default) picks by the median number of labelled training clips per class: a
-linear probe on the frozen model below 10, the probe then a short fine-tuning below 50, the
-original's fine-tuning from 50 (helpers/training/probe.py); --recipe probe | probe_finetune |
-finetune asks for one.
+linear probe on the frozen model below 50, the original's fine-tuning from 50
+(helpers/training/recipes.py, docs/small-data.md); --recipe probe | probe_finetune | finetune asks
+for one. The probe chooses its regularization by cross-validation on the training clips, then is
+refitted on training + validation clips; the validation line then gives the score before the refit.
 """
 from __future__ import annotations
 
-import logging
+import argparse
 import sys
+from pathlib import Path
 from typing import Optional
+
+from torch.utils.data import Dataset
 
 from datasets import custom
 from common.errors import InputError, run_cli
 from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
-from helpers.training.distributed import setup_distributed
+from helpers.training.distributed import DistInfo, setup_distributed
 from helpers.training.evaluation import model_for_evaluation
-from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
+from helpers.training.recipes import evaluate_trained, recipe_summary, train_recipe
+from helpers.training.script_main import parse_script_args
+from models.checkpoint import load_checkpoint
 from helpers.training.tasks import (Task, classification_metrics, mean_std, multilabel_loss, single_label_loss,
                                     tagging_metrics)
+
+
+def evaluate_splits(checkpoint: str | Path, splits: dict[str, Dataset], task: Task, args: argparse.Namespace,
+                    dist: DistInfo) -> dict[str, dict[str, float]]:
+    """Metrics of the checkpoint on each split (the first one being the validation split), printed;
+    a probe refitted on the validation clips reports its validation score from before the refit."""
+    model, frontend, loaded = model_for_evaluation(checkpoint, args, task, dist)
+    probe = load_checkpoint(checkpoint, mmap=True).get("probe") or {}
+    results = {}
+    for split, dataset in splits.items():
+        if split == next(iter(splits)) and probe.get("refit"):  # the final head has seen these clips
+            metrics, seen = probe["validation_before_refit"], ", head fitted on the training clips"
+        else:
+            metrics, seen = evaluate_trained(checkpoint, model, frontend, dataset, task, args, dist), ""
+        if dist.is_main:
+            print(f"{split} ({loaded}{seen}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        results[split] = metrics
+    return results
 
 
 def custom_task(data: custom.CustomData, mixup_alpha: float) -> Task:
@@ -60,9 +84,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     g.add_argument("--all_folds", action="store_true", help="cross-validate over every fold of the fold column")
     g.add_argument("--val_fraction", type=float, default=0.2,
                    help="share of clips held out for validation when the CSV has no split or fold column")
-    add_recipe_args(parser, default="auto")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_script_args(parser, argv, recipe="auto", conflicts=[
+        ("all_folds", "checkpoint", "--checkpoint evaluates one model on its own validation --fold; drop --all_folds")])
 
     root = resolve_dataset_dir(args.dataset_dir, custom.ENV_VAR)
 
@@ -71,8 +94,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                                    True if args.multilabel else None, sample_rate(args),
                                    args.clip_length, args.cache_path)
 
-    if args.all_folds and args.checkpoint:
-        raise InputError("--checkpoint evaluates one model on its own validation --fold; drop --all_folds")
     first = load(args.fold)
     if (args.all_folds or args.fold is not None) and not first.folds:
         raise InputError(f"--fold and --all_folds need a fold column in {args.csv or root / custom.DEFAULT_CSV}")
@@ -88,16 +109,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         name = f"fold {fold}" if fold is not None else "validation"
         if not args.checkpoint:  # else evaluate the given checkpoint only
             out_dir = resolve_out_dir(args) / (f"fold{fold}" if args.all_folds else "")
-            result = train_recipe(args, task, data.train, data.val, dist, out_dir)
+            result = train_recipe(args, task, data.train, data.val, dist, out_dir, refit=True)
         checkpoint = args.checkpoint or result.checkpoints["best"]
-        model, frontend, loaded = model_for_evaluation(checkpoint, args, task, dist)
         evaluations = {name: data.val, **({"test": data.test} if data.test is not None else {})}
-        for split, dataset in evaluations.items():
-            metrics = evaluate_trained(checkpoint, model, frontend, dataset, task, args, dist)
-            if dist.is_main:
-                print(f"{split} ({loaded}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                if split == name:
-                    scores.append(metrics[task.selection])
+        results = evaluate_splits(checkpoint, evaluations, task, args, dist)
+        if dist.is_main:  # the other processes get no metrics
+            scores.append(results[name][task.selection])
+            print(recipe_summary(checkpoint) + (" (chosen by --recipe auto)" if args.recipe == "auto" else ""))
     if dist.is_main and len(scores) > 1:
         mean, std = mean_std(scores)
         print(f"{task.selection} over {len(scores)} folds: {mean:.4f} +- {std:.4f} (sample std)")

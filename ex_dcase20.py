@@ -21,8 +21,7 @@ from datasets.items import Clip
 from common.errors import run_cli
 from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
-from helpers.training.evaluation import model_for_evaluation
-from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
+from helpers.training.script_main import parse_script_args, train_or_evaluate
 from helpers.training.tasks import Task, classification_metrics, mixstyle, single_label_loss
 
 
@@ -32,9 +31,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--mixstyle_p", type=float, default=0.0,
                         help="probability of frequency-wise MixStyle per batch (replaces mixup)")
     parser.add_argument("--mixstyle_alpha", type=float, default=0.4)
-    add_recipe_args(parser, default="finetune")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_script_args(parser, argv)
 
     root = resolve_dataset_dir(args.dataset_dir, dcase20.ENV_VAR)
     train_set, test_set, scenes = dcase20.get_datasets(root, sample_rate(args), args.cache_path)
@@ -65,13 +62,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     task = Task("dcase", scenes, multilabel=False, loss_fn=loss_fn, metrics_fn=metrics_fn,
                 selection="accuracy", metric_tag="acc", project="DCASE20",
                 tags=("Tau Urban Acoustic Scenes 2020 Mobile", "Acoustic Scene Classification", "Fine-Tuning"))
-    if args.checkpoint:
-        model, frontend, _ = model_for_evaluation(args.checkpoint, args, task, dist)
-        metrics = evaluate_trained(args.checkpoint, model, frontend, test_set, task, args, dist)
-    else:
-        metrics = train_recipe(args, task, train_set, test_set, dist, resolve_out_dir(args)).last
+    out_dir = None if args.checkpoint else resolve_out_dir(args)
+    metrics, made = train_or_evaluate(args, task, train_set, test_set, dist, out_dir)
     if dist.is_main:
-        print(f"accuracy {metrics['accuracy']:.4f} (val_loss {metrics['val_loss']:.4f})")
+        print(f"accuracy {metrics['accuracy']:.4f} (val_loss {metrics['val_loss']:.4f}); {made}")
         for device in test_set.device_names:
             if f"accuracy_{device}" in metrics:
                 print(f"  device {device}: {metrics[f'accuracy_{device}']:.4f}")

@@ -9,16 +9,14 @@ accuracy is the last epoch's, as in the original. Checkpoints go to <out_dir>/fo
 """
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Optional
 
 from datasets import esc50
-from common.errors import InputError, run_cli
+from common.errors import run_cli
 from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
-from helpers.training.evaluation import model_for_evaluation
-from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
+from helpers.training.script_main import parse_script_args, train_or_evaluate
 from helpers.training.tasks import Task, classification_metrics, mean_std, single_label_loss
 
 
@@ -28,11 +26,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--fold", type=int, default=1, choices=range(1, esc50.NUM_FOLDS + 1), help="test fold")
     parser.add_argument("--all_folds", action="store_true",
                         help="run folds 1-5 one after another and report mean +- std accuracy")
-    add_recipe_args(parser, default="finetune")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.all_folds and args.checkpoint:
-        raise InputError("--checkpoint evaluates one model on its own test --fold; drop --all_folds")
+    args = parse_script_args(parser, argv, conflicts=[
+        ("all_folds", "checkpoint", "--checkpoint evaluates one model on its own test --fold; drop --all_folds")])
 
     # data: every fold's files are checked before anything trains
     root = resolve_dataset_dir(args.dataset_dir, esc50.ENV_VAR)
@@ -45,14 +40,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         task = Task("esc50", class_names, multilabel=False, loss_fn=single_label_loss(args.mixup_alpha),
                     metrics_fn=classification_metrics, selection="accuracy", metric_tag="acc",
                     project="ESC50", tags=("Environmental Sound Classification", "Fine-Tuning"))
-        if args.checkpoint:
-            model, frontend, _ = model_for_evaluation(args.checkpoint, args, task, dist)
-            metrics = evaluate_trained(args.checkpoint, model, frontend, test_set, task, args, dist)
-        else:
-            out_dir = resolve_out_dir(args) / f"fold{fold}"
-            metrics = train_recipe(args, task, train_set, test_set, dist, out_dir).last
+        out_dir = None if args.checkpoint else resolve_out_dir(args) / f"fold{fold}"
+        metrics, made = train_or_evaluate(args, task, train_set, test_set, dist, out_dir)
         if dist.is_main:
-            print(f"fold {fold}: accuracy {metrics['accuracy']:.4f} (val_loss {metrics['val_loss']:.4f})")
+            print(f"fold {fold}: accuracy {metrics['accuracy']:.4f} (val_loss {metrics['val_loss']:.4f}); {made}")
             accuracies.append(metrics["accuracy"])
     if dist.is_main and len(accuracies) > 1:
         mean, std = mean_std(accuracies)

@@ -11,17 +11,17 @@ released --model_name with a new (untrained) 200-class classifier.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Optional
 
 from datasets import fsd50k
-from common.errors import InputError, run_cli
+from common.errors import run_cli
 from helpers.training.metrics import format_tagging_results
 from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
 from helpers.training.evaluation import model_for_evaluation
-from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
+from helpers.training.recipes import evaluate_trained, recipe_summary, train_recipe
+from helpers.training.script_main import parse_script_args
 from helpers.training.tasks import Task, multilabel_loss, tagging_metrics
 
 
@@ -31,11 +31,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--train", action="store_true", help="fine-tune (without it: evaluate only)")
     parser.add_argument("--variable_eval_length", action="store_true",
                         help="evaluate whole clips (batch size 1) instead of 10-s crops")
-    add_recipe_args(parser, default="finetune")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.train and args.checkpoint:
-        raise InputError("--checkpoint is for evaluation only; drop it or --train")
+    args = parse_script_args(parser, argv, conflicts=[
+        ("train", "checkpoint", "--checkpoint is for evaluation only; drop it or --train")])
 
     root = resolve_dataset_dir(args.dataset_dir, fsd50k.ENV_VAR)
     train_set, val_set, eval_set, class_names = fsd50k.get_datasets(
@@ -56,6 +53,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if dist.is_main:
         print(f"Results on FSD50K evaluation split for loaded model: {loaded}")
         print(format_tagging_results(metrics))
+        if args.train:
+            print(recipe_summary(checkpoint))
 
 
 if __name__ == "__main__":

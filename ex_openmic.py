@@ -10,17 +10,15 @@ Loss and metrics count only the annotated (observed) instrument labels of each c
 """
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Optional
 
 from datasets import openmic
-from common.errors import InputError, run_cli
+from common.errors import run_cli
 from helpers.training.metrics import format_tagging_results
 from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
 from helpers.training.distributed import setup_distributed
-from helpers.training.evaluation import model_for_evaluation
-from helpers.training.probe import add_recipe_args, evaluate_trained, train_recipe
+from helpers.training.script_main import parse_script_args, train_or_evaluate
 from helpers.training.tasks import Task, augment_training_set, masked_multilabel_loss, masked_tagging_metrics
 
 
@@ -28,11 +26,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = finetune_parser("Fine-tune on OpenMIC-2018.", experiment_name="OpenMic", batch_size=64,
                              lr=1e-5, dataset_env=openmic.ENV_VAR)
     parser.add_argument("--train", action="store_true", help="fine-tune (without it: evaluate only)")
-    add_recipe_args(parser, default="finetune")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.train and args.checkpoint:
-        raise InputError("--checkpoint is for evaluation only; drop it or --train")
+    args = parse_script_args(parser, argv, conflicts=[
+        ("train", "checkpoint", "--checkpoint is for evaluation only; drop it or --train")])
 
     root = resolve_dataset_dir(args.dataset_dir, openmic.ENV_VAR)
     train_set, test_set, class_names = openmic.get_datasets(root, sample_rate(args),
@@ -42,13 +37,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 metrics_fn=masked_tagging_metrics, selection="mAP", metric_tag="mAP", project="OpenMic",
                 tags=("OpenMic", "Instrument Recognition"))
 
-    if args.train:
-        metrics = train_recipe(args, task, train_set, test_set, dist, resolve_out_dir(args),
-                               augment=lambda d: augment_training_set(d, args, mix_target=openmic.mix_targets)).last
-        loaded = "fine-tuned (last epoch)"
-    else:
-        model, frontend, loaded = model_for_evaluation(args.checkpoint, args, task, dist)
-        metrics = evaluate_trained(args.checkpoint, model, frontend, test_set, task, args, dist)
+    metrics, loaded = train_or_evaluate(
+        args, task, train_set, test_set, dist, resolve_out_dir(args) if args.train else None,
+        augment=lambda d: augment_training_set(d, args, mix_target=openmic.mix_targets))
     if dist.is_main:
         print(f"Results on OpenMIC test split for model: {loaded}")
         print(format_tagging_results(metrics))

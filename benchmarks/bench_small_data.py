@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--model", default="mn04_as")
     parser.add_argument("--recipes", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--extra", default="", help="more ex_custom.py options, e.g. '--probe_features embedding'")
     parser.add_argument("--finetune_epochs", type=int, default=20,
                         help="epochs of the original's recipe (its schedule shortened: warm-up 2, "
                              "ramp-down from epoch 5 over the rest)")
@@ -141,8 +142,9 @@ def main() -> None:
                 shutil.rmtree(Path(tmp) / "embeddings", ignore_errors=True)
                 command = [sys.executable, "ex_custom.py", "--pretrained_name", args.model,
                            "--dataset_dir", str(args.data), "--csv", str(table), "--clip_length", "4",
-                           "--recipe", recipe, "--logger", "none", "--num_workers", "0",
-                           "--out_dir", str(Path(tmp) / "run"), "--embedding_cache", str(Path(tmp) / "embeddings")]
+                           "--recipe", recipe, "--logger", "none", "--num_workers", "0", "--overwrite",
+                           "--out_dir", str(Path(tmp) / "run"), "--cache_dir", str(Path(tmp) / "embeddings"),
+                           *args.extra.split()]
                 if recipe == "finetune":
                     command += ["--n_epochs", str(args.finetune_epochs), "--warm_up_len", "2",
                                 "--ramp_down_start", "5", "--ramp_down_len", str(max(1, args.finetune_epochs - 7))]

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from common.errors import InputError
 from common.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,14 @@ class WaveformCache:
     def __init__(self, root: str | os.PathLike, namespace: str, sample_rate: int) -> None:
         self.sample_rate = sample_rate
         self.folder = Path(root) / f"{namespace}_r{sample_rate}"
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.writable = True
+        try:  # a folder that cannot be created or written is a one-line error before any work
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_write(self.folder / ".write_test", "wb") as f:
+                f.write(b"ok")
+            (self.folder / ".write_test").unlink()
+        except OSError as e:
+            raise InputError(f"{self.folder}: --cache_path cannot be written ({e.strerror or e})") from None
 
     def path(self, key: str) -> Path:
         digest = hashlib.sha1(f"{key}|{self.sample_rate}".encode()).hexdigest()
@@ -52,7 +60,10 @@ class WaveformCache:
         path = self.path(key)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            logger.warning("%s: unreadable cache file (%s); decoding the source again", path, e.strerror or e)
             return None
         problem = None
         if len(data) < _HEADER.size:
@@ -74,13 +85,21 @@ class WaveformCache:
         return np.frombuffer(payload, dtype="<f4").astype(np.float32)
 
     def store(self, key: str, waveform: np.ndarray) -> None:
-        """Write `waveform` atomically (temporary file in the same folder, then rename)."""
+        """Write `waveform` atomically (temporary file in the same folder, then rename); after a
+        failed write (disk full, folder made read-only) the cache only reads (warned once)."""
+        if not self.writable:
+            return
         path = self.path(key)
         payload = np.ascontiguousarray(waveform, dtype="<f4").tobytes()
         header = _HEADER.pack(_MAGIC, self.sample_rate, len(payload) // 4, zlib.crc32(payload))
-        with atomic_write(path, "wb") as f:  # creates the sub-folder
-            f.write(header)
-            f.write(payload)
+        try:
+            with atomic_write(path, "wb") as f:  # creates the sub-folder
+                f.write(header)
+                f.write(payload)
+        except OSError as e:  # e.g. the disk filled up during the run: go on without storing
+            logger.warning("%s: waveform cache not written (%s); decoding without storing from now on",
+                           self.folder, e.strerror or e)
+            self.writable = False
 
     def get(self, key: str, decode: Callable[[], np.ndarray]) -> np.ndarray:
         """Cached waveform for `key`; on a miss, `decode()` it and store the result."""

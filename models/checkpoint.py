@@ -148,14 +148,19 @@ def read_run_record(path: str | os.PathLike, mmap: bool = False) -> RunRecord:
     return RunRecord.from_state(load_checkpoint(path, mmap=mmap), path)
 
 
-def load_finetuned(checkpoint_path: str | os.PathLike,
-                   state: Optional[dict[str, Any]] = None) -> tuple[nn.Module, dict[str, Any], list[str], bool]:
+def load_finetuned(checkpoint_path: str | os.PathLike, state: Optional[dict[str, Any]] = None,
+                   probe_beside: bool = False) -> tuple[nn.Module, dict[str, Any], list[str], bool]:
     """(model in eval mode, frontend keyword arguments, class names, multilabel) of a checkpoint
     written by a training script (a `RunRecord`), rebuilt from the configuration stored in it:
     no command line and no download needed. Apply sigmoid to the logits of multi-label models and
     softmax to those of single-label ones (checkpoints without the flag count as multi-label, like
-    AudioSet's). `state`: the checkpoint's contents when the caller has already loaded them."""
+    AudioSet's). `state`: the checkpoint's contents when the caller has already loaded them.
+    A probe checkpoint whose probe lives beside the model (`layer:N` features) is an InputError
+    unless `probe_beside` (the training scripts evaluate it themselves)."""
     record = RunRecord.from_state(load_checkpoint(checkpoint_path) if state is None else state, checkpoint_path)
+    if (record.probe or {}).get("in_model") is False and not probe_beside:
+        raise InputError(f"{checkpoint_path}: its linear probe reads features of an inner layer, which the "
+                         "model's head does not compute; evaluate it with the training script's --checkpoint")
     model = model_from_config(record.model_config, load_pretrained=False, epoch=record.epoch)
     try:
         model.load_state_dict(record.model)

@@ -228,8 +228,8 @@ class FastTagger(EvalOnly, AudioTagger):
     def forward_features(self, x: torch.Tensor, return_fmaps: bool = False):
         return super().forward_features(x.to(self.dtype, memory_format=torch.channels_last), return_fmaps)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return super().forward_head(features).float()
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return super().forward_head(features, pre_logits).float()
 
     def forward(self, x: torch.Tensor, return_fmaps: bool = False):
         logits, second = super().forward(x, return_fmaps)

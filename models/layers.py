@@ -90,8 +90,31 @@ def classification_head(head_type: str, in_channels: int, hidden_channels: int, 
         )
     if head_type == "multihead_attention_pooling":
         return MultiHeadAttentionPooling(in_channels, num_classes, attention_heads)
-    raise ValueError(f"unknown head_type {head_type!r}; choose mlp, fully_convolutional or "
-                     "multihead_attention_pooling")
+    if head_type == "linear":  # a linear probe on the pooled embedding
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes))
+    if head_type == "concat":  # a linear probe on the pooled embedding and the MLP head's hidden layer
+        return ConcatHead(in_channels, hidden_channels, num_classes)
+    raise ValueError(f"unknown head_type {head_type!r}; choose one of {', '.join(HEAD_TYPES)}")
+
+
+HEAD_TYPES = ("mlp", "fully_convolutional", "multihead_attention_pooling", "linear", "concat")
+
+
+class ConcatHead(nn.Module):
+    """One Linear on [pooled embedding, hidden layer of the released MLP head] (the `concat`
+    linear probe): `hidden` keeps the MLP's first layer, `fc` is the final layer."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Linear(in_channels, hidden_channels), nn.Hardswish())
+        self.fc = nn.Linear(in_channels + hidden_channels, num_classes)
+
+    def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3))
+        return torch.cat([pooled, self.hidden(pooled)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pre_logits(x))
 
 
 class MultiHeadAttentionPooling(nn.Module):
@@ -140,9 +163,41 @@ class AudioTagger(nn.Module):
                 fmaps.append(x)
         return fmaps if return_fmaps else x
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes) of a last feature map."""
-        return self.classifier(features).flatten(1)
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits (B, num_classes) of a last feature map, or with `pre_logits` the input of the
+        final classifier layer (the MLP's hidden layer; the pooled feature map for heads whose
+        final layer sees the feature map itself), as timm's models do."""
+        if not pre_logits:
+            return self.classifier(features).flatten(1)
+        if self.head_type == "mlp":
+            return self.classifier[:4](features)  # pool, flatten, Linear, Hardswish (dropout: train only)
+        if self.head_type == "concat":
+            return self.classifier.pre_logits(features)
+        return features.mean(dim=(2, 3))
+
+    def get_classifier(self) -> nn.Module:
+        """The final classifier layer: the Linear that `pre_logits` features feed (mlp, linear,
+        concat heads), else the whole classifier."""
+        if self.head_type in ("mlp", "linear"):
+            return self.classifier[-1]
+        if self.head_type == "concat":
+            return self.classifier.fc
+        return self.classifier
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped from the output down, for layer-wise learning rates: the final
+        classifier layer, the rest of the classifier, then every stage from the top down."""
+        final = {id(p) for p in self.get_classifier().parameters()}
+        head_rest = [p for p in self.classifier.parameters() if id(p) not in final]
+        groups = [list(self.get_classifier().parameters()), head_rest]
+        groups += [list(stage.parameters()) for stage in reversed(list(self.stages()))]
+        return [g for g in groups if g]
+
+    def param_groups(self, lr: float, layer_decay: float) -> list[dict]:
+        """Optimizer parameter groups with layer-wise learning-rate decay: `layer_groups()[k]` at
+        lr * layer_decay ** k (the final layer at `lr`)."""
+        return [{"params": params, "lr": lr * layer_decay ** depth}
+                for depth, params in enumerate(self.layer_groups())]
 
     def forward(self, x: torch.Tensor, return_fmaps: bool = False):
         if return_fmaps:
@@ -160,6 +215,10 @@ class AudioTagger(nn.Module):
             return state["classifier.5.bias"].shape[0]
         if self.head_type == "fully_convolutional":
             return state["classifier.1.weight"].shape[0]
+        if self.head_type == "linear":
+            return state["classifier.2.bias"].shape[0]
+        if self.head_type == "concat":
+            return state["classifier.fc.bias"].shape[0]
         return state["classifier.subspace_proj.bias"].shape[0] // (2 * self.head_args[1])
 
     def reset_classifier(self, num_classes: int) -> list[str]:

@@ -3,6 +3,7 @@ the one-line errors for missing or malformed files."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,22 @@ def test_cache_header_checks_rate_and_source_changes(tmp_path: Path) -> None:
     sig = file_signature(src)
     sf.write(src, wave[:500], 32000)
     assert file_signature(src) != sig
+
+
+def test_waveform_cache_folder_that_cannot_be_written(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(InputError, match="a_file/cache/x_r32000: --cache_path cannot be written"):
+        WaveformCache(tmp_path / "a_file" / "cache", "x", 32000)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        with pytest.raises(InputError, match="--cache_path cannot be written"):
+            WaveformCache(read_only, "x", 32000)
+    read_only.chmod(0o700)
+    # a write failing during the run (disk full): decoded waveforms still come back, warned once
+    cache = WaveformCache(tmp_path / "ok", "x", 32000)
+    for key in ("k", "j"):
+        cache.path(key).parent.write_text("in the way")  # the file's folder cannot be created
+    wave = np.ones(8, np.float32)
+    assert np.array_equal(cache.get("k", lambda: wave), wave) and np.array_equal(cache.get("j", lambda: wave), wave)
+    assert caplog.text.count("waveform cache not written") == 1 and not cache.writable

@@ -1,10 +1,10 @@
-"""The small-data recipes on generated data: the probe separates separable classes (single- and
-multi-label), the fitted head becomes the model's final Linear exactly, the embedding cache is
-reused and invalidated, layer-wise learning rates, probe-then-fine-tune keeps the best epoch,
-`auto` picks as documented, and ex_custom.py's probe checkpoint tags through inference.py."""
+"""The linear probe and its features on generated data: the probe separates separable classes
+(single- and multi-label), C is chosen by cross-validation (the strongest of the tied, a fixed C
+with one clip per class), the head API of the model (pre_logits, get_classifier, parameter groups),
+the probe installed as the model's head gives the probe's logits, and the embedding cache: reused,
+invalidated by each part of its key, robust to broken files and unwritable folders."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,18 +14,17 @@ import pytest
 import soundfile as sf
 import torch
 
-from datasets.files import AudioFileDataset
 from common.errors import InputError
-from helpers.training.distributed import setup_distributed
-from helpers.training.precision import Precision
-from helpers.training.probe import (AUTO_FINETUNE_FROM, AUTO_PROBE_BELOW, Embedder, FinetuneSchedule, choose_recipe,
-                           crop_starts, file_clips, final_linear, fit_probe, layerwise_param_groups,
-                           probe_finetune, set_classifier, stratified_folds)
-from helpers.training.tasks import Task, classification_metrics, single_label_loss
+from datasets.files import AudioFileDataset
+from helpers.training.clip_features import (Embedder, check_feature_kind, crop_starts, file_clips, select_features,
+                                            trim_silence)
+from helpers.training.embedding_cache import clear_cache, default_cache_dir
+from helpers.training.linear_probe import (DEFAULT_C, choose_c, cv_folds_allowed, fit_probe, install_probe,
+                                           stratified_folds)
 from models.factory import model_config, model_from_config
 from models.preprocess import AugmentMelSTFT
-from tests.datagen import clip, make_custom, make_esc50, make_fsd50k
-from tests.test_finetune_scripts import FAST, run, tag_test_clips
+from models.runtime import for_inference
+from tests.datagen import clip
 
 SR = 16000
 TINY = model_config("mn01", num_classes=2, width_mult=0.1)  # from scratch, no download
@@ -48,7 +47,7 @@ def test_probe_separates_linearly_separable_classes() -> None:
     probs = probe.predict(test)
     assert (probs.argmax(1) == y_test.argmax(1)).all()
     assert np.allclose(probs.sum(1), 1.0) and set(probe.cv_loss) == {0.01, 1.0, 100.0}
-    assert probe.C == min(probe.cv_loss, key=probe.cv_loss.get)
+    assert probe.n_folds == 5 and probe.cv_score == 1.0 and probe.C == choose_c(probe.cv_loss)
 
 
 def test_probe_multilabel_one_vs_rest() -> None:
@@ -62,18 +61,71 @@ def test_probe_multilabel_one_vs_rest() -> None:
     assert probs[:, 3].max() < 0.2
 
 
-def test_binary_single_label_and_folds() -> None:
-    features, targets = separable(4, 2)
-    probe = fit_probe(features, targets, multilabel=False, cs=(1.0,))
-    assert probe.weight.shape == (2, 16) and (probe.predict(features).argmax(1) == targets.argmax(1)).all()
+def test_folds_as_many_as_the_smallest_class_allows() -> None:
+    assert cv_folds_allowed(np.eye(3)[[0, 0, 0, 1, 1, 2, 2, 2]], 5) == 2
+    assert cv_folds_allowed(np.eye(2)[[0] * 9 + [1] * 9], 5) == 5
     folds = stratified_folds(np.eye(3)[[0, 0, 0, 1, 1, 2]], 3, seed=0)
     assert sorted(np.bincount(folds)) == [2, 2, 2]
+    features, targets = separable(4, 3)
+    assert fit_probe(features[:-1], targets[:-1], multilabel=False, cs=(0.1, 1.0)).n_folds == 3
 
 
-def test_crop_starts() -> None:
+def test_c_chosen_is_the_strongest_of_the_tied() -> None:
+    assert choose_c({0.01: 0.5, 0.1: 0.5, 1.0: 0.4, 10.0: 0.4}) == 1.0
+    assert choose_c({0.01: 0.7, 0.1: 0.5 + 1e-6, 1.0: 0.5, 10.0: 0.6}) == 0.1  # within the tolerance
+    # constant features: every C predicts the class prior, all CV losses tie -> the smallest C
+    features = [np.ones((1, 4), np.float32) for _ in range(8)]
+    probe = fit_probe(features, np.eye(2)[[0, 1] * 4], multilabel=False, cs=(100.0, 1.0, 0.01))
+    assert probe.C == 0.01 and len(set(np.round(list(probe.cv_loss.values()), 9))) == 1
+
+
+def test_one_clip_per_class_gets_the_fixed_c() -> None:
+    features, targets = separable(1, 4)
+    probe = fit_probe(features, targets, multilabel=False)
+    assert probe.n_folds == 0 and probe.C == DEFAULT_C and not probe.cv_loss
+    assert (probe.predict(features).argmax(1) == targets.argmax(1)).all()
+    assert "fixed" in probe.describe()
+
+
+def test_crops_trim_and_feature_kinds() -> None:
     assert crop_starts(100, 200, 5) == [0]
     assert crop_starts(300, 100, 3) == [0, 100, 200]
     assert crop_starts(300, 100, 1) == [0]
+    assert trim_silence(np.array([0, 0, 1, 0, 2, 0], np.float32)).tolist() == [1, 0, 2]
+    assert len(trim_silence(np.zeros(10, np.float32))) == 2
+    stored = {"stages": np.arange(12, dtype=np.float32).reshape(1, 12), "sizes": np.array([2, 4, 6]),
+              "pre_logits": np.full((1, 3), -1.0, np.float32)}
+    assert select_features(stored, "embedding").tolist() == [[6, 7, 8, 9, 10, 11]]
+    assert select_features(stored, "layer:1").tolist() == [[2, 3, 4, 5]]
+    assert select_features(stored, "layer:-3").tolist() == [[0, 1]]
+    assert select_features(stored, "concat").shape == (1, 9)
+    with pytest.raises(InputError, match="stages 0 to 2"):
+        select_features(stored, "layer:3")
+    with pytest.raises(InputError, match="--probe_features 'pooled'"):
+        check_feature_kind("pooled")
+
+
+def tiny_model(head_type: str = "mlp") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return model_from_config({**TINY, "head_type": head_type}).eval()
+
+
+def test_head_api_pre_logits_classifier_and_param_groups() -> None:
+    model = tiny_model()
+    x = torch.randn(2, 1, 64, 50)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        hidden = model.forward_head(features, pre_logits=True)
+        assert torch.allclose(model.get_classifier()(hidden), model.forward_head(features), atol=1e-6)
+        fast = for_inference(model)
+        assert torch.allclose(fast.forward_head(fast.forward_features(x), pre_logits=True), hidden, atol=1e-4)
+    groups = model.param_groups(lr=1e-3, layer_decay=0.5)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert groups[0]["lr"] == 1e-3 and groups[0]["params"][0] is model.get_classifier().weight
+    assert [g["lr"] for g in groups] == [1e-3 * 0.5 ** k for k in range(len(groups))]
+    conv_head = tiny_model("fully_convolutional")
+    assert conv_head.forward_head(conv_head.forward_features(x), pre_logits=True).shape == (2, conv_head.embedding_dim)
 
 
 def write_clips(folder: Path, n: int, seconds: float = 1.0) -> list[Path]:
@@ -86,11 +138,6 @@ def write_clips(folder: Path, n: int, seconds: float = 1.0) -> list[Path]:
     return paths
 
 
-def tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return model_from_config(TINY).eval()
-
-
 def dataset(paths: list[Path]) -> AudioFileDataset:
     targets = np.eye(2, dtype=np.float32)[[i % 2 for i in range(len(paths))]]
     return AudioFileDataset(paths, targets, [p.name for p in paths], SR, SR)
@@ -100,138 +147,100 @@ def frontend(**overrides) -> AugmentMelSTFT:
     return AugmentMelSTFT(**{"sr": SR, "n_mels": 64, **overrides})
 
 
-def test_embedding_cache_reused_and_invalidated(tmp_path: Path) -> None:
-    paths = write_clips(tmp_path / "clips", 4)
-    cache = tmp_path / "cache"
-    first = Embedder(tiny_model(), frontend(), SR, cache_dir=cache)
-    features = first(file_clips(dataset(paths)))
-    assert first.computed == 4 and first.reused == 0 and features[0].shape == (1, final_linear(first.model)[1].in_features)
-    again = Embedder(tiny_model(), frontend(), SR, cache_dir=cache)  # a new run: same model and settings
-    assert all(np.array_equal(a, b) for a, b in zip(again(file_clips(dataset(paths))), features))
-    assert again.computed == 0 and again.reused == 4
-    # an edited clip is embedded again, the others are read back
-    sf.write(paths[1], 0.5 * sf.read(paths[1])[0], SR)
-    os.utime(paths[1], ns=(0, 123456789))
-    edited = Embedder(tiny_model(), frontend(), SR, cache_dir=cache)
-    edited(file_clips(dataset(paths)))
-    assert (edited.computed, edited.reused) == (1, 3)
-    # other preprocessing or window, or another backbone, makes a new cache folder
-    for other in (Embedder(tiny_model(), frontend(hopsize=160), SR, cache_dir=cache),
-                  Embedder(tiny_model(), frontend(), SR // 2, n_crops=2, cache_dir=cache)):
-        other(file_clips(dataset(paths)))
-        assert (other.computed, other.reused) == (4, 0)
-    retrained = tiny_model()
-    with torch.no_grad():
-        retrained.features[0][0].weight.mul_(2)
-    assert Embedder(retrained, frontend(), SR, cache_dir=cache).cache_dir != first.cache_dir
-    head_only = tiny_model()
-    with torch.no_grad():
-        final_linear(head_only)[1].weight.zero_()
-    assert Embedder(head_only, frontend(), SR, cache_dir=cache).cache_dir == first.cache_dir
-
-
-def test_fitted_probe_is_the_models_final_linear(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["embedding", "hidden", "concat"])
+def test_installed_probe_gives_the_probes_logits(tmp_path: Path, kind: str) -> None:
     paths = write_clips(tmp_path / "clips", 6, seconds=2.0)
     model = tiny_model()
     embedder = Embedder(model, frontend(), SR, n_crops=2)
-    features = embedder(file_clips(dataset(paths)))
+    features = embedder(file_clips(dataset(paths)), kind)
     assert all(f.shape[0] == 2 for f in features)  # 2-s clips, 1-s window: two crops
     probe = fit_probe(features, dataset(paths).targets.numpy(), multilabel=False, cs=(1.0,))
-    set_classifier(model, probe)
+    assert install_probe(model, probe, kind) and model.head_type == {"hidden": "mlp"}.get(kind, kind.replace(
+        "embedding", "linear"))
     wave = torch.from_numpy(sf.read(paths[0], dtype="float32")[0][:SR])
     with torch.no_grad():
         logits = model.eval()(frontend().eval()(wave[None]).unsqueeze(1))[0]
-    assert torch.allclose(logits[0], torch.from_numpy(probe.logits(features[0][0])), atol=1e-4)
+    assert torch.allclose(logits[0], torch.from_numpy(features[0][0] @ probe.weight.T + probe.bias), atol=1e-4)
+    rebuilt = model_from_config({**TINY, "head_type": model.head_type}, load_pretrained=False)
+    rebuilt.load_state_dict(model.state_dict())  # a checkpoint of it loads strictly
+    assert not install_probe(model, probe, "layer:2")  # inner-layer probes stay beside the model
 
 
-def test_layerwise_param_groups_cover_every_parameter_once() -> None:
-    model = tiny_model()
-    groups = layerwise_param_groups(model, lr=1e-3, decay=0.5)
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    assert groups[0]["lr"] == 1e-3 and groups[0]["params"][0] is final_linear(model)[1].weight
-    assert [g["lr"] for g in groups] == sorted((g["lr"] for g in groups), reverse=True)
+def test_embedding_cache_reused_and_invalidated_by_each_key_part(tmp_path: Path) -> None:
+    paths = write_clips(tmp_path / "clips", 4)
+    cache = tmp_path / "cache"
+
+    def embedder(model=None, window=SR, crops=1, **frontend_settings) -> Embedder:
+        return Embedder(model or tiny_model(), frontend(**frontend_settings), window, crops, cache)
+
+    first = embedder()
+    features = first(file_clips(dataset(paths)), "concat")
+    assert (first.computed, first.reused) == (4, 0)
+    again = embedder()  # a new run: same model and settings, other features chosen
+    assert all(np.array_equal(a, b) for a, b in zip(again(file_clips(dataset(paths)), "concat"), features))
+    assert (again.computed, again.reused) == (0, 4)
+    again(file_clips(dataset(paths)), "layer:1")
+    assert again.computed == 0
+    # the file's size, modification time and path
+    sf.write(paths[1], 0.5 * sf.read(paths[1])[0], SR)
+    os.utime(paths[1], ns=(0, 123456789))
+    os.utime(paths[2], ns=(0, 987654321))
+    moved = paths[3].rename(paths[3].with_name("moved.wav"))
+    edited = embedder()
+    edited(file_clips(dataset([*paths[:3], moved])), "embedding")
+    assert (edited.computed, edited.reused) == (3, 1)
+    # the frontend's eval settings, the crop settings, the backbone weights: another folder
+    others = [embedder(hopsize=160), embedder(fmax=6000), embedder(n_mels=48), embedder(window=SR // 2),
+              embedder(crops=2)]
+    retrained = tiny_model()
+    with torch.no_grad():
+        retrained.features[0][0].weight.mul_(2)
+    others.append(embedder(retrained))
+    folders = {e.cache.folder for e in others}
+    assert len(folders) == len(others) and first.cache.folder not in folders
+    head_only = tiny_model()  # the final layer is not a feature: same folder
+    with torch.no_grad():
+        head_only.get_classifier().weight.zero_()
+    assert embedder(head_only).cache.folder == first.cache.folder
+    assert clear_cache(cache)[0] >= 4 and not list(cache.rglob("*.npz"))
 
 
-def test_probe_finetune_keeps_the_best_epoch(tmp_path: Path) -> None:
-    paths = write_clips(tmp_path / "clips", 8)
-    model = tiny_model()
-    data = dataset(paths)
-    set_classifier(model, fit_probe(Embedder(model, frontend(), SR)(file_clips(data)), data.targets.numpy(),
-                                    multilabel=False, cs=(1.0,)))
-    task = Task("t", ["noise", "tone"], False, single_label_loss(0.0), classification_metrics, "accuracy", "acc", "p")
-    best_epoch, history = probe_finetune(model, frontend(), data, file_clips(data), data.targets, task,
-                                         FinetuneSchedule(epochs=2, batch_size=4), SR, 1, setup_distributed(False),
-                                         Precision(None, torch.device("cpu")))
-    assert [h["epoch"] for h in history] == [-1, 0, 1]
-    best = max(history, key=lambda h: (h["accuracy"], -h["val_loss"]))
-    assert best["epoch"] == best_epoch
+def test_broken_cache_files_and_unwritable_folders_never_stop_a_run(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    paths = write_clips(tmp_path / "clips", 2)
+    cache = tmp_path / "cache"
+    first = Embedder(tiny_model(), frontend(), SR, cache_root=cache)
+    expected = first(file_clips(dataset(paths)), "embedding")
+    stored = sorted(first.cache.folder.glob("*.npz"))
+    stored[0].write_bytes(stored[0].read_bytes()[:50])  # truncated: BadZipFile
+    stored[1].write_bytes(b"")
+    again = Embedder(tiny_model(), frontend(), SR, cache_root=cache)
+    assert all(np.array_equal(a, b) for a, b in zip(again(file_clips(dataset(paths)), "embedding"), expected))
+    assert again.computed == 2 and caplog.text.count("unreadable cached embedding") == 2
+    (tmp_path / "a_file").write_text("x")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        for root in (tmp_path / "a_file" / "cache", read_only):
+            caplog.clear()
+            embedder = Embedder(tiny_model(), frontend(), SR, cache_root=root)
+            assert embedder.cache.folder is None or os.geteuid() == 0  # root writes anywhere
+            if embedder.cache.folder is None:
+                assert "running without a cache" in caplog.text and len(caplog.records) == 1
+            assert np.array_equal(embedder(file_clips(dataset(paths)), "embedding")[0], expected[0])
+    finally:
+        read_only.chmod(0o700)
 
 
-def test_probe_needs_a_linear_head() -> None:
-    with pytest.raises(InputError, match="Linear"):
-        final_linear(model_from_config(model_config("mn01", 2, width_mult=0.1, head_type="fully_convolutional")))
-
-
-def test_auto_picks_by_median_clips_per_class() -> None:
-    def targets(*counts: int) -> np.ndarray:
-        return np.eye(len(counts))[np.repeat(np.arange(len(counts)), counts)]
-    assert choose_recipe(targets(3, 9, 40))[0] == "probe"  # median 9
-    assert choose_recipe(targets(2, AUTO_PROBE_BELOW, 100))[0] == "probe_finetune"
-    assert choose_recipe(targets(AUTO_FINETUNE_FROM, AUTO_FINETUNE_FROM))[0] == "finetune"
-    assert choose_recipe(targets(3, 3), pretrained=False)[0] == "finetune"
-    multilabel = np.array([[1, 1], [1, 0], [1, 0]])  # counts per label: 3 and 1
-    recipe, reason = choose_recipe(multilabel)
-    assert recipe == "probe" and "median 2 labelled training clips per class (min 1, max 3)" in reason
-
-
-def test_custom_probe_checkpoint_tags_through_inference(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                        caplog: pytest.LogCaptureFixture, mn04_checkpoint: Path) -> None:
-    caplog.set_level(logging.INFO)
-    data_dir = make_custom(tmp_path / "mine", clips_per_class=6, split=True)
-    out, cache = tmp_path / "run", tmp_path / "embeddings"
-    args = ["--dataset_dir", data_dir, "--pretrained_name", "mn04_as", "--clip_length", 1, "--out_dir", out,
-            "--embedding_cache", cache, *FAST]
-    printed = run("custom", args, capsys)  # auto: 4 training clips per class
-    assert "recipe probe: median 4 labelled training clips per class" in caplog.text
-    assert "accuracy 1.0000" in printed.split("test (")[1].splitlines()[0]
-    cached = {p: p.stat().st_mtime_ns for p in cache.glob("*/*.npz")}
-    assert len(cached) == 12  # train, val and test clips, embedded once
-    run("custom", [*args, "--recipe", "probe", "--probe_folds", 2, "--overwrite"], capsys)  # other head settings
-    assert {p: p.stat().st_mtime_ns for p in cache.glob("*/*.npz")} == cached  # all read back
-    for result in tag_test_clips(out / "best.pt", data_dir, tmp_path):  # inference.py --checkpoint
-        assert result["tags"][0]["label"] == Path(result["file"]).stem.split("_")[0]
-
-
-def test_custom_multilabel_probe_finetune(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                          caplog: pytest.LogCaptureFixture, mn04_checkpoint: Path) -> None:
-    caplog.set_level(logging.INFO)
-    data_dir = make_custom(tmp_path / "multi", clips_per_class=4, multilabel=True)
-    printed = run("custom", ["--dataset_dir", data_dir, "--pretrained_name", "mn04_as", "--clip_length", 1,
-                             "--recipe", "probe_finetune", "--probe_epochs", 1, "--val_fraction", 0.5,
-                             "--out_dir", tmp_path / "run", "--embedding_cache", "", *FAST], capsys)
-    assert "multi-label task, 2 classes" in printed and "recipe probe_finetune: as asked" in caplog.text
-    assert "mAP 1.0000" in printed
-    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [-1, 0]
-
-
-def test_esc50_probe_recipe_and_its_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                               mn04_checkpoint: Path) -> None:
-    data_dir = make_esc50(tmp_path / "ESC-50")
-    common = ["--dataset_dir", data_dir, "--fold", 2, "--embedding_cache", "", *FAST]
-    printed = run("esc50", ["--pretrained_name", "mn04_as", "--recipe", "probe", "--out_dir", tmp_path / "run",
-                            *common], capsys)
-    assert "fold 2: accuracy 1.0000" in printed
-    evaluated = run("esc50", ["--checkpoint", tmp_path / "run" / "fold2" / "best.pt", *common], capsys)
-    assert "fold 2: accuracy 1.0000" in evaluated
-
-
-def test_probe_recipes_need_audio_files_and_pretrained_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    fsd = make_fsd50k(tmp_path / "FSD50K")
-    with pytest.raises(InputError, match="supports --recipe finetune only"):
-        run("fsd50k", ["--dataset_dir", fsd, "--train", "--pretrained_name", "mn04_as", "--recipe", "probe", *FAST],
-            capsys)
-    custom_dir = make_custom(tmp_path / "mine", clips_per_class=3)
-    with pytest.raises(InputError, match="starts from released weights"):
-        run("custom", ["--dataset_dir", custom_dir, "--model_name", "mn01_as", "--recipe", "probe", *FAST], capsys)
+def test_cache_default_folder_is_outside_the_working_directory(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    monkeypatch.setenv("EFFICIENTAT_CACHE", str(tmp_path / "eat"))
+    assert default_cache_dir() == tmp_path / "eat" / "embeddings"
+    monkeypatch.delenv("EFFICIENTAT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "efficientat" / "embeddings"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "efficientat" / "embeddings"

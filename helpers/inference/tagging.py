@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 # heads whose output depends on the last feature map only through its average over frequency and
 # time, so that chunks combine exactly (mlp: pooling first; fully convolutional: linear, then pooling)
-POOLING_HEADS = ("mlp", "fully_convolutional")
+POOLING_HEADS = ("mlp", "fully_convolutional", "linear", "concat")
 
 
 @dataclass

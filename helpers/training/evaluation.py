@@ -88,7 +88,7 @@ def model_for_evaluation(checkpoint: Optional[str | Path], args: argparse.Namesp
     convolution otherwise than the convolution and batch norm it replaces, so the fast copies
     would score other numbers than the epoch lines logged."""
     if checkpoint:
-        model, frontend_config, class_names, _ = load_finetuned(checkpoint)
+        model, frontend_config, class_names, _ = load_finetuned(checkpoint, probe_beside=True)
         if class_names != list(task.class_names):
             raise InputError(f"{checkpoint}: was trained on other classes ({len(class_names)}) than "
                              f"the {len(task.class_names)} of this dataset")

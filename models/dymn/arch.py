@@ -43,8 +43,8 @@ class DyMN(AudioTagger):
         super().__init__()
         if use_dy_blocks not in ("all", "replace_se"):
             raise ValueError(f"use_dy_blocks must be 'all' or 'replace_se', got {use_dy_blocks!r}")
-        if head_type not in ("mlp", "fully_convolutional"):
-            raise ValueError(f"DyMN supports head_type mlp or fully_convolutional, got {head_type!r}")
+        if head_type not in ("mlp", "fully_convolutional", "linear", "concat"):
+            raise ValueError(f"DyMN supports head_type mlp, fully_convolutional, linear or concat, got {head_type!r}")
         layers: list[nn.Module] = []
         for i, cnf in enumerate(block_configs):
             if use_dy_blocks == "all" or i in SE_POSITIONS:

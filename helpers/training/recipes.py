@@ -1,0 +1,255 @@
+"""The training recipes the fine-tuning scripts (`ex_*.py`) run: `finetune` (the original's loop),
+`probe` (a linear probe on the frozen pretrained model, `linear_probe`), `probe_finetune` (the
+probe, then a short fine-tuning, `probe_finetune`) and `auto`, which chooses by the data.
+
+`auto` picks the probe below AUTO_FINETUNE_FROM labelled training clips per class and the
+original's fine-tuning from there; it never picks probe_finetune, which did not beat the probe
+by the required point where it was measured (docs/small-data.md).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from torch import nn
+from torch.utils.data import Dataset
+
+from common.errors import InputError
+from datasets.files import AudioFileDataset
+from helpers.training.args import frontend_config_from_args
+from helpers.training.checkpoints import prepare_run_folder
+from helpers.training.clip_features import Embedder, check_feature_kind, file_clips
+from helpers.training.distributed import DistInfo
+from helpers.training.embedding_cache import clear_cache, default_cache_dir
+from helpers.training.evaluation import evaluate_model
+from helpers.training.linear_probe import LinearProbe, as_logits, clip_probabilities, fit_probe, install_probe
+from helpers.training.loop import Result, fine_tune, model_from_args
+from helpers.training.precision import Precision
+from helpers.training.probe_finetune import FinetuneSchedule, head_logits, probe_finetune
+from helpers.training.run_log import RunLogger
+from helpers.training.seeding import seed_everything
+from helpers.training.tasks import Task, augment_training_set
+from models.checkpoint import RunRecord, load_finetuned, plain, read_run_record, save_run_record
+from models.preprocess import AugmentMelSTFT
+
+logger = logging.getLogger(__name__)
+
+RECIPES = ("probe", "probe_finetune", "finetune", "auto")
+AUTO_FINETUNE_FROM = 50  # median labelled training clips per class from which `auto` fine-tunes
+
+
+def choose_recipe(train_targets: np.ndarray, pretrained: bool = True) -> tuple[str, str]:
+    """`auto`: (recipe, reason) from the median number of labelled training clips per class
+    (clips carrying the label, for multi-label data): the probe below AUTO_FINETUNE_FROM, the
+    original's full fine-tuning from there (data enough for its long schedule, as ESC-50's 32 per
+    class). probe_finetune is never chosen (see the module docstring). A model trained from
+    scratch (not `pretrained`) has nothing to probe: finetune."""
+    if not pretrained:
+        return "finetune", "no pretrained weights (--pretrained): nothing to probe, training from scratch"
+    counts = (np.asarray(train_targets) > 0.5).sum(0)
+    median = float(np.median(counts))
+    seen = f"median {median:g} labelled training clips per class (min {int(counts.min())}, max {int(counts.max())})"
+    if median < AUTO_FINETUNE_FROM:
+        return "probe", f"{seen} < {AUTO_FINETUNE_FROM}: a linear probe on the frozen model"
+    return "finetune", f"{seen} >= {AUTO_FINETUNE_FROM}: the original's fine-tuning recipe"
+
+
+def add_recipe_args(parser: argparse.ArgumentParser, default: str) -> None:
+    """--recipe (default `default`) and the settings of the probe recipes."""
+    g = parser.add_argument_group("recipe (probe: linear head on the frozen model; probe_finetune: "
+                                  "the probe, then a short fine-tuning; auto: chosen by clips per class)")
+    g.add_argument("--recipe", choices=RECIPES, default=default,
+                   help=f"training recipe (default {default}; finetune is the original's)")
+    g.add_argument("--probe_features", type=check_feature_kind, default="concat",
+                   help="embedding (pooled last feature map), hidden (the MLP head's hidden layer), concat "
+                        "(both; default, measured best) or layer:N (pooled output of stage N)")
+    g.add_argument("--probe_window", type=float, default=None,
+                   help="seconds per probe window (default: the clip length); longer clips give --probe_crops windows")
+    g.add_argument("--probe_crops", type=int, default=1,
+                   help="windows per clip longer than the window (training rows; predictions averaged)")
+    g.add_argument("--probe_folds", type=int, default=5,
+                   help="most cross-validation folds choosing the regularization (fewer when a class is small)")
+    g.add_argument("--cache_dir", type=str, default=str(default_cache_dir()),
+                   help="folder of cached clip embeddings (default $EFFICIENTAT_CACHE/embeddings or "
+                        "~/.cache/efficientat/embeddings; '' disables)")
+    g.add_argument("--clear_cache", action="store_true", help="delete the cached embeddings under --cache_dir first")
+    defaults = FinetuneSchedule()
+    g.add_argument("--probe_epochs", type=int, default=defaults.epochs, help="probe_finetune: most epochs")
+    g.add_argument("--probe_lr", type=float, default=defaults.lr, help="probe_finetune: learning rate of the head")
+    g.add_argument("--layer_decay", type=float, default=defaults.layer_decay,
+                   help="probe_finetune: learning-rate factor per stage below the head")
+    g.add_argument("--patience", type=int, default=defaults.patience,
+                   help="probe_finetune: epochs without a better validation score before stopping")
+
+
+def file_dataset(dataset: Dataset, recipe: str) -> AudioFileDataset:
+    """`dataset` if the probe recipes can read its clips whole (a file dataset), else InputError."""
+    if not isinstance(dataset, AudioFileDataset):
+        raise InputError(f"--recipe {recipe} reads the clips from audio files; this dataset "
+                         f"({type(dataset).__name__}) supports --recipe finetune only")
+    return dataset
+
+
+def cache_root(args: argparse.Namespace, clear: bool = False) -> Optional[Path]:
+    """The embedding cache folder of the arguments (None: off), emptied first if `clear`."""
+    root = Path(args.cache_dir).expanduser() if getattr(args, "cache_dir", "") else None
+    if root is not None and clear:
+        if root.exists() and not root.is_dir():
+            raise InputError(f"{root}: --cache_dir is a file, not a folder")
+        files, size = clear_cache(root)
+        logger.info("embedding cache %s: cleared %d files, %.1f MB", root, files, size / 1e6)
+    return root
+
+
+def probe_window(args: argparse.Namespace, train: AudioFileDataset) -> int:
+    """Samples per probe window: --probe_window, else the dataset's clip length, else the longest clip."""
+    if getattr(args, "probe_window", None):
+        return int(round(args.probe_window * train.sample_rate))
+    return train.clip_samples or max(len(train.waveform(i)) for i in range(len(train)))
+
+
+def _fit_head(args: argparse.Namespace, task: Task, embedder: Embedder, train: AudioFileDataset,
+              val: AudioFileDataset, refit: bool) -> tuple[LinearProbe, dict[str, float], int]:
+    """(probe, validation metrics of the probe fitted on the training clips, clips of the final
+    fit): C chosen by cross-validation on the training clips; with `refit` the final probe is
+    fitted again, with that C, on training + validation clips (the test split never)."""
+    kind = args.probe_features
+    train_features, train_targets = embedder(file_clips(train), kind), train.targets.numpy()
+    probe = fit_probe(train_features, train_targets, task.multilabel, n_folds=args.probe_folds, seed=args.seed)
+    logger.info("probe on %s features (%d values): %s", kind, train_features[0].shape[1], probe.describe())
+    val_features = embedder(file_clips(val), kind)
+    val_metrics = task.metrics_fn(as_logits(probe.predict(val_features), task.multilabel), val.targets)
+    if not refit:
+        return probe, val_metrics, len(train_features)
+    final = fit_probe(train_features + val_features, np.concatenate([train_targets, val.targets.numpy()]),
+                      task.multilabel, c=probe.C, seed=args.seed)
+    final.n_folds, final.cv_score, final.cv_loss = probe.n_folds, probe.cv_score, probe.cv_loss
+    logger.info("probe refitted on %d training + %d validation clips", len(train_features), len(val_features))
+    return final, val_metrics, len(train_features) + len(val_features)
+
+
+def _probe_state(args: argparse.Namespace, probe: LinearProbe, in_model: bool, window: int, fit_clips: int,
+                 val_metrics: dict[str, float], refit: bool) -> dict:
+    """The checkpoint's `probe` record: how the probe was made, and its weights when they live
+    beside the model (`layer:N`)."""
+    state = {"features": args.probe_features, "C": probe.C, "n_folds": probe.n_folds, "cv_score": probe.cv_score,
+             "window": window, "crops": args.probe_crops, "fit_clips": fit_clips, "refit": refit,
+             "validation_before_refit": plain(val_metrics), "in_model": in_model}
+    if not in_model:
+        state.update(weight=probe.weight.tolist(), bias=probe.bias.tolist())
+    return state
+
+
+def run_probe_recipe(args: argparse.Namespace, recipe: str, task: Task, train: Dataset, val: Dataset,
+                     dist: DistInfo, out_dir: Path, augment: Callable[[Dataset], Dataset], refit: bool) -> Result:
+    """The `probe` or `probe_finetune` recipe from the script's arguments: embed the clips, fit the
+    probe (`_fit_head`; `refit` on training + validation clips, probe only), make it the model's
+    head, for probe_finetune fine-tune (`augment` wrapping the training set); write
+    <out_dir>/best.pt (a normal checkpoint plus the `probe` record) and the run log."""
+    if not args.pretrained:
+        raise InputError(f"--recipe {recipe} starts from released weights: add --pretrained (or --pretrained_name NAME)")
+    if args.resume:
+        raise InputError(f"--recipe {recipe} does not resume (it takes minutes at most): use --overwrite to run it again")
+    if recipe == "probe_finetune" and args.probe_features.startswith("layer:"):
+        raise InputError("--recipe probe_finetune needs the probe in the model's head: --probe_features "
+                         "embedding, hidden or concat")
+    train, val = file_dataset(train, recipe), file_dataset(val, recipe)
+    prepare_run_folder(out_dir, None, args.overwrite, dist.is_main)
+    seed_everything(args.seed)
+    model_config, model = model_from_args(args, len(task.class_names))
+    frontend_config = frontend_config_from_args(args)
+    window = probe_window(args, train)
+    embedder = Embedder(model, AugmentMelSTFT(**frontend_config), window, args.probe_crops,
+                        cache_root(args, clear=args.clear_cache), dist.device)
+    started = time.perf_counter()
+    refit = refit and recipe == "probe"  # probe_finetune stops early on the validation clips
+    probe, metrics, fit_clips = _fit_head(args, task, embedder, train, val, refit)
+    in_model = install_probe(model, probe, args.probe_features)
+    model_config = {**model_config, "head_type": model.head_type}
+    logger.info("probe: %d clips embedded, %d read back (%.1f s); %s", embedder.computed, embedder.reused,
+                time.perf_counter() - started, embedder.cache.report())
+    history, best_epoch = [{"epoch": -1, **metrics}], -1
+    if recipe == "probe_finetune":
+        train.clip_samples = min(window, max(embedder.lengths.values()))
+        schedule = FinetuneSchedule(args.probe_epochs, args.probe_lr, args.layer_decay, args.weight_decay,
+                                    args.patience, args.batch_size, args.num_workers)
+        best_epoch, history = probe_finetune(model, AugmentMelSTFT(**frontend_config), augment(train), file_clips(val),
+                                             val.targets, task, schedule, window, args.probe_crops, dist,
+                                             Precision(args.precision, dist.device), args.seed)
+        metrics = next(h for h in history if h["epoch"] == best_epoch)
+    run = RunLogger(args.logger, task.project, args.experiment_name, vars(args), out_dir, dist,
+                    tags=(*task.tags, recipe), notes=task.notes)
+    for entry in history:
+        run.log({k: v for k, v in entry.items() if k != "epoch"}, step=entry["epoch"])
+    run.finish()
+    metrics = {k: v for k, v in metrics.items() if k not in ("epoch", "train_loss", "seconds")}
+    record = RunRecord(model.state_dict(), model_config, frontend_config, list(task.class_names), task.multilabel,
+                       task.name, metrics, vars(args), epoch=best_epoch if best_epoch >= 0 else None,
+                       recipe=recipe, probe=_probe_state(args, probe, in_model, window, fit_clips, metrics, refit))
+    path = out_dir / "best.pt"
+    if dist.is_main:
+        save_run_record(path, record)
+    return Result(metrics, metrics, best_epoch, out_dir, {"best": path})
+
+
+def train_recipe(args: argparse.Namespace, task: Task, train_set: Dataset, val_set: Dataset, dist: DistInfo,
+                 out_dir: Path, eval_batch_size: Optional[int] = None,
+                 augment: Optional[Callable[[Dataset], Dataset]] = None, refit: bool = False) -> Result:
+    """Train by --recipe: `finetune` (the original's loop, `fine_tune`), `probe` / `probe_finetune`
+    (`run_probe_recipe`; `refit`: the probe is refitted on the validation clips too, for scripts
+    whose validation split is not their test split), or `auto`, resolved by `choose_recipe` on the
+    training targets; the recipe and the reason are logged. `augment` wraps the training set for
+    the fine-tuning (default: `augment_training_set` as the arguments switch it)."""
+    recipe, reason = args.recipe, "as asked (--recipe)"
+    if recipe == "auto":
+        recipe, reason = choose_recipe(file_dataset(train_set, "auto").targets.numpy(), args.pretrained)
+    logger.info("recipe %s: %s", recipe, reason)
+    wrap = augment or (lambda dataset: augment_training_set(dataset, args))
+    if recipe == "finetune":
+        return fine_tune(args, task, wrap(train_set), val_set, dist, out_dir, eval_batch_size)
+    return run_probe_recipe(args, recipe, task, train_set, val_set, dist, out_dir, wrap, refit)
+
+
+def evaluate_trained(checkpoint: Optional[str | os.PathLike], model: nn.Module, frontend: AugmentMelSTFT,
+                     dataset: Dataset, task: Task, args: argparse.Namespace, dist: DistInfo,
+                     batch_size: Optional[int] = None) -> dict[str, float]:
+    """The task's metrics of the model `model_for_evaluation` loaded from `checkpoint`: a probe
+    recipe's checkpoint scores clips as the probe predicts them (whole clips, or its crops averaged;
+    embeddings cached under --cache_dir), any other as `evaluate_model`."""
+    record = read_run_record(checkpoint, mmap=True) if checkpoint else None
+    settings = record.probe if record is not None else None
+    if settings is None:
+        return evaluate_model(model, frontend, dataset, task, args, dist, batch_size)
+    dataset = file_dataset(dataset, "probe")
+    # the embedding cache is keyed by the plain model's weights, not by those of its fast copy `model`
+    plain_model, frontend_config, _, _ = load_finetuned(checkpoint, record.to_state(), probe_beside=True)
+    embedder = Embedder(plain_model, AugmentMelSTFT(**frontend_config), settings["window"], settings["crops"],
+                        cache_root(args), dist.device)
+    if settings.get("in_model", True):
+        logits = head_logits(embedder, file_clips(dataset), task.multilabel)
+    else:
+        probs = clip_probabilities(embedder(file_clips(dataset), settings["features"]),
+                                   np.asarray(settings["weight"]), np.asarray(settings["bias"]), task.multilabel)
+        logits = as_logits(probs, task.multilabel)
+    return task.metrics_fn(logits, dataset.targets)
+
+
+def recipe_summary(checkpoint: str | os.PathLike) -> str:
+    """One line on how the model of a training script's checkpoint was made: the recipe, and for
+    a probe its features, the regularization, how it was chosen and the CV score."""
+    record = read_run_record(checkpoint, mmap=True)
+    recipe, probe = record.recipe or "finetune", record.probe
+    if probe is None:
+        return f"recipe {recipe}" + (f", best epoch {record.epoch}" if record.epoch is not None else "")
+    folds = probe.get("n_folds", 0)
+    metric = "mAP" if record.multilabel else "accuracy"
+    chosen = (f"C {probe['C']:g} chosen by {folds}-fold CV (CV {metric} {probe['cv_score']:.4f})" if folds
+              else f"C {probe['C']:g} fixed (no CV: a class has one clip)")
+    fitted = f"fitted on {probe['fit_clips']} clips" + (" (training + validation)" if probe.get("refit") else "")
+    text = f"recipe {recipe}, {probe['features']} features, {chosen}, {fitted}"
+    return text + (f", fine-tuned best epoch {record.epoch}" if record.epoch is not None else "")
