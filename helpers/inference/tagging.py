@@ -250,6 +250,14 @@ def read_or_chunk(path: Path, sample_rate: int, chunk_seconds: float = CHUNK_SEC
     return np.concatenate(head), iter(())
 
 
+def chunk_waveform(waveform: np.ndarray, sample_rate: int, chunk_seconds: float = CHUNK_SECONDS
+                   ) -> tuple[Optional[np.ndarray], Iterator[np.ndarray]]:
+    """`read_or_chunk` for a mono waveform already in memory: the same chunks a file of it gives."""
+    if len(waveform) <= chunk_seconds * sample_rate:
+        return waveform, iter(())
+    return None, _chunks(waveform, iter(()), int(chunk_seconds * sample_rate), sample_rate)
+
+
 def _chunks(start: np.ndarray, blocks: Iterator[np.ndarray], chunk: int, tail: int) -> Iterator[np.ndarray]:
     """Chunks of `chunk` samples of `start` followed by `blocks`; a remainder shorter than `tail`
     samples joins the last chunk."""
@@ -263,15 +271,21 @@ def _chunks(start: np.ndarray, blocks: Iterator[np.ndarray], chunk: int, tail: i
     yield buffer
 
 
-def run_on_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Tensor], np.ndarray],
+Reader = Callable[[Any, int, float], tuple[Optional[np.ndarray], Iterator[np.ndarray]]]
+
+
+def run_on_files(files: Sequence[Any], sample_rate: int, fn: Callable[[torch.Tensor], np.ndarray],
                  batch_size: int = 16, desc: str = "tagging",
                  chunked_fn: Optional[Callable[[Iterator[np.ndarray]], np.ndarray]] = None,
-                 chunk_seconds: float = CHUNK_SECONDS) -> tuple[dict[Path, np.ndarray], dict[Path, str]]:
+                 chunk_seconds: float = CHUNK_SECONDS, read: Reader = read_or_chunk, progress: bool = True
+                 ) -> tuple[dict[Any, np.ndarray], dict[Any, str]]:
     """Apply `fn` to batches (B, L) of consecutive files of equal length (so no padding changes a
     result), each file read whole; `fn` returns one row per waveform. Files longer than
     `chunk_seconds` go to `chunked_fn` instead, as an iterator of chunks (`read_or_chunk`), which
     returns their row. Returns the rows by file, and a one-line error message by file for those
-    that could not be read. A progress bar on stderr appears for more than one file."""
+    that could not be read. A progress bar on stderr appears for more than one file (unless
+    `progress` is False). `read(item, sample_rate, chunk_seconds)` reads an item (default: a file,
+    `read_or_chunk`; the Python API passes waveforms in memory through `chunk_waveform`)."""
     results: dict[Path, np.ndarray] = {}
     errors: dict[Path, str] = {}
     pending: list[tuple[Path, np.ndarray]] = []
@@ -282,9 +296,9 @@ def run_on_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Te
             results.update((path, row) for (path, _), row in zip(pending, rows))
             pending.clear()
 
-    for path in tqdm(files, desc=desc, unit="file", disable=len(files) <= 1, file=sys.stderr):
+    for path in tqdm(files, desc=desc, unit="file", disable=len(files) <= 1 or not progress, file=sys.stderr):
         try:
-            waveform, chunks = read_or_chunk(path, sample_rate, chunk_seconds if chunked_fn else math.inf)
+            waveform, chunks = read(path, sample_rate, chunk_seconds if chunked_fn else math.inf)
             if waveform is None:
                 flush()
                 results[path] = chunked_fn(chunks)
