@@ -2,7 +2,7 @@
 
     from efficientat import Tagger
     tagger = Tagger("mn04_as")                        # a registry name, a checkpoint, an ensemble, an .onnx
-    tagger.tag("resources/demo_bells.wav", top_k=3)   # [('Clang', 0.589), ('Ding', 0.537), ...]
+    tagger.tag("resources/demo_bells.wav", top_k=3)   # [('Clang', 0.5885), ('Ding', 0.5375), ...]
 
 Audio is a path (a file, or a folder searched for audio files), a list of paths, or arrays with
 their `sample_rate`: 1-D (samples,), 2-D (channels, samples; channels are averaged), a 3-D batch
@@ -64,12 +64,12 @@ class Tagger:
         return f"Tagger({self.name!r}, device={str(self.tagger.device)!r}, classes={len(self.class_names)})"
 
     def tag(self, audio: Audio, sample_rate: Optional[int] = None, top_k: int = 5) -> list:
-        """The `top_k` (label, probability) pairs, highest first: a list for one input, a list of
-        such lists for several."""
+        """The `top_k` (label, probability) pairs, highest first (probabilities rounded to 4
+        digits; `probabilities` has them all): a list for one input, a list of such lists for several."""
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         probs, single = self._run(audio, sample_rate, self.tagger.predict, self.tagger.predict_chunks)
-        tags = [[(self.class_names[i], round(float(p[i]), 6)) for i in tagging.top_k(p, top_k)] for p in probs]
+        tags = [[(self.class_names[i], round(float(p[i]), 4)) for i in tagging.top_k(p, top_k)] for p in probs]
         return tags[0] if single else tags
 
     def probabilities(self, audio: Audio, sample_rate: Optional[int] = None) -> np.ndarray:
