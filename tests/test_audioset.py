@@ -445,4 +445,5 @@ def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys, l
     assert f"  mAP: {ap:.3f}\n" in out and f"  ROC: {roc:.3f}\n" in out
     assert "classes have positive clips" in out
     from common.labels import class_names
-    assert class_names()[int(np.argmax(logits[0]))] == "Clang"  # the bells clip survived mp3
+    top_two = {class_names()[int(i)] for i in np.argsort(-logits[0])[:2]}
+    assert top_two == {"Clang", "Ding"}  # the bells clip survived mp3 (padded to 10 s)
