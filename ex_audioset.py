@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--in_mem", action="store_true", help="load the HDF5 files into memory")
     kd = parser.add_argument_group("knowledge distillation")
     kd.add_argument("--teacher_preds", type=str, default=None,
-                    help="teacher logits .npy (default: the released file, downloaded to resources/)")
+                    help="teacher logits .npy (default: the released file, downloaded into the cache)")
     kd.add_argument("--fname_to_index", type=str, default=None,
                     help="YouTube ID -> teacher row mapping: .json, .csv (name,row) or the released .pkl (default: the released file)")
     kd.add_argument("--missing_teacher", choices=("error", "mask"), default="error",

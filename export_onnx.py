@@ -1,7 +1,7 @@
 """Export a pre-trained EfficientAT model (MN or DyMN, any registry name) to ONNX.
 
     python export_onnx.py --model_name mn10_as --with_frontend --output mn10_as.onnx
-    python export_onnx.py --model dymn10_as --output dymn10_as.onnx --check resources/metro_station-paris.wav
+    python export_onnx.py --model dymn10_as --output dymn10_as.onnx --check resources/demo_bells.wav
     python export_onnx.py --model mn10_as --with_frontend --quantize int8 --calibration clips/
 
 With --with_frontend the graph takes waveforms (batch, samples) float32 at 32 kHz (the mel

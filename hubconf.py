@@ -1,8 +1,11 @@
-"""torch.hub entry points: every released model of the registry by its name.
+"""torch.hub entry points: the Python API's `Tagger`, and every released model of the registry by its name.
 
+    tagger = torch.hub.load("fschmid56/EfficientAT", "tagger", "mn10_as")          # helpers/inference/api.py
     model = torch.hub.load("fschmid56/EfficientAT", "mn10_as")                     # from GitHub
     model = torch.hub.load("path/to/clone", "dymn04_as", source="local", num_classes=50)
     model = torch.hub.load("path/to/clone", "mn04_as", source="local", pretrained=False)
+
+`tagger` takes the arguments of `helpers.inference.api.Tagger` (model, device, precision).
 
 Each entry point returns the model (MN or DyMN) with the released weights (pretrained=True,
 downloaded once into the cache) or fresh weights of the same architecture (pretrained=False);
@@ -18,10 +21,16 @@ from typing import Any, Callable
 
 from torch import nn
 
+from helpers.inference.api import Tagger
 from models.factory import create_model
 from models.pretrained import REGISTRY, get_entry
 
-dependencies = ["torch", "numpy"]
+dependencies = ["torch", "numpy", "soxr", "soundfile", "av", "tqdm"]
+
+
+def tagger(model: str = "mn04_as", device: str = "cpu", precision: str = "fp32", **kwargs: Any) -> Tagger:
+    """The Python API's Tagger: tag, probabilities, embed, detect (see README, "Python API")."""
+    return Tagger(model, device=device, precision=precision, **kwargs)
 
 
 def _check_num_classes(num_classes: Any) -> None:

@@ -1,6 +1,6 @@
 """Tag audio files with a pre-trained EfficientAT model (or an ensemble).
 
-    python inference.py --model_name mn04_as --audio_path resources/demo.wav
+    python inference.py --model_name mn04_as --audio_path resources/demo_bells.wav
     python inference.py --model_name dymn10_as --audio_path clips/ more.mp3 --top_k 5 --output tags.json
     python inference.py --checkpoint runs/my_data/best.pt --audio_path new_clips/
     python inference.py --onnx mn10_as_int8.onnx --audio_path metro.wav      # exported with export_onnx.py

@@ -1,6 +1,8 @@
-"""The one cache for downloaded files (checkpoints, the AudioSet label table) and its downloader.
+"""Where released files (checkpoints, the AudioSet label table) come from: shipped, cached, downloaded.
 
-Files live in `$EFFICIENTAT_MODEL_DIR` if set, else in the repository's `resources/` folder. A file
+A file shipped with the repository in `resources/` (the default model and the label table) is used
+first, if it passes its check. Every other file lives in the cache, `$EFFICIENTAT_MODEL_DIR` if
+set, else the user cache (`$XDG_CACHE_HOME/efficientat`, by default `~/.cache/efficientat`). A file
 already in the cache is used as it is, without any network access. A missing file is streamed into
 a temporary file next to its destination, checked, and only then renamed into place, so an
 interrupted or failed download never leaves a partial file behind.
@@ -25,13 +27,19 @@ from common.files import atomic_path
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "EFFICIENTAT_MODEL_DIR"
-_DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "resources"
+# files committed with the repository (resources/README.md lists them with their licences)
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "resources"
+
+
+def default_cache_dir() -> Path:
+    """The user cache for downloads: $XDG_CACHE_HOME/efficientat, else ~/.cache/efficientat."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "efficientat"
 
 
 def cache_dir() -> Path:
-    """Folder holding checkpoints and label files: $EFFICIENTAT_MODEL_DIR or resources/.
-    DownloadError if $EFFICIENTAT_MODEL_DIR names a file."""
-    folder = Path(os.environ.get(CACHE_ENV) or _DEFAULT_CACHE)
+    """Folder holding downloaded checkpoints and label files: $EFFICIENTAT_MODEL_DIR or the user
+    cache. DownloadError if $EFFICIENTAT_MODEL_DIR names a file."""
+    folder = Path(os.environ.get(CACHE_ENV) or default_cache_dir())
     if folder.exists() and not folder.is_dir():
         raise DownloadError(f"{CACHE_ENV}={folder} is a file, not a folder: point it to the folder "
                             "for checkpoints (it is created if missing)")
@@ -129,9 +137,31 @@ def download(urls: str | Sequence[str], dest: Path, sha256: Optional[str] = None
                         f"download it by hand and put it at {dest}")
 
 
+def shipped_file(filename: str, sha256: Optional[str] = None,
+                 validate: Optional[Callable[[Path], None]] = None) -> Optional[Path]:
+    """The copy of `filename` shipped in resources/, if there is one that passes the same check as a
+    download (`sha256`, else `validate`); a copy that fails it is logged and passed over."""
+    path = SHIPPED_DIR / filename
+    if not path.is_file():
+        return None
+    try:
+        if sha256 is not None and sha256sum(path) != sha256:
+            raise ValueError(f"sha256 is not {sha256}")
+        if sha256 is None and validate is not None:
+            validate(path)
+    except (OSError, ValueError) as e:
+        logger.warning("shipped file %s fails its check (%s); using the cache instead", path, e)
+        return None
+    return path
+
+
 def cached_file(filename: str, urls: str | Sequence[str], sha256: Optional[str] = None,
                 validate: Optional[Callable[[Path], None]] = None, progress: bool = True) -> Path:
-    """Path of `filename` in the cache, downloading it first if it is not there yet."""
+    """Path of `filename`: the shipped copy (`shipped_file`), else the cached one, downloaded into
+    the cache first if it is not there yet."""
+    shipped = shipped_file(filename, sha256, validate)
+    if shipped is not None:
+        return shipped
     path = cache_dir() / filename
     if path.is_file():
         if sha256 is not None:

@@ -3,8 +3,9 @@
 Reference data (golden outputs of the original code, the released mn04_as checkpoint, the AudioSet
 label table, a real recording) lives in ../shared beside the repository (or $EFFICIENTAT_SHARED).
 Small expected outputs derived from it are committed under tests/expect/, so architecture and
-frontend parity are checked everywhere. A test that needs a released file gets it from ../shared
-or the user's own cache ($EFFICIENTAT_MODEL_DIR or resources/); otherwise it downloads it with
+frontend parity are checked everywhere. A test that needs a released file gets it from ../shared,
+the files shipped in resources/ (the mn04_as checkpoint and the label table) or the user's own
+cache ($EFFICIENTAT_MODEL_DIR or ~/.cache/efficientat); otherwise it downloads it with
 `--run-network`, or skips with the reason. Without `--run-network`, a test that tries to reach
 another host skips instead of failing.
 """
@@ -18,12 +19,14 @@ from typing import Any, Iterator
 
 import pytest
 
+from common.download import default_cache_dir, shipped_file
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EFFICIENTAT_SHARED", REPO.parent / "shared"))
 EXPECT = Path(__file__).resolve().parent / "expect"
 SKIP_REASON = f"reference data folder {SHARED} not found (it sits beside the repository in CI)"
 # the user's cache as configured before the tests point EFFICIENTAT_MODEL_DIR at a temporary one
-USER_CACHE = Path(os.environ.get("EFFICIENTAT_MODEL_DIR") or REPO / "resources")
+USER_CACHE = Path(os.environ.get("EFFICIENTAT_MODEL_DIR") or default_cache_dir())
 LABELS_FILE = "class_labels_indices.csv"
 
 
@@ -80,7 +83,7 @@ def _check_host(host: Any) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Point the checkpoint/label cache at a temp folder holding copies of ../shared's released
-    checkpoint and label table, so no test touches resources/."""
+    checkpoint and label table, so no test touches the user's cache."""
     cache = tmp_path_factory.mktemp("model_cache")
     for sub in ("weights", "metadata"):
         folder = SHARED / sub
@@ -97,10 +100,15 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def released_file(request: pytest.FixtureRequest, cache: Path, filename: str, model_name: str = "") -> Path:
-    """`filename` in the test cache: from ../shared (copied at start), the user's cache, or, with
-    --run-network, downloaded (the label table, or the checkpoint of `model_name`); else skip."""
+    """`filename` in the test cache: from ../shared (copied at start), shipped in resources/, from the
+    user's cache, or, with --run-network, downloaded (the label table, or the checkpoint of
+    `model_name`); else skip."""
     path = cache / filename
     if path.is_file():
+        return path
+    shipped = shipped_file(filename)
+    if shipped is not None:
+        shutil.copy(shipped, path)
         return path
     if (USER_CACHE / filename).is_file():
         shutil.copy(USER_CACHE / filename, path)

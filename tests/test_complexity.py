@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, shared_path
+from conftest import REPO, expect_path
 from helpers.analysis.complexity import (ModelCost, analyze, build_model, count_macs, peak_memory_cnn,
                                          peak_memory_mnv3, receptive_field, registry_costs)
 from helpers.analysis.trace import trace_model
@@ -39,7 +39,8 @@ def width_cost(key: str, head: str) -> ModelCost:
 
 @pytest.fixture(scope="module")
 def golden() -> dict:
-    return json.loads(shared_path("golden", "complexity.json").read_text())
+    """The original tools' figures (golden/complexity.json, committed in tests/expect/)."""
+    return json.loads(expect_path("complexity.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import labels
-from common.download import DownloadError, cached_file, download
+from common import download as download_module, labels
+from common.download import DownloadError, cached_file, default_cache_dir, download
 from models import pretrained
+from tests.conftest import REPO
 
 PAYLOAD = bytes(range(256)) * 400
 
@@ -97,7 +98,37 @@ def test_cached_file_is_used_without_network(tmp_path, monkeypatch):
     assert cached_file("present.pt", closed_port_url()) == tmp_path / "present.pt"
 
 
-def test_checkpoint_download_through_the_registry(server, tmp_path, monkeypatch, mn04_checkpoint):
+@pytest.fixture
+def nothing_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clone without the files shipped in resources/ (so the cache and downloads are used)."""
+    monkeypatch.setattr(download_module, "SHIPPED_DIR", tmp_path / "no_shipped_files")
+
+
+def test_shipped_files_come_before_the_cache_and_are_checked(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path / "cache"))
+    shipped = REPO / "resources" / "mn04_as_mAP_432.pt"
+    assert pretrained.checkpoint_path("mn04_as") == shipped  # no cache folder made, no network
+    labels._load.cache_clear()
+    assert len(labels.class_names()) == 527 and not (tmp_path / "cache").exists()
+    # a shipped copy that fails its sha256 is passed over (logged) for the cache
+    monkeypatch.setattr(download_module, "SHIPPED_DIR", tmp_path / "shipped")
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / shipped.name).write_bytes(shipped.read_bytes()[:-1] + b"x")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / shipped.name).write_bytes(shipped.read_bytes())
+    assert pretrained.checkpoint_path("mn04_as") == tmp_path / "cache" / shipped.name
+    assert "fails its check (sha256 is not 899a8c62" in caplog.text
+
+
+def test_default_cache_is_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("EFFICIENTAT_MODEL_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert download_module.cache_dir() == default_cache_dir() == tmp_path / "efficientat"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "efficientat"
+
+
+def test_checkpoint_download_through_the_registry(server, tmp_path, monkeypatch, mn04_checkpoint, nothing_shipped):
     monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(pretrained, "RELEASE_URL", f"{server}/release/")
     Handler.files["/release/mn04_as_mAP_432.pt"] = mn04_checkpoint.read_bytes()
@@ -124,7 +155,7 @@ def test_checkpoint_without_known_hash_must_load_as_a_state_dict(server, tmp_pat
     assert pretrained.checkpoint_path("mn01_as", progress=False).exists()
 
 
-def test_label_table_falls_back_and_is_validated(server, tmp_path, monkeypatch, labels_file):
+def test_label_table_falls_back_and_is_validated(server, tmp_path, monkeypatch, labels_file, nothing_shipped):
     monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path))
     labels._load.cache_clear()
     Handler.files["/repo/labels.csv"] = labels_file.read_bytes()

@@ -23,15 +23,15 @@ def tagger(mn04_checkpoint, labels_file):
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with three 2-s clips (two parts of the metro clip, one 44.1 kHz tone) and a
+    """A folder with three 2-s clips (two parts of the demo clip, one 44.1 kHz tone) and a
     1.5-s clip, so batches of equal length and a different length both occur."""
     folder = tmp_path_factory.mktemp("clips")
-    metro = load_audio(shared_path("audio", "metro_station-paris.wav"))
-    sf.write(folder / "a.wav", metro[:64000], 32000, subtype="FLOAT")
-    sf.write(folder / "b.wav", metro[160000:224000], 32000, subtype="FLOAT")
+    bells = load_audio(REPO / "resources" / "demo_bells.wav")
+    sf.write(folder / "a.wav", bells[:64000], 32000, subtype="FLOAT")
+    sf.write(folder / "b.wav", bells[100000:164000], 32000, subtype="FLOAT")
     t = np.arange(88200) / 44100
     sf.write(folder / "c.wav", 0.3 * np.sin(2 * np.pi * 440 * t), 44100)
-    sf.write(folder / "d.flac", metro[-48000:], 32000)
+    sf.write(folder / "d.flac", bells[-48000:], 32000)
     return folder
 
 

@@ -11,7 +11,7 @@ import hear_efficientat as hear
 from datasets.audio import load_audio
 from models.dymn.fast import FastDynamicConv
 from models.dymn.model import get_model as get_dymn
-from tests.conftest import shared_path
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,10 @@ def model(mn04_checkpoint: Path) -> hear.HearModel:
 
 @pytest.fixture(scope="module")
 def audio() -> torch.Tensor:
-    """Three 1.5-s sounds: two parts of the metro clip and noise."""
-    metro = torch.from_numpy(load_audio(shared_path("audio", "metro_station-paris.wav")))
+    """Three 1.5-s sounds: two parts of the demo clip (bells) and noise."""
+    bells = torch.from_numpy(load_audio(REPO / "resources" / "demo_bells.wav"))
     noise = 0.1 * torch.randn(48000, generator=torch.Generator().manual_seed(0))
-    return torch.stack([metro[:48000], metro[200000:248000], noise])
+    return torch.stack([bells[:48000], bells[100000:148000], noise])
 
 
 def test_model_attributes(model: hear.HearModel) -> None:

@@ -187,7 +187,7 @@ def test_cli_writes_events_plot_and_probabilities(metro_in_silence: Path, tmp_pa
 
 
 def test_cli_short_clip_and_json(tmp_path: Path, mn04_checkpoint: Path, labels_file: Path) -> None:
-    clip = load_audio(shared_path("audio", "metro_station-paris.wav"))[:3 * 32000]
+    clip = load_audio(REPO / "resources" / "demo_bells.wav")[:3 * 32000]
     path = tmp_path / "short.wav"
     sf.write(path, clip, 32000, subtype="FLOAT")
     events_json = tmp_path / "ev.json"

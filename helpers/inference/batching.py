@@ -11,7 +11,7 @@ import itertools
 import math
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,14 @@ def read_or_chunk(path: Path, sample_rate: int, chunk_seconds: float = CHUNK_SEC
     return np.concatenate(head), iter(())
 
 
+def chunk_waveform(waveform: np.ndarray, sample_rate: int, chunk_seconds: float = CHUNK_SECONDS
+                   ) -> tuple[Optional[np.ndarray], Iterator[np.ndarray]]:
+    """`read_or_chunk` for a mono waveform already in memory: the same chunks a file of it gives."""
+    if len(waveform) <= chunk_seconds * sample_rate:
+        return waveform, iter(())
+    return None, _chunks(waveform, iter(()), int(chunk_seconds * sample_rate), sample_rate)
+
+
 def _chunks(start: np.ndarray, blocks: Iterator[np.ndarray], chunk: int, tail: int) -> Iterator[np.ndarray]:
     """Chunks of `chunk` samples of `start` followed by `blocks`; a remainder shorter than `tail`
     samples joins the last chunk."""
@@ -58,19 +66,23 @@ def _chunks(start: np.ndarray, blocks: Iterator[np.ndarray], chunk: int, tail: i
 
 
 Outcome = tuple[Path, Optional[np.ndarray], Optional[str]]  # (file, its row, or a one-line error)
+# reads an item (a file, or for the Python API a waveform in memory) as `read_or_chunk` does
+Reader = Callable[[Any, int, float], tuple[Optional[np.ndarray], Iterator[np.ndarray]]]
 
 
 def iter_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Tensor], np.ndarray],
                batch_size: int = 16, desc: str = "tagging",
                chunked_fn: Optional[Callable[[Iterator[np.ndarray]], np.ndarray]] = None,
-               chunk_seconds: float = CHUNK_SECONDS) -> Iterator[Outcome]:
+               chunk_seconds: float = CHUNK_SECONDS, read: Reader = read_or_chunk,
+               progress: bool = True) -> Iterator[Outcome]:
     """Apply `fn` to batches (B, L) of consecutive files of equal length (so no padding changes a
     result), each file read whole; `fn` returns one row per waveform. Files longer than
     `chunk_seconds` go to `chunked_fn` instead, as an iterator of chunks (`read_or_chunk`), which
     returns their row. Yields (file, row, None) as soon as a file's row is computed, in input
     order, or (file, None, message) for a file that cannot be read or whose row is not finite
     (audio far outside [-1, 1] overflows the spectrogram). A progress bar on stderr appears for
-    more than one file."""
+    more than one file (unless `progress` is False). `read(item, sample_rate, chunk_seconds)`
+    reads an item (default: a file path, `read_or_chunk`)."""
     pending: list[tuple[Path, np.ndarray]] = []
 
     def flush() -> Iterator[Outcome]:
@@ -80,9 +92,10 @@ def iter_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Tens
             pending.clear()
             yield from (_checked_row(path, row) for path, row in done)
 
-    for path in tqdm(files, desc=desc, unit="file", disable=len(files) <= 1, file=sys.stderr):
+    for path in tqdm(files, desc=desc, unit="file", disable=len(files) <= 1 or not progress,
+                     file=sys.stderr):
         try:
-            waveform, chunks = read_or_chunk(path, sample_rate, chunk_seconds if chunked_fn else math.inf)
+            waveform, chunks = read(path, sample_rate, chunk_seconds if chunked_fn else math.inf)
             if waveform is None:
                 yield from flush()
                 yield _checked_row(path, chunked_fn(chunks))
@@ -107,11 +120,13 @@ def _checked_row(path: Path, row: np.ndarray) -> Outcome:
 def run_on_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Tensor], np.ndarray],
                  batch_size: int = 16, desc: str = "tagging",
                  chunked_fn: Optional[Callable[[Iterator[np.ndarray]], np.ndarray]] = None,
-                 chunk_seconds: float = CHUNK_SECONDS) -> tuple[dict[Path, np.ndarray], dict[Path, str]]:
+                 chunk_seconds: float = CHUNK_SECONDS, read: Reader = read_or_chunk,
+                 progress: bool = True) -> tuple[dict[Any, np.ndarray], dict[Any, str]]:
     """`iter_files` run to the end: the rows by file, and a one-line error message by file."""
     results: dict[Path, np.ndarray] = {}
     errors: dict[Path, str] = {}
-    for path, row, error in iter_files(files, sample_rate, fn, batch_size, desc, chunked_fn, chunk_seconds):
+    for path, row, error in iter_files(files, sample_rate, fn, batch_size, desc, chunked_fn, chunk_seconds,
+                                          read, progress):
         if error is None:
             results[path] = row
         else:

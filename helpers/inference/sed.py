@@ -142,6 +142,17 @@ def tag_windows(tagger: Tagger, path: str | os.PathLike, window_size: float = 10
     """Stream `path` and tag every window (batches of `batch_size` windows); raises AudioLoadError
     for unreadable files. Memory is bounded by the window, the batch and one decoded block,
     whatever the recording's length."""
+    window_samples(window_size, hop_length, tagger.sample_rate)  # bad settings before the file
+    blocks = stream_audio(path, tagger.sample_rate, block_seconds=max(window_size, 10.0))
+    return tag_blocks(tagger, blocks, str(path), window_size, hop_length, batch_size,
+                      audio_duration(path), progress)
+
+
+def tag_blocks(tagger: Tagger, blocks: Iterable[np.ndarray], name: str, window_size: float = 10.0,
+               hop_length: float = 2.5, batch_size: int = 8, duration: Optional[float] = None,
+               progress: bool = False) -> WindowPredictions:
+    """`tag_windows` for a recording given as consecutive mono blocks at the tagger's sample rate
+    (`duration` in seconds, where known, sizes the progress bar)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     window, hop = window_samples(window_size, hop_length, tagger.sample_rate)
@@ -152,16 +163,14 @@ def tag_windows(tagger: Tagger, path: str | os.PathLike, window_size: float = 10
             seen[0] += len(block)
             yield block
 
-    blocks = stream_audio(path, tagger.sample_rate, block_seconds=max(window_size, 10.0))
-    duration = audio_duration(path)
     expected = num_windows(round(duration * tagger.sample_rate), window, hop) if duration else None
     rows = []
-    with tqdm(total=expected, desc=Path(path).name[:40], unit="window", disable=not progress,
+    with tqdm(total=expected, desc=Path(name).name[:40], unit="window", disable=not progress,
               file=sys.stderr, leave=False) as bar:
         for batch in _batches(sliding_windows(counted(blocks), window, hop), batch_size):
             rows.append(tagger.predict(np.stack(batch)))
             bar.update(len(batch))
-    return WindowPredictions(str(path), tagger.sample_rate, window, hop, seen[0], np.concatenate(rows))
+    return WindowPredictions(name, tagger.sample_rate, window, hop, seen[0], np.concatenate(rows))
 
 
 def detect_events(predictions: WindowPredictions, class_names: Sequence[str],

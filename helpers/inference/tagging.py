@@ -116,7 +116,7 @@ class Tagger:
     def forward_chunks(self, chunks: Iterable[np.ndarray], layer: Optional[int] = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (1, N) and embedding (1, D) of one recording given as consecutive waveform
-        chunks, holding one chunk at a time (see README, "long recordings"). Each model's last
+        chunks, holding one chunk at a time (docs/inference.md, "Long recordings"). Each model's last
         feature map is averaged over frequency and time across all chunks (every chunk weighted by
         its number of frames), which is the embedding, and the model's head is applied to that
         average, as it is to the average of one whole feature map. With `layer`, the embedding is

@@ -14,6 +14,8 @@ small enough to commit, so that architecture and frontend parity are checked in 
   seed and are too large to commit: `dymn04_seeded/...` holds the outputs of our DyMN (checked here
   against the golden outputs first) with weights drawn per key from `seeded_state` below.
 - state_dict_shapes.json.gz: the golden file itself (compressed).
+- complexity.json: the original tools' parameter, MAC and peak-memory figures of the MN widths
+  (golden/complexity.json, the figures the complexity tests compare with).
 """
 from __future__ import annotations
 
@@ -136,6 +138,8 @@ def main() -> None:
     (EXPECT / "random_models.json").write_text(json.dumps(meta["random"], indent=1) + "\n")
     with gzip.GzipFile(EXPECT / "state_dict_shapes.json.gz", "wb", compresslevel=9, mtime=0) as f:
         f.write((golden / "state_dict_shapes.json").read_bytes())
+    (EXPECT / "complexity.json").write_text(json.dumps(
+        json.loads((golden / "complexity.json").read_text()), indent=1) + "\n")
 
 
 if __name__ == "__main__":
