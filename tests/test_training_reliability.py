@@ -210,7 +210,8 @@ def test_reduced_precision_final_validation_equals_the_logged_epoch(
                                              "--out_dir", out, "--n_epochs", 1, "--precision", "bf16"], capsys)
     assert code == 0
     logged = _strict_json_lines(out / "metrics.jsonl")[-1]
-    assert f"accuracy {logged['accuracy']:.4f}, val_loss {logged['val_loss']:.4f}" in printed.splitlines()[-1]
+    final = [line for line in printed.splitlines() if line.startswith("validation (")]
+    assert final and f"accuracy {logged['accuracy']:.4f}, val_loss {logged['val_loss']:.4f}" in final[-1]
 
 
 # ---------------------------------------------------------------- flags
