@@ -31,6 +31,8 @@ from common.files import atomic_write, check_output
 from helpers.inference.sed import (EVENT_FIELDS, Event, WindowPredictions, detect_events, plot_activity,
                                    tag_windows, window_samples)
 from helpers.inference.tagging import Tagger, add_precision_arg, build_tagger, select_device, top_k
+from helpers.inference.windows import MODES, shared_support
+from models.factory import FRONTEND_DEFAULTS
 
 
 
@@ -45,6 +47,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--window_size", type=float, default=10.0, help="window length in seconds")
     parser.add_argument("--hop_length", type=float, default=2.5, help="hop between windows in seconds")
     parser.add_argument("--batch_size", type=int, default=8, help="windows tagged together")
+    parser.add_argument("--windows", choices=MODES, default="exact",
+                        help="exact: every window through the network on its own; shared: one pass over the "
+                             "recording cut into windows (MN only, ~5x faster at 1-s hops, but not within the "
+                             "agreement bounds of docs/long-recordings.md, so exact is the default for every model)")
+    parser.add_argument("--frames", action="store_true",
+                        help="also write per-frame probabilities (the head on each frame of the last feature "
+                             "map, MN only) to --probabilities, and draw them in --plot")
     parser.add_argument("--top_k", type=int, default=5, help="tags printed per window (0: print no windows)")
     parser.add_argument("--threshold", type=float, default=0.3, help="probability at which a class is active")
     parser.add_argument("--events", default=None, help="write the events to a .csv or .json file")
@@ -55,10 +64,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.top_k < 0 or args.plot_classes < 1:
         raise InputError("--batch_size and --plot_classes must be at least 1, --top_k at least 0")
+    if args.frames and not (args.probabilities or args.plot):
+        raise InputError("--frames writes to --probabilities and/or --plot; give one")
     if not 0.0 <= args.threshold <= 1.0:
         raise InputError(f"--threshold must be between 0 and 1, got {args.threshold}")
     with as_input_error():  # before any model is loaded; checked again at the model's sample rate
-        window_samples(args.window_size, args.hop_length, 32000)
+        window_samples(args.window_size, args.hop_length, FRONTEND_DEFAULTS["sr"], FRONTEND_DEFAULTS["n_fft"])
     for option, value, suffixes in (("--events", args.events, (".csv", ".json")),
                                     ("--probabilities", args.probabilities, (".csv", ".npz")),
                                     ("--plot", args.plot, (".png",))):
@@ -76,7 +87,12 @@ def load(args: argparse.Namespace) -> tuple[list[Path], Tagger]:
             raise ValueError(f"--plot draws one recording; {len(files)} files given")
         tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda),
                                       precision=args.precision)
-        window_samples(args.window_size, args.hop_length, tagger.sample_rate)
+        window_samples(args.window_size, args.hop_length, tagger.sample_rate, tagger.frontend.n_fft)
+        if args.frames and shared_support(tagger):
+            raise ValueError(f"--frames needs the shared pass: {shared_support(tagger)}")
+    if args.windows == "shared" and shared_support(tagger):
+        print(f"note: {tagger.name} runs exact windows ({shared_support(tagger)})", file=sys.stderr)
+        args.windows = "exact"
     return files, tagger
 
 
@@ -89,7 +105,8 @@ def tag_files(args: argparse.Namespace, files: list[Path],
     failed = 0
     for path in files:
         try:
-            pred = tag_windows(tagger, path, args.window_size, args.hop_length, args.batch_size)
+            pred = tag_windows(tagger, path, args.window_size, args.hop_length, args.batch_size, mode=args.windows,
+                               frames=args.frames)
         except AudioLoadError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
@@ -133,7 +150,10 @@ def write_probabilities(args: argparse.Namespace, tagger: Tagger, results: list[
                          ends=np.concatenate([p.ends for p in results]),
                          file_index=np.concatenate([np.full(len(p.probabilities), i) for i, p in enumerate(results)]),
                          probabilities=np.concatenate([p.probabilities for p in results]),
-                         class_names=np.array(tagger.class_names), model=np.array(tagger.name))
+                         class_names=np.array(tagger.class_names), model=np.array(tagger.name),
+                         **(frame_arrays(results) if args.frames else {}))
+        elif args.frames:
+            write_frames_csv(args.probabilities, tagger, results)
         else:
             with atomic_write(args.probabilities, "w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
@@ -141,7 +161,24 @@ def write_probabilities(args: argparse.Namespace, tagger: Tagger, results: list[
                 for p in results:
                     for start, end, probs in zip(p.starts, p.ends, p.probabilities):
                         writer.writerow([p.filename, f"{start:.3f}", f"{end:.3f}", *(f"{x:.5f}" for x in probs)])
-        print(f"wrote window probabilities to {args.probabilities}", file=sys.stderr)
+        print(f"wrote {'frame' if args.frames else 'window'} probabilities to {args.probabilities}", file=sys.stderr)
+
+
+def frame_arrays(results: list[WindowPredictions]) -> dict[str, np.ndarray]:
+    """--frames in the .npz: each frame's centre time, file index and probabilities."""
+    return {"frame_times": np.concatenate([p.frame_times for p in results]),
+            "frame_file_index": np.concatenate([np.full(len(p.frame_times), i) for i, p in enumerate(results)]),
+            "frame_probabilities": np.concatenate([p.frame_probabilities for p in results])}
+
+
+def write_frames_csv(path: str, tagger: Tagger, results: list[WindowPredictions]) -> None:
+    """--frames in a .csv: one row per frame, its centre time and its class probabilities."""
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filename", "time", *tagger.class_names])
+        for p in results:
+            for time, probs in zip(p.frame_times, p.frame_probabilities):
+                writer.writerow([p.filename, f"{time:.3f}", *(f"{x:.5f}" for x in probs)])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
