@@ -129,21 +129,39 @@ def run_command(command: list[str]) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, samples
 
 
+def model_cache(folder: Path, names: list[str]) -> list[str]:
+    """A checkpoint cache in `folder`: the files of the user's cache, plus random-weight
+    checkpoints for the models in `names` whose weights are not at hand; returns those names."""
+    import torch
+
+    from common.download import cache_dir
+    from models.factory import create_model
+    from models.pretrained import get_entry
+
+    folder.mkdir(exist_ok=True)
+    for f in cache_dir().iterdir():
+        (folder / f.name).symlink_to(f.resolve())
+    missing = [n for n in names if not (folder / get_entry(n).filename).exists()]
+    for name in missing:
+        torch.save(create_model(name, pretrained=False).state_dict(), folder / get_entry(name).filename)
+    return missing
+
+
 def speed(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.keep) if args.keep else Path(tmp) / "long.wav"
         if not path.exists():
             write_recording(path, args.minutes)
+        random = model_cache(Path(tmp) / "cache", args.model_name)
+        os.environ["EFFICIENTAT_MODEL_DIR"] = str(Path(tmp) / "cache")
         print(f"recording: {args.minutes:g} min at {SR} Hz; windows {args.window_size:g} s, hop {args.hop_length:g} s; "
-              f"{os.cpu_count()} CPUs")
+              f"{os.cpu_count()} CPUs" + (f"; random weights for {', '.join(random)}" if random else ""))
         for name in args.model_name:
             walls = {}
             for mode in ("exact", "shared"):
                 command = [sys.executable, "windowed_inference.py", "--model_name", name, "--audio_path", str(path),
                            "--window_size", str(args.window_size), "--hop_length", str(args.hop_length),
                            "--windows", mode, "--top_k", "0", "--batch_size", str(args.batch_size)]
-                if args.random_weights:
-                    command.append("--random_weights")
                 wall, rss = run_command(command)
                 walls[mode] = wall
                 q = max(1, len(rss) // 4)
@@ -161,7 +179,6 @@ if __name__ == "__main__":
     parser.add_argument("--hop_length", type=float, default=1.0)
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--random_weights", action="store_true", help="speed only: models built untrained")
     parser.add_argument("--keep", default=None, help="write the recording here (and reuse it if it exists)")
     args = parser.parse_args()
     if args.agreement:

@@ -216,7 +216,7 @@ class FastInvertedResidual(nn.Module):
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _KEPT_BYTES = 1 << 30
 # freed heap memory kept for reuse at most; above it the excess goes back to the kernel
-KEPT_FREE_BYTES = 256 << 20
+KEPT_FREE_BYTES = 512 << 20
 RELEASE_CHECK_SECONDS = 1.0
 _malloc_tuned: bool | None = None
 

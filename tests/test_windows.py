@@ -154,3 +154,38 @@ def test_memory_stays_flat_over_a_long_recording(tmp_path: Path) -> None:
     assert len(rss) == 180
     warm = max(rss[20:90])
     assert max(rss[90:]) <= warm + 30, rss
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    repo = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, str(repo / "windowed_inference.py"), *args], cwd=repo,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_shared_frames_npz_csv_and_plot(tmp_path: Path, mn04_checkpoint: Path, labels_file: Path) -> None:
+    """The docs' command: --windows shared --frames to .npz (times, shape) and .csv, and --plot."""
+    import soundfile as sf
+
+    path = tmp_path / "field.wav"
+    sf.write(path, np.tile(load_audio(shared_path("audio", "metro_station-paris.wav"), SR), 2), SR)
+    npz, table, png = tmp_path / "frames.npz", tmp_path / "frames.csv", tmp_path / "frames.png"
+    common = ["--model_name", "mn04_as", "--audio_path", str(path), "--window_size", "10", "--hop_length", "1",
+              "--windows", "shared", "--frames", "--top_k", "0"]
+    result = _cli(*common, "--probabilities", str(npz), "--plot", str(png))
+    assert result.returncode == 0, result.stderr
+    data = np.load(npz)
+    n = int(np.ceil(20 / 0.32))  # frames up to the end of the last window (here the recording's end)
+    assert data["frame_probabilities"].shape == (n, 527) and data["probabilities"].shape == (11, 527)
+    np.testing.assert_allclose(data["frame_times"], np.arange(n) * 0.32, atol=1e-9)
+    assert png.stat().st_size > 1000
+    result = _cli(*common, "--probabilities", str(table))
+    rows = table.read_text().splitlines()
+    assert result.returncode == 0 and rows[0].startswith("filename,time,Speech") and len(rows) == n + 1
+    assert rows[2].split(",")[1] == "0.320"
+
+
+def test_cli_refuses_a_window_shorter_than_one_fft_frame(tmp_path: Path) -> None:
+    result = _cli("--model_name", "mn04_as", "--audio_path", str(tmp_path), "--window_size", "0.01")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: window_size must be at least 0.032 s (one FFT frame of 1024 samples at 32000 Hz), got 0.01 s")
+    assert not list(tmp_path.iterdir())
