@@ -41,7 +41,7 @@ from helpers.training.mixup import mix, mixup
 from helpers.training.tasks import LossFn, Task, tagging_metrics
 from models.checkpoint import load_checkpoint, load_finetuned
 from models.factory import model_from_config
-from models.fast import fast_inference
+from models.runtime import fast_inference
 from models.preprocess import AugmentMelSTFT
 
 WANDB_PROJECT = "EfficientAudioTagging"

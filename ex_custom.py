@@ -39,6 +39,15 @@ from helpers.training.tasks import (Task, classification_metrics, mean_std, mult
                                     tagging_metrics)
 
 
+def custom_task(data: custom.CustomData, mixup_alpha: float) -> Task:
+    """The task of your labels: tagging (mAP) when multi-label, classification (accuracy) otherwise."""
+    if data.multilabel:
+        return Task("custom", data.class_names, True, multilabel_loss(mixup_alpha), tagging_metrics,
+                    selection="mAP", metric_tag="mAP", project="EfficientAT-custom")
+    return Task("custom", data.class_names, False, single_label_loss(mixup_alpha), classification_metrics,
+                selection="accuracy", metric_tag="acc", project="EfficientAT-custom")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = finetune_parser("Fine-tune on your own folder of labelled audio.", experiment_name="Custom",
                              batch_size=32, lr=6e-5, dataset_env=custom.ENV_VAR)
@@ -76,13 +85,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     scores = []
     for fold, data in runs.items():
-        if data.multilabel:
-            task = Task("custom", data.class_names, True, multilabel_loss(args.mixup_alpha), tagging_metrics,
-                        selection="mAP", metric_tag="mAP", project="EfficientAT-custom")
-        else:
-            task = Task("custom", data.class_names, False, single_label_loss(args.mixup_alpha),
-                        classification_metrics, selection="accuracy", metric_tag="acc",
-                        project="EfficientAT-custom")
+        task = custom_task(data, args.mixup_alpha)
         name = f"fold {fold}" if fold is not None else "validation"
         if not args.checkpoint:  # else evaluate the given checkpoint only
             out_dir = resolve_out_dir(args) / (f"fold{fold}" if args.all_folds else "")

@@ -20,10 +20,6 @@ class EnsembleModel(nn.Module):
         self.models = nn.ModuleList(models)
         self.num_classes = models[0].num_classes
 
-    def for_inference(self, precision: str = "fp32") -> "EnsembleModel":
-        """An ensemble of the members' eval-only fast copies (see models/fast.py)."""
-        return EnsembleModel([m.for_inference(precision) for m in self.models]).eval()
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = torch.stack([m(x)[0] for m in self.models]).mean(dim=0)
         return logits, logits

@@ -1,22 +1,16 @@
-"""Eval-only fast paths for MN, DyMN and the mel frontend (CPU inference).
+"""The family-agnostic part of the eval-only CPU fast path: kernels, folding, the fast tagger,
+precision policy and allocator tuning.
 
-`fast_model(model)` (what `model.for_inference()` returns) is a copy of an MN or DyMN that
-computes the same (logits, embedding) with less work:
-- every batch norm folded into the convolution before it (for DyMN's dynamic convolutions into
-  each of the K kernels, exact because the softmax weights sum to one);
-- channels_last activations throughout; 1x1 convolutions as one matrix product over channels, or
-  as a oneDNN convolution where the layer is narrow (`pointwise`), and the largest layers as
-  oneDNN convolutions with the activation fused (`conv_activation`);
-- MN's channel squeeze-excitation folded into the projection's weights (no pass over the
-  activations), the residual added in place;
-- DyMN's context sequences reduced over (B, F, T, C) rows, every context-driven layer of a block
-  (attention of each dynamic conv, dynamic ReLU coefficients) in one matrix product, dynamic ReLU
-  as a running maximum of its pieces and coordinate attention in place.
-`FastMelFrontend` is `AugmentMelSTFT` in eval mode with fewer passes over the data and a banded
-mel projection. `fast_inference(model, frontend)` picks the pair a command runs, and the fast
-path lets glibc's malloc keep freed blocks (`keep_freed_memory`), which alone saves thousands of
-page faults per clip. All are for inference only: `train()` raises; training uses the original
-modules.
+`fast_model(model, precision, twins)` is a copy of a tagger that computes the same (logits,
+embedding) with less work: every batch norm folded into the convolution before it; channels_last
+activations throughout; 1x1 convolutions as one matrix product over channels, or as a oneDNN
+convolution where the layer is narrow (`pointwise`), and the largest layers as oneDNN
+convolutions with the activation fused (`conv_activation`). Each stage becomes the fast twin its
+family names for its block type (models/mn/fast.py, models/dymn/fast.py, listed in
+models.factory.FAMILIES); a stage without one runs folded and otherwise unchanged. The fast path
+lets glibc's malloc keep freed blocks (`keep_freed_memory`), which alone saves thousands of page
+faults per clip. All are for inference only: `train()` raises; training uses the original
+modules. models/runtime.py picks what a command runs (`for_inference`, `fast_inference`).
 """
 from __future__ import annotations
 
@@ -27,24 +21,21 @@ import platform
 import sys
 import threading
 import time
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from models.dymn.dy_block import (Context, ContextGen, CoordAtt, DynamicConv, DynamicInvertedResidual,
-                                  DyReLUB, StaticWrapper)
 from models.layers import AudioTagger, ConvNormActivation
-from models.mn.block_types import ConcurrentSEBlock, InvertedResidual, SqueezeExcitation
-from models.preprocess import AugmentMelSTFT
 
 logger = logging.getLogger(__name__)
 
 
-class _EvalOnly(nn.Module):
+class EvalOnly(nn.Module):
     """Base of the fast modules: train(True) is refused."""
 
-    def train(self, mode: bool = True) -> "_EvalOnly":
+    def train(self, mode: bool = True) -> "EvalOnly":
         if mode:
             raise RuntimeError(f"{type(self).__name__} is an eval-only inference module; train the "
                                "original model instead")
@@ -158,7 +149,7 @@ def pointwise_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return out if activation is None else activation(out)
 
 
-def _is_pointwise(conv: nn.Module) -> bool:
+def is_pointwise(conv: nn.Module) -> bool:
     return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
             and conv.groups == 1 and conv.padding == (0, 0))
 
@@ -167,50 +158,8 @@ def replace_pointwise_convs(module: nn.Module) -> None:
     """In place: every plain 1x1 Conv2d under `module` becomes a PointwiseConv."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if _is_pointwise(child):
+            if is_pointwise(child):
                 setattr(parent, name, PointwiseConv(child))
-
-
-class ChannelScale(nn.Module):
-    """A channel squeeze-excitation's scale: (B, C) from the global average of its input."""
-
-    def __init__(self, se: SqueezeExcitation) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = se.fc1, se.fc2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.fc2(torch.relu_(self.fc1(x.mean((2, 3))))))
-
-
-class FastInvertedResidual(nn.Module):
-    """MN's `InvertedResidual` with folded norms: pointwise expansion and projection as
-    `PointwiseConv`, a channel-only squeeze-excitation folded into the projection's weights, the
-    activations in place and the residual added into the projection's output."""
-
-    def __init__(self, block: InvertedResidual) -> None:
-        super().__init__()
-        self.use_res_connect = block.use_res_connect
-        layers = list(block.block)
-        self.expand = fast_conv_layer(layers.pop(0)) if _is_pointwise(layers[0][0]) else None
-        self.depthwise = fast_conv_layer(layers.pop(0))
-        self.project = fast_conv_layer(layers.pop())
-        se = layers[0] if layers else None
-        self.channel_scale, self.se = None, None
-        if isinstance(se, ConcurrentSEBlock) and len(se.conc_se_layers) == 1 and se.conc_se_layers[0].dim == 1:
-            self.channel_scale = ChannelScale(se.conc_se_layers[0])
-        else:
-            self.se = se
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x if self.expand is None else self.expand(x)
-        out = self.depthwise(out)
-        scale = None
-        if self.channel_scale is not None:
-            scale = self.channel_scale(out)
-        elif self.se is not None:
-            out = self.se(out)
-        out = self.project(out, scale)
-        return out.add_(x) if self.use_res_connect else out
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
@@ -285,7 +234,7 @@ def check_precision(precision: str, device: torch.device | str = "cpu") -> torch
     return PRECISIONS[precision]
 
 
-class FastTagger(_EvalOnly, AudioTagger):
+class FastTagger(EvalOnly, AudioTagger):
     """Eval-only tagger with the AudioTagger interface: `stages` then `classifier` on
     channels_last activations in `dtype`; logits, embeddings and feature maps come out in float32."""
 
@@ -302,12 +251,6 @@ class FastTagger(_EvalOnly, AudioTagger):
     def stages(self) -> nn.ModuleList:
         return self.blocks
 
-    def for_inference(self, precision: str = "fp32") -> "FastTagger":
-        """Itself (already fast); a different precision needs the original model."""
-        if PRECISIONS.get(precision) is not self.dtype:
-            raise ValueError(f"this fast model computes in {self.dtype}; build {precision!r} from the original")
-        return self
-
     def forward_features(self, x: torch.Tensor, return_fmaps: bool = False):
         return super().forward_features(x.to(self.dtype, memory_format=torch.channels_last), return_fmaps)
 
@@ -319,262 +262,58 @@ class FastTagger(_EvalOnly, AudioTagger):
         return logits, [f.float() for f in second] if return_fmaps else second.float()
 
 
-def _bn_scale_shift(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) with norm(y) == y * scale + shift in eval mode."""
-    scale = norm.running_var.add(norm.eps).rsqrt()
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    return scale, shift if norm.bias is None else shift + norm.bias
-
-
-class FastDynamicConv(nn.Module):
-    """`DynamicConv` followed by its batch norm, in one: the norm's scale is folded into each of
-    the K kernels (the attention weights sum to one, so the mixture keeps it) and its shift
-    becomes a bias. 1x1 convolutions run through `pointwise` with each sample's mixed kernel;
-    other kernels as one convolution per sample. Its attention logits are computed by the block
-    together with its other context-driven layers (`FastDynamicInvertedResidual`)."""
-
-    def __init__(self, conv: DynamicConv, norm: nn.BatchNorm2d, activation: nn.Module | None = None) -> None:
-        super().__init__()
-        self.activation = activation
-        scale, shift = _bn_scale_shift(norm)
-        shape = (conv.out_channels, conv.in_channels // conv.groups, conv.kernel_size, conv.kernel_size)
-        kernels = conv.weight.detach().view(conv.k, *shape) * scale.view(1, -1, 1, 1, 1)
-        self.register_buffer("weight", kernels.reshape(conv.k, -1))
-        self.register_buffer("bias", shift.detach().clone())
-        self.temperature = conv.temperature  # fixed at the model's temperature when it was copied
-        self.kernel_shape, self.stride, self.padding, self.groups = shape, conv.stride, conv.padding, conv.groups
-        self.pointwise = conv.kernel_size == 1 and conv.groups == 1 and conv.stride == 1 and conv.padding == 0
-
-    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """x with each sample's kernel mixture; `logits` (B, K) is this conv's slice of the block's heads."""
-        b = x.shape[0]
-        kernels = torch.mm(torch.softmax(logits, dim=-1), self.weight).view(b, *self.kernel_shape)
-        if self.pointwise:
-            return pointwise_activation(x, kernels.flatten(2), self.bias, self.activation)
-        outs = [nn.functional.conv2d(x[i:i + 1], kernels[i], self.bias, self.stride, self.padding,
-                                     groups=self.groups) for i in range(b)]
-        out = outs[0] if b == 1 else torch.cat(outs)
-        return out if self.activation is None else self.activation(out)
-
-
-class FastDyReLU(nn.Module):
-    """`DyReLUB` as the running maximum of its M affine pieces (no (B, C, M, F, T) tensor), with
-    each piece's coefficients contiguous over channels (broadcast over channels_last activations
-    at full vector speed; strided coefficients measured 4.6x slower). Its coefficient logits are
-    computed by the block together with its other context-driven layers."""
-
-    def __init__(self, relu: DyReLUB) -> None:
-        super().__init__()
-        self.channels, self.M = relu.channels, relu.M
-        # coefs = (2 sigmoid(z) - 1) * lambdas + init_v = sigmoid(z) * 2 lambdas + (init_v - lambdas)
-        self.register_buffer("coef_scale", 2 * relu.lambdas)
-        self.register_buffer("coef_shift", relu.init_v - relu.lambdas)
-
-    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        coefs = torch.addcmul(self.coef_shift, torch.sigmoid(logits).view(-1, self.channels, 2 * self.M),
-                              self.coef_scale)
-        coefs = coefs.permute(2, 0, 1).contiguous()[..., None, None]  # (2M, B, C, 1, 1): slopes, intercepts
-        out = torch.addcmul(coefs[self.M], x, coefs[0], out=torch.empty_like(x))  # keeps x's layout
-        piece = torch.empty_like(x)
-        for m in range(1, self.M):
-            torch.maximum(out, torch.addcmul(coefs[self.M + m], x, coefs[m], out=piece), out=out)
-        return out
-
-
-class FastCoordAtt(nn.Module):
-    """`CoordAtt` in place (its input is the block's own intermediate tensor)."""
-
-    def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
-        return x.mul_(context[1].sigmoid()).mul_(context[2].sigmoid())
-
-
-class FastContextGen(nn.Module):
-    """`ContextGen` on channels_last input: the frequency and time sequences are means over
-    (B, F, T, C) rows (10x faster than reducing the strided NCHW view), the 1x1 convs matrix
-    products over channels with the norm folded in, and the attention sequences are returned as
-    views shaped like the original's, (B, E, F', 1) and (B, E, 1, T')."""
-
-    def __init__(self, gen: ContextGen) -> None:
-        super().__init__()
-        joint = fuse_conv_bn_eval(gen.joint_conv, gen.joint_norm)
-        for name, conv in (("joint", joint), ("f", gen.conv_f), ("t", gen.conv_t)):
-            self.register_buffer(f"{name}_weight", conv.weight.detach().flatten(1).clone())
-            self.register_buffer(f"{name}_bias", conv.bias.detach().clone())
-        self.stride = gen.pool_f.stride[0] if isinstance(gen.pool_f, nn.AvgPool2d) else 1
-
-    def _pool(self, seq: torch.Tensor) -> torch.Tensor:
-        """The original's average pooling (kernel 3, padding 1, zeros counted) along a (B, L, H) sequence."""
-        if self.stride == 1:
-            return seq
-        return nn.functional.avg_pool1d(seq.transpose(1, 2), 3, self.stride, 1).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> Context:
-        f = x.shape[2]
-        rows = x.permute(0, 2, 3, 1)  # (B, F, T, C)
-        joint = nn.functional.linear(torch.cat([rows.mean(2), rows.mean(1)], dim=1), self.joint_weight,
-                                     self.joint_bias)
-        joint = nn.functional.hardswish(joint, inplace=True)  # (B, F + T, H)
-        g_f = nn.functional.linear(self._pool(joint[:, :f]), self.f_weight, self.f_bias)  # (B, F', E)
-        g_t = nn.functional.linear(self._pool(joint[:, f:]), self.t_weight, self.t_bias)  # (B, T', E)
-        return joint.mean(1), g_f.transpose(1, 2).unsqueeze(3), g_t.transpose(1, 2).unsqueeze(2)
-
-
-class FastDynamicInvertedResidual(nn.Module):
-    """`DynamicInvertedResidual` with every norm folded into the convolution before it, and the
-    layers that read the context vector (each dynamic conv's attention, the dynamic ReLU's
-    coefficients) stacked into one matrix product per block."""
-
-    def __init__(self, block: DynamicInvertedResidual) -> None:
-        super().__init__()
-        self.use_res_connect, self.has_expansion = block.use_res_connect, block.has_expansion
-        self.context_gen = FastContextGen(block.context_gen)
-        if self.has_expansion:
-            self.exp_conv = _fold_block_conv(block.exp_conv, block.exp_norm, block.exp_act)
-        self.depth_conv = _fold_block_conv(block.depth_conv, block.depth_norm)
-        self.depth_act = FastDyReLU(block.depth_act) if isinstance(block.depth_act, DyReLUB) else block.depth_act
-        self.ca = FastCoordAtt() if isinstance(block.ca, CoordAtt) else block.ca
-        self.proj_conv = _fold_block_conv(block.proj_conv, block.proj_norm)
-        heads = {}  # name -> the original's layer reading the context vector, and its logits' divisor
-        for name in (["exp_conv"] if self.has_expansion else []) + ["depth_conv", "depth_act", "proj_conv"]:
-            layer = getattr(block, name)
-            if isinstance(layer, DynamicConv):
-                heads[name] = (layer.residuals[0], layer.temperature)
-            elif isinstance(layer, DyReLUB):
-                heads[name] = (layer.coef_net[0], 1.0)
-        self.dynamic = list(heads)
-        self.head_sizes = [linear.out_features for linear, _ in heads.values()]
-        weights = [linear.weight.detach() / divisor for linear, divisor in heads.values()]
-        biases = [linear.bias.detach() / divisor for linear, divisor in heads.values()]
-        self.register_buffer("head_weight", torch.cat(weights) if weights else torch.empty(0))
-        self.register_buffer("head_bias", torch.cat(biases) if biases else torch.empty(0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        context = self.context_gen(x)
-        heads: dict[str, torch.Tensor] = {}
-        if self.dynamic:
-            logits = nn.functional.linear(context[0], self.head_weight, self.head_bias)
-            heads = dict(zip(self.dynamic, logits.split(self.head_sizes, dim=1)))
-        out = x
-        if self.has_expansion:
-            out = self.exp_conv(out, heads.get("exp_conv"))
-        out = self.depth_act(self.depth_conv(out, heads.get("depth_conv")), heads.get("depth_act"))
-        out = self.proj_conv(self.ca(out, context), heads.get("proj_conv"))
-        return out.add_(x) if self.use_res_connect else out
-
-
-def _fold_block_conv(conv: nn.Module, norm: nn.BatchNorm2d, activation: nn.Module | None = None) -> nn.Module:
-    """A dynamic block's conv (DynamicConv, or a static one in a StaticWrapper) with `norm` folded
-    in, followed by `activation`."""
-    if isinstance(conv, DynamicConv):
-        return FastDynamicConv(conv, norm, activation)
-    return StaticWrapper(_fast_conv(fuse_conv_bn_eval(conv.module, norm), activation))
-
-
-def _fast_conv(conv: nn.Conv2d, activation: nn.Module | None) -> nn.Module:
+def fast_conv(conv: nn.Conv2d, activation: nn.Module | None) -> nn.Module:
     """A (folded) conv and its activation: a `PointwiseConv` for 1x1 kernels, else a `ConvActivation`."""
-    return PointwiseConv(conv, activation) if _is_pointwise(conv) else ConvActivation(conv, activation)
+    return PointwiseConv(conv, activation) if is_pointwise(conv) else ConvActivation(conv, activation)
 
 
 def fast_conv_layer(layer: ConvNormActivation) -> nn.Module:
     """A Conv-BN-Activation layer (stem, last conv, a block's convs) with its norm folded."""
     fold_batch_norms(layer)
-    return _fast_conv(layer[0], layer[2] if len(layer) > 2 else None)
+    return fast_conv(layer[0], layer[2] if len(layer) > 2 else None)
 
 
-FAST_BLOCKS = {InvertedResidual: FastInvertedResidual, DynamicInvertedResidual: FastDynamicInvertedResidual,
-               ConvNormActivation: fast_conv_layer}
+class FoldedStage(nn.Module):
+    """A stage without a fast twin: the original (norms after a conv folded in, otherwise
+    unchanged), its output handed on channels_last like the twins'."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        fold_batch_norms(stage)
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage(x).contiguous(memory_format=torch.channels_last)
 
 
-def fast_model(model: AudioTagger, precision: str = "fp32") -> FastTagger:
-    """The eval-only fast copy of an MN or DyMN (the original is left untouched), computing in
-    `precision` ("fp32", or "bf16" on CPUs with native bfloat16; see `check_precision`)."""
+Twins = Mapping[type, Callable[[nn.Module], nn.Module]]
+GENERIC_TWINS: dict[type, Callable[[nn.Module], nn.Module]] = {ConvNormActivation: fast_conv_layer}
+
+
+def fast_stage(stage: nn.Module, twins: Twins) -> nn.Module:
+    """The twin `twins` name for the stage's exact type (a subclass may compute something else),
+    else the stage folded and otherwise unchanged (`FoldedStage`, logged)."""
+    make = twins.get(type(stage)) or GENERIC_TWINS.get(type(stage))
+    if make is None:
+        logger.info("%s has no fast twin; it runs folded and otherwise unchanged", type(stage).__name__)
+        fast = FoldedStage(stage)
+    else:
+        fast = make(stage)
+    if hasattr(stage, "out_channels"):  # kept for code that picks layers by width
+        fast.out_channels = stage.out_channels
+    return fast
+
+
+def fast_model(model: AudioTagger, precision: str = "fp32", twins: Twins | None = None) -> FastTagger:
+    """The eval-only fast copy of a tagger (the original is left untouched), computing in
+    `precision` ("fp32", or "bf16" on CPUs with native bfloat16; see `check_precision`): each
+    stage replaced by the twin `twins` (block type -> builder; the families' records hold them)
+    names for it, see `fast_stage`."""
     dtype = check_precision(precision, next(model.parameters()).device)
     keep_freed_memory()
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
-        stages = []
-        for stage in model.stages():
-            stages.append(FAST_BLOCKS[type(stage)](stage))
-            if hasattr(stage, "out_channels"):  # kept for code that picks layers by width
-                stages[-1].out_channels = stage.out_channels
+        stages = [fast_stage(stage, twins or {}) for stage in model.stages()]
         fold_batch_norms(model.classifier)  # the fully convolutional head's 1x1 conv and norm
         replace_pointwise_convs(model.classifier)
     return FastTagger(model, stages, dtype)
-
-
-class FastMelFrontend(_EvalOnly, AugmentMelSTFT):
-    """`AugmentMelSTFT` in eval mode (same settings and attributes), computed with fewer passes
-    over the data and about a quarter of the mel projection's work (the same result within float32
-    rounding, and as close to a float64 computation): (B, L) waveforms -> (B, n_mels, frames).
-
-    Pre-emphasis is written straight into the reflect-padded signal; each frame is only its
-    `win_length` windowed samples, zero-extended to `n_fft` (a circular shift of torch.stft's
-    centred window, which leaves the power spectrum unchanged); the FFT runs over contiguous rows;
-    the mel projection runs in bands of `MEL_GROUP` filters over only the bins each band covers
-    (the triangular filters are zero elsewhere)."""
-
-    MEL_GROUP = 16
-
-    def __init__(self, frontend: AugmentMelSTFT) -> None:
-        AugmentMelSTFT.__init__(self, frontend.n_mels, frontend.sr, frontend.win_length, frontend.hopsize,
-                                frontend.n_fft, frontend.freqm, frontend.timem, frontend.fmin, frontend.fmax,
-                                frontend.fmin_aug_range, frontend.fmax_aug_range)
-        self.preemphasis = float(-self.preemphasis_coefficient[0, 0, 0])
-        self.window_offset = (self.n_fft - self.win_length) // 2  # torch.stft centres the window
-        used = self.mel_basis.abs() > 0
-        self.first_bin, self.end_bin = _nonzero_span(used.any(dim=0))
-        self.mel_bands: list[tuple[int, int, int, int]] = []  # (first filter, end filter, first bin, end bin)
-        for i, start in enumerate(range(0, self.n_mels, self.MEL_GROUP)):
-            end = min(start + self.MEL_GROUP, self.n_mels)
-            low, high = _nonzero_span(used[start:end].any(dim=0), self.first_bin)
-            self.mel_bands.append((start, end, low, high))
-            self.register_buffer(f"mel_band_{i}", self.mel_basis[start:end, low:high].clone(), persistent=False)
-        keep_freed_memory()
-        self.to(frontend.mel_basis.device)
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[-1] < 2:
-            raise ValueError(f"expected waveforms shaped (batch, samples >= 2), got {tuple(x.shape)}")
-        x = x.float()
-        batch, length = x.shape[0], x.shape[-1] - 1  # samples after pre-emphasis
-        half, hop = self.n_fft // 2, self.hopsize
-        size = max(length, half + 1)  # a shorter signal is zero-extended so that it can be reflected
-        padded = x.new_empty(batch, size + 2 * half)
-        torch.add(x[:, 1:], x[:, :-1], alpha=-self.preemphasis, out=padded[:, half:half + length])
-        padded[:, half + length:half + size].zero_()
-        padded[:, :half] = padded[:, half + 1:2 * half + 1].flip(-1)
-        padded[:, half + size:] = padded[:, size - 1:half + size - 1].flip(-1)
-        frames_count = 1 + length // hop
-        frames = padded[:, self.window_offset:].unfold(-1, self.win_length, hop)[:, :frames_count]
-        windowed = x.new_empty(batch, frames_count, self.n_fft)
-        windowed[..., self.win_length:].zero_()
-        torch.mul(frames, self.window, out=windowed[..., :self.win_length])
-        spec = torch.fft.rfft(windowed.view(-1, self.n_fft))[:, self.first_bin:self.end_bin]
-        real, imag = torch.view_as_real(spec).unbind(-1)
-        power = torch.addcmul(real.square(), imag, imag).view(batch, frames_count, -1)  # (B, T, bins)
-        mel = x.new_empty(batch, self.n_mels, frames_count)
-        for i, (start, end, low, high) in enumerate(self.mel_bands):
-            band = power[:, :, low - self.first_bin:high - self.first_bin].transpose(1, 2)
-            torch.matmul(getattr(self, f"mel_band_{i}"), band, out=mel[:, start:end])
-        return mel.add_(0.00001).log_().add_(4.5).div_(5.0)
-
-
-def _nonzero_span(flags: torch.Tensor, empty_at: int = 0) -> tuple[int, int]:
-    """[first, last + 1) of the True entries of a 1-D mask ((empty_at, empty_at) if there are none)."""
-    where = torch.nonzero(flags).flatten()
-    return (int(where[0]), int(where[-1]) + 1) if len(where) else (empty_at, empty_at)
-
-
-def fast_inference(model: nn.Module, frontend: AugmentMelSTFT, precision: str = "fp32"
-                   ) -> tuple[nn.Module, AugmentMelSTFT]:
-    """The (model, frontend) pair to run inference with: on the CPU the fast eval-only copies
-    (`model.for_inference(precision)`, `FastMelFrontend`); on a GPU, which runs the plain models
-    under autocast, the eval-mode originals (there `precision` must be "fp32")."""
-    if next(model.parameters()).device.type != "cpu":
-        if precision != "fp32":
-            raise ValueError(f"precision {precision!r} is for the CPU; the GPU path runs fp16 autocast")
-        return model.eval(), frontend.eval()
-    return model.for_inference(precision), FastMelFrontend(frontend)

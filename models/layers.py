@@ -154,13 +154,6 @@ class AudioTagger(nn.Module):
     def update_params(self, epoch: int) -> None:
         """Per-epoch settings (DyMN's temperature); nothing to do for a static model."""
 
-    def for_inference(self, precision: str = "fp32") -> "AudioTagger":
-        """An eval-only copy computing the same outputs faster, in `precision` ("fp32" or "bf16");
-        see models/fast.py. For inference only: training uses the model itself."""
-        from models.fast import fast_model  # models.fast builds on this module
-
-        return fast_model(self, precision)
-
     def classes_in(self, state: dict[str, torch.Tensor]) -> int:
         """Number of classes of a state dict of this architecture (read off its classifier)."""
         if self.head_type == "mlp":

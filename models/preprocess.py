@@ -1,16 +1,31 @@
 """Waveform -> normalized log-mel spectrogram, the input every MN and DyMN model expects.
 
 Bit-exact with the original EfficientAT frontend in eval mode: pre-emphasis, centered STFT with a
-symmetric Hann window, Kaldi-style mel filterbank, log(x + 1e-5), (x + 4.5) / 5. In training mode
+symmetric Hann window, Kaldi-style mel filterbank, `log_compress`, `normalize`. In training mode
 the filterbank edges are randomized per call and optional frequency/time masks are drawn
 independently for every example.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
+
+
+LOG_OFFSET, NORM_SHIFT, NORM_SCALE = 0.00001, 4.5, 5.0  # log(mel + offset), (x + shift) / scale
+EVAL_SETTINGS = ("n_mels", "sr", "win_length", "hopsize", "n_fft", "fmin", "fmax")
+SPECTROGRAM_SHAPE = ("n_mels", "sr", "win_length", "hopsize", "n_fft")  # what a trained model fixes
+
+
+def log_compress(mel: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """log(mel + LOG_OFFSET): the mel power's logarithm (in place when `inplace`)."""
+    return mel.add_(LOG_OFFSET).log_() if inplace else (mel + LOG_OFFSET).log()
+
+
+def normalize(log_mel: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """(log_mel + NORM_SHIFT) / NORM_SCALE: the fixed normalization every released model expects."""
+    return log_mel.add_(NORM_SHIFT).div_(NORM_SCALE) if inplace else (log_mel + NORM_SHIFT) / NORM_SCALE
 
 
 def _check_band_edges(n_mels: int, n_fft: int, sr: float, fmin: float, fmax: float) -> None:
@@ -99,10 +114,18 @@ class AugmentMelSTFT(nn.Module):
         self.register_buffer("mel_basis", kaldi_mel_banks(n_mels, n_fft, sr, self.fmin, self.fmax),
                              persistent=False)
 
+    def eval_settings(self) -> dict[str, Any]:
+        """Every argument that changes the eval-mode output (fmax resolved): equal settings, equal
+        spectrograms. The fast and ONNX twins are built from it; caches key on it."""
+        return {key: getattr(self, key) for key in EVAL_SETTINGS}
+
+    def settings(self) -> dict[str, Any]:
+        """All constructor arguments (fmax resolved): `AugmentMelSTFT(**f.settings())` is f again."""
+        return {**self.eval_settings(), "freqm": self.freqm, "timem": self.timem,
+                "fmin_aug_range": self.fmin_aug_range, "fmax_aug_range": self.fmax_aug_range}
+
     def extra_repr(self) -> str:
-        return (f"n_mels={self.n_mels}, sr={self.sr}, win_length={self.win_length}, "
-                f"hopsize={self.hopsize}, n_fft={self.n_fft}, freqm={self.freqm}, timem={self.timem}, "
-                f"fmin={self.fmin}, fmax={self.fmax}")
+        return ", ".join(f"{key}={value}" for key, value in self.settings().items())
 
     def num_frames(self, num_samples: int) -> int:
         """Number of spectrogram frames produced for a waveform of `num_samples` samples."""
@@ -133,11 +156,11 @@ class AugmentMelSTFT(nn.Module):
             mel_basis = self.mel_basis
         with torch.autocast(device_type=power.device.type, enabled=False):
             melspec = torch.matmul(mel_basis, power)
-        melspec = (melspec + 0.00001).log()
+        melspec = log_compress(melspec)
 
         if self.training:
             if self.freqm > 0:
                 melspec = melspec.masked_fill(_random_band_mask(melspec, self.freqm, axis=1), 0.0)
             if self.timem > 0:
                 melspec = melspec.masked_fill(_random_band_mask(melspec, self.timem, axis=2), 0.0)
-        return (melspec + 4.5) / 5.0
+        return normalize(melspec)

@@ -34,8 +34,8 @@ def name_to_width(name: Optional[str]) -> float:
     """Width multiplier encoded in a model name ("mn04_as" -> 0.4); 1.0 for unknown prefixes."""
     if not name:
         return 1.0
-    prefix = name[:6] if name.startswith("dymn") else name[:4]
-    return NAME_TO_WIDTH.get(prefix, 1.0)
+    prefixes = [prefix for prefix in NAME_TO_WIDTH if name.startswith(prefix)]
+    return NAME_TO_WIDTH[max(prefixes, key=len)] if prefixes else 1.0
 
 
 @dataclass(frozen=True)

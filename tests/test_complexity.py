@@ -18,7 +18,8 @@ from torch import nn
 
 from conftest import REPO, shared_path
 from helpers.analysis.complexity import (ModelCost, analyze, build_model, count_macs, peak_memory_cnn,
-                                peak_memory_mnv3, receptive_field, registry_costs, trace_model)
+                                         peak_memory_mnv3, receptive_field, registry_costs)
+from helpers.analysis.trace import trace_model
 from helpers.analysis.complexity_plots import plot_tradeoffs, plotted_rows
 from models.pretrained import REGISTRY
 

@@ -1,4 +1,5 @@
-"""The eval-only fast paths (models/fast.py): same outputs as the plain eval models and frontend."""
+"""The eval-only fast paths (models/fast.py, the families' twins, models/frontend_twins.py): same
+outputs as the plain eval models and frontend."""
 import subprocess
 import sys
 
@@ -8,9 +9,14 @@ import torch
 
 from models import fast
 from models.dymn.model import get_model as get_dymn
-from models.fast import FastMelFrontend, check_precision
+from models.ensemble import EnsembleModel
+from models.fast import check_precision
+from models.frontend_twins import FastMelFrontend
+from models.mn.block_types import InvertedResidual
+from models.mn.fast import FastInvertedResidual
 from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
+from models.runtime import for_inference
 from tests.conftest import REPO, shared_path
 
 TOLERANCE = 1e-4
@@ -35,7 +41,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def assert_same_outputs(model: torch.nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         expected = model(x)
-        got = model.for_inference()(x)
+        got = for_inference(model)(x)
     assert expected[0].abs().max() > 0.01 # the comparison is not between near-zero values
     for e, g in zip(expected, got):
         assert g.dtype == torch.float32 and g.shape == e.shape
@@ -72,7 +78,7 @@ def test_fast_dymn_matches_plain_eval_model(kwargs, batch):
 def test_feature_maps_match_and_original_is_untouched():
     model = randomize(get_dymn(width_mult=0.4, num_classes=10))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    fast_model = model.for_inference()
+    fast_model = for_inference(model)
     x = torch.randn(2, 1, 128, 64)
     with torch.no_grad():
         _, expected = model(x, return_fmaps=True)
@@ -84,8 +90,52 @@ def test_feature_maps_match_and_original_is_untouched():
     assert model.training is False and not any(p.requires_grad is False for p in model.parameters())
 
 
+class ScaledInvertedResidual(InvertedResidual):
+    """A subclass computing something else: the fast path must not take it for its parent."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * super().forward(x)
+
+
+def test_stage_without_a_twin_runs_folded_and_unchanged(caplog):
+    model = randomize(get_mn(width_mult=0.4, num_classes=20))
+    model.features[4].__class__ = ScaledInvertedResidual  # a subclassed block
+    channels = model.features[7].out_channels
+    model.features.insert(8, torch.nn.Sequential(  # a new kind of stage: conv, norm, activation
+        torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False), torch.nn.BatchNorm2d(channels),
+        torch.nn.ReLU()))
+    randomize(model.features[8])
+    with caplog.at_level("INFO", logger="models.fast"):
+        assert_same_outputs(model, torch.randn(2, 1, 128, 64))
+    assert "ScaledInvertedResidual has no fast twin" in caplog.text and "Sequential has no fast twin" in caplog.text
+    fast_model = for_inference(model)
+    assert isinstance(fast_model.blocks[4], fast.FoldedStage) and isinstance(fast_model.blocks[3], FastInvertedResidual)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast_model.blocks[8].modules())  # folded
+
+
+def test_for_inference_takes_an_ensemble_and_leaves_other_models():
+    members = [randomize(get_mn(width_mult=0.1, num_classes=5), seed) for seed in (0, 1)]
+    ensemble = EnsembleModel(members).eval()
+    fast_ensemble = for_inference(ensemble)
+    assert all(isinstance(m, fast.FastTagger) for m in fast_ensemble.models)
+    x = torch.randn(2, 1, 128, 32)
+    with torch.no_grad():
+        assert (fast_ensemble(x)[0] - ensemble(x)[0]).abs().max() <= TOLERANCE
+    other = torch.nn.Linear(3, 3).train()  # e.g. an ONNX model, fast by itself
+    assert for_inference(other) is other and not other.training
+
+
+def test_frontend_twins_take_the_originals_settings():
+    frontend = AugmentMelSTFT(n_mels=64, hopsize=160, fmin=20.0, fmax=15000.0, fmax_aug_range=1)
+    assert frontend.eval_settings() == {"n_mels": 64, "sr": 32000, "win_length": 800, "hopsize": 160,
+                                        "n_fft": 1024, "fmin": 20.0, "fmax": 15000.0}
+    assert AugmentMelSTFT(**frontend.settings()).settings() == frontend.settings()
+    assert FastMelFrontend(frontend).eval_settings() == frontend.eval_settings()
+    assert AugmentMelSTFT().eval_settings()["fmax"] == 15000  # the default fmax, resolved
+
+
 def test_fast_model_is_eval_only():
-    fast_model = get_mn(width_mult=0.1).for_inference()
+    fast_model = for_inference(get_mn(width_mult=0.1))
     assert not fast_model.training and not any(p.requires_grad for p in fast_model.parameters())
     with pytest.raises(RuntimeError, match="eval-only"):
         fast_model.train()
@@ -136,7 +186,7 @@ def test_released_mn04_fast_path_matches_plain(mn04_checkpoint):
     waveform = torch.from_numpy(np.load(shared_path("golden", "metro_32k.npy"))).unsqueeze(0)
     with torch.no_grad():
         logits, embedding = model(frontend(waveform).unsqueeze(1))
-        fast_logits, fast_embedding = model.for_inference()(FastMelFrontend(frontend)(waveform).unsqueeze(1))
+        fast_logits, fast_embedding = for_inference(model)(FastMelFrontend(frontend)(waveform).unsqueeze(1))
     assert (fast_logits - logits).abs().max() <= TOLERANCE
     assert (fast_embedding - embedding).abs().max() <= TOLERANCE
 
@@ -147,7 +197,7 @@ def test_precision_names_and_bf16_without_cpu_support(monkeypatch):
         check_precision("fp16")
     monkeypatch.setattr(fast, "bf16_supported", lambda: False)
     with pytest.raises(RuntimeError, match="no native bfloat16"):
-        get_mn(width_mult=0.1).for_inference("bf16")
+        for_inference(get_mn(width_mult=0.1), "bf16")
 
 
 @pytest.mark.parametrize("build", [get_mn, get_dymn])
@@ -157,7 +207,7 @@ def test_bf16_path_close_to_fp32(build, monkeypatch):
     x = torch.randn(2, 1, 128, 40)
     with torch.no_grad():
         logits, embedding = model(x)
-        bf_logits, bf_embedding = model.for_inference("bf16")(x)
+        bf_logits, bf_embedding = for_inference(model, "bf16")(x)
     assert bf_logits.dtype == torch.float32 and bf_embedding.shape == embedding.shape
     assert (bf_logits - logits).abs().max() <= 0.05 * logits.abs().max()
 
@@ -171,7 +221,7 @@ def test_taggers_use_the_fast_path_on_the_cpu(mn04_checkpoint):
     assert type(plain.model).__name__ == "MN" and type(plain.frontend) is AugmentMelSTFT
     waveform = torch.from_numpy(np.load(shared_path("golden", "metro_32k.npy")))[None]
     assert np.abs(tagger.predict(waveform) - plain.predict(waveform)).max() <= TOLERANCE
-    assert tagger.model.for_inference() is tagger.model
+    assert for_inference(tagger.model) is tagger.model
     ensemble = build_tagger(ensemble=["mn04_as", "mn04_as"])
     assert all(isinstance(m, fast.FastTagger) for m in ensemble.model.models)
     assert np.abs(ensemble.predict(waveform) - plain.predict(waveform)).max() <= TOLERANCE
@@ -218,6 +268,6 @@ def test_narrow_pointwise_paths_match():
 def test_fast_path_keeps_freed_memory_on_glibc():
     import platform
 
-    get_mn(width_mult=0.1).for_inference()
+    for_inference(get_mn(width_mult=0.1))
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert fast.keep_freed_memory() is expected

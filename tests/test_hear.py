@@ -9,7 +9,7 @@ import torch
 
 import hear_efficientat as hear
 from datasets.audio import load_audio
-from models.fast import FastDynamicConv
+from models.dymn.fast import FastDynamicConv
 from models.dymn.model import get_model as get_dymn
 from tests.conftest import shared_path
 

@@ -88,3 +88,74 @@ def test_helpers_init_is_empty():
 ])
 def test_rules(module: str, imported: str, ok: bool):
     assert _allowed(module, imported) == ok
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (anywhere in the file)."""
+    files = {_module(p): p for p in _project_files()}
+    return {module: {name for name in _imports(path) if name in files and name != module}
+            for module, path in files.items()}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while not component or component[-1] != node:
+                component.append(stack.pop())
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return circles
+
+
+def test_no_import_circle():
+    circles = _circles(_import_graph())
+    assert not circles, "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_circle_finder_finds_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _circles(graph) == [["a", "b", "c"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
+MAX_FUNCTION_LINES = 59
+
+
+def _long_functions(source: str, label: str) -> list[str]:
+    """'label:line name (n lines)' for each function in `source` longer than MAX_FUNCTION_LINES."""
+    return [f"{label}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(ast.parse(source, label)) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_function_of_60_lines_or_more():
+    long = [entry for path in _project_files()
+            for entry in _long_functions(path.read_text(), str(path.relative_to(REPO)))]
+    assert not long, "\n".join(long)
+
+
+def test_long_function_finder():
+    def function(name: str, lines: int) -> str:  # `lines` lines including the def line
+        return f"def {name}():\n" + "".join(f"    x{i} = {i}\n" for i in range(lines - 1))
+
+    source = function("fits", MAX_FUNCTION_LINES) + "\n\n" + function("too_long", MAX_FUNCTION_LINES + 1)
+    assert [entry.split()[1] for entry in _long_functions(source, "x.py")] == ["too_long"]

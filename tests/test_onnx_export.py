@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from datasets.audio import load_audio
-from helpers.inference.onnx_export import (BatchFreeDynamicConv, DFTMelFrontend, compare_with_torch, export_onnx,
-                                 exportable_model, run_onnx)
+from helpers.inference.onnx_export import compare_with_torch, export_onnx, exportable_model, run_onnx
 from models.dymn.dy_block import DynamicConv
+from models.dymn.fast import BatchFreeDynamicConv
 from models.dymn.model import get_model as get_dymn
 from models.factory import create_frontend, create_model
+from models.frontend_twins import DFTMelFrontend
 from tests.conftest import REPO, shared_path
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from helpers.inference.tagging import Tagger
 from models.checkpoint import load_checkpoint, load_finetuned
 from models.factory import create_model, frontend_kwargs, model_config, model_from_config
-from models.fast import fast_inference
+from models.runtime import fast_inference
 from models.preprocess import AugmentMelSTFT
 
 

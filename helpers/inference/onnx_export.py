@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import os
 import tempfile
 import warnings
@@ -41,71 +40,22 @@ import torch
 from torch import nn
 
 from common.files import atomic_path, atomic_write
-from models.dymn.dy_block import Context, DynamicConv, batched_pointwise
+from models.factory import FAMILIES
+from models.frontend_twins import DFTMelFrontend
 from models.preprocess import AugmentMelSTFT
 
 DEFAULT_OPSET = 17
 
 
-class DFTMelFrontend(nn.Module):
-    """Eval-mode `AugmentMelSTFT` with the STFT as a conv1d over a precomputed DFT basis."""
-
-    def __init__(self, frontend: AugmentMelSTFT) -> None:
-        super().__init__()
-        n_fft, win = frontend.n_fft, frontend.win_length
-        self.n_fft, self.hop = n_fft, frontend.hopsize
-        window = torch.zeros(n_fft, dtype=torch.float64)
-        left = (n_fft - win) // 2  # torch.stft centres a shorter window inside the frame
-        window[left:left + win] = frontend.window.double()
-        used = torch.nonzero(frontend.mel_basis.abs().sum(dim=0) > 0).flatten()  # bins with mel weight
-        n = torch.arange(n_fft, dtype=torch.float64)
-        angle = 2 * math.pi * ((used.double().unsqueeze(1) * n) % n_fft) / n_fft
-        basis = torch.cat([window * torch.cos(angle), -window * torch.sin(angle)])
-        self.num_bins = len(used)
-        self.register_buffer("basis", basis.float().unsqueeze(1))  # (2 * bins, 1, n_fft)
-        self.register_buffer("mel_basis", frontend.mel_basis[:, used].clone())
-        self.register_buffer("preemphasis", frontend.preemphasis_coefficient.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.conv1d(x.unsqueeze(1), self.preemphasis)  # (B, 1, L - 1)
-        x = nn.functional.pad(x, (self.n_fft // 2, self.n_fft // 2), mode="reflect")
-        spec = nn.functional.conv1d(x, self.basis, stride=self.hop)  # (B, 2 * bins, T)
-        power = spec[:, :self.num_bins].pow(2) + spec[:, self.num_bins:].pow(2)
-        mel = torch.matmul(self.mel_basis, power)
-        return (torch.log(mel + 0.00001) + 4.5) / 5.0
-
-
-class BatchFreeDynamicConv(nn.Module):
-    """`DynamicConv` without batch-dependent groups (same parameters, same result)."""
-
-    def __init__(self, conv: DynamicConv) -> None:
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
-        c = self.conv
-        attention = torch.softmax(c.residuals(context[0]) / c.temperature, dim=-1)  # (B, K)
-        if c.groups == 1 and c.kernel_size == 1:
-            kernels = torch.matmul(attention, c.weight.view(c.k, -1))  # (B, out * in)
-            return batched_pointwise(x, kernels.view(-1, c.out_channels, c.in_channels))
-        g, per_group = c.groups, c.out_channels // c.groups
-        # the K kernels regrouped so that each group's K * per_group outputs are adjacent
-        kernels = c.weight.view(c.k, g, per_group, c.in_channels // g, c.kernel_size, c.kernel_size)
-        kernels = kernels.transpose(0, 1).reshape(g * c.k * per_group, c.in_channels // g,
-                                                  c.kernel_size, c.kernel_size)
-        out = nn.functional.conv2d(x, kernels, stride=c.stride, padding=c.padding, groups=g)
-        f, t = out.shape[2], out.shape[3]
-        out = out.view(-1, g, c.k, per_group, f, t) * attention.view(-1, 1, c.k, 1, 1, 1)
-        return out.sum(dim=2).view(-1, c.out_channels, f, t)
-
-
 def exportable_model(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` with every DynamicConv replaced by BatchFreeDynamicConv."""
+    """An eval-mode copy of `model` with every layer its family names an export twin for replaced by
+    it (DyMN's DynamicConv by BatchFreeDynamicConv)."""
+    twins = {layer: twin for family in FAMILIES.values() for layer, twin in family.export_twins.items()}
     model = copy.deepcopy(model).eval()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, DynamicConv):
-                setattr(parent, name, BatchFreeDynamicConv(child))
+            if type(child) in twins:
+                setattr(parent, name, twins[type(child)](child))
     return model
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.fast import FastInvertedResidual
+from models.mn.fast import FastInvertedResidual
 from models.mn.block_types import ConcurrentSEBlock, InvertedResidual
 
 

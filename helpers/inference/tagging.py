@@ -27,7 +27,9 @@ from models.checkpoint import load_finetuned
 from models.ensemble import EnsembleModel, ensemble_frontend_kwargs, get_ensemble_model
 from helpers.inference.onnx_export import OnnxModel
 from models.factory import FRONTEND_DEFAULTS, create_model, frontend_kwargs
-from models.fast import PRECISIONS, FastMelFrontend, fast_inference
+from models.fast import PRECISIONS
+from models.frontend_twins import FastMelFrontend
+from models.runtime import fast_inference
 from models.preprocess import AugmentMelSTFT
 
 # Recordings longer than this are tagged chunk by chunk (Tagger.forward_chunks), so memory does not

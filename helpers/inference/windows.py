@@ -11,7 +11,6 @@ Memory is bounded: the engine holds at most one window (exact) or one chunk with
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Optional
 
@@ -21,7 +20,6 @@ import torch
 from helpers.inference.shared_pass import SharedPass, unsupported_reason
 from helpers.inference.tagging import Tagger
 
-logger = logging.getLogger(__name__)
 
 MODES = ("exact", "shared")
 # new audio one shared pass covers (on top of its margins); larger is faster, later and bigger

@@ -14,7 +14,7 @@ from torch import nn
 from common.errors import InputError
 from helpers.training.precision import PRECISIONS
 from models.checkpoint import load_checkpoint
-from models.factory import frontend_kwargs, model_config
+from models.factory import FAMILIES, frontend_kwargs, model_config
 from models.pretrained import REGISTRY
 
 
@@ -104,15 +104,16 @@ def add_model_args(parser: argparse.ArgumentParser, model_name: str = "mn10_as",
     g.add_argument("--model_name", type=str, default=model_name,
                    help="registry name; 'dymn*' names build a DyMN")
     g.add_argument("--pretrained", action="store_true", help="start from --model_name's weights")
-    g.add_argument("--pretrain_final_temp", type=float, default=pretrain_final_temp,
-                   help="DyMN starting temperature when pretrained")
     g.add_argument("--model_width", type=float, default=1.0, help="width when not pretrained")
     g.add_argument("--strides", type=int, nargs=4, default=None,
                    help="four strides (default: the checkpoint's, else 2 2 2 2)")
     g.add_argument("--head_type", type=str, default=None,
                    choices=("mlp", "fully_convolutional", "multihead_attention_pooling"),
                    help="MN classifier head (default: the checkpoint's, else mlp)")
-    g.add_argument("--se_dims", type=str, default="c", help="MN squeeze-excitation dimensions")
+    defaults = {"pretrain_final_temp": pretrain_final_temp}
+    for family in FAMILIES.values():  # each family's own flags
+        for option, keywords in family.cli_options.items():
+            g.add_argument(f"--{option}", **{**keywords, "default": defaults.get(option, keywords["default"])})
 
 
 def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, n_epochs: int,

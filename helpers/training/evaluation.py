@@ -20,7 +20,7 @@ from helpers.training.precision import Precision
 from helpers.training.tasks import Task
 from models.checkpoint import load_finetuned
 from models.factory import model_from_config
-from models.fast import fast_inference
+from models.runtime import fast_inference
 from models.preprocess import AugmentMelSTFT
 
 logger = logging.getLogger(__name__)

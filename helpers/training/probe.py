@@ -58,6 +58,7 @@ from helpers.training.seeding import seed_epoch, seed_everything
 from helpers.training.tasks import Task, augment_training_set
 from models.checkpoint import load_checkpoint, load_finetuned, plain, save_checkpoint
 from models.preprocess import AugmentMelSTFT
+from models.runtime import for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 def inference_model(model: nn.Module) -> nn.Module:
     """The model's eval-only fast path where it has one (`for_inference`), else the model in eval
     mode."""
-    return model.for_inference() if hasattr(model, "for_inference") else model.eval()
+    return for_inference(model)
 
 
 def crop_starts(num_samples: int, window: int, n_crops: int) -> list[int]:
