@@ -41,7 +41,8 @@ from helpers.inference.live import Sinks, StopSignals, Stopped, StreamResult, St
 from helpers.inference.outputs import LineOutput, PlotKeeper, ProbabilityWriter, write_event_file
 from helpers.inference.sed import Event, window_samples
 from helpers.inference.tagging import Tagger, add_precision_arg, build_tagger, select_device
-from helpers.inference.windows import WindowEngine
+from helpers.inference.windows import MODES, WindowEngine, shared_support
+from models.factory import FRONTEND_DEFAULTS
 
 
 def add_stream_args(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +99,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--window_size", type=float, default=10.0, help="window length in seconds")
     parser.add_argument("--hop_length", type=float, default=2.5, help="hop between windows in seconds")
     parser.add_argument("--batch_size", type=int, default=8, help="windows tagged together")
+    parser.add_argument("--windows", choices=MODES, default="exact",
+                        help="exact: every window through the network on its own; shared: one pass over the "
+                             "recording cut into windows (MN only, ~5x faster at 1-s hops, but not within the "
+                             "agreement bounds of docs/long-recordings.md, so exact is the default for every model)")
+    parser.add_argument("--frames", action="store_true",
+                        help="also write per-frame probabilities (the head on each frame of the last feature "
+                             "map, MN only) to --probabilities, and draw them in --plot")
     parser.add_argument("--top_k", type=int, default=5, help="tags printed per window (0: print no windows)")
     parser.add_argument("--threshold", type=float, default=0.3, help="probability at which a class is active")
     parser.add_argument("--events", default=None,
@@ -111,11 +119,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.top_k < 0 or args.plot_classes < 1:
         raise InputError("--batch_size and --plot_classes must be at least 1, --top_k at least 0")
+    if args.frames and not (args.probabilities or args.plot):
+        raise InputError("--frames writes to --probabilities and/or --plot; give one")
     if not 0.0 <= args.threshold <= 1.0:
         raise InputError(f"--threshold must be between 0 and 1, got {args.threshold}")
     check_stream_args(args)
     with as_input_error():  # before any model is loaded; checked again at the model's sample rate
-        window_samples(args.window_size, args.hop_length, 32000)
+        window_samples(args.window_size, args.hop_length, FRONTEND_DEFAULTS["sr"], FRONTEND_DEFAULTS["n_fft"])
     for option, value, suffixes in (("--events", None if args.events == "-" else args.events,
                                      (".csv", ".json", ".jsonl")),
                                     ("--probabilities", args.probabilities, (".csv", ".npz")),
@@ -141,7 +151,12 @@ def load(args: argparse.Namespace) -> tuple[list, Tagger]:
             raise ValueError(f"--plot draws one recording; {len(sources)} files given")
         tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda),
                                       precision=args.precision)
-        window_samples(args.window_size, args.hop_length, tagger.sample_rate)
+        window_samples(args.window_size, args.hop_length, tagger.sample_rate, tagger.frontend.n_fft)
+        if args.frames and shared_support(tagger):
+            raise ValueError(f"--frames needs the shared pass: {shared_support(tagger)}")
+    if args.windows == "shared" and shared_support(tagger):
+        print(f"note: {tagger.name} runs exact windows ({shared_support(tagger)})", file=sys.stderr)
+        args.windows = "exact"
     threads = args.threads or (1 if args.audio_path == ["-"] or args.mic is not None else None)
     if threads:
         torch.set_num_threads(threads)
@@ -155,7 +170,7 @@ def make_sinks(args: argparse.Namespace, tagger: Tagger, several: bool) -> Sinks
     return Sinks(tagger.class_names, top_k=0 if args.events == "-" else args.top_k,
                  windows_out=LineOutput("-") if args.top_k and args.events != "-" else None,
                  events_out=LineOutput(events_lines) if events_lines else None,
-                 probabilities=ProbabilityWriter(args.probabilities, tagger.class_names, tagger.name)
+                 probabilities=ProbabilityWriter(args.probabilities, tagger.class_names, tagger.name, args.frames)
                  if args.probabilities else None,
                  plot=PlotKeeper(args.plot, tagger.class_names, args.plot_classes) if args.plot else None,
                  wall_clock=args.wall_clock, files_only_on_stdout=not any(files), name_in_lines=several)
@@ -165,7 +180,7 @@ def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tag
                stop: StopSignals, several: bool) -> Optional[StreamResult]:
     """Tag one file or stream through the live loop; None for a file that cannot be opened."""
     window, hop = window_samples(args.window_size, args.hop_length, tagger.sample_rate)
-    engine = WindowEngine(tagger, window, hop, batch_size=args.batch_size)
+    engine = WindowEngine(tagger, window, hop, args.windows, args.batch_size, args.frames)
     bar = None
     if isinstance(source, Path):
         name, bad = str(source), None
@@ -212,7 +227,7 @@ def finish_outputs(args: argparse.Namespace, tagger: Tagger, sinks: Sinks, event
         print(f"wrote {len(events)} event(s) to {args.events}", file=sys.stderr)
     if sinks.probabilities is not None:
         sinks.probabilities.close()
-        print(f"wrote window probabilities to {args.probabilities}", file=sys.stderr)
+        print(f"wrote {'frame' if args.frames else 'window'} probabilities to {args.probabilities}", file=sys.stderr)
     if sinks.plot is not None and last is not None:
         window, hop = window_samples(args.window_size, args.hop_length, tagger.sample_rate)
         sinks.plot.write(name, tagger.sample_rate, window, hop, last.num_samples, events)

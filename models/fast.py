@@ -19,6 +19,8 @@ import ctypes
 import logging
 import platform
 import sys
+import threading
+import time
 from typing import Callable, Mapping
 
 import torch
@@ -162,31 +164,55 @@ def replace_pointwise_convs(module: nn.Module) -> None:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _KEPT_BYTES = 1 << 30
+# freed heap memory kept for reuse at most; above it the excess goes back to the kernel
+KEPT_FREE_BYTES = 512 << 20
+RELEASE_CHECK_SECONDS = 1.0
 _malloc_tuned: bool | None = None
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
 def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep freed blocks of up to 1 GiB for reuse (process-wide, once).
+    """Let glibc's malloc keep up to `KEPT_FREE_BYTES` of freed memory for reuse (process-wide, once).
 
     By default glibc returns every freed block above 128 KiB-32 MiB to the kernel, so each new
     activation tensor of a forward pass is faulted in page by page and zeroed again: about 2,700
     page faults per 10-s clip for mn04, and a quarter to half of the fast path's time at batch 16
     (measured; see benchmarks/bench_inference.py). Raising the mmap and trim thresholds makes the
-    heap reuse those blocks, as PyTorch's CUDA caching allocator does on a GPU; the process then
-    keeps its peak heap. Called by the fast inference paths; returns whether it applied (glibc
-    only; elsewhere nothing changes)."""
+    heap reuse those blocks, as PyTorch's CUDA caching allocator does on a GPU. Unbounded, the heap
+    fragments over a long run (a 1-hour recording at 1-s hops once grew to 8.6 GB), so a daemon
+    thread checks the heap's free bytes every `RELEASE_CHECK_SECONDS` and, above the bound, gives
+    the free pages back (malloc_trim): the working set of a batch stays, fragmentation does not.
+    Called by the fast inference paths; returns whether it applied (glibc only; elsewhere nothing
+    changes)."""
     global _malloc_tuned
     if _malloc_tuned is None:
         _malloc_tuned = False
         if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
             try:
                 libc = ctypes.CDLL("libc.so.6")
+                libc.mallinfo2.restype = _MallInfo2
                 _malloc_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEPT_BYTES)
                                      and libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_BYTES))
-            except (OSError, AttributeError) as error:
+            except (OSError, AttributeError) as error:  # mallinfo2: glibc 2.33+
                 logger.debug("malloc thresholds left as they are: %s", error)
+            if _malloc_tuned:
+                threading.Thread(target=_release_excess, args=(libc,), name="release-freed-memory",
+                                 daemon=True).start()
         logger.debug("malloc keeps freed blocks: %s", _malloc_tuned)
     return _malloc_tuned
+
+
+def _release_excess(libc: ctypes.CDLL) -> None:
+    """Forever: give the heap's free pages back whenever it holds more than `KEPT_FREE_BYTES` free."""
+    while True:
+        time.sleep(RELEASE_CHECK_SECONDS)
+        if libc.mallinfo2().fordblks > KEPT_FREE_BYTES:
+            libc.malloc_trim(0)
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -13,10 +13,19 @@ import pytest
 import soundfile as sf
 
 from datasets.audio import load_audio
-from helpers.inference.sed import (WindowPredictions, detect_events, num_windows, plot_activity, sliding_windows,
-                         tag_windows, window_samples)
+from helpers.inference.sed import WindowPredictions, detect_events, num_windows, plot_activity, tag_windows, window_samples
+from helpers.inference.windows import WindowEngine
 from helpers.inference.tagging import build_tagger
 from tests.conftest import REPO, shared_path
+
+
+class EchoTagger:
+    """A stand-in tagger whose 'probabilities' are the window's samples."""
+    sample_rate = 32000
+    model_takes_waveforms = False
+
+    def predict(self, windows: np.ndarray) -> np.ndarray:
+        return windows
 
 
 def _blocks(signal: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
@@ -33,7 +42,9 @@ def _blocks(signal: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
 def test_sliding_windows_cover_the_signal(length: int, sizes: list[int]) -> None:
     window, hop = 10, 3
     signal = np.arange(1, length + 1, dtype=np.float32)
-    windows = list(sliding_windows(_blocks(signal, sizes), window, hop))
+    engine = WindowEngine(EchoTagger(), window, hop, batch_size=2)
+    windows = [w for block in _blocks(signal, sizes) for _, w in engine.push(block)]
+    windows += [w for _, w in engine.finish()]
     assert len(windows) == num_windows(length, window, hop)
     padded = np.pad(signal, (0, len(windows) * hop + window))
     for i, w in enumerate(windows):
@@ -51,8 +62,9 @@ def test_window_counts_and_validation() -> None:
     assert num_windows(11, 10, 5) == 2
     assert num_windows(50 * 32000, 320000, 80000) == 17
     assert window_samples(10.0, 2.5, 32000) == (320000, 80000)
-    with pytest.raises(ValueError, match="hop_length"):
-        window_samples(1.0, 2.0, 32000)
+    assert window_samples(1.0, 2.0, 32000) == (32000, 64000)  # gaps between windows
+    with pytest.raises(ValueError, match="one FFT frame of 1024 samples"):
+        window_samples(0.01, 0.01, 32000, 1024)
     with pytest.raises(ValueError, match="hop_length"):
         window_samples(1.0, 0.0, 32000)
     for bad in (float("inf"), float("nan")):

@@ -158,6 +158,18 @@ class StreamRun:
             for index, probs in self.engine.push(samples):
                 self._windows_done = index + 1
                 self._emit(self._window(index, probs, final=False))
+            self._frames()
+
+    def _frames(self) -> None:
+        """Frames the engine computed (--frames) to the probabilities file and the plot."""
+        if not self.engine.frames:
+            return
+        times, probs = self.engine.take_frames()
+        if self.sinks.probabilities is not None:
+            self.sinks.probabilities.add_frames(self.name, times, probs)
+        if self.sinks.plot is not None:
+            self.sinks.plot.frame_times.append(times)
+            self.sinks.plot.frame_rows.append(probs)
 
     def run(self, blocks: Iterable[np.ndarray], stop: StopSignals) -> StreamResult:
         """Tag `blocks` until they end, a signal stops them or stdout's only reader goes; then finish."""
@@ -183,6 +195,7 @@ class StreamRun:
         last = self.engine.finish()
         for index, probs in last:
             self._window(index, probs, final=True)
+        self._frames()
         kept = [(i, None if self._skip(i) else p) for i, p in last]
         self._emit(self.tracker.finish(self.engine.num_samples, kept))
         result.num_samples = self.engine.num_samples

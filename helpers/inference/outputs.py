@@ -111,30 +111,50 @@ class ProbabilityWriter:
     come (the .csv's temporary file, or a raw record file for the .npz) and the file appears whole
     at `close`."""
 
-    def __init__(self, path: str, class_names: Sequence[str], model: str) -> None:
-        self.path, self.class_names, self.model = path, list(class_names), model
+    def __init__(self, path: str, class_names: Sequence[str], model: str, frames: bool = False) -> None:
+        self.path, self.class_names, self.model, self.frames = path, list(class_names), model, frames
         self.filenames: list[str] = []
         self._stack = contextlib.ExitStack()
         self._npz = Path(path).suffix.lower() == ".npz"
         self._record = np.dtype([("file", "<i4"), ("start", "<f8"), ("end", "<f8"),
                                  ("probabilities", "<f4", (len(class_names),))])
+        self._frame_record = np.dtype([("file", "<i4"), ("time", "<f8"), ("probabilities", "<f4", (len(class_names),))])
         with writing(path):
             self._tmp = self._stack.enter_context(atomic_path(path))
             if self._npz:
                 self._rows = self._stack.enter_context(tempfile.TemporaryFile(dir=Path(path).parent))
+                if frames:
+                    self._frame_rows = self._stack.enter_context(tempfile.TemporaryFile(dir=Path(path).parent))
             else:
                 self._rows = self._stack.enter_context(open(self._tmp, "w", newline="", encoding="utf-8"))
                 self._csv = csv.writer(self._rows)
-                self._csv.writerow(["filename", "start", "end", *self.class_names])
+                self._csv.writerow(["filename", "time" if frames else "start", *([] if frames else ["end"]),
+                                    *self.class_names])
 
-    def add(self, filename: str, start: float, end: float, probs: np.ndarray) -> None:
+    def _file_index(self, filename: str) -> int:
         if not self.filenames or self.filenames[-1] != filename:
             self.filenames.append(filename)
+        return len(self.filenames) - 1
+
+    def add(self, filename: str, start: float, end: float, probs: np.ndarray) -> None:
+        """One window (with --frames, a .csv holds frames only)."""
+        index = self._file_index(filename)
         with writing(self.path):
             if self._npz:
-                np.array([(len(self.filenames) - 1, start, end, probs)], dtype=self._record).tofile(self._rows)
-            else:
+                np.array([(index, start, end, probs)], dtype=self._record).tofile(self._rows)
+            elif not self.frames:
                 self._csv.writerow([filename, f"{start:.3f}", f"{end:.3f}", *(f"{x:.5f}" for x in probs)])
+
+    def add_frames(self, filename: str, times: np.ndarray, probs: np.ndarray) -> None:
+        """Frames (--frames): their centre times in seconds and probabilities."""
+        index = self._file_index(filename)
+        with writing(self.path):
+            if self._npz:
+                rows = np.zeros(len(times), dtype=self._frame_record)
+                rows["file"], rows["time"], rows["probabilities"] = index, times, probs
+                rows.tofile(self._frame_rows)
+            else:
+                self._csv.writerows([filename, f"{t:.3f}", *(f"{x:.5f}" for x in row)] for t, row in zip(times, probs))
 
     def close(self) -> None:
         """Complete the file (the .npz is built from the record file, a block at a time)."""
@@ -144,12 +164,22 @@ class ProbabilityWriter:
                 count = self._rows.tell() // self._record.itemsize
                 rows = np.memmap(self._rows, dtype=self._record, mode="r", shape=(count,)) if count \
                     else np.zeros(0, dtype=self._record)
+                frames = self._read_frames() if self.frames else {}
                 with open(self._tmp, "wb") as f:
                     np.savez(f, filenames=np.array(self.filenames), file_index=rows["file"], starts=rows["start"],
                              ends=rows["end"], probabilities=rows["probabilities"],
-                             class_names=np.array(self.class_names), model=np.array(self.model))
-                del rows
+                             class_names=np.array(self.class_names), model=np.array(self.model), **frames)
+                del rows, frames
             self._stack.close()
+
+    def _read_frames(self) -> dict[str, np.ndarray]:
+        """The frame records as the .npz's frame_times, frame_file_index and frame_probabilities."""
+        self._frame_rows.flush()
+        count = self._frame_rows.tell() // self._frame_record.itemsize
+        rows = np.memmap(self._frame_rows, dtype=self._frame_record, mode="r", shape=(count,)) if count \
+            else np.zeros(0, dtype=self._frame_record)
+        return {"frame_times": rows["time"], "frame_file_index": rows["file"],
+                "frame_probabilities": rows["probabilities"]}
 
     def abort(self) -> None:
         """Leave nothing behind (closing the temporary file may fail again, on a full disk)."""
@@ -163,10 +193,14 @@ class PlotKeeper:
     def __init__(self, path: str, class_names: Sequence[str], k: int) -> None:
         self.path, self.class_names, self.k = path, class_names, k
         self.rows: list[np.ndarray] = []
+        self.frame_times: list[np.ndarray] = []  # --frames: drawn instead of the windows
+        self.frame_rows: list[np.ndarray] = []
 
     def write(self, filename: str, sample_rate: int, window: int, hop: int, num_samples: int,
               events: list[Event]) -> None:
+        frames = (np.concatenate(self.frame_times), np.concatenate(self.frame_rows)) if self.frame_rows else (None, None)
         pred = WindowPredictions(filename, sample_rate, window, hop, num_samples,
-                                 np.stack(self.rows) if self.rows else np.zeros((0, len(self.class_names)), np.float32))
+                                 np.stack(self.rows) if self.rows else np.zeros((0, len(self.class_names)), np.float32),
+                                 *frames)
         with writing(self.path), atomic_write(self.path, "wb") as f:
             plot_activity(pred, self.class_names, f, self.k, events)

@@ -16,18 +16,20 @@ where every overlapping window agrees.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Optional, Sequence
+from typing import IO, Iterable, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from datasets.audio import audio_duration, stream_audio
 from helpers.inference.tagging import Tagger, top_k
+from helpers.inference.windows import WindowEngine, num_windows
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class WindowPredictions:
     hop: int  # hop in samples
     num_samples: int  # length of the recording at sample_rate
     probabilities: np.ndarray  # (n_windows, n_classes) float32
+    frame_times: Optional[np.ndarray] = None  # (n_frames,) centre of each frame in seconds (frames=True)
+    frame_probabilities: Optional[np.ndarray] = None  # (n_frames, n_classes) float32
 
     @property
     def duration(self) -> float:
@@ -86,91 +90,57 @@ class Event:
 EVENT_FIELDS = ("filename", "onset", "offset", "event_label", "probability")
 
 
-def window_samples(window_size: float, hop_length: float, sample_rate: int) -> tuple[int, int]:
-    """Window and hop in samples; ValueError unless 0 < hop <= window (windows must cover the file)."""
+def window_samples(window_size: float, hop_length: float, sample_rate: int, min_window: int = 2) -> tuple[int, int]:
+    """Window and hop in samples; ValueError unless both are positive and the window holds at
+    least `min_window` samples (the frontend's FFT: a shorter window has no spectrogram frame of
+    its own). A hop longer than the window leaves gaps between windows."""
     if not (math.isfinite(window_size) and math.isfinite(hop_length)):
         raise ValueError(f"window_size and hop_length must be finite numbers of seconds, got {window_size} "
                          f"and {hop_length}")
     window, hop = round(window_size * sample_rate), round(hop_length * sample_rate)
-    if window < 2:
-        raise ValueError(f"window_size must be at least 2 samples, got {window_size} s")
-    if not 0 < hop <= window:
-        raise ValueError(f"hop_length must be positive and at most window_size, got {hop_length} s "
-                         f"for windows of {window_size} s")
+    if window < max(2, min_window):
+        raise ValueError(f"window_size must be at least {max(2, min_window) / sample_rate:g} s (one FFT frame of "
+                         f"{max(2, min_window)} samples at {sample_rate} Hz), got {window_size:g} s")
+    if hop <= 0:
+        raise ValueError(f"hop_length must be positive, got {hop_length} s")
     return window, hop
 
 
-def num_windows(num_samples: int, window: int, hop: int) -> int:
-    """Windows needed to cover `num_samples` samples: one for a recording up to a window long."""
-    if num_samples <= 0:
-        return 0
-    return 1 if num_samples <= window else math.ceil((num_samples - window) / hop) + 1
-
-
-def sliding_windows(blocks: Iterable[np.ndarray], window: int, hop: int) -> Iterator[np.ndarray]:
-    """Windows of `window` samples every `hop` samples from a stream of 1-D blocks, holding at most
-    one window plus one block. The last window is zero-padded, except when the stream is shorter
-    than one window: then it is the one window, unpadded. `num_windows` gives the count."""
-    buffer = np.zeros(0, dtype=np.float32)
-    total = emitted = 0
-    for block in blocks:
-        buffer = np.concatenate([buffer, block])
-        total += len(block)
-        while len(buffer) >= window:
-            yield buffer[:window].copy()
-            buffer = buffer[hop:]
-            emitted += 1
-    if total and emitted == 0:
-        yield np.pad(buffer, (0, max(0, 2 - len(buffer))))  # the frontend needs two samples
-    elif total and (emitted - 1) * hop + window < total:
-        yield np.pad(buffer, (0, window - len(buffer)))
-
-
-def _batches(items: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
-    batch: list[np.ndarray] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def tag_windows(tagger: Tagger, path: str | os.PathLike, window_size: float = 10.0,
-                hop_length: float = 2.5, batch_size: int = 8, progress: bool = True) -> WindowPredictions:
-    """Stream `path` and tag every window (batches of `batch_size` windows); raises AudioLoadError
-    for unreadable files. Memory is bounded by the window, the batch and one decoded block,
-    whatever the recording's length."""
+                hop_length: float = 2.5, batch_size: int = 8, progress: bool = True, mode: str = "exact",
+                frames: bool = False) -> WindowPredictions:
+    """Stream `path` through a `WindowEngine` (mode "exact" or "shared"; frames=True adds the
+    per-frame probabilities); raises AudioLoadError for unreadable files. Memory is bounded by
+    the engine and one decoded block, whatever the recording's length (the results grow by one
+    row per window or frame)."""
     window_samples(window_size, hop_length, tagger.sample_rate)  # bad settings before the file
     blocks = stream_audio(path, tagger.sample_rate, block_seconds=max(window_size, 10.0))
-    return tag_blocks(tagger, blocks, str(path), window_size, hop_length, batch_size,
-                      audio_duration(path), progress)
+    return tag_blocks(tagger, blocks, str(path), window_size, hop_length, batch_size, audio_duration(path),
+                      progress, mode, frames)
 
 
 def tag_blocks(tagger: Tagger, blocks: Iterable[np.ndarray], name: str, window_size: float = 10.0,
                hop_length: float = 2.5, batch_size: int = 8, duration: Optional[float] = None,
-               progress: bool = False) -> WindowPredictions:
+               progress: bool = False, mode: str = "exact", frames: bool = False) -> WindowPredictions:
     """`tag_windows` for a recording given as consecutive mono blocks at the tagger's sample rate
     (`duration` in seconds, where known, sizes the progress bar)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     window, hop = window_samples(window_size, hop_length, tagger.sample_rate)
-    seen = [0]
-
-    def counted(blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        for block in blocks:
-            seen[0] += len(block)
-            yield block
-
+    engine = WindowEngine(tagger, window, hop, mode, batch_size, frames)
     expected = num_windows(round(duration * tagger.sample_rate), window, hop) if duration else None
-    rows = []
+    rows, frame_times, frame_rows = [], [], []
     with tqdm(total=expected, desc=Path(name).name[:40], unit="window", disable=not progress,
               file=sys.stderr, leave=False) as bar:
-        for batch in _batches(sliding_windows(counted(blocks), window, hop), batch_size):
-            rows.append(tagger.predict(np.stack(batch)))
-            bar.update(len(batch))
-    return WindowPredictions(name, tagger.sample_rate, window, hop, seen[0], np.concatenate(rows))
+        for block in itertools.chain(blocks, [None]):
+            done = engine.push(block) if block is not None else engine.finish()
+            rows += [p for _, p in done]
+            bar.update(len(done))
+            if frames:
+                times, probs = engine.take_frames()
+                frame_times.append(times)
+                frame_rows.append(probs)
+    return WindowPredictions(name, tagger.sample_rate, window, hop, engine.num_samples, np.stack(rows),
+                             np.concatenate(frame_times) if frames else None,
+                             np.concatenate(frame_rows) if frames else None)
 
 
 def detect_events(predictions: WindowPredictions, class_names: Sequence[str],
@@ -197,13 +167,18 @@ def top_classes(predictions: WindowPredictions, k: int) -> np.ndarray:
 def plot_activity(predictions: WindowPredictions, class_names: Sequence[str], path: str | os.PathLike | IO[bytes],
                   k: int = 10, events: Optional[Sequence[Event]] = None) -> None:
     """Save a PNG heat map of the k classes with the highest window probabilities: their segment
-    probabilities over time (one row per class), with detected events outlined."""
+    probabilities (frame probabilities when the predictions have frames) over time, one row per
+    class, with detected events outlined."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     classes = top_classes(predictions, k)
     bounds, probs = predictions.segments()
+    if predictions.frame_probabilities is not None:  # frames: each a bin around its centre time
+        times, probs = predictions.frame_times, predictions.frame_probabilities
+        step = times[1] - times[0] if len(times) > 1 else predictions.duration
+        bounds = np.append(times - step / 2, times[-1] + step / 2)
     fig = Figure(figsize=(12, 1.2 + 0.35 * len(classes)), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

@@ -1,58 +1,204 @@
-"""Window computation for sound event detection: feed samples as they come, get each window's
-class probabilities as soon as its last sample is in.
+"""Windows of a stream of audio, tagged as soon as they are complete: `WindowEngine`.
 
-Provisional exact-mode engine (every window is a full forward pass of the tagger), built on
-sed.sliding_windows' rules; the long-recordings work replaces this module.
+Windows of `window` samples start every `hop` samples (hop > window leaves gaps). At the end of
+the stream the last window is zero-padded; a stream shorter than one window is one window of its
+own length (padding would dilute its tags with silence). Two modes:
+- "exact": every window through the whole network on its own (today's windowed inference);
+- "shared": the network runs once over the stream (`helpers.inference.shared_pass`, MN only) and
+  each window is the head applied to the average of the last feature map's frames that lie in it.
+Memory is bounded: the engine holds at most one window (exact) or one chunk with its margins
+(shared) of audio, and the frames the next windows still need.
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+from typing import Optional
 
+import numpy as np
+import torch
+
+from helpers.inference.shared_pass import SharedPass, unsupported_reason
 from helpers.inference.tagging import Tagger
 
 
+MODES = ("exact", "shared")
+# new audio one shared pass covers (on top of its margins); larger is faster, later and bigger
+CHUNK_SECONDS = 120.0
+
+
+def num_windows(num_samples: int, window: int, hop: int) -> int:
+    """Windows needed for `num_samples` samples: one for a stream up to a window long; then every
+    full window, and a zero-padded one if samples after the last full window are not in a gap."""
+    if num_samples <= 0:
+        return 0
+    if num_samples <= window:
+        return 1
+    full = (num_samples - window) // hop + 1
+    return full + int((full - 1) * hop + window < num_samples and full * hop < num_samples)
+
+
+def shared_support(tagger: Tagger) -> Optional[str]:
+    """Why `tagger` cannot share windows (None if it can)."""
+    if tagger.model_takes_waveforms:
+        return "an exported (ONNX) model runs exact windows"
+    return unsupported_reason(tagger.model)
+
+
 class WindowEngine:
-    """Windows of `window` samples every `hop` samples over a stream of mono float32 samples at
-    `tagger.sample_rate`, tagged in batches of at most `batch_size`. Holds at most one window."""
+    """Tag the windows of a stream fed block by block (`push`, then `finish`).
+
+    mode "exact" returns each window from `push` as soon as its last sample arrives. mode "shared"
+    needs look-ahead: a window comes out once the audio reaches `lookahead` samples past its end
+    (the pass's margin, `chunk` samples of new audio per pass: about 162 s for 10-s windows with
+    mn04/mn10 at the default chunk); `finish` returns the rest at once. With frames=True the
+    shared pass also gives per-frame probabilities (`take_frames`), in either mode.
+    """
 
     def __init__(self, tagger: Tagger, window: int, hop: int, mode: str = "exact", batch_size: int = 8,
                  frames: bool = False) -> None:
-        if mode != "exact" or frames:
-            raise ValueError("this engine computes exact windows only")
-        if not 0 < hop <= window or batch_size < 1:
-            raise ValueError(f"need 0 < hop <= window and batch_size >= 1, got {hop}, {window}, {batch_size}")
-        self.tagger, self.window, self.hop, self.batch_size = tagger, window, hop, batch_size
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if window < 2 or hop < 1 or batch_size < 1:
+            raise ValueError(f"need window >= 2, hop >= 1 and batch_size >= 1 samples, got {window}, {hop}, "
+                             f"{batch_size}")
+        self.tagger, self.window, self.hop, self.mode = tagger, window, hop, mode
+        self.batch_size, self.frames = batch_size, frames
         self.num_samples = 0
-        self._buffer = np.zeros(0, dtype=np.float32)
-        self._emitted = 0
+        self._next = 0  # index of the next window
+        self._audio = np.zeros(0, np.float32)
+        self._audio_start = 0  # absolute index of _audio[0]
+        self._shared: Optional[SharedPass] = None
+        if mode == "shared" or frames:
+            self._shared = SharedPass(tagger, context=window)
+            self.chunk = math.ceil(CHUNK_SECONDS * tagger.sample_rate / self._shared.frame) * self._shared.frame
+            self._emb = torch.zeros(0, 0)
+            self._emb_start = 0  # frame index of _emb[0]
+            self._frames_done = 0  # frames computed (valid) so far
+            self._frame_out: list[np.ndarray] = []
+            self._frame_out_start = 0
 
-    def _tag(self, windows: list[np.ndarray]) -> list[tuple[int, np.ndarray]]:
-        out = []
-        for start in range(0, len(windows), self.batch_size):
-            probs = self.tagger.predict(np.stack(windows[start:start + self.batch_size]))
-            out += [(self._emitted + start + i, p) for i, p in enumerate(probs)]
-        self._emitted += len(windows)
-        return out
+    @property
+    def lookahead(self) -> int:
+        """Samples of audio past a window's end that "shared" needs before returning it."""
+        return 0 if self.mode == "exact" else self._shared.margin + self.chunk
 
     def push(self, samples: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """Add samples; returns the windows completed by them as (index, probabilities), in order."""
+        """Feed mono float32 samples; returns the windows completed so far, (index, probabilities)."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         self.num_samples += len(samples)
-        self._buffer = np.concatenate([self._buffer, np.asarray(samples, dtype=np.float32)])
-        windows = []
-        while len(self._buffer) >= self.window:
-            windows.append(self._buffer[:self.window].copy())
-            self._buffer = self._buffer[self.hop:]
-        return self._tag(windows) if windows else []
+        self._audio = np.concatenate([self._audio, samples])
+        if self._shared is not None:
+            frame = self._shared.frame
+            while self.num_samples >= self._frames_done * frame + self.chunk + self._shared.margin:
+                self._compute_frames((self._frames_done * frame + self.chunk) // frame)
+        out = self._shared_windows() if self.mode == "shared" else self._exact_windows(final=False)
+        self._drop_audio()
+        return out
 
     def finish(self) -> list[tuple[int, np.ndarray]]:
-        """End of stream: the last window, zero-padded (a stream shorter than a window is one
-        window of its own length, at least two samples); nothing if the windows cover it."""
-        total, emitted = self.num_samples, self._emitted
-        if total and emitted == 0:
-            last = np.pad(self._buffer, (0, max(0, 2 - len(self._buffer))))
-        elif total and (emitted - 1) * self.hop + self.window < total:
-            last = np.pad(self._buffer, (0, self.window - len(self._buffer)))
-        else:
-            return []
-        self._buffer = np.zeros(0, dtype=np.float32)
-        return self._tag([last])
+        """End of the stream: the remaining windows (the last zero-padded)."""
+        total = num_windows(self.num_samples, self.window, self.hop)
+        if self.num_samples <= self.window and self._next == 0 and total:  # one window of its own length
+            out = self._exact_windows(final=True, last=1)
+            if self._shared is not None:
+                self._finish_frames(self.num_samples)
+            return out
+        end = (total - 1) * self.hop + self.window if total else self.num_samples
+        pad = max(0, end - self.num_samples)
+        self._audio = np.concatenate([self._audio, np.zeros(pad, np.float32)])
+        if self._shared is not None:
+            self._finish_frames(end)
+        if self.mode == "exact":
+            return self._exact_windows(final=True, last=total)
+        return self._shared_windows(last=total)
+
+    def take_frames(self) -> tuple[np.ndarray, np.ndarray]:
+        """Frames computed since the last call (frames=True): their centre times in seconds (n,)
+        and probabilities (n, classes): the head applied to each frame's embedding alone."""
+        if self._shared is None:
+            raise ValueError("frames were not asked for (frames=True)")
+        probs = np.concatenate(self._frame_out) if self._frame_out else np.zeros((0, len(self.tagger.class_names)),
+                                                                                  np.float32)
+        times = (self._frame_out_start + np.arange(len(probs))) * self._shared.frame / self.tagger.sample_rate
+        self._frame_out, self._frame_out_start = [], self._frame_out_start + len(probs)
+        return times, probs
+
+    # exact windows
+
+    def _exact_windows(self, final: bool, last: Optional[int] = None) -> list[tuple[int, np.ndarray]]:
+        out: list[tuple[int, np.ndarray]] = []
+        batch: list[np.ndarray] = []
+        while last is None or self._next + len(batch) < last:
+            start = (self._next + len(batch)) * self.hop - self._audio_start
+            if start + self.window <= len(self._audio):
+                batch.append(self._audio[start:start + self.window])
+            elif final and start < len(self._audio):  # a stream shorter than a window: its own length
+                rest = self._audio[start:]
+                batch.append(np.pad(rest, (0, max(0, 2 - len(rest)))))  # the frontend needs two samples
+            else:
+                break
+            if len(batch) == self.batch_size:
+                out += self._tag(batch)
+                batch = []
+        return out + self._tag(batch) if batch else out
+
+    def _tag(self, batch: list[np.ndarray]) -> list[tuple[int, np.ndarray]]:
+        probs = self.tagger.predict(np.stack(batch))
+        first, self._next = self._next, self._next + len(batch)
+        return [(first + k, row) for k, row in enumerate(probs)]
+
+    def _drop_audio(self) -> None:
+        """Forget the audio no future window or shared pass needs."""
+        keep = self._next * self.hop
+        if self._shared is not None:
+            keep = min(keep, self._frames_done * self._shared.frame - self._shared.margin)
+        drop = min(max(0, keep - self._audio_start), len(self._audio))
+        if drop:
+            self._audio, self._audio_start = self._audio[drop:].copy(), self._audio_start + drop
+
+    # shared pass
+
+    def _compute_frames(self, stop: int, end: Optional[int] = None) -> None:
+        """Frames up to `stop` (exclusive) from a pass over the audio around them (up to `end`)."""
+        frame, margin = self._shared.frame, self._shared.margin
+        first = max(0, self._frames_done * frame - margin)
+        last = end if end is not None else stop * frame + margin
+        audio = self._audio[first - self._audio_start:last - self._audio_start]
+        emb = self._shared.embeddings(audio if len(audio) >= 2 else np.pad(audio, (0, 2 - len(audio))))
+        new = emb[self._frames_done - first // frame:stop - first // frame]
+        self._emb = new if self._emb.numel() == 0 else torch.cat([self._emb, new])
+        self._frames_done += len(new)
+        if self.frames:
+            self._frame_out.append(self.tagger.probabilities(self._shared.logits(new)))
+
+    def _finish_frames(self, end: int) -> None:
+        frame = self._shared.frame
+        while self._frames_done < math.ceil(end / frame):
+            stop = min(math.ceil(end / frame), self._frames_done + self.chunk // frame)
+            self._compute_frames(stop, end=min(end, stop * frame + self._shared.margin))
+
+    def _shared_windows(self, last: Optional[int] = None) -> list[tuple[int, np.ndarray]]:
+        frame = self._shared.frame
+        ready: list[tuple[int, torch.Tensor]] = []
+        while last is None or self._next + len(ready) < last:
+            i = self._next + len(ready)
+            start = i * self.hop
+            stop = math.ceil((start + self.window) / frame)  # frames j cover [j, j + 1) * frame
+            if stop > self._frames_done or (last is None and start + self.window > self.num_samples):
+                break
+            j = torch.arange(start // frame, stop)
+            weights = (torch.clamp(torch.minimum((j + 1) * frame, torch.tensor(start + self.window))
+                                   - torch.maximum(j * frame, torch.tensor(start)), min=0)).float()
+            rows = self._emb[j - self._emb_start]
+            ready.append((i, weights @ rows / weights.sum()))
+        out = []
+        for k in range(0, len(ready), self.batch_size):
+            part = ready[k:k + self.batch_size]
+            probs = self.tagger.probabilities(self._shared.logits(torch.stack([p for _, p in part])))
+            out += [(i, row) for (i, _), row in zip(part, probs)]
+        self._next += len(ready)
+        first_needed = (self._next * self.hop) // frame
+        if first_needed > self._emb_start:
+            self._emb = self._emb[first_needed - self._emb_start:]
+            self._emb_start = first_needed
+        return out

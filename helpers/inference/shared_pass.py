@@ -1,0 +1,152 @@
+"""One pass of an MN over a long stretch of audio, shared by every window that overlaps it.
+
+A window's exact output needs the network run over that window alone, because every MN
+squeeze-excitation (SE) scales its channels by a context pooled over all the frames it sees. Run
+once over a long input, a plain SE would pool over the whole input instead. Here each SE frame
+gets the context of a moving window of the analysis window's length, centred on that frame, at
+that layer's own time resolution (what an exact window around that frame would pool), so the
+last feature map can be computed once and cut into windows (`window_logits`). Measured against
+exact windows in docs/long-recordings.md.
+
+Everything before the head is local, so a stretch computed with `margin` samples of audio on
+each side that are thrown away gives the same frames as one pass over the whole recording (up
+to float rounding): each SE adds half a window to the reach of the layers after it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.mn.fast import FastInvertedResidual
+from models.mn.block_types import ConcurrentSEBlock, InvertedResidual
+
+
+def unsupported_reason(model: nn.Module) -> Optional[str]:
+    """Why `model` cannot run the shared pass (None if it can): an MN whose SE are channel-only
+    (every released MN) and whose head pools the last feature map."""
+    if getattr(model, "head_type", None) not in ("mlp", "fully_convolutional") or not hasattr(model, "stages"):
+        return "only MN models with a pooling head (mlp, fully convolutional) share windows"
+    for stage in model.stages():
+        if isinstance(stage, FastInvertedResidual) and stage.se is not None or \
+                isinstance(stage, InvertedResidual) and any(_se_layer(m) is None for m in stage.block
+                                                            if isinstance(m, ConcurrentSEBlock)):
+            return "squeeze-excitation over frequency or time cannot be shared"
+        if not isinstance(stage, (FastInvertedResidual, InvertedResidual)) and \
+                any(isinstance(m, ConcurrentSEBlock) or "Dynamic" in type(m).__name__ for m in stage.modules()):
+            return "dynamic (DyMN) blocks pool context in every layer; they run exact windows"
+        if "Dynamic" in type(stage).__name__:
+            return "dynamic (DyMN) blocks pool context in every layer; they run exact windows"
+    return None
+
+
+def _se_layer(se: ConcurrentSEBlock) -> Optional[nn.Module]:
+    layers = se.conc_se_layers
+    return layers[0] if len(layers) == 1 and layers[0].dim == 1 else None
+
+
+def _moving_scale(se: nn.Module, x: torch.Tensor, half: float) -> torch.Tensor:
+    """SE scale (B, C, 1, T) of x (B, C, F, T) with each frame's context the mean over frames
+    within `half` frames of it (clipped at the ends of x); `half` inf pools over everything."""
+    means = x.float().mean(2)  # (B, C, T)
+    t = means.shape[-1]
+    sums = nn.functional.pad(means.cumsum(-1), (1, 0))
+    centre = torch.arange(t, device=x.device)
+    lo = (centre - math.floor(half) if math.isfinite(half) else centre * 0).clamp(0, t)
+    hi = (centre + math.ceil(half) if math.isfinite(half) else centre * 0 + t).clamp(0, t)
+    context = (sums[..., hi] - sums[..., lo]) / (hi - lo).clamp(min=1)
+    scale = torch.sigmoid(se.fc2(torch.relu(se.fc1(context.transpose(1, 2)))))  # (B, T, C)
+    return scale.transpose(1, 2).unsqueeze(2).to(x.dtype)
+
+
+class SharedPass:
+    """The last feature map of an MN over stretches of audio, pooled over frequency: one
+    embedding per frame of `frame` samples, frame j centred at sample j * frame of the stretch's
+    start (stretches start at multiples of `frame`). `context` is the SE's moving window in
+    samples (the analysis window); None pools each SE over the whole stretch (for comparison)."""
+
+    def __init__(self, tagger, context: Optional[int]) -> None:
+        reason = unsupported_reason(tagger.model)
+        if reason or tagger.model_takes_waveforms:
+            raise ValueError(reason or "an exported (ONNX) model runs exact windows")
+        self.tagger, self.model, self.context = tagger, tagger.model, context
+        self.stages = list(self.model.stages())
+        self.strides = self._stage_strides()  # time stride of each stage's input, in spectrogram frames
+        self.hop = tagger.frontend.hopsize
+        self.frame = self.hop * self.strides[-1]
+        reach = tagger.frontend.n_fft // 2 + 1 + self._conv_reach() * self.hop
+        if context is not None:
+            reach += sum(context // 2 + self.hop * s for s, stage in zip(self.strides, self.stages)
+                         if self._se(stage) is not None)
+        self.margin = math.ceil(reach / self.frame) * self.frame
+
+    def _stage_strides(self) -> list[int]:
+        """Time stride at each stage's input and, last, at the output (probed on a short input)."""
+        x = torch.zeros(1, 1, self.tagger.frontend.n_mels, 256, device=self.tagger.device)
+        strides = []
+        with torch.no_grad():
+            for stage in self.stages:
+                strides.append(256 // x.shape[-1])
+                x = stage(x)
+        return strides + [256 // x.shape[-1]]
+
+    def _conv_reach(self) -> int:
+        """Frames of spectrogram on each side that the convolutions alone look at."""
+        reach = 0
+        for stride, stage in zip(self.strides, self.stages):
+            for m in stage.modules():
+                weight = getattr(m, "weight", None)
+                if isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[-1] > 1:
+                    dilation = getattr(m, "dilation", (1, 1))
+                    reach += (weight.shape[-1] - 1) // 2 * dilation[-1] * stride
+        return reach + self.strides[-1]
+
+    @staticmethod
+    def _se(stage: nn.Module) -> Optional[nn.Module]:
+        if isinstance(stage, FastInvertedResidual):
+            return stage.channel_scale
+        if isinstance(stage, InvertedResidual):
+            return next((_se_layer(m) for m in stage.block if isinstance(m, ConcurrentSEBlock)), None)
+        return None
+
+    def _half(self, x: torch.Tensor, out: torch.Tensor, stride: int) -> float:
+        """Half the SE's moving window in frames of `out` (a block's input x at time `stride`)."""
+        if self.context is None:
+            return math.inf
+        return self.context / 2 / (self.hop * stride * round(x.shape[-1] / out.shape[-1]))
+
+    def _block(self, stage: nn.Module, x: torch.Tensor, stride: int) -> torch.Tensor:
+        """A block with a moving-window SE (stage input x at time `stride`)."""
+        if isinstance(stage, FastInvertedResidual):
+            out = stage.depthwise(x if stage.expand is None else stage.expand(x))
+            out = out.mul_(_moving_scale(stage.channel_scale, out, self._half(x, out, stride)))
+            out = stage.project(out)
+            return out.add_(x) if stage.use_res_connect else out
+        out = x
+        for layer in stage.block:
+            out = out * _moving_scale(_se_layer(layer), out, self._half(x, out, stride)) \
+                if isinstance(layer, ConcurrentSEBlock) else layer(out)
+        return out + x if stage.use_res_connect else out
+
+    @torch.no_grad()
+    def embeddings(self, audio: np.ndarray) -> torch.Tensor:
+        """Per-frame embeddings (T', C) float32 of a stretch of audio (its first frame centred at
+        its first sample)."""
+        x = self.tagger.spectrograms(torch.from_numpy(audio)[None].to(self.tagger.device))
+        if hasattr(self.model, "dtype"):  # the fast copy's compute precision and layout
+            x = x.to(self.model.dtype, memory_format=torch.channels_last)
+        for stride, stage in zip(self.strides, self.stages):
+            x = stage(x) if self._se(stage) is None else self._block(stage, x, stride)
+        return x.float().mean(2)[0].T.contiguous()
+
+    @torch.no_grad()
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head on pooled embeddings (N, C): logits (N, classes)."""
+        features = pooled.to(self.tagger.device)[:, :, None, None]
+        if hasattr(self.model, "dtype"):
+            features = features.to(self.model.dtype, memory_format=torch.channels_last)
+        return self.model.forward_head(features).float()
+
