@@ -37,7 +37,7 @@ RUN_ELSEWHERE = {
     "python -m pytest -q": (".ci/run", "pytest -q"),
     FIRST_COMMAND: ("tests/test_readme.py", "test_first_command_prints_the_expected_output_offline"),
     "python ex_custom.py --pretrained_name mn04_as --dataset_dir my_sounds --clip_length 5":
-        ("tests/test_probe.py", "test_custom_probe_checkpoint_tags_through_inference"),
+        ("tests/test_finetune_scripts.py", "test_custom_tones_vs_noise_reaches_full_accuracy"),
     "python ex_audioset.py --model_name=mn10_as --dataset_dir=/data/audioset":
         ("tests/test_audioset.py", "test_evaluation_parity_with_sklearn_and_direct_inference"),
     "arecord -q -f S16_LE -r 32000 -c 1 -t raw | python windowed_inference.py --model mn04_as --audio_path - "

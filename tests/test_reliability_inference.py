@@ -158,12 +158,16 @@ def test_interrupted_tagging_keeps_every_finished_result_and_resumes(tmp_path, c
     assert len(rows) == 2 * len(clips) and {r.split(",")[0] for r in rows} == {str(c) for c in clips}
 
 
-def test_interrupted_embedding_saves_what_was_done(tmp_path, clips, mn04_checkpoint):
+def test_interrupted_embedding_saves_what_was_done(tmp_path, mn04_checkpoint):
+    folder = tmp_path / "many"  # enough clips that the run is still going when the signal comes, however fast
+    folder.mkdir()
+    for k in range(150):
+        _noise(folder / f"c{k:03d}.wav", 4.0)
     out = tmp_path / "emb.npz"
-    proc = _start("embeddings.py", "--model_name", "mn04_as", "--audio_path", str(clips[0].parent),
+    proc = _start("embeddings.py", "--model_name", "mn04_as", "--audio_path", str(folder),
                   "--output", str(out), "--batch_size", "1")
     seen = ""
-    while not re.search(r"\| *([3-9]|1\d)/24", seen):  # three files read, so two embedded
+    while not re.search(r"\| *([3-9]|[1-9]\d)/150", seen):  # three files read, so two embedded
         chunk = os.read(proc.stderr.fileno(), 256).decode()
         assert chunk, seen  # it ended before
         seen += chunk
@@ -171,9 +175,9 @@ def test_interrupted_embedding_saves_what_was_done(tmp_path, clips, mn04_checkpo
     _, stderr = proc.communicate(timeout=120)
     stderr = seen + stderr
     assert proc.returncode == 143 and "Traceback" not in stderr
-    done = int(re.search(r"interrupted by SIGTERM: (\d+) of 24 file\(s\) embedded, saved to", stderr).group(1))
+    done = int(re.search(r"interrupted by SIGTERM: (\d+) of 150 file\(s\) embedded, saved to", stderr).group(1))
     with np.load(out) as data:
-        assert 2 <= data["embeddings"].shape[0] == len(data["filenames"]) == done < 24
+        assert 2 <= data["embeddings"].shape[0] == len(data["filenames"]) == done < 150
 
 
 def test_repeated_files_symlinked_output_and_nan_audio(tmp_path, mn04_checkpoint, labels_file):
@@ -326,6 +330,7 @@ def test_teacher_index_runs_no_code_and_reads_json_and_csv(tmp_path):
 def test_a_changed_cached_checkpoint_of_a_known_name_is_refused(tmp_path, monkeypatch, mn04_checkpoint):
     import common.download as download
     from models.pretrained import checkpoint_path
+    monkeypatch.setattr(download, "SHIPPED_DIR", tmp_path / "nothing_shipped")  # the cache copy, not resources/
     cache = tmp_path / "cache"
     cache.mkdir()
     copy = cache / mn04_checkpoint.name
