@@ -124,8 +124,8 @@ def test_bad_input_is_a_value_error_with_the_commands_message(tagger, demo, tmp_
         with pytest.raises(ValueError) as error:
             tagger.tag(audio, sample_rate=rate_given)
         assert str(error.value).startswith(problem) and "\n" not in str(error.value)
-    with pytest.raises(ValueError, match="hop_length must be positive and at most window_size"):
-        tagger.detect(waveform, sample_rate=rate, window=2.0, hop=3.0)
+    with pytest.raises(ValueError, match="hop_length must be positive"):
+        tagger.detect(waveform, sample_rate=rate, window=2.0, hop=0.0)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda' asked for, but PyTorch sees no CUDA GPU"):
             Tagger("mn04_as", device="cuda")
