@@ -228,14 +228,13 @@ def test_taggers_use_the_fast_path_on_the_cpu(mn04_checkpoint):
 
 
 def test_inference_precision_flag(mn04_checkpoint):
-    metro = shared_path("audio", "metro_station-paris.wav")
-    result = subprocess.run([sys.executable, "inference.py", "--model_name", "mn04_as", "--audio_path", str(metro),
+    demo = REPO / "resources" / "demo_bells.wav"
+    result = subprocess.run([sys.executable, "inference.py", "--model_name", "mn04_as", "--audio_path", str(demo),
                              "--precision", "bf16", "--top_k", "5"], cwd=REPO, capture_output=True, text=True,
                             timeout=600)
     if fast.bf16_supported():
         assert result.returncode == 0, result.stderr
-        assert [line.split(":")[0] for line in result.stdout.splitlines()[1:6]] == [
-            "Train", "Rail transport", "Railroad car, train wagon", "Subway, metro, underground", "Vehicle"]
+        assert {line.split(":")[0] for line in result.stdout.splitlines()[1:3]} == {"Clang", "Ding"}
     else:
         assert result.returncode == 2 and "no native bfloat16" in result.stderr
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import soundfile as sf
 import torch
 
 from helpers.inference.onnx_export import agreement, export_onnx, quantize_onnx, run_onnx
 from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
-from tests.conftest import REPO, shared_path
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +69,19 @@ def _script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_quantizes_and_inference_tags_with_the_onnx_model(tmp_path: Path) -> None:
-    metro = shared_path("audio", "metro_station-paris.wav")
+    demo = REPO / "resources" / "demo_bells.wav"
+    noise = tmp_path / "calibration" / "noise.wav"  # a second, different calibration clip
+    noise.parent.mkdir()
+    sf.write(noise, (0.1 * np.random.default_rng(0).standard_normal(5 * 32000)).astype(np.float32), 32000)
     out = tmp_path / "mn04_int8.onnx"
     result = _script("export_onnx.py", "--model", "mn04_as", "--with_frontend", "--quantize", "int8",
-                     "--calibration", str(metro), str(REPO / "resources" / "demo_bells.wav"), "--output", str(out))
+                     "--calibration", str(demo), str(noise), "--output", str(out))
     assert result.returncode == 0, result.stderr
     assert "static, calibrated on 2 clip(s)" in result.stdout and "top-5 agreement" in result.stdout
-    assert [p.name for p in tmp_path.iterdir()] == ["mn04_int8.onnx"]
-    tagged = _script("inference.py", "--onnx", str(out), "--audio_path", str(metro), "--top_k", "4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration", "mn04_int8.onnx"]
+    tagged = _script("inference.py", "--onnx", str(out), "--audio_path", str(demo), "--top_k", "4")
     assert tagged.returncode == 0, tagged.stderr
-    assert [line.split(":")[0] for line in tagged.stdout.splitlines()[1:5]] == [
-        "Train", "Rail transport", "Railroad car, train wagon", "Subway, metro, underground"]
+    assert {line.split(":")[0] for line in tagged.stdout.splitlines()[1:3]} == {"Clang", "Ding"}
 
 
 def test_cli_flag_combinations_are_refused(tmp_path: Path) -> None:

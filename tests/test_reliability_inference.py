@@ -20,7 +20,7 @@ import torch
 
 from common.errors import AudioLoadError, DownloadError, InputError, run_cli
 from datasets.audio import find_audio_files, load_audio
-from tests.conftest import REPO, shared_path
+from tests.conftest import REPO
 
 SR = 32000
 NOT_AUDIO = b"\0" * 24  # what macOS leaves as ._clip.flac on a non-Mac disk, near enough
@@ -262,7 +262,7 @@ def test_onnx_without_stored_settings_warns_and_checks_the_graph(exported, tmp_p
 @pytest.mark.parametrize("make, problem", [
     (lambda d: d / "missing.onnx", "no such file"),
     (lambda d: d, "is a folder, not an ONNX model"),
-    (lambda d: shared_path("weights", "mn04_as_mAP_432.pt"), "not an ONNX model"),
+    (lambda d: REPO / "resources" / "mn04_as_mAP_432.pt", "not an ONNX model"),
     (lambda d: (d / "notes.onnx", (d / "notes.onnx").write_text("hello\n"))[0], "not an ONNX model"),
 ])
 def test_onnx_files_that_are_not_models_are_one_line(tmp_path, capsys, make, problem):

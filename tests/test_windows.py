@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import shared_path
+from tests.conftest import REPO, shared_path
 from datasets.audio import load_audio
 from helpers.inference.tagging import Tagger, build_tagger
 from helpers.inference.windows import WindowEngine, num_windows
@@ -168,7 +168,7 @@ def test_cli_shared_frames_npz_csv_and_plot(tmp_path: Path, mn04_checkpoint: Pat
     import soundfile as sf
 
     path = tmp_path / "field.wav"
-    sf.write(path, np.tile(load_audio(shared_path("audio", "metro_station-paris.wav"), SR), 2), SR)
+    sf.write(path, np.tile(load_audio(REPO / "resources" / "demo_bells.wav", SR), 4)[:20 * SR], SR)  # 20 s
     npz, table, png = tmp_path / "frames.npz", tmp_path / "frames.csv", tmp_path / "frames.png"
     common = ["--model_name", "mn04_as", "--audio_path", str(path), "--window_size", "10", "--hop_length", "1",
               "--windows", "shared", "--frames", "--top_k", "0"]
