@@ -139,9 +139,11 @@ def model_cache(folder: Path, names: list[str]) -> list[str]:
     from models.pretrained import get_entry
 
     folder.mkdir(exist_ok=True)
-    for f in cache_dir().iterdir():
+    for f in cache_dir().iterdir() if cache_dir().is_dir() else ():  # no user cache yet: shipped files only
         (folder / f.name).symlink_to(f.resolve())
-    missing = [n for n in names if not (folder / get_entry(n).filename).exists()]
+    shipped = Path(REPO / "resources")
+    missing = [n for n in names if not (folder / get_entry(n).filename).exists()
+               and not (shipped / get_entry(n).filename).exists()]
     for name in missing:
         torch.save(create_model(name, pretrained=False).state_dict(), folder / get_entry(name).filename)
     return missing
