@@ -14,8 +14,8 @@ small enough to commit, so that architecture and frontend parity are checked in 
   seed and are too large to commit: `dymn04_seeded/...` holds the outputs of our DyMN (checked here
   against the golden outputs first) with weights drawn per key from `seeded_state` below.
 - state_dict_shapes.json.gz: the golden file itself (compressed).
-- complexity.json: the original tools' parameter, MAC and peak-memory figures of the MN widths
-  (golden/complexity.json, the figures the complexity tests compare with).
+- complexity_figures.json: the original tools' parameter, MAC and peak-memory figures of the MN
+  widths (golden/complexity.json), one figure per "width/head/figure" path.
 """
 from __future__ import annotations
 
@@ -138,8 +138,19 @@ def main() -> None:
     (EXPECT / "random_models.json").write_text(json.dumps(meta["random"], indent=1) + "\n")
     with gzip.GzipFile(EXPECT / "state_dict_shapes.json.gz", "wb", compresslevel=9, mtime=0) as f:
         f.write((golden / "state_dict_shapes.json").read_bytes())
-    (EXPECT / "complexity.json").write_text(json.dumps(
-        json.loads((golden / "complexity.json").read_text()), indent=1) + "\n")
+    (EXPECT / "complexity_figures.json").write_text(json.dumps(
+        flatten(json.loads((golden / "complexity.json").read_text())), indent=1, sort_keys=True) + "\n")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"mn04/mlp/params": 983599, ...}: one figure per path (tests/test_complexity.py rebuilds the tree)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 if __name__ == "__main__":
