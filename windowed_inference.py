@@ -37,7 +37,8 @@ from datasets.audio import audio_duration, find_audio_files, stream_audio
 from datasets.mic import Microphone, input_devices
 from datasets.stream import RAW_FORMATS, Stream, open_stream
 from helpers.inference.events import EventTracker
-from helpers.inference.live import Sinks, StopSignals, Stopped, StreamResult, StreamRun, counted
+from helpers.inference.interrupt import Interrupted, StopSignals
+from helpers.inference.live import Sinks, StreamResult, StreamRun, counted
 from helpers.inference.outputs import LineOutput, PlotKeeper, ProbabilityWriter, write_event_file
 from helpers.inference.sed import Event, window_samples
 from helpers.inference.tagging import Tagger, add_precision_arg, build_tagger, select_device
@@ -288,10 +289,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     stop = StopSignals()
     with stop.installed():
+        stop.hold()  # a signal is noted; the loop stops at the next block (or at once while waiting for input)
         try:
             with stop.waiting():
                 sources, tagger = load(args)
-        except Stopped as e:
+        except Interrupted as e:
             print(f"interrupted by {e} before anything was tagged", file=sys.stderr)
             return 128 + e.signum
         return run(args, sources, tagger, stop)

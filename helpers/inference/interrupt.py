@@ -2,7 +2,9 @@
 
 Inside `StopSignals.installed()` the first of these signals raises `Interrupted` where the program
 is (decoding, running the model), except inside `deferred()` blocks (writing a result), which finish
-first. Later signals are ignored, so the run's closing writes are not cut short.
+first. Later signals are ignored, so the run's closing writes are not cut short. A live stream turns
+it around: after `hold()` a signal is only noted (the loop stops at the next block), except inside
+`waiting()` (blocked on input), where it raises at once.
 """
 from __future__ import annotations
 
@@ -59,3 +61,15 @@ class StopSignals:
             self._deferred -= 1
         if self.signum is not None and not self._deferred:
             raise Interrupted(self.signum)
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Inside a held run, a block (waiting for input) that a signal interrupts at once; a signal
+        noted before raises on entry."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+        self._deferred -= 1
+        try:
+            yield
+        finally:
+            self._deferred += 1

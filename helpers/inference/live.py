@@ -9,9 +9,7 @@ end at the last sample, and the caller writes its files whole.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -21,52 +19,11 @@ import numpy as np
 from common.errors import AudioLoadError
 from datasets.stream import StreamStalled
 from helpers.inference.events import EventChange, EventTracker
+from helpers.inference.interrupt import Interrupted, StopSignals
 from helpers.inference.outputs import LineOutput, PlotKeeper, ProbabilityWriter, event_line, window_lines
 from helpers.inference.windows import WindowEngine
 
 logger = logging.getLogger(__name__)
-
-
-class Stopped(Exception):
-    """A signal asked the program to stop; `signum` says which."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class StopSignals:
-    """SIGINT and SIGTERM stop the run without losing work: while `waiting()` (blocked on input) they
-    raise Stopped at once; elsewhere they are noted in `signum` and the loop stops at the next block."""
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._armed = False
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.signum = self.signum or signum
-        if self._armed:
-            self._armed = False
-            raise Stopped(signum)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator["StopSignals"]:
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        if self.signum is not None:
-            raise Stopped(self.signum)
-        self._armed = True
-        try:
-            yield
-        finally:
-            self._armed = False
 
 
 @dataclass
@@ -187,7 +144,7 @@ class StreamRun:
                 if self.sinks.stdout_gone():
                     result.reader_gone = True
                     break
-        except Stopped as e:
+        except Interrupted as e:
             result.stopped = e.signum
         except (AudioLoadError, StreamStalled) as e:
             result.error = str(e)
