@@ -254,7 +254,7 @@ def run(args: argparse.Namespace, sources: list, tagger: Tagger, stop: StopSigna
                 break
         if done:
             finish_outputs(args, tagger, sinks, events, last, getattr(sources[0], "name", str(sources[0])))
-    except InputError:
+    except (InputError, OSError):  # a failed write: leave no partial file
         if sinks.probabilities is not None:
             sinks.probabilities.abort()
         raise

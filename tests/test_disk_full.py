@@ -99,3 +99,21 @@ def test_prepare_hdf5_stops_short_of_a_full_disk_and_continues_when_there_is_roo
     assert "continuing the " in proc.stderr and "wrote 10 clips" in proc.stdout
     assert Mp3HDF5(output).names() == [f"clip{i}.mp3" for i in range(10)]
     assert sorted(p.name for p in small_disk.iterdir()) == ["out.hdf"]
+
+
+def test_windowed_probabilities_on_a_full_disk_is_the_same_one_line(tmp_path: Path, small_disk: Path,
+                                                                    mn04_checkpoint: Path, labels_file: Path) -> None:
+    """windowed_inference.py streams its rows to disk: a full disk there is the shared line, exit 1,
+    and no partial file is left."""
+    import numpy as np
+    import soundfile as sf
+
+    clip = tmp_path / "long.wav"
+    sf.write(clip, (0.1 * np.random.default_rng(0).standard_normal(60 * 32000)).astype(np.float32), 32000)
+    _fill(small_disk, 4096)
+    out = small_disk / "p.csv"
+    result = _script(["windowed_inference.py", "--model_name", "mn04_as", "--audio_path", clip, "--window_size", "2",
+                      "--hop_length", "1", "--top_k", "0", "--probabilities", out])
+    assert result.returncode == 1, result.stderr
+    assert _error_lines(result.stderr) == [f"error: {out}: no space left on device"]
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]

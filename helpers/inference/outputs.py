@@ -25,7 +25,7 @@ from typing import IO, Any, Iterator, Optional, Sequence
 import numpy as np
 
 from common.errors import InputError
-from common.files import atomic_path, atomic_write
+from common.files import DISK_FULL, atomic_path, atomic_write, disk_full
 from helpers.inference.events import EventChange
 from helpers.inference.tables import TableWriter
 from helpers.inference.sed import EVENT_FIELDS, Event, WindowPredictions, plot_activity
@@ -34,10 +34,13 @@ from helpers.inference.tagging import top_k
 
 @contextlib.contextmanager
 def writing(path: str | Path) -> Iterator[None]:
-    """Inside: an OSError (no space left, a file size limit) is an InputError naming `path`."""
+    """Inside: a full disk or quota is the scripts' shared one line (`common.files.disk_full`, exit 1);
+    any other OSError (a file size limit) is an InputError naming `path`."""
     try:
         yield
     except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full(e, path) from None
         raise InputError(f"{path}: cannot be written ({e.strerror or e})") from None
 
 
