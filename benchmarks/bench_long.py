@@ -2,6 +2,7 @@
 
     python benchmarks/bench_long.py --agreement                 # real clips strung together, mn04_as
     python benchmarks/bench_long.py --minutes 60 --model_name mn04_as mn10_as   # speed and RSS
+    python benchmarks/bench_long.py --localization              # which frame output localizes best
 
 --agreement builds a sequence from real recordings (the demo bells, ../shared/audio, the
 UrbanSound8K clips of ../shared/data/urbansound8k_subset, each trimmed to its true extent, with
@@ -11,7 +12,7 @@ whether the events at --threshold match (same labels, onsets and offsets within 
 --minutes writes a recording of that length (the same sequence repeated, written block by block)
 and runs `windowed_inference.py --windows exact` and `--windows shared` on it side by side, each
 in its own process, printing the wall time of the whole command and its resident memory sampled
-every second (peak, and mean over the first and last quarters of the run: flat means no growth).
+every 0.1 s (peak, and mean over the first and last quarters of the run: flat means no growth).
 Models whose weights are not at hand run with random weights (speed only; said in the output).
 """
 from __future__ import annotations
@@ -39,24 +40,30 @@ SHARED = Path(os.environ.get("EFFICIENTAT_SHARED", REPO.parent / "shared"))
 SR = 32000
 
 
-def real_sequence(seed: int = 0) -> np.ndarray:
+def real_sequence(seed: int = 0, truth: bool = False):
     """The demo bells, ../shared/audio and the UrbanSound8K subset's clips (true extent) in a
-    shuffled order, with 1-6 s of near-silence (-60 dB noise) between them."""
+    shuffled order, with 1-6 s of near-silence (-60 dB noise) between them. With truth=True also
+    where each clip lies: (start s, end s, its AudioSet class names, or None for the unlabelled
+    demo and ../shared/audio recordings)."""
     us8k = SHARED / "data" / "urbansound8k_subset"
     paths = [REPO / "resources" / "demo_bells.wav", *sorted((SHARED / "audio").glob("*.wav"))]
-    extents = {}
     with open(us8k / "subset.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            extents[row["file"]] = float(row["end"]) - float(row["start"])
+        rows = {row["file"]: row for row in csv.DictReader(f)}
     rng = np.random.default_rng(seed)
-    clips = [load_audio(p, SR) for p in paths]
-    for name in sorted(extents):
-        clip = load_audio(us8k / name, SR)
-        clips.append(clip[:max(2, round(extents[name] * SR))])
-    parts = []
+    clips = [(load_audio(p, SR), None) for p in paths]
+    for name in sorted(rows):
+        extent = float(rows[name]["end"]) - float(rows[name]["start"])
+        clip = load_audio(us8k / name, SR)[:max(2, round(extent * SR))]
+        clips.append((clip, rows[name]["audioset_names"].split(";")))
+    parts, where, position = [], [], 0
     for k in rng.permutation(len(clips)):
-        parts += [clips[k], 0.001 * rng.standard_normal(int(rng.uniform(1, 6) * SR)).astype(np.float32)]
-    return np.concatenate(parts)
+        clip, names = clips[k]
+        gap = 0.001 * rng.standard_normal(int(rng.uniform(1, 6) * SR)).astype(np.float32)
+        where.append((position / SR, (position + len(clip)) / SR, names))
+        parts += [clip, gap]
+        position += len(clip) + len(gap)
+    wave = np.concatenate(parts)
+    return (wave, where) if truth else wave
 
 
 def tag(tagger, wave: np.ndarray, mode: str, window: int, hop: int) -> np.ndarray:
@@ -104,6 +111,56 @@ def agreement(args: argparse.Namespace) -> None:
               f"{extra} extra in shared")
 
 
+def average_precision(score: np.ndarray, positive: np.ndarray) -> float:
+    order = np.argsort(-score, kind="stable")
+    hits = positive[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / max(1, hits.sum()))
+
+
+def localization(args: argparse.Namespace) -> None:
+    """Frame-level average precision of the UrbanSound8K clips' classes on the real sequence (a
+    frame is positive where its centre lies inside a clip of that class; frames within 5 s of the
+    unlabelled recordings are left out): single frames, centred moving means of frame embeddings,
+    and exact windows' hop segments."""
+    import torch
+
+    from helpers.inference.shared_pass import MovingFrames, SharedPass
+
+    wave, where = real_sequence(truth=True)
+    tagger = build_tagger(args.model_name[0])
+    shared = SharedPass(tagger, context=round(args.window_size * SR))
+    embeddings = shared.embeddings(wave)
+    times = np.arange(len(embeddings)) * shared.frame / SR
+    classes = sorted({tuple(names) for _, _, names in where if names})
+    unlabelled = np.zeros(len(times), bool)
+    positive = {names: np.zeros(len(times), bool) for names in classes}
+    for start, end, names in where:
+        if names is None:
+            unlabelled |= (times >= start - 5) & (times < end + 5)
+        else:
+            positive[tuple(names)] |= (times >= start) & (times < end)
+
+    def report(label: str, probs: np.ndarray) -> None:
+        aps = [average_precision(probs[:, [tagger.class_names.index(n) for n in names]].max(1)[~unlabelled],
+                                 positive[names][~unlabelled]) for names in classes]
+        print(f"  {label:40s} mAP {np.mean(aps):.3f}   " + " ".join(f"{a:.2f}" for a in aps))
+
+    print(f"frame-level AP on the real sequence ({len(wave) / SR:.0f} s, {len(classes)} classes: "
+          f"{'; '.join(n[0] for n in classes)}), {args.model_name[0]}, frames every {shared.frame / SR:.2f} s")
+    for count in (1, 3, 5, 9, 15, 31):
+        moving = MovingFrames(count)
+        smoothed = torch.cat([moving.push(embeddings), moving.push(embeddings[:0], final=True)])
+        report(f"frames, moving mean of {count} ({count * shared.frame / SR:.1f} s)",
+               tagger.probabilities(shared.logits(smoothed)))
+    for window, hop in ((args.window_size, args.hop_length), (1.0, 0.32), (2.0, 0.32), (3.0, 0.32)):
+        probs = tag(tagger, wave, "exact", round(window * SR), round(hop * SR))
+        predictions = WindowPredictions("seq", SR, round(window * SR), round(hop * SR), len(wave), probs)
+        bounds, segments = predictions.segments()
+        rows = np.clip(np.searchsorted(bounds, times, side="right") - 1, 0, len(segments) - 1)
+        report(f"exact windows of {window:g} s every {hop:g} s", segments[rows])
+
+
 def write_recording(path: Path, minutes: float) -> None:
     sequence = real_sequence()
     total = int(minutes * 60 * SR)
@@ -113,9 +170,10 @@ def write_recording(path: Path, minutes: float) -> None:
 
 
 def run_command(command: list[str]) -> tuple[float, list[float]]:
-    """Wall time of `command` and its RSS in MiB sampled every second."""
+    """Wall time of `command` and its RSS in MiB sampled every 0.1 s."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=REPO)
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, cwd=REPO)
     samples = []
     while proc.poll() is None:
         try:
@@ -123,9 +181,11 @@ def run_command(command: list[str]) -> tuple[float, list[float]]:
                 samples += [int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS")]
         except OSError:
             pass
-        time.sleep(1.0)
+        time.sleep(0.1)
     if proc.returncode:
-        raise SystemExit(f"error: {' '.join(command)} exited with {proc.returncode}")
+        errors.seek(0)
+        tail = errors.read().decode(errors="replace").strip().splitlines()[-1:]
+        raise SystemExit(f"error: {' '.join(command)} exited with {proc.returncode}: {' '.join(tail)}")
     return time.perf_counter() - t0, samples
 
 
@@ -175,6 +235,7 @@ def speed(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agreement", action="store_true", help="measure agreement on real recordings")
+    parser.add_argument("--localization", action="store_true", help="frame-level AP of frames and windows")
     parser.add_argument("--minutes", type=float, default=None, help="length of the speed/memory recording")
     parser.add_argument("--model_name", nargs="+", default=["mn04_as"])
     parser.add_argument("--window_size", type=float, default=10.0)
@@ -185,5 +246,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.agreement:
         agreement(args)
+    if args.localization:
+        localization(args)
     if args.minutes:
         speed(args)

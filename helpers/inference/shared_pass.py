@@ -80,6 +80,7 @@ class SharedPass:
     samples (the analysis window); None pools each SE over the whole stretch (for comparison)."""
 
     SPECTROGRAM_PIECE = 2000  # frames (20 s at the released 10-ms hop)
+    LOCAL_PIECE = 2048  # spectrogram frames; a multiple of every time stride
 
     def __init__(self, tagger, context: Optional[int]) -> None:
         reason = unsupported_reason(tagger.model)
@@ -89,6 +90,7 @@ class SharedPass:
         self.stages = list(self.model.stages())
         self.strides = self._stage_strides()  # time stride of each stage's input, in spectrogram frames
         self.hop = tagger.frontend.hopsize
+        self.local = next((i for i, stage in enumerate(self.stages) if self._se(stage) is not None), len(self.stages))
         self.frame = self.hop * self.strides[-1]
         reach = tagger.frontend.n_fft // 2 + 1 + self._conv_reach() * self.hop
         if context is not None:
@@ -107,16 +109,17 @@ class SharedPass:
                 x = stage(x)
         return strides + [256 // x.shape[-1]]
 
-    def _conv_reach(self) -> int:
-        """Frames of spectrogram on each side that the convolutions alone look at."""
+    def _conv_reach(self, stages: Optional[int] = None) -> int:
+        """Frames of spectrogram on each side that the convolutions alone look at (of the first
+        `stages` stages; all by default)."""
         reach = 0
-        for stride, stage in zip(self.strides, self.stages):
+        for stride, stage in zip(self.strides, self.stages[:stages]):
             for m in stage.modules():
                 weight = getattr(m, "weight", None)
                 if isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[-1] > 1:
                     dilation = getattr(m, "dilation", (1, 1))
                     reach += (weight.shape[-1] - 1) // 2 * dilation[-1] * stride
-        return reach + self.strides[-1]
+        return reach + self.strides[-1 if stages is None else stages]
 
     @staticmethod
     def _se(stage: nn.Module) -> Optional[nn.Module]:
@@ -149,12 +152,30 @@ class SharedPass:
     def embeddings(self, audio: np.ndarray) -> torch.Tensor:
         """Per-frame embeddings (T', C) float32 of a stretch of audio (its first frame centred at
         its first sample)."""
-        x = self._spectrogram(audio)
-        if hasattr(self.model, "dtype"):  # the fast copy's compute precision and layout
-            x = x.to(self.model.dtype, memory_format=torch.channels_last)
-        for stride, stage in zip(self.strides, self.stages):
+        x = self._local_stages(self._spectrogram(audio))
+        for stride, stage in zip(self.strides[self.local:], self.stages[self.local:]):
             x = stage(x) if self._se(stage) is None else self._block(stage, x, stride)
         return _frequency_mean(x)[0].contiguous()
+
+    def _local_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """The stages before the first SE (convolutions only: local in time) over a spectrogram
+        (1, 1, n_mels, T), in pieces of `LOCAL_PIECE` frames with their reach on each side, as the
+        spectrogram: they run at the highest resolution, where a whole stretch held ~250 MB for
+        mn10."""
+        if hasattr(self.model, "dtype"):  # the fast copy's compute precision and layout
+            x = x.to(self.model.dtype, memory_format=torch.channels_last)
+        stride, total = self.strides[self.local], x.shape[-1]
+        pad = math.ceil(self._conv_reach(self.local) / stride) * stride
+        pieces = []
+        for first in range(0, total, self.LOCAL_PIECE):
+            last = min(total, first + self.LOCAL_PIECE)
+            start, end = max(0, first - pad), total if last == total else last + pad
+            y = x[..., start:end]
+            for stage in self.stages[:self.local]:
+                y = stage(y)
+            skip = (first - start) // stride
+            pieces.append(y[..., skip:] if last == total else y[..., skip:skip + (last - first) // stride])
+        return torch.cat(pieces, -1) if len(pieces) > 1 else pieces[0]
 
     def _spectrogram(self, audio: np.ndarray) -> torch.Tensor:
         """The model's input (1, 1, n_mels, T) for a stretch, computed in pieces of

@@ -26,6 +26,7 @@ MODES = ("exact", "shared")
 CHUNK_SECONDS = 120.0
 # the moving window of a frame probability (--frame_window): measured in docs/long-recordings.md
 FRAME_WINDOW_SECONDS = 3.0
+HEAD_BATCH = 512  # shared windows through the head at once (the head alone is cheap)
 
 
 def frame_count(window_seconds: float, frame_seconds: float) -> int:
@@ -88,7 +89,7 @@ class WindowEngine:
 
     mode "exact" returns each window from `push` as soon as its last sample arrives. mode "shared"
     needs look-ahead: a window comes out once the audio reaches `lookahead` samples past its end
-    (the pass's margin, `chunk` samples of new audio per pass: about 162 s for 10-s windows with
+    (the pass's margin, `chunk` samples of new audio per pass: about 143 s for 10-s windows with
     mn04/mn10 at the default chunk); `finish` returns the rest at once. With frames=True the
     shared pass also gives per-frame probabilities (`take_frames`), in either mode: the head on
     the mean embedding of the `frame_window` samples (rounded to an odd count of frames; default
@@ -225,25 +226,31 @@ class WindowEngine:
             self._add_frames(self._smoother.push(torch.zeros(0, 0), final=True))
 
     def _shared_windows(self, last: Optional[int] = None) -> list[tuple[int, np.ndarray]]:
+        """The windows whose frames are all computed (and, mid-stream, whose audio is all in): the
+        head on the overlap-weighted mean of their frames (frame j covers [j, j + 1) * frame)."""
         frame = self._shared.frame
-        ready: list[tuple[int, torch.Tensor]] = []
-        while last is None or self._next + len(ready) < last:
-            i = self._next + len(ready)
-            start = i * self.hop
-            stop = math.ceil((start + self.window) / frame)  # frames j cover [j, j + 1) * frame
-            if stop > self._frames_done or (last is None and start + self.window > self.num_samples):
-                break
-            j = torch.arange(start // frame, stop)
-            weights = (torch.clamp(torch.minimum((j + 1) * frame, torch.tensor(start + self.window))
-                                   - torch.maximum(j * frame, torch.tensor(start)), min=0)).float()
-            rows = self._emb[j - self._emb_start]
-            ready.append((i, weights @ rows / weights.sum()))
-        out = []
-        for k in range(0, len(ready), self.batch_size):
-            part = ready[k:k + self.batch_size]
-            probs = self.tagger.probabilities(self._shared.logits(torch.stack([p for _, p in part])))
-            out += [(i, row) for (i, _), row in zip(part, probs)]
-        self._next += len(ready)
+        bound = (self._frames_done * frame - self.window) // self.hop  # last window with all frames
+        if last is None:
+            bound = min(bound, (self.num_samples - self.window) // self.hop)
+        else:
+            bound = min(bound, last - 1)
+        count = max(0, bound - self._next + 1)
+        if not count:
+            return []
+        # the mean over [start, end) is the difference of the embedding's running integral
+        sums = torch.nn.functional.pad(self._emb.double().cumsum(0), (0, 0, 1, 0))
+        rows = torch.nn.functional.pad(self._emb.double(), (0, 0, 0, 1))
+
+        def integral(at: torch.Tensor) -> torch.Tensor:
+            j = torch.div(at, frame, rounding_mode="floor")
+            return sums[j - self._emb_start] * frame + rows[j - self._emb_start] * (at - j * frame)[:, None]
+
+        starts = (self._next + torch.arange(count, dtype=torch.int64)) * self.hop
+        pooled = ((integral(starts + self.window) - integral(starts)) / self.window).float()
+        probs = np.concatenate([self.tagger.probabilities(self._shared.logits(pooled[k:k + HEAD_BATCH]))
+                                for k in range(0, count, HEAD_BATCH)])
+        out = [(self._next + k, row) for k, row in enumerate(probs)]
+        self._next += count
         first_needed = (self._next * self.hop) // frame
         if first_needed > self._emb_start:
             self._emb = self._emb[first_needed - self._emb_start:]
