@@ -152,8 +152,9 @@ def main() -> None:
                 # without val rows the test half is the script's validation split
                 accuracy = float(re.findall(r"^(?:test|validation) \(.*accuracy ([0-9.]+)", out, re.M)[-1])
                 results[name].append((accuracy, wall, cpu))
-                print(f"fold {fold} {name}: test accuracy {accuracy:.3f}, {wall:.0f} s wall, {cpu:.0f} s CPU",
-                      flush=True)
+                chosen = re.findall(r"^recipe .*", out, re.M)  # the script's summary: what was chosen
+                print(f"fold {fold} {name}: test accuracy {accuracy:.3f}, {wall:.0f} s wall, {cpu:.0f} s CPU"
+                      + (f"; {chosen[-1]}" if chosen else ""), flush=True)
     print("\n| recipe | " + " | ".join(f"fold {f}" for f in args.folds) + " | mean | wall s | CPU s |")
     print("|---|" + "---|" * (len(args.folds) + 3))
     for name in recipes:
