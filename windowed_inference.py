@@ -42,7 +42,7 @@ from helpers.inference.live import Sinks, StreamResult, StreamRun, counted
 from helpers.inference.outputs import LineOutput, PlotKeeper, ProbabilityWriter, write_event_file
 from helpers.inference.sed import Event, window_samples
 from helpers.inference.tagging import Tagger, add_precision_arg, build_tagger, select_device
-from helpers.inference.windows import MODES, WindowEngine, shared_support
+from helpers.inference.windows import FRAME_WINDOW_SECONDS, MODES, WindowEngine, shared_support
 from models.factory import FRONTEND_DEFAULTS
 
 
@@ -105,8 +105,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "recording cut into windows (MN only, ~5x faster at 1-s hops, but not within the "
                              "agreement bounds of docs/long-recordings.md, so exact is the default for every model)")
     parser.add_argument("--frames", action="store_true",
-                        help="also write per-frame probabilities (the head on each frame of the last feature "
-                             "map, MN only) to --probabilities, and draw them in --plot")
+                        help="also write probabilities every frame of the last feature map (0.32 s, MN only) "
+                             "to --probabilities, and draw them in --plot")
+    parser.add_argument("--frame_window", type=float, default=FRAME_WINDOW_SECONDS,
+                        help="--frames: each frame's probability is the head on the mean of the frames within "
+                             "this many seconds around it (0: the frame alone; 3 s localized best, "
+                             "docs/long-recordings.md)")
     parser.add_argument("--top_k", type=int, default=5, help="tags printed per window (0: print no windows)")
     parser.add_argument("--threshold", type=float, default=0.3, help="probability at which a class is active")
     parser.add_argument("--events", default=None,
@@ -122,6 +126,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         raise InputError("--batch_size and --plot_classes must be at least 1, --top_k at least 0")
     if args.frames and not (args.probabilities or args.plot):
         raise InputError("--frames writes to --probabilities and/or --plot; give one")
+    if not 0.0 <= args.frame_window <= 3600:
+        raise InputError(f"--frame_window must be between 0 and 3600 seconds, got {args.frame_window}")
     if not 0.0 <= args.threshold <= 1.0:
         raise InputError(f"--threshold must be between 0 and 1, got {args.threshold}")
     check_stream_args(args)
@@ -181,7 +187,8 @@ def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tag
                stop: StopSignals, several: bool) -> Optional[StreamResult]:
     """Tag one file or stream through the live loop; None for a file that cannot be opened."""
     window, hop = window_samples(args.window_size, args.hop_length, tagger.sample_rate)
-    engine = WindowEngine(tagger, window, hop, args.windows, args.batch_size, args.frames)
+    engine = WindowEngine(tagger, window, hop, args.windows, args.batch_size, args.frames,
+                          round(args.frame_window * tagger.sample_rate))
     bar = None
     if isinstance(source, Path):
         name, bad = str(source), None

@@ -60,7 +60,7 @@ def test_exact_window_comes_out_with_its_last_sample() -> None:
     assert engine.push(np.ones(29, np.float32)) == []
     assert [i for i, _ in engine.push(np.ones(1, np.float32))] == [0]
     assert [i for i, _ in engine.push(np.ones(20, np.float32))] == [1, 2]
-    assert engine.num_samples == 50 and len(engine._audio) <= 30
+    assert engine.num_samples == 50 and len(engine._samples.held) <= 30
 
 
 def _small_mn_tagger(**kwargs) -> Tagger:
@@ -92,6 +92,72 @@ def test_shared_result_does_not_depend_on_chunks_or_blocks() -> None:
     for windows, frames in results[1:]:
         np.testing.assert_allclose(windows, results[0][0], atol=2e-5)
         np.testing.assert_allclose(frames, results[0][1], atol=2e-5)
+
+
+def test_frames_are_the_head_on_a_centred_moving_mean_of_frame_embeddings() -> None:
+    """--frame_window: 0 gives each frame alone, the default the mean of 9 frames (~3 s) around it,
+    clipped at the ends; both in any chunking."""
+    from helpers.inference.shared_pass import SharedPass
+
+    tagger = _small_mn_tagger()
+    signal = _signal(13.1)  # 11 windows of 4 s: the last one zero-padded to 14 s
+    emb = SharedPass(tagger, context=4 * SR).embeddings(np.pad(signal, (0, 14 * SR - len(signal))))  # one pass
+    for frame_window, count in ((0, 1), (None, 9), (SR, 3)):
+        engine = WindowEngine(tagger, 4 * SR, SR, "shared", frames=True, frame_window=frame_window)
+        engine.chunk = 7 * engine._shared.frame
+        _run(engine, signal, [SR // 3])
+        frames = engine.take_frames()[1]
+        assert len(frames) == len(emb) == 44
+        half = count // 2
+        mean = torch.stack([emb[max(0, j - half):j + half + 1].mean(0) for j in range(len(frames))])
+        expected = tagger.probabilities(SharedPass(tagger, context=4 * SR).logits(mean))
+        np.testing.assert_allclose(frames, expected, atol=2e-5)
+
+
+def test_moving_frames_in_any_pieces() -> None:
+    from helpers.inference.shared_pass import MovingFrames
+
+    x = torch.randn(60, 3, dtype=torch.float64)
+    for count, sizes in ((1, [60]), (5, [1]), (9, [7, 2, 20]), (31, [4])):
+        moving, out, k = MovingFrames(count), [], 0
+        while k < len(x):
+            out.append(moving.push(x[k:k + sizes[len(out) % len(sizes)]]))
+            k += sizes[(len(out) - 1) % len(sizes)]
+        got = torch.cat(out + [moving.push(x[:0], final=True)])
+        expected = torch.stack([x[max(0, j - count // 2):j + count // 2 + 1].mean(0) for j in range(len(x))])
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="odd"):
+        MovingFrames(4)
+
+
+def test_spectrogram_in_pieces_is_the_spectrogram_at_once() -> None:
+    from helpers.inference.shared_pass import SharedPass
+
+    tagger = _small_mn_tagger()
+    shared = SharedPass(tagger, context=4 * SR)
+    rng = np.random.default_rng(3)
+    for length in (3 * SR, 320 * 50, 320 * 50 + 1, 320 * 123 + 77):
+        audio = (0.1 * rng.standard_normal(length)).astype(np.float32)
+        shared.SPECTROGRAM_PIECE = 50
+        pieces = shared._spectrogram(audio)
+        whole = tagger.spectrograms(torch.from_numpy(audio)[None])
+        assert pieces.shape == whole.shape
+        torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=0)
+
+
+def test_sample_buffer_keeps_what_is_not_dropped() -> None:
+    from helpers.inference.windows import SampleBuffer
+
+    buffer, stream, rng = SampleBuffer(), np.arange(10_000, dtype=np.float32), np.random.default_rng(0)
+    k = 0
+    while k < len(stream):
+        n = int(rng.integers(1, 700))
+        buffer.append(stream[k:k + n])
+        k = min(len(stream), k + n)
+        buffer.drop(int(rng.integers(0, 500)))
+        np.testing.assert_array_equal(buffer.held, stream[buffer.start:k])
+    buffer.drop(10**9)
+    assert len(buffer.held) == 0 and buffer.start == len(stream)
 
 
 def test_shared_short_stream_is_the_exact_window() -> None:
@@ -183,6 +249,9 @@ def test_cli_shared_frames_npz_csv_and_plot(tmp_path: Path, mn04_checkpoint: Pat
     rows = table.read_text().splitlines()
     assert result.returncode == 0 and rows[0].startswith("filename,time,Speech") and len(rows) == n + 1
     assert rows[2].split(",")[1] == "0.320"
+    result = _cli(*common, "--probabilities", str(table), "--frame_window", "-1")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: --frame_window must be between 0 and 3600 seconds, got -1.0")
 
 
 def test_cli_refuses_a_window_shorter_than_one_fft_frame(tmp_path: Path) -> None:

@@ -108,24 +108,27 @@ def window_samples(window_size: float, hop_length: float, sample_rate: int, min_
 
 def tag_windows(tagger: Tagger, path: str | os.PathLike, window_size: float = 10.0,
                 hop_length: float = 2.5, batch_size: int = 8, progress: bool = True, mode: str = "exact",
-                frames: bool = False) -> WindowPredictions:
+                frames: bool = False, frame_window: Optional[float] = None) -> WindowPredictions:
     """Stream `path` through a `WindowEngine` (mode "exact" or "shared"; frames=True adds the
-    per-frame probabilities); raises AudioLoadError for unreadable files. Memory is bounded by
+    per-frame probabilities, each the head on the mean of the frames within `frame_window` seconds
+    around it; default `windows.FRAME_WINDOW_SECONDS`); raises AudioLoadError for unreadable files. Memory is bounded by
     the engine and one decoded block, whatever the recording's length (the results grow by one
     row per window or frame)."""
     window_samples(window_size, hop_length, tagger.sample_rate)  # bad settings before the file
     blocks = stream_audio(path, tagger.sample_rate, block_seconds=max(window_size, 10.0))
     return tag_blocks(tagger, blocks, str(path), window_size, hop_length, batch_size, audio_duration(path),
-                      progress, mode, frames)
+                      progress, mode, frames, frame_window)
 
 
 def tag_blocks(tagger: Tagger, blocks: Iterable[np.ndarray], name: str, window_size: float = 10.0,
                hop_length: float = 2.5, batch_size: int = 8, duration: Optional[float] = None,
-               progress: bool = False, mode: str = "exact", frames: bool = False) -> WindowPredictions:
+               progress: bool = False, mode: str = "exact", frames: bool = False,
+               frame_window: Optional[float] = None) -> WindowPredictions:
     """`tag_windows` for a recording given as consecutive mono blocks at the tagger's sample rate
     (`duration` in seconds, where known, sizes the progress bar)."""
     window, hop = window_samples(window_size, hop_length, tagger.sample_rate)
-    engine = WindowEngine(tagger, window, hop, mode, batch_size, frames)
+    engine = WindowEngine(tagger, window, hop, mode, batch_size, frames,
+                          None if frame_window is None else round(frame_window * tagger.sample_rate))
     expected = num_windows(round(duration * tagger.sample_rate), window, hop) if duration else None
     rows, frame_times, frame_rows = [], [], []
     with tqdm(total=expected, desc=Path(name).name[:40], unit="window", disable=not progress,

@@ -17,13 +17,20 @@ from typing import Optional
 import numpy as np
 import torch
 
-from helpers.inference.shared_pass import SharedPass, unsupported_reason
+from helpers.inference.shared_pass import MovingFrames, SharedPass, unsupported_reason
 from helpers.inference.tagging import Tagger
 
 
 MODES = ("exact", "shared")
 # new audio one shared pass covers (on top of its margins); larger is faster, later and bigger
 CHUNK_SECONDS = 120.0
+# the moving window of a frame probability (--frame_window): measured in docs/long-recordings.md
+FRAME_WINDOW_SECONDS = 3.0
+
+
+def frame_count(window_seconds: float, frame_seconds: float) -> int:
+    """The odd number of frames closest to `window_seconds` (at least one)."""
+    return max(1, 2 * round((window_seconds / frame_seconds - 1) / 2) + 1)
 
 
 def num_windows(num_samples: int, window: int, hop: int) -> int:
@@ -44,6 +51,38 @@ def shared_support(tagger: Tagger) -> Optional[str]:
     return unsupported_reason(tagger.model)
 
 
+class SampleBuffer:
+    """The samples of a stream still needed: appended at the end, forgotten at the front, each
+    sample copied O(1) times on average (a stream of many small blocks is not re-copied whole at
+    every block)."""
+
+    def __init__(self) -> None:
+        self._data = np.zeros(0, np.float32)
+        self._begin = self._end = 0
+        self.start = 0  # stream index of held[0]
+
+    @property
+    def held(self) -> np.ndarray:
+        """The held samples (a view: valid until the next append or drop)."""
+        return self._data[self._begin:self._end]
+
+    def append(self, samples: np.ndarray) -> None:
+        if self._end + len(samples) > len(self._data):  # move to the front, and grow if still short
+            held = self._end - self._begin
+            data = self._data if held + len(samples) <= len(self._data) // 2 else \
+                np.empty(2 * (held + len(samples)), np.float32)
+            data[:held] = self._data[self._begin:self._end]
+            self._data, self._begin, self._end = data, 0, held
+        self._data[self._end:self._end + len(samples)] = samples
+        self._end += len(samples)
+
+    def drop(self, count: int) -> None:
+        """Forget the first `count` held samples (fewer if fewer are held; none if count <= 0)."""
+        count = min(max(0, count), self._end - self._begin)
+        self._begin += count
+        self.start += count
+
+
 class WindowEngine:
     """Tag the windows of a stream fed block by block (`push`, then `finish`).
 
@@ -51,11 +90,13 @@ class WindowEngine:
     needs look-ahead: a window comes out once the audio reaches `lookahead` samples past its end
     (the pass's margin, `chunk` samples of new audio per pass: about 162 s for 10-s windows with
     mn04/mn10 at the default chunk); `finish` returns the rest at once. With frames=True the
-    shared pass also gives per-frame probabilities (`take_frames`), in either mode.
+    shared pass also gives per-frame probabilities (`take_frames`), in either mode: the head on
+    the mean embedding of the `frame_window` samples (rounded to an odd count of frames; default
+    `FRAME_WINDOW_SECONDS`) centred on each frame.
     """
 
     def __init__(self, tagger: Tagger, window: int, hop: int, mode: str = "exact", batch_size: int = 8,
-                 frames: bool = False) -> None:
+                 frames: bool = False, frame_window: Optional[int] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if window < 2 or hop < 1 or batch_size < 1:
@@ -65,8 +106,7 @@ class WindowEngine:
         self.batch_size, self.frames = batch_size, frames
         self.num_samples = 0
         self._next = 0  # index of the next window
-        self._audio = np.zeros(0, np.float32)
-        self._audio_start = 0  # absolute index of _audio[0]
+        self._samples = SampleBuffer()
         self._shared: Optional[SharedPass] = None
         if mode == "shared" or frames:
             self._shared = SharedPass(tagger, context=window)
@@ -76,6 +116,8 @@ class WindowEngine:
             self._frames_done = 0  # frames computed (valid) so far
             self._frame_out: list[np.ndarray] = []
             self._frame_out_start = 0
+            seconds = FRAME_WINDOW_SECONDS if frame_window is None else frame_window / tagger.sample_rate
+            self._smoother = MovingFrames(frame_count(seconds, self._shared.frame / tagger.sample_rate))
 
     @property
     def lookahead(self) -> int:
@@ -86,7 +128,7 @@ class WindowEngine:
         """Feed mono float32 samples; returns the windows completed so far, (index, probabilities)."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         self.num_samples += len(samples)
-        self._audio = np.concatenate([self._audio, samples])
+        self._samples.append(samples)
         if self._shared is not None:
             frame = self._shared.frame
             while self.num_samples >= self._frames_done * frame + self.chunk + self._shared.margin:
@@ -105,7 +147,7 @@ class WindowEngine:
             return out
         end = (total - 1) * self.hop + self.window if total else self.num_samples
         pad = max(0, end - self.num_samples)
-        self._audio = np.concatenate([self._audio, np.zeros(pad, np.float32)])
+        self._samples.append(np.zeros(pad, np.float32))
         if self._shared is not None:
             self._finish_frames(end)
         if self.mode == "exact":
@@ -129,11 +171,12 @@ class WindowEngine:
         out: list[tuple[int, np.ndarray]] = []
         batch: list[np.ndarray] = []
         while last is None or self._next + len(batch) < last:
-            start = (self._next + len(batch)) * self.hop - self._audio_start
-            if start + self.window <= len(self._audio):
-                batch.append(self._audio[start:start + self.window])
-            elif final and start < len(self._audio):  # a stream shorter than a window: its own length
-                rest = self._audio[start:]
+            audio = self._samples.held
+            start = (self._next + len(batch)) * self.hop - self._samples.start
+            if start + self.window <= len(audio):
+                batch.append(audio[start:start + self.window])
+            elif final and start < len(audio):  # a stream shorter than a window: its own length
+                rest = audio[start:]
                 batch.append(np.pad(rest, (0, max(0, 2 - len(rest)))))  # the frontend needs two samples
             else:
                 break
@@ -152,9 +195,7 @@ class WindowEngine:
         keep = self._next * self.hop
         if self._shared is not None:
             keep = min(keep, self._frames_done * self._shared.frame - self._shared.margin)
-        drop = min(max(0, keep - self._audio_start), len(self._audio))
-        if drop:
-            self._audio, self._audio_start = self._audio[drop:].copy(), self._audio_start + drop
+        self._samples.drop(keep - self._samples.start)
 
     # shared pass
 
@@ -163,19 +204,25 @@ class WindowEngine:
         frame, margin = self._shared.frame, self._shared.margin
         first = max(0, self._frames_done * frame - margin)
         last = end if end is not None else stop * frame + margin
-        audio = self._audio[first - self._audio_start:last - self._audio_start]
+        audio = self._samples.held[first - self._samples.start:last - self._samples.start]
         emb = self._shared.embeddings(audio if len(audio) >= 2 else np.pad(audio, (0, 2 - len(audio))))
         new = emb[self._frames_done - first // frame:stop - first // frame]
         self._emb = new if self._emb.numel() == 0 else torch.cat([self._emb, new])
         self._frames_done += len(new)
         if self.frames:
-            self._frame_out.append(self.tagger.probabilities(self._shared.logits(new)))
+            self._add_frames(self._smoother.push(new))
+
+    def _add_frames(self, embeddings: torch.Tensor) -> None:
+        if len(embeddings):
+            self._frame_out.append(self.tagger.probabilities(self._shared.logits(embeddings)))
 
     def _finish_frames(self, end: int) -> None:
         frame = self._shared.frame
         while self._frames_done < math.ceil(end / frame):
             stop = min(math.ceil(end / frame), self._frames_done + self.chunk // frame)
             self._compute_frames(stop, end=min(end, stop * frame + self._shared.margin))
+        if self.frames:
+            self._add_frames(self._smoother.push(torch.zeros(0, 0), final=True))
 
     def _shared_windows(self, last: Optional[int] = None) -> list[tuple[int, np.ndarray]]:
         frame = self._shared.frame
