@@ -6,14 +6,18 @@ split would test on near-copies of training clips. Every class is cut into two h
 no recording time: whole recordings (largest first) go to the half below its share; a class with a
 single recording is cut at the time that balances the halves best, the clips crossing the cut are
 dropped. Fold k tests on half k; the other half is cut again the same way into train (2/3) and val
-(1/3, early stopping / best epoch). The `probe` row fits on train only, like the others; the
-`probe (train+val)` row gives it all labelled clips of the half, since the probe makes no choice
-on the validation data. `logreg (train+val)` is the reference the probe must match: scikit-learn's
+(1/3, early stopping / best epoch). The `probe` row is the recipe as a user runs it (C by CV on
+train, head refitted on train + val); the `probe (train+val)` row gives it all labelled clips of
+the half as training clips. Without val rows the script takes the test half as its validation
+split: its score is that of the head fitted on the training clips (the validation line, printed
+before the refit, which then also sees the test half: ignore that checkpoint). `logreg (train+val)` is the reference the probe must match: scikit-learn's
 logistic regression (C = 1) on standardized pooled embeddings (`embeddings.py`'s, whole files).
 
-Each run is a fresh `python ex_custom.py` process (embedding cache emptied first); the table
-gives test accuracy per fold, the mean, and wall / CPU seconds per run (the machine may be shared:
-CPU seconds are the steadier figure).
+Each run is a fresh `python ex_custom.py` process (embedding cache emptied first); each line
+ends with the script's summary (what was chosen), the table gives test accuracy per fold, the
+mean, and wall / CPU seconds per run (the machine may be shared: CPU seconds are the steadier
+figure). `bench_probe_variants.py` compares probe features and window settings faster, from
+features exported once.
 
     python benchmarks/bench_small_data.py                        # all recipes, both folds
     python benchmarks/bench_small_data.py --recipes probe --folds 0
@@ -152,8 +156,9 @@ def main() -> None:
                 # without val rows the test half is the script's validation split
                 accuracy = float(re.findall(r"^(?:test|validation) \(.*accuracy ([0-9.]+)", out, re.M)[-1])
                 results[name].append((accuracy, wall, cpu))
-                print(f"fold {fold} {name}: test accuracy {accuracy:.3f}, {wall:.0f} s wall, {cpu:.0f} s CPU",
-                      flush=True)
+                chosen = re.findall(r"^recipe .*", out, re.M)  # the script's summary: what was chosen
+                print(f"fold {fold} {name}: test accuracy {accuracy:.3f}, {wall:.0f} s wall, {cpu:.0f} s CPU"
+                      + (f"; {chosen[-1]}" if chosen else ""), flush=True)
     print("\n| recipe | " + " | ".join(f"fold {f}" for f in args.folds) + " | mean | wall s | CPU s |")
     print("|---|" + "---|" * (len(args.folds) + 3))
     for name in recipes:

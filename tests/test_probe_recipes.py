@@ -54,28 +54,32 @@ def test_refit_uses_validation_clips_never_test_and_tags_through_inference(
     printed = run("custom", args, capsys)  # auto, default cache folder
     assert "recipe probe: median 4 labelled training clips per class" in caplog.text
     probe = load_checkpoint(out / "best.pt")["probe"]
-    assert fits == [(8, None), (10, probe["C"])]  # CV on the 8 training clips, refit on 8 + 2 validation
+    # CV on the 8 training clips, whole and in 3 crops of half a clip (auto); refit on 8 + 2 validation
+    assert fits == [(8, None), (8, None), (10, probe["C"])] and probe["window"] == 32000 and probe["crops"] == 1
     assert probe["fit_clips"] == 10 and probe["refit"] and probe["n_folds"] == 4 and probe["features"] == "concat"
     assert "validation (" in printed and "head fitted on the training clips" in printed
     assert "accuracy 1.0000" in printed.split("test (")[1].splitlines()[0]
     summary = printed.strip().splitlines()[-1]
-    assert summary.startswith("recipe probe, concat features, C ") and "4-fold CV (CV accuracy" in summary
+    assert summary.startswith("recipe probe, concat features, whole clips chosen by CV over 3 crops of 0.5 s (CV log")
+    assert "4-fold CV (CV accuracy" in summary
     assert "fitted on 10 clips (training + validation)" in summary and "auto" in summary
     def cached() -> dict[Path, int]:
         return {p: p.stat().st_mtime_ns for p in (tmp_path / "user_cache" / "embeddings").glob("*/*.npz")}
 
-    # train + val clips by the pretrained model, test clips by the model holding the probe
+    # train clips whole and cropped + val clips by the pretrained model, test clips by the model holding the probe
     first = cached()
-    assert len(first) == 12 and not (tmp_path / "runs").exists()  # outside the working directory
-    run("custom", [*args, "--recipe", "probe", "--probe_features", "embedding", "--overwrite"], capsys)
+    assert len(first) == 20 and not (tmp_path / "runs").exists()  # outside the working directory
+    run("custom", [*args, "--recipe", "probe", "--probe_features", "embedding", "--probe_window", "clip",
+                   "--overwrite"], capsys)
     assert "0 clips embedded, 10 read back" in caplog.text  # other head settings: all read back
+    assert "whole clips (--probe_window clip)" in caplog.text
     assert all(cached()[p] == t for p, t in first.items())
     for result in tag_test_clips(out / "best.pt", data_dir, tmp_path):  # inference.py --checkpoint, linear head
         assert result["tags"][0]["label"] == Path(result["file"]).stem.split("_")[0]
     caplog.clear()
     files = len(cached())
     run("custom", [*args, "--overwrite", "--clear_cache"], capsys)
-    assert f"cleared {files} files" in caplog.text and "10 clips embedded, 0 read back" in caplog.text
+    assert f"cleared {files} files" in caplog.text and "18 clips embedded, 0 read back" in caplog.text
 
 
 def test_one_clip_per_class_and_an_inner_layer_probe(tmp_path: Path, capsys: pytest.CaptureFixture,
@@ -86,7 +90,7 @@ def test_one_clip_per_class_and_an_inner_layer_probe(tmp_path: Path, capsys: pyt
     printed = run("custom", ["--dataset_dir", data_dir, "--pretrained_name", "mn04_as", "--clip_length", 1,
                              "--out_dir", out, "--cache_dir", "", "--probe_features", "layer:-2", *FAST], capsys)
     assert "C 1 fixed (some class has one clip: no cross-validation)" in caplog.text
-    assert "layer:-2 features, C 1 fixed" in printed and "test (" in printed
+    assert "layer:-2 features, whole clips (no CV to choose crops by), C 1 fixed" in printed and "test (" in printed
     proc = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(out / "best.pt"), "--audio_path",
                            str(data_dir / "clips")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0

@@ -12,6 +12,8 @@ import argparse
 import logging
 import os
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,6 +33,8 @@ from helpers.training.linear_probe import LinearProbe, as_logits, clip_probabili
 from helpers.training.loop import Result, fine_tune, model_from_args
 from helpers.training.precision import Precision
 from helpers.training.probe_finetune import FinetuneSchedule, head_logits, probe_finetune
+from helpers.training.probe_windows import (WindowSetting, better_by_cv, candidate_settings, check_probe_window,
+                                           crops_apply)
 from helpers.training.run_log import RunLogger
 from helpers.training.seeding import seed_everything
 from helpers.training.tasks import Task, augment_training_set
@@ -68,9 +72,10 @@ def add_recipe_args(parser: argparse.ArgumentParser, default: str) -> None:
     g.add_argument("--probe_features", type=check_feature_kind, default="concat",
                    help="embedding (pooled last feature map), hidden (the MLP head's hidden layer), concat "
                         "(both; default, measured best) or layer:N (pooled output of stage N)")
-    g.add_argument("--probe_window", type=float, default=None,
-                   help="seconds per probe window (default: the clip length); longer clips give --probe_crops windows")
-    g.add_argument("--probe_crops", type=int, default=1,
+    g.add_argument("--probe_window", type=check_probe_window, default="auto",
+                   help="auto (default: whole clips, or --probe_crops windows of half the clip length if they "
+                        "cross-validate better), clip (whole clips) or seconds per window")
+    g.add_argument("--probe_crops", type=int, default=3,
                    help="windows per clip longer than the window (training rows; predictions averaged)")
     g.add_argument("--probe_folds", type=int, default=5,
                    help="most cross-validation folds choosing the regularization (fewer when a class is small)")
@@ -106,40 +111,83 @@ def cache_root(args: argparse.Namespace, clear: bool = False) -> Optional[Path]:
     return root
 
 
-def probe_window(args: argparse.Namespace, train: AudioFileDataset) -> int:
-    """Samples per probe window: --probe_window, else the dataset's clip length, else the longest clip."""
-    if getattr(args, "probe_window", None):
-        return int(round(args.probe_window * train.sample_rate))
+def clip_samples(train: AudioFileDataset) -> int:
+    """Samples of a whole clip: the dataset's clip length, else its longest clip."""
     return train.clip_samples or max(len(train.waveform(i)) for i in range(len(train)))
 
 
-def _fit_head(args: argparse.Namespace, task: Task, embedder: Embedder, train: AudioFileDataset,
-              val: AudioFileDataset, refit: bool) -> tuple[LinearProbe, dict[str, float], int]:
-    """(probe, validation metrics of the probe fitted on the training clips, clips of the final
-    fit): C chosen by cross-validation on the training clips; with `refit` the final probe is
-    fitted again, with that C, on training + validation clips (the test split never)."""
-    kind = args.probe_features
-    train_features, train_targets = embedder(file_clips(train), kind), train.targets.numpy()
-    probe = fit_probe(train_features, train_targets, task.multilabel, n_folds=args.probe_folds, seed=args.seed)
-    logger.info("probe on %s features (%d values): %s", kind, train_features[0].shape[1], probe.describe())
-    val_features = embedder(file_clips(val), kind)
+@dataclass
+class FittedHead:
+    """The probe (`probe`), the validation metrics of the probe fitted on the training clips
+    (`val_metrics`), the clips of the final fit, the window setting chosen and how, and the
+    embedders that computed features (for the log)."""
+    probe: LinearProbe
+    val_metrics: dict[str, float]
+    fit_clips: int
+    setting: WindowSetting
+    windows: str
+    embedders: list[Embedder]
+
+
+def _train_probe(args: argparse.Namespace, task: Task, train: AudioFileDataset,
+                 make_embedder: Callable[[WindowSetting], Embedder]) -> tuple[LinearProbe, list, Embedder, str, list]:
+    """(probe, training features, its embedder, how its window setting was chosen, every embedder
+    used) of the probe fitted on the training clips, C chosen by CV, under the window setting that
+    `--probe_window` gives or, for `auto`, the one that cross-validates better (`probe_windows`)."""
+    kind, targets = args.probe_features, train.targets.numpy()
+    settings = candidate_settings(args.probe_window, clip_samples(train), args.probe_crops, train.sample_rate)
+    embedder = make_embedder(settings[0])
+    features = embedder(file_clips(train), kind)
+    probe = fit_probe(features, targets, task.multilabel, n_folds=args.probe_folds, seed=args.seed)
+    describe = partial(WindowSetting.describe, sample_rate=train.sample_rate)
+    if len(settings) == 1:
+        return probe, features, embedder, f"{describe(settings[0])} (--probe_window {args.probe_window})", [embedder]
+    if not probe.n_folds:
+        return probe, features, embedder, "whole clips (no CV to choose crops by)", [embedder]
+    if not crops_apply(settings[1], list(embedder.lengths.values())):
+        return probe, features, embedder, f"whole clips (no clip longer than {describe(settings[1])})", [embedder]
+    crop_embedder = make_embedder(settings[1])
+    crop_features = crop_embedder(file_clips(train), kind)
+    crop_probe = fit_probe(crop_features, targets, task.multilabel, n_folds=args.probe_folds, seed=args.seed)
+    losses = f"CV log loss {crop_probe.cv_loss[crop_probe.C]:.3g} vs {probe.cv_loss[probe.C]:.3g} whole clips"
+    logger.info("probe windows: %s, %s", describe(settings[1]), losses)
+    if better_by_cv(probe, crop_probe):
+        return crop_probe, crop_features, crop_embedder, f"{describe(settings[1])} chosen by CV ({losses})", \
+            [embedder, crop_embedder]
+    return probe, features, embedder, f"whole clips chosen by CV over {describe(settings[1])} ({losses})", \
+        [embedder, crop_embedder]
+
+
+def _fit_head(args: argparse.Namespace, task: Task, train: AudioFileDataset, val: AudioFileDataset,
+              make_embedder: Callable[[WindowSetting], Embedder], refit: bool) -> FittedHead:
+    """The probe fitted on the training clips (`_train_probe`: C and, for `auto`, the window
+    setting chosen by CV) and scored on the validation clips; with `refit` the final probe is
+    fitted again, with that C and window setting, on training + validation clips (the test split
+    never)."""
+    probe, train_features, embedder, windows, embedders = _train_probe(args, task, train, make_embedder)
+    logger.info("probe on %s features (%d values), %s: %s", args.probe_features, train_features[0].shape[1],
+                windows, probe.describe())
+    val_features = embedder(file_clips(val), args.probe_features)
     val_metrics = task.metrics_fn(as_logits(probe.predict(val_features), task.multilabel), val.targets)
+    setting = WindowSetting(embedder.window, embedder.n_crops)
     if not refit:
-        return probe, val_metrics, len(train_features)
-    final = fit_probe(train_features + val_features, np.concatenate([train_targets, val.targets.numpy()]),
+        return FittedHead(probe, val_metrics, len(train_features), setting, windows, embedders)
+    final = fit_probe(train_features + val_features, np.concatenate([train.targets.numpy(), val.targets.numpy()]),
                       task.multilabel, c=probe.C, seed=args.seed)
     final.n_folds, final.cv_score, final.cv_loss = probe.n_folds, probe.cv_score, probe.cv_loss
     logger.info("probe refitted on %d training + %d validation clips", len(train_features), len(val_features))
-    return final, val_metrics, len(train_features) + len(val_features)
+    return FittedHead(final, val_metrics, len(train_features) + len(val_features), setting, windows, embedders)
 
 
-def _probe_state(args: argparse.Namespace, probe: LinearProbe, in_model: bool, window: int, fit_clips: int,
-                 val_metrics: dict[str, float], refit: bool) -> dict:
-    """The checkpoint's `probe` record: how the probe was made, and its weights when they live
-    beside the model (`layer:N`)."""
+def _probe_state(args: argparse.Namespace, head: FittedHead, in_model: bool, val_metrics: dict[str, float],
+                 refit: bool) -> dict:
+    """The checkpoint's `probe` record: how the probe was made (features, C, window setting and how
+    it was chosen), and its weights when they live beside the model (`layer:N`)."""
+    probe = head.probe
     state = {"features": args.probe_features, "C": probe.C, "n_folds": probe.n_folds, "cv_score": probe.cv_score,
-             "window": window, "crops": args.probe_crops, "fit_clips": fit_clips, "refit": refit,
-             "validation_before_refit": plain(val_metrics), "in_model": in_model}
+             "window": head.setting.window, "crops": head.setting.crops, "windows": head.windows,
+             "fit_clips": head.fit_clips, "refit": refit, "validation_before_refit": plain(val_metrics),
+             "in_model": in_model}
     if not in_model:
         state.update(weight=probe.weight.tolist(), bias=probe.bias.tolist())
     return state
@@ -163,23 +211,26 @@ def run_probe_recipe(args: argparse.Namespace, recipe: str, task: Task, train: D
     seed_everything(args.seed)
     model_config, model = model_from_args(args, len(task.class_names))
     frontend_config = frontend_config_from_args(args)
-    window = probe_window(args, train)
-    embedder = Embedder(model, AugmentMelSTFT(**frontend_config), window, args.probe_crops,
-                        cache_root(args, clear=args.clear_cache), dist.device)
+    root = cache_root(args, clear=args.clear_cache)
+
+    def make_embedder(setting: WindowSetting) -> Embedder:
+        return Embedder(model, AugmentMelSTFT(**frontend_config), setting.window, setting.crops, root, dist.device)
+
     started = time.perf_counter()
     refit = refit and recipe == "probe"  # probe_finetune stops early on the validation clips
-    probe, metrics, fit_clips = _fit_head(args, task, embedder, train, val, refit)
+    head = _fit_head(args, task, train, val, make_embedder, refit)
+    probe, metrics, (window, crops) = head.probe, head.val_metrics, (head.setting.window, head.setting.crops)
     in_model = install_probe(model, probe, args.probe_features)
     model_config = {**model_config, "head_type": model.head_type}
-    logger.info("probe: %d clips embedded, %d read back (%.1f s); %s", embedder.computed, embedder.reused,
-                time.perf_counter() - started, embedder.cache.report())
+    logger.info("probe: %d clips embedded, %d read back (%.1f s); %s", sum(e.computed for e in head.embedders),
+                sum(e.reused for e in head.embedders), time.perf_counter() - started, head.embedders[0].cache.report())
     history, best_epoch = [{"epoch": -1, **metrics}], -1
     if recipe == "probe_finetune":
-        train.clip_samples = min(window, max(embedder.lengths.values()))
+        train.clip_samples = min(window, max(head.embedders[0].lengths.values()))
         schedule = FinetuneSchedule(args.probe_epochs, args.probe_lr, args.layer_decay, args.weight_decay,
                                     args.patience, args.batch_size, args.num_workers)
         best_epoch, history = probe_finetune(model, AugmentMelSTFT(**frontend_config), augment(train), file_clips(val),
-                                             val.targets, task, schedule, window, args.probe_crops, dist,
+                                             val.targets, task, schedule, window, crops, dist,
                                              Precision(args.precision, dist.device), args.seed)
         metrics = next(h for h in history if h["epoch"] == best_epoch)
     run = RunLogger(args.logger, task.project, args.experiment_name, vars(args), out_dir, dist,
@@ -190,7 +241,7 @@ def run_probe_recipe(args: argparse.Namespace, recipe: str, task: Task, train: D
     metrics = {k: v for k, v in metrics.items() if k not in ("epoch", "train_loss", "seconds")}
     record = RunRecord(model.state_dict(), model_config, frontend_config, list(task.class_names), task.multilabel,
                        task.name, metrics, vars(args), epoch=best_epoch if best_epoch >= 0 else None,
-                       recipe=recipe, probe=_probe_state(args, probe, in_model, window, fit_clips, metrics, refit))
+                       recipe=recipe, probe=_probe_state(args, head, in_model, metrics, refit))
     path = out_dir / "best.pt"
     if dist.is_main:
         save_run_record(path, record)
@@ -251,5 +302,6 @@ def recipe_summary(checkpoint: str | os.PathLike) -> str:
     chosen = (f"C {probe['C']:g} chosen by {folds}-fold CV (CV {metric} {probe['cv_score']:.4f})" if folds
               else f"C {probe['C']:g} fixed (no CV: a class has one clip)")
     fitted = f"fitted on {probe['fit_clips']} clips" + (" (training + validation)" if probe.get("refit") else "")
-    text = f"recipe {recipe}, {probe['features']} features, {chosen}, {fitted}"
+    windows = f", {probe['windows']}" if probe.get("windows") else ""
+    text = f"recipe {recipe}, {probe['features']} features{windows}, {chosen}, {fitted}"
     return text + (f", fine-tuned best epoch {record.epoch}" if record.epoch is not None else "")
