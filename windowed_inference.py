@@ -102,7 +102,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8, help="windows tagged together")
     parser.add_argument("--windows", choices=MODES, default="exact",
                         help="exact: every window through the network on its own; shared: one pass over the "
-                             "recording cut into windows (MN only, ~5x faster at 1-s hops, but not within the "
+                             "recording cut into windows (MN only, ~4x faster at 1-s hops, but not within the "
                              "agreement bounds of docs/long-recordings.md, so exact is the default for every model)")
     parser.add_argument("--frames", action="store_true",
                         help="also write probabilities every frame of the last feature map (0.32 s, MN only) "
