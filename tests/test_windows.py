@@ -145,6 +145,23 @@ def test_spectrogram_in_pieces_is_the_spectrogram_at_once() -> None:
         torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=0)
 
 
+def test_stages_before_the_first_se_in_pieces_are_the_stages_at_once() -> None:
+    from helpers.inference.shared_pass import SharedPass
+
+    tagger = _small_mn_tagger()
+    shared = SharedPass(tagger, context=4 * SR)
+    assert 0 < shared.local < len(shared.stages)
+    rng = np.random.default_rng(4)
+    for frames in (300, 512, 1001):
+        x = torch.from_numpy(rng.standard_normal((1, 1, 128, frames)).astype(np.float32))
+        shared.LOCAL_PIECE = 10 ** 9
+        whole = shared._local_stages(x)
+        shared.LOCAL_PIECE = 64
+        pieces = shared._local_stages(x)
+        assert pieces.shape == whole.shape
+        torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_sample_buffer_keeps_what_is_not_dropped() -> None:
     from helpers.inference.windows import SampleBuffer
 

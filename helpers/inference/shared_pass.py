@@ -20,7 +20,7 @@ the two.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -71,6 +71,23 @@ def _frequency_mean(x: torch.Tensor) -> torch.Tensor:
     """x (B, C, F, T) averaged over frequency, as (B, T, C) float32: reduced along the innermost
     dimension of a channels-last tensor (x.mean(2) strides across memory: ~25x slower)."""
     return x.permute(0, 3, 1, 2).float().mean(3)
+
+
+def _in_pieces(compute: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, total: int, step: int,
+               piece: int, reach: int) -> torch.Tensor:
+    """`compute` over the last dimension of x, `piece` outputs at a time: output j is centred at
+    input j * step and reads inputs within `reach` of it, so each piece gets that much more input
+    on both sides (rounded up to a step, keeping outputs aligned) and the joined pieces equal one
+    call on all of x (up to float rounding) while holding only a piece's intermediate tensors."""
+    pad = -(-reach // step) * step
+    pieces = []
+    for first in range(0, total, piece):
+        last = min(total, first + piece)
+        start = max(0, first * step - pad)
+        out = compute(x[..., start:x.shape[-1] if last == total else last * step + pad])
+        skip = first - start // step
+        pieces.append(out[..., skip:] if last == total else out[..., skip:skip + last - first])
+    return torch.cat(pieces, -1) if len(pieces) > 1 else pieces[0]
 
 
 class SharedPass:
@@ -159,41 +176,28 @@ class SharedPass:
 
     def _local_stages(self, x: torch.Tensor) -> torch.Tensor:
         """The stages before the first SE (convolutions only: local in time) over a spectrogram
-        (1, 1, n_mels, T), in pieces of `LOCAL_PIECE` frames with their reach on each side, as the
-        spectrogram: they run at the highest resolution, where a whole stretch held ~250 MB for
-        mn10."""
+        (1, 1, n_mels, T), in pieces (`_in_pieces`): they run at the highest resolution, where a
+        whole stretch held ~250 MB for mn10."""
         if hasattr(self.model, "dtype"):  # the fast copy's compute precision and layout
             x = x.to(self.model.dtype, memory_format=torch.channels_last)
-        stride, total = self.strides[self.local], x.shape[-1]
-        pad = math.ceil(self._conv_reach(self.local) / stride) * stride
-        pieces = []
-        for first in range(0, total, self.LOCAL_PIECE):
-            last = min(total, first + self.LOCAL_PIECE)
-            start, end = max(0, first - pad), total if last == total else last + pad
-            y = x[..., start:end]
+
+        def stages(y: torch.Tensor) -> torch.Tensor:
             for stage in self.stages[:self.local]:
                 y = stage(y)
-            skip = (first - start) // stride
-            pieces.append(y[..., skip:] if last == total else y[..., skip:skip + (last - first) // stride])
-        return torch.cat(pieces, -1) if len(pieces) > 1 else pieces[0]
+            return y
+
+        stride = self.strides[self.local]  # 'same'-padded convolutions: ceil(T / stride) outputs
+        return _in_pieces(stages, x, -(-x.shape[-1] // stride), stride, self.LOCAL_PIECE // stride,
+                          self._conv_reach(self.local))
 
     def _spectrogram(self, audio: np.ndarray) -> torch.Tensor:
-        """The model's input (1, 1, n_mels, T) for a stretch, computed in pieces of
-        `SPECTROGRAM_PIECE` frames: every frame is local (pre-emphasis, one windowed FFT, mel, log),
-        so piece by piece gives the same frames as all at once, but the FFT's buffers (~1.3 MB
-        per second of audio at once) stay small."""
-        frontend, hop = self.tagger.frontend, self.hop
-        total = 1 + (len(audio) - 1) // hop  # frames of the whole stretch (after pre-emphasis)
-        pad = math.ceil((frontend.n_fft // 2 + 1) / hop) * hop  # samples each frame reaches
-        pieces = []
-        for first in range(0, total, self.SPECTROGRAM_PIECE):
-            last = min(total, first + self.SPECTROGRAM_PIECE)
-            start = max(0, first * hop - pad)
-            end = len(audio) if last == total else min(len(audio), last * hop + pad + 1)
-            piece = torch.from_numpy(audio[start:end])[None].to(self.tagger.device)
-            skip = (first * hop - start) // hop
-            pieces.append(self.tagger.spectrograms(piece)[..., skip:skip + last - first])
-        return torch.cat(pieces, -1) if len(pieces) > 1 else pieces[0]
+        """The model's input (1, 1, n_mels, T) for a stretch, computed in pieces (`_in_pieces`):
+        every frame is local (pre-emphasis, one windowed FFT, mel, log), and the FFT's buffers for
+        a whole stretch (~1.3 MB per second of audio) would be the pass's largest."""
+        waveform = torch.from_numpy(audio)[None].to(self.tagger.device)
+        total = 1 + (len(audio) - 1) // self.hop  # frames (after pre-emphasis, which drops a sample)
+        return _in_pieces(self.tagger.spectrograms, waveform, total, self.hop, self.SPECTROGRAM_PIECE,
+                          self.tagger.frontend.n_fft // 2 + 2)
 
     @torch.no_grad()
     def logits(self, pooled: torch.Tensor) -> torch.Tensor:
