@@ -302,6 +302,12 @@ def test_cli_unknown_name() -> None:
     (["--table", "sub"], "must end in .csv or .json"),
     (["--table", "notes.txt/costs.csv"], "--table lies under notes.txt, which is a file"),
     (["--table", "costs.csv", "--plot", "notes.txt/figures"], "--plot lies under notes.txt, which is a file"),
+    (["--window_size", "0"], "win_length must be positive"),
+    (["--hop_size", "0"], "hopsize and win_length must be positive"),
+    (["--n_mels", "100000"], "n_mels (100000) must not exceed the 512 frequency bins"),
+    (["--n_fft", "0"], "must not exceed n_fft (0)"),
+    (["--model_width", "inf"], "--model_width must be positive, finite"),
+    (["--model_width", "nan"], "--model_width must be positive, finite"),
 ])
 def test_cli_impossible_settings(argv: list[str], message: str, tmp_path: Path, cli: Callable,
                                  monkeypatch: pytest.MonkeyPatch) -> None:

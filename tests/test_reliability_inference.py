@@ -1,6 +1,7 @@
 """Reliability of the inference side (issue 22): bad decoder results, pipes, truncated and
 out-of-range audio, interruption with nothing lost, ONNX files and their spectrogram settings,
-argument checks of complexity.py / export_onnx.py / torch.hub, safe teacher indices, verified cache."""
+argument checks of export_onnx.py / torch.hub (complexity.py's: test_complexity.py), safe teacher indices,
+verified cache."""
 from __future__ import annotations
 
 import json
@@ -278,20 +279,7 @@ def test_export_opset_out_of_range_is_one_line(tmp_path, capsys, opset):
     assert code == 2 and f"--opset {opset} is not supported" in err and len(err.strip().splitlines()) == 1
 
 
-# --- complexity.py, torch.hub, teacher index, checkpoint cache -----------------------------------
-
-@pytest.mark.parametrize("flags, problem", [
-    (["--window_size", "0"], "win_length must be positive"),
-    (["--hop_size", "0"], "hopsize and win_length must be positive"),
-    (["--n_mels", "100000"], "n_mels (100000) must not exceed the 512 frequency bins"),
-    (["--n_fft", "0"], "must not exceed n_fft (0)"),
-    (["--model_width", "inf"], "--model_width must be positive, finite"),
-    (["--model_width", "nan"], "--model_width must be positive, finite"),
-])
-def test_complexity_refuses_absurd_settings(capsys, flags, problem):
-    code, err = _cli("complexity", flags, capsys)
-    assert code == 2 and problem in err and len(err.strip().splitlines()) == 1
-
+# --- torch.hub, teacher index, checkpoint cache ------------------------------------------------------
 
 @pytest.mark.parametrize("num_classes", [-5, 2.5, 0, True, "10"])
 def test_hub_num_classes_must_be_a_positive_whole_number(num_classes):
