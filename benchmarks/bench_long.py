@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import soundfile as sf
@@ -40,11 +41,11 @@ SHARED = Path(os.environ.get("EFFICIENTAT_SHARED", REPO.parent / "shared"))
 SR = 32000
 
 
-def real_sequence(seed: int = 0, truth: bool = False):
+def real_sequence(seed: int = 0) -> tuple[np.ndarray, list[tuple[float, float, Optional[list[str]]]]]:
     """The demo bells, ../shared/audio and the UrbanSound8K subset's clips (true extent) in a
-    shuffled order, with 1-6 s of near-silence (-60 dB noise) between them. With truth=True also
-    where each clip lies: (start s, end s, its AudioSet class names, or None for the unlabelled
-    demo and ../shared/audio recordings)."""
+    shuffled order, with 1-6 s of near-silence (-60 dB noise) between them, and where each clip
+    lies: (start s, end s, its AudioSet class names, or None for the unlabelled demo and
+    ../shared/audio recordings)."""
     us8k = SHARED / "data" / "urbansound8k_subset"
     paths = [REPO / "resources" / "demo_bells.wav", *sorted((SHARED / "audio").glob("*.wav"))]
     with open(us8k / "subset.csv", newline="") as f:
@@ -62,8 +63,7 @@ def real_sequence(seed: int = 0, truth: bool = False):
         where.append((position / SR, (position + len(clip)) / SR, names))
         parts += [clip, gap]
         position += len(clip) + len(gap)
-    wave = np.concatenate(parts)
-    return (wave, where) if truth else wave
+    return np.concatenate(parts), where
 
 
 def tag(tagger, wave: np.ndarray, mode: str, window: int, hop: int) -> np.ndarray:
@@ -89,7 +89,7 @@ def events_match(a: list, b: list, hop: float) -> tuple[int, int]:
 
 
 def agreement(args: argparse.Namespace) -> None:
-    wave = real_sequence()
+    wave, _ = real_sequence()
     window, hop = round(args.window_size * SR), round(args.hop_length * SR)
     print(f"sequence of real recordings: {len(wave) / SR:.0f} s; windows {args.window_size:g} s, hop "
           f"{args.hop_length:g} s, threshold {args.threshold}")
@@ -127,7 +127,7 @@ def localization(args: argparse.Namespace) -> None:
 
     from helpers.inference.shared_pass import MovingFrames, SharedPass
 
-    wave, where = real_sequence(truth=True)
+    wave, where = real_sequence()
     tagger = build_tagger(args.model_name[0])
     shared = SharedPass(tagger, context=round(args.window_size * SR))
     embeddings = shared.embeddings(wave)
@@ -162,7 +162,7 @@ def localization(args: argparse.Namespace) -> None:
 
 
 def write_recording(path: Path, minutes: float) -> None:
-    sequence = real_sequence()
+    sequence, _ = real_sequence()
     total = int(minutes * 60 * SR)
     with sf.SoundFile(path, "w", SR, 1, subtype="PCM_16") as f:
         for start in range(0, total, len(sequence)):
