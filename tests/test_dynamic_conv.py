@@ -83,5 +83,8 @@ def test_dymn_matches_grouped_form(monkeypatch):
     monkeypatch.setattr(DynamicConv, "forward", grouped_reference)
     reference, reference_grads = run()
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    # float32 sums in another order: the error scales with the largest gradient (AVX-512 kernels
+    # differ from AVX2 ones by 1.5e-5 where gradients reach 2.9)
+    scale = max(float(b.abs().max()) for b in reference_grads)
     for a, b in zip(ours_grads, reference_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
