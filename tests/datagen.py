@@ -130,3 +130,19 @@ def make_openmic(root: Path, clips_per_split: int = 6, seconds: float = 1.0, see
         write_mp3_hdf5(root / f"openmic_{split}.csv_mp3.hdf", [f"{split}_{i:03d}.mp3" for i in range(clips_per_split)],
                        [clip(k, seconds, 32000, rng) for k in kinds], target)
     return root
+
+
+def bells_clip(path: Path, before: float = 3.0, after: float = 3.0, sr: int = 32000, repeats: int = 1) -> Path:
+    """`repeats` times the demo clip's bells (resources/make_demo.py) between `before` and `after`
+    seconds of faint noise, written to `path` as 16-bit audio at `sr` (any format soundfile writes)."""
+    import soxr
+    from resources.make_demo import SAMPLE_RATE, bells
+
+    ring = np.tile(bells(), repeats)
+    if sr != SAMPLE_RATE:
+        ring = soxr.resample(ring, SAMPLE_RATE, sr).astype(np.float32)
+    rng = np.random.default_rng(0)
+    wave = np.concatenate([0.003 * rng.standard_normal(int(before * sr)), ring,
+                           0.003 * rng.standard_normal(int(after * sr))]).astype(np.float32)
+    sf.write(path, wave, sr, subtype="PCM_16")
+    return path

@@ -3,7 +3,7 @@
     0  common                               imports no other project module
     1  models, datasets                     common (and themselves; not each other)
     2  helpers.training, helpers.inference, layers 0-1 and layer 2, never a script
-       helpers.analysis
+       helpers.analysis, helpers.demo
     3  root scripts, benchmarks, tests       anything
 
 Checked by walking the import statements of every project .py file (also imports inside
@@ -19,7 +19,7 @@ from tests.conftest import REPO
 
 SKIP = {".git", "resources", "__pycache__", "runs", ".venv", "venv"}
 SCRIPTS = {p.stem for p in REPO.glob("*.py")}
-LAYER2 = ("helpers.training", "helpers.inference", "helpers.analysis")
+LAYER2 = ("helpers.training", "helpers.inference", "helpers.analysis", "helpers.demo")
 
 
 def _project_files() -> list[Path]:

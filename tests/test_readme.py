@@ -45,6 +45,7 @@ RUN_ELSEWHERE = {
         ("tests/test_live_audio.py", "test_the_pipelines_in_the_docs_run"),
     "python export_onnx.py --model_name mn04_as --with_frontend --output mn04_as_frontend.onnx --check "
     "resources/demo_bells.wav": ("tests/test_onnx_export.py", "test_cli_exports_mn04_with_frontend_and_checks"),
+    "python demo.py --port 7860": ("tests/test_demo.py", "test_demo_py_serves_the_page_until_stopped"),
 }
 
 

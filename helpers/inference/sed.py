@@ -168,10 +168,12 @@ def top_classes(predictions: WindowPredictions, k: int) -> np.ndarray:
 
 
 def plot_activity(predictions: WindowPredictions, class_names: Sequence[str], path: str | os.PathLike | IO[bytes],
-                  k: int = 10, events: Optional[Sequence[Event]] = None) -> None:
+                  k: int = 10, events: Optional[Sequence[Event]] = None, time_offset: float = 0.0) -> None:
     """Save a PNG heat map of the k classes with the highest window probabilities: their segment
     probabilities (frame probabilities when the predictions have frames) over time, one row per
-    class, with detected events outlined."""
+    class, with detected events outlined. `time_offset`: the stream time of the first window, where
+    the predictions are the latest part of a stream (the web page's live view); events are given in
+    stream time."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -182,6 +184,7 @@ def plot_activity(predictions: WindowPredictions, class_names: Sequence[str], pa
         times, probs = predictions.frame_times, predictions.frame_probabilities
         step = times[1] - times[0] if len(times) > 1 else predictions.duration
         bounds = np.append(times - step / 2, times[-1] + step / 2)
+    bounds = bounds + time_offset
     fig = Figure(figsize=(12, 1.2 + 0.35 * len(classes)), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
