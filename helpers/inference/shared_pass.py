@@ -1,7 +1,8 @@
 """One pass of a model over a long stretch of audio, shared by every window that overlaps it.
 
-A window's exact output needs the network run over that window alone, because every MN
-squeeze-excitation (SE) scales its channels by a context pooled over all the frames it sees. Run
+A window's exact output needs the network run over that window alone, because a channel gate
+(MN's squeeze-excitation, SE) scales its channels by a context pooled over all the frames it sees.
+A family says which of its stages have such a gate and how to run them (`Family.shared_pass`). Run
 once over a long input, a plain SE would pool over the whole input instead. Here each SE frame
 gets the context of a moving window of the analysis window's length, centred on that frame, at
 that layer's own time resolution (what an exact window around that frame would pool), so the
