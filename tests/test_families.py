@@ -21,7 +21,7 @@ from helpers.training.distributed import DistInfo
 from helpers.training.loop import train_one_epoch
 from helpers.training.precision import Precision
 from helpers.training.schedule import make_optimizer
-from models.factory import FAMILIES, REGISTRY, create_frontend, create_model, model_from_config
+from models.factory import FAMILIES, REGISTRY, create_frontend, create_model, model_config, model_from_config
 from models.family import Family
 from models.layers import AudioTagger
 from models.runtime import for_inference
@@ -134,3 +134,29 @@ def test_fine_tuning_step_from_the_training_flags(family: Family) -> None:
     rebuilt = model_from_config(config, load_pretrained=False)
     rebuilt.load_state_dict(model.state_dict())  # strictly: the stored configuration is the model
     assert epoch_weights_name(config, "esc50", 3, "acc", 0.5).startswith(family.weights_prefix)
+
+
+# model configurations as training checkpoints written before families became plug-ins stored them
+STORED_CONFIGS = [
+    ({"family": "mn", "num_classes": 2, "width_mult": 0.1, "strides": [2, 2, 2, 2], "head_type": "mlp",
+      "pretrained_name": None, "se_dims": "c"}, ("mn01", 2, False), {"width_mult": 0.1}),
+    ({"family": "mn", "num_classes": 10, "width_mult": 0.4, "strides": [2, 2, 2, 2], "head_type": "mlp",
+      "pretrained_name": "mn04_as", "se_dims": "cf"}, ("mn04_as", 10, True), {"se_dims": "cf"}),
+    ({"family": "dymn", "num_classes": 5, "width_mult": 0.4, "strides": [2, 2, 2, 2], "head_type": "mlp",
+      "pretrained_name": "dymn04_as", "use_dy_blocks": "all", "T_max": 30.0}, ("dymn04_as", 5, True),
+     {"pretrain_final_temp": 30.0}),
+    ({"family": "dymn", "num_classes": 3, "width_mult": 0.4, "strides": [2, 2, 1, 1], "head_type": "mlp",
+      "pretrained_name": None, "use_dy_blocks": "all", "T_max": 30.0}, ("dymn04", 3, False),
+     {"width_mult": 0.4, "strides": (2, 2, 1, 1)}),
+]
+
+
+@pytest.mark.parametrize("stored, args, kwargs", STORED_CONFIGS, ids=[c[0]["family"] + str(i)
+                                                                      for i, c in enumerate(STORED_CONFIGS)])
+def test_stored_model_configs_still_load(stored: dict, args: tuple, kwargs: dict) -> None:
+    assert model_config(*args, **kwargs) == stored
+    torch.manual_seed(0)
+    model = model_from_config(stored, load_pretrained=False, epoch=0)
+    rebuilt = model_from_config(dict(stored), load_pretrained=False)
+    rebuilt.load_state_dict(model.state_dict())  # strictly
+    assert model.num_classes == stored["num_classes"]
