@@ -14,16 +14,17 @@ from torch import nn
 from common.errors import InputError, fail
 from helpers.training.precision import PRECISIONS
 from models.checkpoint import read_run_record
-from models.factory import FAMILIES, frontend_kwargs, model_config
+from models.factory import FAMILIES, OPTIONS, family_options, frontend_kwargs, model_config
 from models.pretrained import REGISTRY
 
 
 def model_config_from_args(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
     """`models.factory.model_config` from `add_model_args` arguments: with --pretrained the
     architecture of --model_name's registry entry (explicit --strides / --head_type win),
-    otherwise --model_width etc.; the family follows the name ("dymn*" builds a DyMN)."""
+    otherwise --model_width etc.; the family follows the name's prefix, and reads its own
+    family flags."""
     return model_config(args.model_name, num_classes, args.pretrained, args.model_width, args.strides,
-                        args.head_type, args.se_dims, args.pretrain_final_temp)
+                        args.head_type, **family_options(vars(args)))
 
 
 def frontend_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,24 +100,26 @@ def apply_speed_options(model: nn.Module, args: argparse.Namespace) -> nn.Module
     return model
 
 
-def add_model_args(parser: argparse.ArgumentParser, model_name: str = "mn10_as",
-                   pretrain_final_temp: float = 1.0) -> None:
-    """Model arguments: --model_name, --pretrained, --pretrain_final_temp, --model_width,
-    --strides, --head_type, --se_dims."""
+def add_model_args(parser: argparse.ArgumentParser, model_name: str = "mn10_as", **option_defaults: Any) -> None:
+    """Model arguments: --model_name, --pretrained, --model_width, --strides, --head_type, and
+    every family's own flags (`models.factory.OPTIONS`; `option_defaults` changes their defaults)."""
+    unknown = sorted(set(option_defaults) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"no model family has the options {', '.join(unknown)}")
     g = parser.add_argument_group("model")
+    prefixes = ", ".join(f"{family.prefix}*: {family.label}" for family in FAMILIES.values())
     g.add_argument("--model_name", type=str, default=model_name,
-                   help="registry name; 'dymn*' names build a DyMN")
+                   help=f"registry name; its prefix picks the model family ({prefixes})")
     g.add_argument("--pretrained", action="store_true", help="start from --model_name's weights")
     g.add_argument("--model_width", type=float, default=1.0, help="width when not pretrained")
     g.add_argument("--strides", type=int, nargs=4, default=None,
                    help="four strides (default: the checkpoint's, else 2 2 2 2)")
     g.add_argument("--head_type", type=str, default=None,
                    choices=("mlp", "fully_convolutional", "multihead_attention_pooling"),
-                   help="MN classifier head (default: the checkpoint's, else mlp)")
-    defaults = {"pretrain_final_temp": pretrain_final_temp}
-    for family in FAMILIES.values():  # each family's own flags
-        for option, keywords in family.cli_options.items():
-            g.add_argument(f"--{option}", **{**keywords, "default": defaults.get(option, keywords["default"])})
+                   help="classifier head (default: the checkpoint's, else mlp)")
+    for name, option in OPTIONS.items():  # each family's own flags
+        g.add_argument(f"--{name}", type=option.type, default=option_defaults.get(name, option.default),
+                       help=option.help)
 
 
 def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, n_epochs: int,
