@@ -279,7 +279,7 @@ class Page:
                             example_labels=["the demo clip (bells, 6 s)"], elem_id="example")
                 with gr.Row():
                     mode = gr.Radio(list(MODES), value=self.defaults.mode, label="windows", elem_id="mode", scale=3,
-                                    info="shared: one pass over the recording, ~4x faster (MN only)")
+                                    info="shared: one pass over the recording, ~4x faster where the model allows")
                     again = gr.Button("analyse again", elem_id="again", scale=1, min_width=100, size="md")
             with gr.Column(scale=3, min_width=400):
                 error = gr.HTML(elem_id="error")
