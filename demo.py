@@ -63,7 +63,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     taggers = Taggers()
     with as_input_error():  # every model given is loaded once now, so that a bad one fails here
         for reference in dict.fromkeys([args.model, *args.models]):
-            defaults.samples(taggers.get(reference).tagger)
+            defaults.samples(taggers.get(reference))
     try:
         from helpers.demo.page import Page, serve
     except ImportError as e:

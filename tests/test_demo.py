@@ -141,7 +141,7 @@ def test_bad_input_is_one_line_naming_the_file(case: str, taggers: Taggers, tmp_
 ])
 def test_settings_out_of_range_are_one_line(settings: Settings, expected: str, taggers: Taggers) -> None:
     with pytest.raises(PageError, match=expected):
-        settings.samples(taggers.get("mn04_as").tagger)
+        settings.samples(taggers.get("mn04_as"))
 
 
 def test_the_picker_offers_what_is_there_and_says_how_to_get_the_rest(tmp_path: Path,

@@ -21,9 +21,8 @@ import torch
 
 from common.errors import AudioLoadError
 from datasets.audio import audio_duration, stream_audio
-from helpers.demo.models import DEFAULT_MODEL
+from helpers.demo.models import DEFAULT_MODEL, Model
 from helpers.inference import tagging
-from helpers.inference.api import Tagger
 from helpers.inference.batching import iter_files, read_or_chunk
 from helpers.inference.live import counted
 from helpers.inference.outputs import write_event_file
@@ -53,7 +52,7 @@ class Settings:
     top_k: int = 10
     mode: str = "exact"  # --windows
 
-    def samples(self, tagger: tagging.Tagger) -> tuple[int, int]:
+    def samples(self, tagger: Model) -> tuple[int, int]:
         """Window and hop in samples at the model's rate; PageError for settings out of range."""
         if not 0.0 <= self.threshold <= 1.0:
             raise PageError(f"threshold must be between 0 and 1, got {self.threshold:g}")
@@ -83,35 +82,35 @@ class Analysis:
     note: str = ""  # e.g. the windows mode that was used instead of the one asked for
 
 
-def analyse(tagger: Tagger, path: Path, name: str, settings: Settings, folder: Path,
+def analyse(model: Model, path: Path, name: str, settings: Settings, folder: Path,
             progress: Optional[Progress] = None) -> Analysis:
     """Analyse the recording at `path` (shown as `name`) and write its downloads into `folder`."""
-    started, inner = time.monotonic(), tagger.tagger
-    settings.samples(inner)
+    started = time.monotonic()
+    settings.samples(model)
     mode, note = settings.mode, ""
-    if mode == "shared" and shared_support(inner):
-        mode, note = "exact", f"{tagger.name} runs exact windows ({shared_support(inner)})"
+    if mode == "shared" and shared_support(model):
+        mode, note = "exact", f"{model.name} runs exact windows ({shared_support(model)})"
     try:
         duration = audio_duration(path) or 0.0
-        track = _Tracker(progress, duration, inner.sample_rate,
+        track = _Tracker(progress, duration, model.sample_rate,
                          settings.window / settings.hop if mode == "exact" else 1.0)
-        blocks = counted(stream_audio(path, inner.sample_rate, BLOCK_SECONDS), track.windows)
-        windows = tag_blocks(inner, blocks, name, settings.window, settings.hop, BATCH_SIZE, duration, mode=mode)
-        probs, embedding = clip_outputs(inner, path, track.clip)
+        blocks = counted(stream_audio(path, model.sample_rate, BLOCK_SECONDS), track.windows)
+        windows = tag_blocks(model, blocks, name, settings.window, settings.hop, BATCH_SIZE, duration, mode=mode)
+        probs, embedding = clip_outputs(model, path, track.clip)
     except (AudioLoadError, ValueError) as e:
         raise PageError(str(e).replace(str(path), name)) from None
-    events = detect_events(windows, inner.class_names, settings.threshold)
-    stem = f"{slug(Path(name).stem)}_{slug(tagger.name)}"
+    events = detect_events(windows, model.class_names, settings.threshold)
+    stem = f"{slug(Path(name).stem)}_{slug(model.name)}"
     folder.mkdir(parents=True, exist_ok=True)
     timeline = folder / f"{stem}_timeline.png"
-    timeline_png(windows, inner.class_names, timeline, events)
-    downloads = write_results(folder, stem, tagger.name, settings, events, embedding) + [timeline]
-    tags = [(inner.class_names[i], round(float(probs[i]), 4)) for i in tagging.top_k(probs, settings.top_k)]
-    return Analysis(name, tagger.name, windows.duration, tags, events, timeline, downloads,
+    timeline_png(windows, model.class_names, timeline, events)
+    downloads = write_results(folder, stem, model.name, settings, events, embedding) + [timeline]
+    tags = [(model.class_names[i], round(float(probs[i]), 4)) for i in tagging.top_k(probs, settings.top_k)]
+    return Analysis(name, model.name, windows.duration, tags, events, timeline, downloads,
                     time.monotonic() - started, note)
 
 
-def clip_outputs(tagger: tagging.Tagger, path: Path, on_samples: Callable[[int], None]
+def clip_outputs(tagger: Model, path: Path, on_samples: Callable[[int], None]
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The clip's class probabilities and embedding from one pass, as inference.py and
     embeddings.py compute them (a recording longer than a minute in chunks); `on_samples` is

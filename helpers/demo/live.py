@@ -27,8 +27,8 @@ import numpy as np
 from datasets.mic import LiveInput
 from datasets.stream import Stream
 from helpers.demo.analysis import BATCH_SIZE, PLOT_CLASSES, Settings, slug, timeline_png, write_results
+from helpers.demo.models import Model
 from helpers.inference import tagging
-from helpers.inference.api import Tagger
 from helpers.inference.events import EventTracker
 from helpers.inference.interrupt import StopSignals
 from helpers.inference.live import Sinks, StreamResult, StreamRun
@@ -45,16 +45,22 @@ SOURCE = "browser microphone"
 
 
 class EventLines:
-    """Where the live loop writes its JSON event lines (`Sinks.events_out`): kept as records."""
+    """Where the live loop writes its event starts and ends (`Sinks.events_out`): kept as records."""
 
     path = "page"  # not stdout: the loop never waits for a reader
     gone = False
+    lines = None  # no line output of its own
 
     def __init__(self) -> None:
         self.records: list[dict] = []
 
     def write(self, text: str) -> None:
+        """JSON lines, as the loop writes them to a file."""
         self.records += [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def add_record(self, record: dict) -> None:
+        """One record, as the loop hands it to a JSON-lines writer."""
+        self.records.append(dict(record))
 
     def close(self) -> None:
         pass
@@ -95,22 +101,21 @@ class Snapshot:
 class LiveSession:
     """One recording from one browser: `feed` its pieces, `snapshot` what to show, `finish` at the end."""
 
-    def __init__(self, tagger: Tagger, settings: Settings, rate: int, max_behind: Optional[float] = None) -> None:
+    def __init__(self, model: Model, settings: Settings, rate: int, max_behind: Optional[float] = None) -> None:
         """`max_behind`: seconds of audio waiting for the model beyond which whole hops are dropped
         (default: as windowed_inference.py --mic, two hops and at least a second)."""
-        inner: tagging.Tagger = tagger.tagger
-        self.tagger, self.settings = inner, settings
-        self.model = tagger.name
-        self.window, self.hop = settings.samples(inner)
+        self.tagger, self.settings = model, settings
+        self.model = model.name
+        self.window, self.hop = settings.samples(model)
         self.input = LiveInput(SOURCE, rate, settings.hop,
                                max(2 * settings.hop, 1.0) if max_behind is None else max_behind)
         stream = Stream(SOURCE, rate, 1, self.input.blocks())
-        keeper = PlotKeeper("", inner.class_names, PLOT_CLASSES)
-        self.rows = keeper.rows = RecentRows(math.ceil(LIVE_SECONDS * inner.sample_rate / self.hop))
+        keeper = PlotKeeper("", model.class_names, PLOT_CLASSES)
+        self.rows = keeper.rows = RecentRows(math.ceil(LIVE_SECONDS * model.sample_rate / self.hop))
         self.lines = EventLines()
-        sinks = Sinks(inner.class_names, events_out=self.lines, plot=keeper)
-        engine = WindowEngine(inner, self.window, self.hop, "exact", BATCH_SIZE)
-        tracker = EventTracker(inner.class_names, self.window, self.hop, inner.sample_rate, settings.threshold,
+        sinks = Sinks(model.class_names, events_out=self.lines, plot=keeper)
+        engine = WindowEngine(model, self.window, self.hop, "exact", BATCH_SIZE)
+        tracker = EventTracker(model.class_names, self.window, self.hop, model.sample_rate, settings.threshold,
                                SOURCE)
         self._run = StreamRun(SOURCE, engine, tracker, sinks, stream.bad)
         self.received = 0  # samples at `rate`

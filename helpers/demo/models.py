@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from common.download import SHIPPED_DIR, cache_dir
+from helpers.inference import tagging
 from helpers.inference.api import Tagger
 from models.pretrained import REGISTRY, get_entry
 
@@ -24,6 +25,8 @@ DEFAULT_MODEL = "mn04_as"  # shipped in resources/: the page works offline in an
 LISTED = ("mn01_as", "mn02_as", "mn04_as", "mn05_as", "mn10_as", "mn20_as", "mn30_as", "mn40_as",
           "mn40_as_ext", "dymn04_as", "dymn10_as", "dymn20_as")
 KEEP_LOADED = 3  # models held in memory at once (the least recently used one is let go)
+# a loaded model as the commands use it (the windows, events and live loop take it)
+Model = tagging.Tagger
 
 
 def is_available(name: str) -> bool:
@@ -58,17 +61,24 @@ def model_choices(extra: Sequence[str] = ()) -> list[tuple[str, str]]:
     return choices
 
 
+def load(reference: str) -> Model:
+    """The one place the page loads a model: a registry name, checkpoint, ONNX file or "a+b"
+    ensemble, through the resolver the commands use."""
+    members = reference.split("+")
+    return Tagger(members if len(members) > 1 else reference).tagger
+
+
 class Taggers:
     """Loaded models by reference, shared by every browser session (a model is read-only while it
     tags, so sessions can use one at the same time); `get` loads one once."""
 
     def __init__(self, keep: int = KEEP_LOADED) -> None:
         self.keep = keep
-        self._loaded: OrderedDict[str, Tagger] = OrderedDict()
+        self._loaded: OrderedDict[str, Model] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, reference: str) -> Tagger:
-        """The Tagger for a registry name, checkpoint, ONNX file or "a+b" ensemble; ValueError with
+    def get(self, reference: str) -> Model:
+        """The model for a registry name, checkpoint, ONNX file or "a+b" ensemble; ValueError with
         one line for a model that is not there or cannot be loaded."""
         members = reference.split("+")
         for member in members:
@@ -77,7 +87,7 @@ class Taggers:
                 raise ValueError(missing)
         with self._lock:
             if reference not in self._loaded:
-                self._loaded[reference] = Tagger(members if len(members) > 1 else reference)
+                self._loaded[reference] = load(reference)
                 logger.info("loaded %s", reference)
                 while len(self._loaded) > self.keep:
                     self._loaded.popitem(last=False)
