@@ -19,11 +19,12 @@ import sys
 from typing import Optional
 
 from datasets.audio import find_audio_files
-from common.errors import InputError, as_input_error, run_cli
+from common.errors import InputError, as_input_error, exit_status, run_cli
 from helpers.inference.embeddings import embed_files, save_embeddings
 from helpers.inference.interrupt import Interrupted, StopSignals
 from helpers.inference.tables import check_table_output
-from helpers.inference.tagging import add_precision_arg, build_tagger, select_device
+from helpers.inference.resolve import RuntimeConfig, resolve_model
+from helpers.inference.tagging import add_precision_arg
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -51,7 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     with as_input_error():
         files = find_audio_files(args.audio_path)
-        tagger = build_tagger(args.model_name, device=select_device(args.cuda), precision=args.precision)
+        tagger = resolve_model(args.model_name, RuntimeConfig("cuda" if args.cuda else "cpu", args.precision))
 
     stop = StopSignals()
     with stop.installed():
@@ -67,10 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if stop.signum is not None:
         print(f"interrupted by {signal.Signals(stop.signum).name}: {len(done)} of {len(files)} file(s) embedded"
               + (f", saved to {args.output}" if done else ", nothing saved"), file=sys.stderr)
-        return 128 + stop.signum
-    if not done:
-        return 2
-    return 1 if errors else 0
+    return exit_status(len(done), len(errors), stop.signum)
 
 
 if __name__ == "__main__":

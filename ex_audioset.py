@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -28,21 +29,18 @@ from datasets.items import IndexedClip
 from common.errors import InputError, run_cli
 from common.files import atomic_write, check_output
 from common.labels import class_names
-from helpers.inference.tagging import build_tagger
+from helpers.inference.resolve import ModelRef, RuntimeConfig, resolve_model
+from helpers.inference.tagging import LoadedModel
 from helpers.training.metrics import format_tagging_results, multilabel_metrics
 from helpers.training.args import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
-                                   frontend_config_from_args, frontend_overrides, model_config_from_args,
-                                   resolve_dataset_dir, resolve_out_dir, TrainingParser)
+                                   frontend_config_from_args, resolve_dataset_dir, resolve_out_dir, TrainingParser)
 from helpers.training.data import DistributedWeightedSampler
 from helpers.training.distributed import DistInfo, all_reduce_sum, gather_cat, setup_distributed
 from helpers.training.evaluation import predict
 from helpers.training.loop import fine_tune
 from helpers.training.mixup import mix, mixup
 from helpers.training.tasks import LossFn, Task, tagging_metrics
-from models.checkpoint import is_run_record, load_checkpoint, load_finetuned
-from models.factory import model_from_config
-from models.runtime import fast_inference
-from models.preprocess import AugmentMelSTFT
+from models.config import FrontendConfig, ModelConfig
 
 WANDB_PROJECT = "EfficientAudioTagging"
 WANDB_TAGS = ("AudioSet", "Audio Tagging", "Knowledge Disitillation")
@@ -189,44 +187,28 @@ def train(args: argparse.Namespace, dist: DistInfo) -> None:
     fine_tune(args, task, augmented, eval_set, dist, resolve_out_dir(args))
 
 
-def model_from_state_dict(args: argparse.Namespace, path: str) -> tuple[torch.nn.Module, AugmentMelSTFT]:
-    """A bare state dict (a released file or the original's epoch files) in the model the model
-    arguments describe, with the frontend of the preprocessing arguments."""
-    config = model_config_from_args(argparse.Namespace(**{**vars(args), "pretrained": False}), 527)
-    config["T_max"] = 1.0  # the temperature trained DyMNs run at (ignored by MN)
-    model = model_from_config(config, load_pretrained=False)
-    try:
-        model.load_state_dict(load_checkpoint(path))
-    except RuntimeError as e:
-        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1][:200]
-        raise InputError(f"{path}: does not fit the model given by --model_name "
-                         f"/ --model_width / --head_type / --strides ({detail})") from None
-    return model, AugmentMelSTFT(**frontend_config_from_args(args))
-
-
-def model_to_evaluate(args: argparse.Namespace, dist: DistInfo) -> tuple[torch.nn.Module, AugmentMelSTFT, str]:
-    """(model, frontend, title): --checkpoint (a training checkpoint or a bare state dict), or a
-    released model or ensemble with its frontend, as inference.py builds them."""
-    state = load_checkpoint(args.checkpoint, mmap=True) if args.checkpoint else {}
-    if is_run_record(state):  # a checkpoint written by --train
-        model, settings, _, _ = load_finetuned(args.checkpoint, state)
-        return model, AugmentMelSTFT(**settings), args.checkpoint
+def model_to_evaluate(args: argparse.Namespace, dist: DistInfo) -> LoadedModel:
+    """--checkpoint (a training checkpoint, or a bare state dict in the model the model flags
+    describe), or a released model or ensemble with the preprocessing flags' frontend, resolved
+    as every command resolves a model (helpers/inference/resolve.py), on the run's device."""
     if args.checkpoint:
-        return (*model_from_state_dict(args, args.checkpoint), args.checkpoint)
+        ref = ModelRef("checkpoint", path=Path(args.checkpoint))
+    else:
+        ref = ModelRef.parse(args.ensemble or args.model_name)
+    values = vars(args)
     try:
-        tagger = build_tagger(args.model_name, args.ensemble, dist.device, args.strides,
-                              args.head_type, **frontend_overrides(args))
-    except ValueError as e:  # unknown name, members with different frontends, ...
+        return resolve_model(ref, RuntimeConfig(str(dist.device)), FrontendConfig.from_flags(values).for_eval(),
+                             ModelConfig.from_flags(values))
+    except ValueError as e:  # unknown name, members with different frontends, weights that do not fit, ...
         raise InputError(str(e)) from None
-    return tagger.model, tagger.frontend, tagger.name
 
 
 def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
     """Evaluate a model on the AudioSet eval set; print mAP / ROC / d' (optionally save predictions)."""
     dataset_dir = resolve_dataset_dir(args.dataset_dir, DATASET_ENV, [EVAL_FILE])
     task = audioset_task(args, dist, names=[])  # evaluation needs no class names
-    model, frontend, title = model_to_evaluate(args, dist)
-    model, frontend = fast_inference(model.to(dist.device), frontend.to(dist.device))
+    loaded = model_to_evaluate(args, dist)
+    model, frontend, title = loaded.model, loaded.frontend, loaded.name
     # the original evaluates under fp16 autocast on CUDA
     args.precision = args.precision or ("fp16" if dist.device.type == "cuda" else "fp32")
     eval_set = AudioSetDataset([dataset_dir / EVAL_FILE], resample_rate=frontend.sr,

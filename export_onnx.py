@@ -32,7 +32,8 @@ from datasets.audio import AudioLoadError, find_audio_files, load_audio
 from common.errors import InputError, as_input_error, check_suffix, run_cli
 from common.files import check_output
 from helpers.inference.onnx_export import DEFAULT_OPSET, OPSETS, agreement, compare_with_torch, export_onnx, quantize_onnx
-from helpers.inference.tagging import Tagger, build_tagger, top_k
+from helpers.inference.resolve import ModelRef, RuntimeConfig, resolve_model
+from helpers.inference.tagging import LoadedModel, top_k
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -61,7 +62,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def check_export(args: argparse.Namespace, output: Path, tagger: Tagger, clip: np.ndarray) -> int:
+def check_export(args: argparse.Namespace, output: Path, tagger: LoadedModel, clip: np.ndarray) -> int:
     """--check: onnxruntime against PyTorch on the clip (and a quieter reversed copy); 0 when the
     largest difference is within --tolerance, else 1."""
     waveforms = np.stack([clip, 0.5 * clip[::-1]])
@@ -75,7 +76,7 @@ def check_export(args: argparse.Namespace, output: Path, tagger: Tagger, clip: n
     return 0 if ok else 1
 
 
-def quantize(args: argparse.Namespace, output: Path, tagger: Tagger, clips: list[np.ndarray]) -> None:
+def quantize(args: argparse.Namespace, output: Path, tagger: LoadedModel, clips: list[np.ndarray]) -> None:
     """--quantize int8: replace the float model at `output` by its int8 version, calibrated on
     `clips` (static) or dynamic without; print the agreement with PyTorch on the clips."""
     frontend = tagger.frontend
@@ -104,7 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not (math.isfinite(args.tolerance) and args.tolerance > 0):
         raise InputError(f"--tolerance must be a positive number, got {args.tolerance}")
     with as_input_error():
-        tagger = build_tagger(args.model_name, fast=False)
+        tagger = resolve_model(ModelRef("registry", (args.model_name,)), RuntimeConfig(fast=False))
         clip = load_audio(args.check, tagger.sample_rate) if args.check else None
         if clip is not None and len(clip) <= tagger.frontend.n_fft // 2 + 1:
             raise AudioLoadError(f"{args.check}: too short for the check ({len(clip)} samples)")

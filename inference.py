@@ -23,13 +23,15 @@ from typing import Optional
 
 import numpy as np
 
-from common.errors import InputError, as_input_error, run_cli
+from common.errors import InputError, as_input_error, exit_status, run_cli
 from datasets.audio import find_audio_files
 from helpers.inference.interrupt import Interrupted, StopSignals
 from helpers.inference.tables import TableWriter, check_table_output
 from helpers.inference.batching import iter_files
-from helpers.inference.tagging import (Tagger, add_precision_arg, build_onnx_tagger, build_tagger, format_tags,
-                                       select_device, top_k)
+from helpers.inference.resolve import ModelRef, RuntimeConfig, resolve_model
+from helpers.inference.tagging import LoadedModel, add_precision_arg, format_tags, top_k
+from models.config import FrontendConfig, ModelConfig
+from models.pretrained import DEFAULT_MODEL
 
 TAG_COLUMNS = ["file", "rank", "index", "mid", "label", "probability"]
 
@@ -85,7 +87,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise InputError("--ensemble names its models: it excludes --model_name")
 
 
-def ranked(probs: np.ndarray, tagger: Tagger, args: argparse.Namespace) -> list[dict]:
+def ranked(probs: np.ndarray, tagger: LoadedModel, args: argparse.Namespace) -> list[dict]:
     """The --top_k (or --all_classes) labels of one file as output records."""
     order = top_k(probs, len(probs) if args.all_classes else args.top_k)
     return [{"rank": r + 1, "index": int(i), "mid": tagger.class_ids[i] if tagger.class_ids else "",
@@ -93,19 +95,30 @@ def ranked(probs: np.ndarray, tagger: Tagger, args: argparse.Namespace) -> list[
             for r, i in enumerate(order)]
 
 
-def load(args: argparse.Namespace) -> tuple[list[Path], Tagger]:
-    """The files and the tagger; unreadable input or an unknown model is an InputError."""
+def model_ref(args: argparse.Namespace) -> ModelRef:
+    """What the model flags name (each flag says what its value is)."""
+    if args.onnx:
+        return ModelRef("onnx", path=Path(args.onnx))
+    if args.checkpoint:
+        return ModelRef("checkpoint", path=Path(args.checkpoint))
+    return ModelRef.parse(args.ensemble or args.model_name or DEFAULT_MODEL)
+
+
+def load(args: argparse.Namespace) -> tuple[list[Path], LoadedModel]:
+    """The files and the model; unreadable input or an unknown model is an InputError."""
     with as_input_error():
         files = find_audio_files(args.audio_path)
-        frontend = {"sr": args.sample_rate, "win_length": args.window_size, "hopsize": args.hop_size,
-                    "n_mels": args.n_mels}
-        if args.onnx:
-            return files, build_onnx_tagger(args.onnx, args.model_name, **frontend)
-        return files, build_tagger(args.model_name or "mn10_as", args.ensemble, select_device(args.cuda),
-                                   args.strides, args.head_type, args.checkpoint, args.precision, **frontend)
+        frontend = FrontendConfig(sr=args.sample_rate, win_length=args.window_size, hopsize=args.hop_size,
+                                  n_mels=args.n_mels)
+        # a registry name's architecture flags; with --onnx, the name whose settings the export must have
+        arch = None if args.checkpoint or (args.onnx and not args.model_name) else ModelConfig(
+            args.model_name or DEFAULT_MODEL, strides=tuple(args.strides) if args.strides else None,
+            head_type=args.head_type)
+        runtime = RuntimeConfig("cuda" if args.cuda else "cpu", args.precision)
+        return files, resolve_model(model_ref(args), runtime, frontend, arch)
 
 
-def open_output(args: argparse.Namespace, tagger: Tagger, files: list[Path]) -> tuple[Optional[TableWriter], list[Path]]:
+def open_output(args: argparse.Namespace, tagger: LoadedModel, files: list[Path]) -> tuple[Optional[TableWriter], list[Path]]:
     """The --output writer (None without --output) and the files left to tag (--resume skips those
     the earlier --output holds)."""
     if not args.output:
@@ -123,7 +136,7 @@ def open_output(args: argparse.Namespace, tagger: Tagger, files: list[Path]) -> 
     return writer, files
 
 
-def tag(args: argparse.Namespace, tagger: Tagger, files: list[Path], writer: Optional[TableWriter],
+def tag(args: argparse.Namespace, tagger: LoadedModel, files: list[Path], writer: Optional[TableWriter],
         stop: StopSignals, counts: Counter) -> None:
     """Tag `files`, printing and writing each result as it comes; `counts` the tagged and failed."""
     for path, probs, error in iter_files(files, tagger.sample_rate, tagger.predict, args.batch_size,
@@ -170,10 +183,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"interrupted by {signal.Signals(stop.signum).name}: {counts['tagged']} of {len(todo)} file(s) tagged"
               + (f", written to {args.output} (--resume continues)" if writer is not None and writer.count else ""),
               file=sys.stderr)
-        return 128 + stop.signum
-    if not (counts["tagged"] or (writer is not None and writer.count)):
-        return 2
-    return 1 if counts["failed"] else 0
+    return exit_status(counts["tagged"] + (writer.count if writer is not None else 0), counts["failed"], stop.signum)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from common.errors import AudioLoadError, InputError, as_input_error, check_suffix, run_cli
+from common.errors import AudioLoadError, InputError, as_input_error, check_suffix, exit_status, run_cli
 from common.files import check_output
 from datasets.audio import audio_duration, find_audio_files, stream_audio
 from datasets.mic import Microphone, input_devices
@@ -41,7 +41,8 @@ from helpers.inference.interrupt import Interrupted, StopSignals
 from helpers.inference.live import Sinks, StreamResult, StreamRun, counted
 from helpers.inference.outputs import LineOutput, PlotKeeper, ProbabilityWriter, write_event_file
 from helpers.inference.sed import Event, window_samples
-from helpers.inference.tagging import Tagger, add_precision_arg, build_tagger, select_device
+from helpers.inference.resolve import RuntimeConfig, resolve_model
+from helpers.inference.tagging import LoadedModel, add_precision_arg
 from helpers.inference.windows import FRAME_WINDOW_SECONDS, MODES, WindowEngine, shared_support
 from models.factory import FRONTEND_DEFAULTS
 
@@ -143,7 +144,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def load(args: argparse.Namespace) -> tuple[list, Tagger]:
+def load(args: argparse.Namespace) -> tuple[list, LoadedModel]:
     """The inputs (files, or one stream or microphone) and the tagger; unreadable input or an unknown
     model is an InputError. A stream's header is read first, so that a bad one fails at once."""
     with as_input_error():
@@ -156,8 +157,8 @@ def load(args: argparse.Namespace) -> tuple[list, Tagger]:
             sources = find_audio_files(args.audio_path)
         if args.plot and len(sources) > 1:
             raise ValueError(f"--plot draws one recording; {len(sources)} files given")
-        tagger: Tagger = build_tagger(args.model_name, args.ensemble, select_device(args.cuda),
-                                      precision=args.precision)
+        tagger = resolve_model(args.ensemble or args.model_name,
+                               RuntimeConfig("cuda" if args.cuda else "cpu", args.precision))
         window_samples(args.window_size, args.hop_length, tagger.sample_rate, tagger.frontend.n_fft)
         if args.frames and shared_support(tagger):
             raise ValueError(f"--frames needs the shared pass: {shared_support(tagger)}")
@@ -170,7 +171,7 @@ def load(args: argparse.Namespace) -> tuple[list, Tagger]:
     return sources, tagger
 
 
-def make_sinks(args: argparse.Namespace, tagger: Tagger, several: bool) -> Sinks:
+def make_sinks(args: argparse.Namespace, tagger: LoadedModel, several: bool) -> Sinks:
     """The outputs written while the windows arrive (see helpers/inference/outputs.py)."""
     events_lines = args.events if args.events and (args.events == "-" or args.events.endswith(".jsonl")) else None
     files = [args.probabilities, args.plot, args.events if args.events != "-" else None]
@@ -183,7 +184,7 @@ def make_sinks(args: argparse.Namespace, tagger: Tagger, several: bool) -> Sinks
                  wall_clock=args.wall_clock, files_only_on_stdout=not any(files), name_in_lines=several)
 
 
-def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tagger: Tagger, sinks: Sinks,
+def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tagger: LoadedModel, sinks: Sinks,
                stop: StopSignals, several: bool) -> Optional[StreamResult]:
     """Tag one file or stream through the live loop; None for a file that cannot be opened."""
     window, hop = window_samples(args.window_size, args.hop_length, tagger.sample_rate)
@@ -223,7 +224,7 @@ def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tag
     return result
 
 
-def finish_outputs(args: argparse.Namespace, tagger: Tagger, sinks: Sinks, events: list[Event],
+def finish_outputs(args: argparse.Namespace, tagger: LoadedModel, sinks: Sinks, events: list[Event],
                    last: Optional[StreamResult], name: str) -> None:
     """The files written whole at the end, each atomically."""
     if sinks.events_out is not None:
@@ -242,7 +243,7 @@ def finish_outputs(args: argparse.Namespace, tagger: Tagger, sinks: Sinks, event
         print(f"wrote activity plot to {args.plot}", file=sys.stderr)
 
 
-def run(args: argparse.Namespace, sources: list, tagger: Tagger, stop: StopSignals) -> int:
+def run(args: argparse.Namespace, sources: list, tagger: LoadedModel, stop: StopSignals) -> int:
     """Tag every source, then write the outputs; the exit status (module doc)."""
     sinks = make_sinks(args, tagger, isinstance(sources[0], Path) and len(sources) > 1)
     events: list[Event] = []
@@ -281,10 +282,7 @@ def report(args: argparse.Namespace, sources: list, n_events: int, done: int, fa
     if stopped:
         print(f"interrupted by {signal.Signals(stopped).name} after {done} input(s), the last one tagged up to "
               "where it stopped: open events closed there, outputs written", file=sys.stderr)
-        return 128 + stopped
-    if not done:
-        return 2
-    return 1 if failed else 0
+    return exit_status(done, failed, stopped)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from datasets.audio import load_audio  # noqa: E402
 from helpers.inference.sed import WindowPredictions, detect_events  # noqa: E402
-from helpers.inference.tagging import build_tagger  # noqa: E402
+from helpers.inference.resolve import resolve_model  # noqa: E402
 from helpers.inference.windows import WindowEngine  # noqa: E402
 
 SHARED = Path(os.environ.get("EFFICIENTAT_SHARED", REPO.parent / "shared"))
@@ -94,7 +94,7 @@ def agreement(args: argparse.Namespace) -> None:
     print(f"sequence of real recordings: {len(wave) / SR:.0f} s; windows {args.window_size:g} s, hop "
           f"{args.hop_length:g} s, threshold {args.threshold}")
     for name in args.model_name:
-        tagger = build_tagger(name)
+        tagger = resolve_model(name)
         probs = {}
         for mode in ("exact", "shared"):
             t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def localization(args: argparse.Namespace) -> None:
     from helpers.inference.shared_pass import MovingFrames, SharedPass
 
     wave, where = real_sequence()
-    tagger = build_tagger(args.model_name[0])
+    tagger = resolve_model(args.model_name[0])
     shared = SharedPass(tagger, context=round(args.window_size * SR))
     embeddings = shared.embeddings(wave)
     times = np.arange(len(embeddings)) * shared.frame / SR

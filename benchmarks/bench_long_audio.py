@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datasets.audio import audio_duration  # noqa: E402
 from helpers.inference.sed import detect_events, tag_windows  # noqa: E402
-from helpers.inference.tagging import build_tagger, select_device  # noqa: E402
+from helpers.inference.resolve import RuntimeConfig, resolve_model  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--minutes", type=float, default=60.0, help="length of the generated recording")
@@ -83,7 +83,7 @@ with tempfile.TemporaryDirectory() as tmp:
         print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.0f} MiB) in {time.perf_counter() - t0:.0f} s")
     seconds = audio_duration(path) or args.minutes * 60
     rss_start = peak_rss_mib()
-    tagger = build_tagger(args.model_name, device=select_device(args.cuda))
+    tagger = resolve_model(args.model_name, RuntimeConfig("cuda" if args.cuda else "cpu"))
     tagger.predict(np.zeros((1, 32000), dtype=np.float32))  # warm-up, so the model's memory is counted here
     rss_model = peak_rss_mib()
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from common.download import cached_file
+from models.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,11 @@ _ENTRIES = [
 ]
 _KNOWN_SHA256 = {"mn04_as": "899a8c6217063f6941793102a2780b3dd788ab11fce468d9cf5f0577c453321c"}
 
+# the model every command and the Python API use unless another is named: its checkpoint ships in
+# resources/ (common.download.SHIPPED_DIR), so it needs no network; any other model is downloaded
+# once, and only when it is named
+DEFAULT_MODEL = "mn04_as"
+
 REGISTRY: dict[str, PretrainedEntry] = {
     e.name: PretrainedEntry(**{**e.__dict__, "sha256": _KNOWN_SHA256.get(e.name)}) for e in _ENTRIES}
 
@@ -186,33 +192,14 @@ def load_state_dict(name: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{e}; delete it and run again to download {name} anew") from None
 
 
-def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
-    """One-line ValueError naming the cached file unless `state` has exactly the model's keys and
-    shapes: the file in the cache is not the released one."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    given = {k: v.shape for k, v in state.items()}
-    missing, unexpected = expected.keys() - given.keys(), given.keys() - expected.keys()
-    reshaped = [k for k in expected.keys() & given.keys() if expected[k] != given[k]]
-    if missing or unexpected or reshaped:
-        raise ValueError(f"{checkpoint_path(name)} does not fit {name} ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, {len(reshaped)} differently shaped tensors): it is "
-                         "not the released file; delete it and run again to download it")
-
-
 def load_pretrained_weights(model: nn.Module, name: str) -> None:
-    """Load checkpoint `name` into `model` (an MN or DyMN built with the checkpoint's architecture):
-    the classifier is first sized to the checkpoint's classes, the weights are loaded strictly,
-    and a model built for another number of classes then gets a fresh classifier for it (logged)."""
-    state = load_state_dict(name)
+    """Load checkpoint `name` into `model` (an MN or DyMN built with the checkpoint's architecture)
+    through `models.weights.load_weights` (the classifier sized to the checkpoint's classes, every
+    tensor loaded strictly); a model built for another number of classes then gets a fresh
+    classifier for it (logged). A cached file that does not fit is not the released one."""
     num_classes = model.num_classes
-    try:
-        ckpt_classes = model.classes_in(state)
-    except KeyError:  # no classifier of this architecture: _check_fits says so
-        ckpt_classes = num_classes
-    if ckpt_classes != num_classes:
-        model.reset_classifier(ckpt_classes)
-    _check_fits(model, state, name)
-    model.load_state_dict(state)
+    ckpt_classes = load_weights(model, load_state_dict(name), str(checkpoint_path(name)), name,
+                                hint=": it is not the released file; delete it and run again to download it")
     if ckpt_classes != num_classes:
         replaced = model.reset_classifier(num_classes)
         logger.info("%s: classifier for %d classes replaced by a new one with %d classes (%s re-initialized)",

@@ -12,13 +12,13 @@ import torch
 
 from datasets.audio import load_audio
 from helpers.inference.embeddings import embed_files, load_embeddings, save_embeddings
-from helpers.inference.tagging import build_tagger
+from helpers.inference.resolve import resolve_model
 from tests.conftest import REPO, shared_path
 
 
 @pytest.fixture(scope="module")
 def tagger(mn04_checkpoint, labels_file):
-    return build_tagger("mn04_as")
+    return resolve_model("mn04_as")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import soundfile as sf
 from datasets.audio import load_audio
 from helpers.inference.sed import WindowPredictions, detect_events, num_windows, plot_activity, tag_windows, window_samples
 from helpers.inference.windows import WindowEngine
-from helpers.inference.tagging import build_tagger
+from helpers.inference.resolve import resolve_model
 from tests.conftest import REPO, shared_path
 
 
@@ -79,11 +79,11 @@ def _predictions(probs: list[list[float]], num_samples: int, window: int = 4, ho
 def test_a_recording_shorter_than_a_window_gets_its_own_tags(tmp_path: Path) -> None:
     import torch
     from helpers.inference.sed import tag_windows
-    from helpers.inference.tagging import Tagger
+    from helpers.inference.tagging import LoadedModel
     from models.mn.model import get_model
     from models.preprocess import AugmentMelSTFT
     torch.manual_seed(0)
-    tagger = Tagger(get_model(width_mult=0.1).eval(), AugmentMelSTFT().eval(), [str(i) for i in range(527)],
+    tagger = LoadedModel(get_model(width_mult=0.1).eval(), AugmentMelSTFT().eval(), [str(i) for i in range(527)],
                     "random", torch.device("cpu"))
     clip = (0.2 * np.sin(np.arange(3 * 32000) / 7)).astype(np.float32)
     sf.write(tmp_path / "short.wav", clip, 32000, subtype="FLOAT")
@@ -131,7 +131,7 @@ def test_ideal_detector_with_all_windows_agreeing_localizes_exactly() -> None:
 
 @pytest.fixture(scope="module")
 def tagger(mn04_checkpoint, labels_file):
-    return build_tagger("mn04_as")
+    return resolve_model("mn04_as")
 
 
 @pytest.fixture(scope="module")

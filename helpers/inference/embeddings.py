@@ -3,7 +3,7 @@
 The embedding of a clip is the model's pooled embedding (global average of the last conv output,
 as returned with the logits), or, for another `layer`, the global average over frequency and time
 of that feature map. Each file is embedded whole (recordings longer than
-`helpers.inference.tagging.CHUNK_SECONDS` chunk by chunk, see `Tagger.forward_chunks`); files of equal
+`helpers.inference.batching.CHUNK_SECONDS` chunk by chunk, see `LoadedModel.forward_chunks`); files of equal
 length are batched.
 """
 from __future__ import annotations
@@ -17,14 +17,14 @@ import numpy as np
 from common.files import atomic_write
 from helpers.inference.tables import write_target
 from helpers.inference.batching import iter_files
-from helpers.inference.tagging import Tagger
+from helpers.inference.tagging import LoadedModel
 
 
-def embed_files(tagger: Tagger, files: Sequence[Path], layer: Optional[int] = None,
+def embed_files(tagger: LoadedModel, files: Sequence[Path], layer: Optional[int] = None,
                 batch_size: int = 16, on_error: Optional[Callable[[Path, str], None]] = None
                 ) -> tuple[list[Path], np.ndarray, dict[Path, str]]:
     """(files embedded, in input order; their float32 embeddings (n_files, D); one-line error by
-    file for those that could not be read). `layer` as in `Tagger.embed`; `on_error` is told of
+    file for those that could not be read). `layer` as in `LoadedModel.embed`; `on_error` is told of
     each failure as it happens. Raised out of it (an interruption), the embeddings done so far are
     in the exception's `partial` attribute as the same triple."""
     rows: dict[Path, np.ndarray] = {}

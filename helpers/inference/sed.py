@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datasets.audio import audio_duration, stream_audio
-from helpers.inference.tagging import Tagger, top_k
+from helpers.inference.tagging import LoadedModel, top_k
 from helpers.inference.windows import WindowEngine, num_windows
 
 
@@ -106,7 +106,7 @@ def window_samples(window_size: float, hop_length: float, sample_rate: int, min_
     return window, hop
 
 
-def tag_windows(tagger: Tagger, path: str | os.PathLike, window_size: float = 10.0,
+def tag_windows(tagger: LoadedModel, path: str | os.PathLike, window_size: float = 10.0,
                 hop_length: float = 2.5, batch_size: int = 8, progress: bool = True, mode: str = "exact",
                 frames: bool = False, frame_window: Optional[float] = None) -> WindowPredictions:
     """Stream `path` through a `WindowEngine` (mode "exact" or "shared"; frames=True adds the
@@ -120,7 +120,7 @@ def tag_windows(tagger: Tagger, path: str | os.PathLike, window_size: float = 10
                       progress, mode, frames, frame_window)
 
 
-def tag_blocks(tagger: Tagger, blocks: Iterable[np.ndarray], name: str, window_size: float = 10.0,
+def tag_blocks(tagger: LoadedModel, blocks: Iterable[np.ndarray], name: str, window_size: float = 10.0,
                hop_length: float = 2.5, batch_size: int = 8, duration: Optional[float] = None,
                progress: bool = False, mode: str = "exact", frames: bool = False,
                frame_window: Optional[float] = None) -> WindowPredictions:

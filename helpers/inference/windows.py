@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from helpers.inference.shared_pass import MovingFrames, SharedPass, unsupported_reason
-from helpers.inference.tagging import Tagger
+from helpers.inference.tagging import LoadedModel
 
 
 MODES = ("exact", "shared")
@@ -45,7 +45,7 @@ def num_windows(num_samples: int, window: int, hop: int) -> int:
     return full + int((full - 1) * hop + window < num_samples and full * hop < num_samples)
 
 
-def shared_support(tagger: Tagger) -> Optional[str]:
+def shared_support(tagger: LoadedModel) -> Optional[str]:
     """Why `tagger` cannot share windows (None if it can)."""
     if tagger.model_takes_waveforms:
         return "an exported (ONNX) model runs exact windows"
@@ -96,7 +96,7 @@ class WindowEngine:
     `FRAME_WINDOW_SECONDS`) centred on each frame.
     """
 
-    def __init__(self, tagger: Tagger, window: int, hop: int, mode: str = "exact", batch_size: int = 8,
+    def __init__(self, tagger: LoadedModel, window: int, hop: int, mode: str = "exact", batch_size: int = 8,
                  frames: bool = False, frame_window: Optional[int] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")

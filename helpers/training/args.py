@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from common.errors import InputError, fail
+from common.flags import add_frontend_flags, frontend_settings
 from helpers.training.precision import PRECISIONS
 from models.checkpoint import read_run_record
 from models.factory import FAMILIES, frontend_kwargs, model_config
@@ -28,12 +29,8 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int) -> dict[s
 
 def frontend_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The AugmentMelSTFT settings given by `add_preprocessing_args` arguments, without the
-    ones left unset (None)."""
-    given = {"sr": args.resample_rate, "win_length": args.window_size, "hopsize": args.hop_size,
-             "n_fft": args.n_fft, "n_mels": args.n_mels, "freqm": args.freqm, "timem": args.timem,
-             "fmin": args.fmin, "fmax": args.fmax, "fmin_aug_range": args.fmin_aug_range,
-             "fmax_aug_range": args.fmax_aug_range}
-    return {k: v for k, v in given.items() if v is not None}
+    ones left unset (None); a training frontend without --fmin starts its bands at 0 Hz."""
+    return {"fmin": 0.0, **frontend_settings(vars(args))}
 
 
 def frontend_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -139,21 +136,11 @@ def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, n_epochs: int
 
 
 def add_preprocessing_args(parser: argparse.ArgumentParser) -> None:
-    """Frontend arguments with the original's names. Sample rate, window, hop, n_fft and n_mels
-    default to the --model_name checkpoint's settings (32000, 800, 320, 1024, 128 for most);
-    masking is off (freqm = timem = 0) and eval-time fmax is sr/2 - fmax_aug_range/2."""
-    g = parser.add_argument_group("preprocessing")
-    g.add_argument("--resample_rate", type=int, default=None)
-    g.add_argument("--window_size", type=int, default=None)
-    g.add_argument("--hop_size", type=int, default=None)
-    g.add_argument("--n_fft", type=int, default=None)
-    g.add_argument("--n_mels", type=int, default=None)
-    g.add_argument("--freqm", type=int, default=0, help="frequency mask width (train only)")
-    g.add_argument("--timem", type=int, default=0, help="time mask width (train only)")
-    g.add_argument("--fmin", type=float, default=0.0)
-    g.add_argument("--fmax", type=float, default=None)
-    g.add_argument("--fmin_aug_range", type=int, default=10)
-    g.add_argument("--fmax_aug_range", type=int, default=2000)
+    """Frontend arguments with the original's names (`common.flags.add_frontend_flags`, training
+    settings included). Sample rate, window, hop, n_fft and n_mels default to the --model_name
+    checkpoint's settings (32000, 800, 320, 1024, 128 for most); masking is off
+    (freqm = timem = 0) and eval-time fmax is sr/2 - fmax_aug_range/2."""
+    add_frontend_flags(parser, training=True)
 
 
 # flags whose values must be at least 1 / at least 0 / positive, where a script has them
