@@ -22,7 +22,7 @@ from datasets.audio import find_audio_files
 from common.errors import InputError, as_input_error, exit_status, run_cli
 from helpers.inference.embeddings import embed_files, save_embeddings
 from helpers.inference.interrupt import Interrupted, StopSignals
-from helpers.inference.tables import check_table_output
+from helpers.inference.formats import check_output_path
 from helpers.inference.resolve import RuntimeConfig, resolve_model
 from helpers.inference.tagging import add_precision_arg
 
@@ -31,7 +31,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
-    parser.add_argument("--output", required=True, help=".npz file to write")
+    parser.add_argument("--output", required=True, help=".npz or .parquet file to write")
     parser.add_argument("--model_name", "--model", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
     parser.add_argument("--layer", type=int, default=None,
                         help="feature map to average instead of the pooled embedding (0-16, negative from the end)")
@@ -41,7 +41,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise InputError("--batch_size must be at least 1")
-    check_table_output("--output", args.output, (".npz",))
+    check_output_path("--output", args.output, "embeddings")
     if args.layer is not None and not -17 <= args.layer <= 16:
         raise InputError(f"--layer must be in -17..16 (17 feature maps), got {args.layer}")
     return args

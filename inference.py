@@ -26,15 +26,13 @@ import numpy as np
 from common.errors import InputError, as_input_error, exit_status, run_cli
 from datasets.audio import find_audio_files
 from helpers.inference.interrupt import Interrupted, StopSignals
-from helpers.inference.tables import TableWriter, check_table_output
+from helpers.inference.formats import check_output_path, open_output, tags_schema
+from helpers.inference.writers import OutputWriter
 from helpers.inference.batching import iter_files
 from helpers.inference.resolve import ModelRef, RuntimeConfig, resolve_model
 from helpers.inference.tagging import LoadedModel, add_precision_arg, format_tags, top_k
 from models.config import FrontendConfig, ModelConfig
 from models.pretrained import DEFAULT_MODEL
-
-TAG_COLUMNS = ["file", "rank", "index", "mid", "label", "probability"]
-
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
@@ -58,7 +56,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: registry)")
     parser.add_argument("--top_k", type=int, default=10, help="labels printed / written per file")
     parser.add_argument("--output", default=None,
-                        help="write results to a .json or .csv file (CSV rows are written as files finish)")
+                        help="write results to a .json, .csv or .parquet file (CSV and Parquet rows are written as "
+                             "files finish)")
     parser.add_argument("--all_classes", action="store_true", help="write every class's probability to --output")
     parser.add_argument("--resume", action="store_true",
                         help="keep the results already in --output and tag only the files it lacks")
@@ -74,7 +73,7 @@ def check_flags(args: argparse.Namespace) -> None:
     """InputError for values out of range and for flags that contradict or would be ignored."""
     if args.top_k < 1 or args.batch_size < 1:
         raise InputError("--top_k and --batch_size must be at least 1")
-    check_table_output("--output", args.output)
+    check_output_path("--output", args.output, "tags")
     for flag, needs in (("--all_classes", "--output"), ("--resume", "--output")):
         if getattr(args, flag[2:]) and not args.output:
             raise InputError(f"{flag} is about the {needs} file: give {needs} too")
@@ -118,25 +117,22 @@ def load(args: argparse.Namespace) -> tuple[list[Path], LoadedModel]:
         return files, resolve_model(model_ref(args), runtime, frontend, arch)
 
 
-def open_output(args: argparse.Namespace, tagger: LoadedModel, files: list[Path]) -> tuple[Optional[TableWriter], list[Path]]:
-    """The --output writer (None without --output) and the files left to tag (--resume skips those
-    the earlier --output holds)."""
+def open_tags_output(args: argparse.Namespace, tagger: LoadedModel, files: list[Path]
+                     ) -> tuple[Optional[OutputWriter], list[Path]]:
+    """The --output writer (None without --output; the format its suffix names,
+    helpers/inference/formats.py) and the files left to tag (--resume skips those the earlier
+    --output holds)."""
     if not args.output:
         return None, files
-    writer = TableWriter(args.output, TAG_COLUMNS, {"model": tagger.name, "sample_rate": tagger.sample_rate})
+    writer = open_output(args.output, tags_schema({"model": tagger.name, "sample_rate": tagger.sample_rate}),
+                         resume=args.resume)
     if args.resume:
-        with as_input_error():
-            try:
-                done = writer.carry_over()
-            except ValueError:
-                writer.abort()
-                raise
-        files = [f for f in files if str(f) not in done]
-        print(f"resuming: {len(done)} file(s) already in {args.output}, {len(files)} to tag", file=sys.stderr)
+        files = [f for f in files if str(f) not in writer.done]
+        print(f"resuming: {len(writer.done)} file(s) already in {args.output}, {len(files)} to tag", file=sys.stderr)
     return writer, files
 
 
-def tag(args: argparse.Namespace, tagger: LoadedModel, files: list[Path], writer: Optional[TableWriter],
+def tag(args: argparse.Namespace, tagger: LoadedModel, files: list[Path], writer: Optional[OutputWriter],
         stop: StopSignals, counts: Counter) -> None:
     """Tag `files`, printing and writing each result as it comes; `counts` the tagged and failed."""
     for path, probs, error in iter_files(files, tagger.sample_rate, tagger.predict, args.batch_size,
@@ -154,14 +150,14 @@ def tag(args: argparse.Namespace, tagger: LoadedModel, files: list[Path], writer
             print(format_tags(probs, tagger.class_names, args.top_k), flush=True)
             if writer is not None:
                 tags = ranked(probs, tagger, args)
-                writer.add({"file": str(path), "tags": tags}, ([str(path), *t.values()] for t in tags))
+                writer.add([(str(path), *t.values()) for t in tags])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     files, tagger = load(args)
-    writer, todo = open_output(args, tagger, files)
+    writer, todo = open_tags_output(args, tagger, files)
     stop = StopSignals()
     counts: Counter = Counter()
     with stop.installed():

@@ -22,6 +22,7 @@ done is written, open events closed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -39,7 +40,10 @@ from datasets.stream import RAW_FORMATS, Stream, open_stream
 from helpers.inference.events import EventTracker
 from helpers.inference.interrupt import Interrupted, StopSignals
 from helpers.inference.live import Sinks, StreamResult, StreamRun, counted
-from helpers.inference.outputs import LineOutput, PlotKeeper, ProbabilityWriter, write_event_file
+from helpers.inference.formats import (check_output_path, events_schema, open_output, output_format,
+                                       probabilities_schema)
+from helpers.inference.outputs import PlotKeeper
+from helpers.inference.writers import LineOutput
 from helpers.inference.sed import Event, window_samples
 from helpers.inference.resolve import RuntimeConfig, resolve_model
 from helpers.inference.tagging import LoadedModel, add_precision_arg
@@ -79,7 +83,7 @@ def check_stream_args(args: argparse.Namespace) -> None:
         raise InputError("--raw needs --sample_rate (the stream's rate in Hz)")
     if (args.sample_rate is not None and args.sample_rate < 1) or (args.channels is not None and args.channels < 1):
         raise InputError("--sample_rate and --channels must be at least 1")
-    if args.wall_clock and not (args.events == "-" or (args.events or "").lower().endswith(".jsonl")):
+    if args.wall_clock and not live_events(args):
         raise InputError("--wall_clock dates JSON event lines: give --events - or --events FILE.jsonl")
     if args.stall_timeout is not None and not stdin:
         raise InputError("--stall_timeout watches standard input: give --audio_path -")
@@ -134,13 +138,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     check_stream_args(args)
     with as_input_error():  # before any model is loaded; checked again at the model's sample rate
         window_samples(args.window_size, args.hop_length, FRONTEND_DEFAULTS["sr"], FRONTEND_DEFAULTS["n_fft"])
-    for option, value, suffixes in (("--events", None if args.events == "-" else args.events,
-                                     (".csv", ".json", ".jsonl")),
-                                    ("--probabilities", args.probabilities, (".csv", ".npz")),
-                                    ("--plot", args.plot, (".png",))):
-        check_suffix(option, value, suffixes)
-        if value:
-            check_output(value, option)
+    check_output_path("--events", args.events, "events")
+    check_output_path("--probabilities", args.probabilities, "probabilities")
+    check_suffix("--plot", args.plot, (".png",))
+    if args.plot:
+        check_output(args.plot, "--plot")
     return args
 
 
@@ -171,15 +173,22 @@ def load(args: argparse.Namespace) -> tuple[list, LoadedModel]:
     return sources, tagger
 
 
+def live_events(args: argparse.Namespace) -> bool:
+    """Whether --events is a live stream of JSON lines (standard output or a .jsonl file, in any
+    case) rather than the event list written at the end."""
+    return bool(args.events) and output_format(args.events, "events", "--events").live
+
+
 def make_sinks(args: argparse.Namespace, tagger: LoadedModel, several: bool) -> Sinks:
-    """The outputs written while the windows arrive (see helpers/inference/outputs.py)."""
-    events_lines = args.events if args.events and (args.events == "-" or args.events.endswith(".jsonl")) else None
+    """The outputs written while the windows arrive (see helpers/inference/live.py), opened
+    through the output-format registry (helpers/inference/formats.py)."""
     files = [args.probabilities, args.plot, args.events if args.events != "-" else None]
+    events_out = open_output(args.events, events_schema({}), option="--events") if live_events(args) else None
+    probabilities = open_output(args.probabilities, probabilities_schema(tagger.class_names, tagger.name, args.frames),
+                                option="--probabilities") if args.probabilities else None
     return Sinks(tagger.class_names, top_k=0 if args.events == "-" else args.top_k,
                  windows_out=LineOutput("-") if args.top_k and args.events != "-" else None,
-                 events_out=LineOutput(events_lines) if events_lines else None,
-                 probabilities=ProbabilityWriter(args.probabilities, tagger.class_names, tagger.name, args.frames)
-                 if args.probabilities else None,
+                 events_out=events_out, probabilities=probabilities,
                  plot=PlotKeeper(args.plot, tagger.class_names, args.plot_classes) if args.plot else None,
                  wall_clock=args.wall_clock, files_only_on_stdout=not any(files), name_in_lines=several)
 
@@ -230,8 +239,10 @@ def finish_outputs(args: argparse.Namespace, tagger: LoadedModel, sinks: Sinks, 
     if sinks.events_out is not None:
         sinks.events_out.close()
     elif args.events:
-        write_event_file(args.events, events, {"model": tagger.name, "window_size": args.window_size,
-                                               "hop_length": args.hop_length, "threshold": args.threshold})
+        meta = {"model": tagger.name, "window_size": args.window_size, "hop_length": args.hop_length,
+                "threshold": args.threshold}
+        with open_output(args.events, events_schema(meta), option="--events") as writer:
+            writer.add([dataclasses.astuple(e) for e in events])
     if args.events and args.events != "-":
         print(f"wrote {len(events)} event(s) to {args.events}", file=sys.stderr)
     if sinks.probabilities is not None:

@@ -90,7 +90,7 @@ def test_csv_output_with_all_classes(tmp_path, metro, mn04_checkpoint, labels_fi
     ("zero", ["--audio_path", "{tmp}/clip.wav"], "contains no audio samples"),
     ("dir", ["--audio_path", "{tmp}/folder"], "folder contains no audio files"),
     ("zero", ["--audio_path", "{tmp}/clip.wav", "--model_name", "mn04_sa"], "did you mean mn04_as"),
-    ("zero", ["--audio_path", "{tmp}/clip.wav", "--output", "{tmp}/out.txt"], "must end in .json or .csv"),
+    ("zero", ["--audio_path", "{tmp}/clip.wav", "--output", "{tmp}/out.txt"], "must end in .csv, .json or .parquet"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, mn04_checkpoint, labels_file, make, args, problem):
     clip = tmp_path / "clip.wav"

@@ -8,14 +8,14 @@ length are batched.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from common.files import atomic_write
-from helpers.inference.tables import write_target
+from helpers.inference.formats import embeddings_schema, open_output
 from helpers.inference.batching import iter_files
 from helpers.inference.tagging import LoadedModel
 
@@ -55,18 +55,29 @@ def _stacked(files: Sequence[Path], rows: dict[Path, np.ndarray], errors: dict[P
 
 def save_embeddings(path: str | os.PathLike, filenames: Sequence[str | os.PathLike], embeddings: np.ndarray,
                     model_name: str, layer: Optional[int] = None, sample_rate: int = 32000) -> None:
-    """Write an .npz (atomically) with `filenames` (str), `embeddings` (n, D) float32, `model`,
-    `layer` (-1 for the pooled embedding, which is the last layer's average) and `sample_rate`."""
+    """Write `filenames` (str) with their `embeddings` (n, D) float32 and the `model`, `layer`
+    (-1 for the pooled embedding, which is the last layer's average) and `sample_rate`, in the
+    format `path`'s suffix names (.npz or .parquet; helpers/inference/formats.py), atomically."""
     if len(filenames) != len(embeddings):
         raise ValueError(f"{len(filenames)} file names for {len(embeddings)} embeddings")
-    with atomic_write(write_target(path), "wb") as f:
-        np.savez(f, filenames=np.array([str(n) for n in filenames]),
-                 embeddings=np.asarray(embeddings, dtype=np.float32), model=np.array(model_name),
-                 layer=np.array(-1 if layer is None else layer), sample_rate=np.array(sample_rate))
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    meta = {"model": model_name, "layer": -1 if layer is None else layer, "sample_rate": sample_rate}
+    with open_output(path, embeddings_schema(embeddings.shape[1] if embeddings.ndim == 2 else 0, meta)) as writer:
+        writer.add([(str(name), row) for name, row in zip(filenames, embeddings)])
 
 
 def load_embeddings(path: str | os.PathLike) -> dict[str, Any]:
-    """The contents of a file written by `save_embeddings`, as plain Python/NumPy values."""
+    """The contents of a file written by `save_embeddings` (.npz or .parquet), as plain
+    Python/NumPy values: filenames, embeddings (n, D) float32, model, layer, sample_rate."""
+    if Path(path).suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"efficientat"])
+        column = table.column("embedding").combine_chunks()
+        width = column.type.list_size
+        matrix = column.values.to_numpy().reshape(-1, width) if len(column) else np.zeros((0, width), np.float32)
+        return {"filenames": [str(n) for n in table.column("filename").to_pylist()], "embeddings": matrix,
+                "model": meta["model"], "layer": int(meta["layer"]), "sample_rate": int(meta["sample_rate"])}
     with np.load(path, allow_pickle=False) as data:
         return {"filenames": [str(n) for n in data["filenames"]], "embeddings": data["embeddings"],
                 "model": str(data["model"]), "layer": int(data["layer"]),
