@@ -27,14 +27,14 @@ from helpers.analysis.complexity_plots import plot_tradeoffs
 from common.errors import InputError, check_suffix, run_cli
 from common.files import atomic_write, check_output
 from models.factory import create_frontend, family_of
-from models.pretrained import get_entry, name_to_width
+from models.pretrained import DEFAULT_MODEL, get_entry, name_to_width
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_name", default=None,
-                        help="registry name: any MN or DyMN, any variant (default: mn10_as)")
+                        help=f"registry name: any MN or DyMN, any variant (default: {DEFAULT_MODEL})")
     parser.add_argument("--model_width", type=float, default=None,
                         help="analyze a plain MN of this width instead (printed as mn<width without the dot>)")
     parser.add_argument("--head_type", default=None,
@@ -68,7 +68,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             family_of(args.model_name) != "mn" or name_to_width(args.model_name) != args.model_width):
         raise InputError(f"--model_width {args.model_width} analyzes a plain MN of that width, which "
                          f"--model_name {args.model_name} is not: give one of them")
-    args.model_name = args.model_name or "mn10_as"
     return args
 
 
@@ -146,11 +145,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.model_width is not None:
         name, registry_name, strides = "mn" + str(args.model_width).replace(".", ""), None, (2, 2, 2, 2)
     else:
+        name = args.model_name or DEFAULT_MODEL
         try:
-            entry = get_entry(args.model_name)
+            entry = get_entry(name)
         except ValueError as e:
             raise InputError(str(e)) from None
-        name, registry_name, strides = args.model_name, args.model_name, entry.model_kwargs["strides"]
+        registry_name, strides = name, entry.model_kwargs["strides"]
     strides = list(args.strides or strides)
     try:
         frontend = create_frontend(registry_name, sr=args.resample_rate, win_length=args.window_size,

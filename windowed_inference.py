@@ -166,7 +166,6 @@ def load(args: argparse.Namespace) -> tuple[list, LoadedModel]:
             raise ValueError(f"--frames needs the shared pass: {shared_support(tagger)}")
     if args.windows == "shared" and shared_support(tagger):
         print(f"note: {tagger.name} runs exact windows ({shared_support(tagger)})", file=sys.stderr)
-        args.windows = "exact"
     threads = args.threads or (1 if args.audio_path == ["-"] or args.mic is not None else None)
     if threads:
         torch.set_num_threads(threads)
@@ -197,7 +196,8 @@ def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tag
                stop: StopSignals, several: bool) -> Optional[StreamResult]:
     """Tag one file or stream through the live loop; None for a file that cannot be opened."""
     window, hop = window_samples(args.window_size, args.hop_length, tagger.sample_rate)
-    engine = WindowEngine(tagger, window, hop, args.windows, args.batch_size, args.frames,
+    mode = "exact" if shared_support(tagger) else args.windows  # the shared pass needs the model's support
+    engine = WindowEngine(tagger, window, hop, mode, args.batch_size, args.frames,
                           round(args.frame_window * tagger.sample_rate))
     bar = None
     if isinstance(source, Path):

@@ -237,7 +237,7 @@ def test_plot_single_png(registry_rows: dict, tmp_path: Path) -> None:
 # --- command line --------------------------------------------------------------------------------------
 
 def test_cli_sentence_mn10_as(cli: Callable) -> None:
-    code, out, err = cli()
+    code, out, err = cli("--model_name", "mn10_as")
     assert code == 0, err
     assert out.splitlines()[-1] == (
         "Model 'mn10_as' has 4.88 million parameters and inference of a single 10-seconds audio clip "
