@@ -22,10 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from helpers.analysis.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
+from helpers.analysis.complexity import CLIP_SECONDS, analyze, untrained_model, clip_input_size, registry_costs
 from helpers.analysis.complexity_plots import plot_tradeoffs
 from common.errors import InputError, check_suffix, run_cli
 from common.files import atomic_write, check_output
+from common.flags import FRONTEND_FLAGS, add_frontend_flags, frontend_settings
 from models.factory import create_frontend, family_of
 from models.pretrained import DEFAULT_MODEL, get_entry, name_to_width
 
@@ -49,12 +50,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="peak memory with the memory-efficient inverted-residual rule, not layer by layer")
     parser.add_argument("--bits_per_elem", type=int, default=16, help="bits per activation element (16 = fp16)")
     parser.add_argument("--receptive_field", action="store_true", help="also print the receptive field")
-    parser.add_argument("--resample_rate", type=int, default=None, help="sample rate in Hz (default: 32000)")
-    parser.add_argument("--window_size", type=int, default=None, help="STFT window in samples (default: 800)")
-    parser.add_argument("--hop_size", type=int, default=None,
-                        help="STFT hop in samples (default: the registry's, else 320)")
-    parser.add_argument("--n_fft", type=int, default=None, help="FFT size (default: 1024)")
-    parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: the registry's, else 128)")
+    add_frontend_flags(parser, bands=False)
     parser.add_argument("--table", default=None,
                         help="write the costs of every AudioSet model to a .csv or .json file")
     parser.add_argument("--plot", default=None,
@@ -73,10 +69,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def model_flags(args: argparse.Namespace) -> dict[str, object]:
     """The flags that change one model's settings (not allowed with --table / --plot)."""
+    values = vars(args)
     return {"--model_width": args.model_width, "--head_type": args.head_type, "--se_dims": args.se_dims,
-            "--strides": args.strides, "--resample_rate": args.resample_rate,
-            "--window_size": args.window_size, "--hop_size": args.hop_size, "--n_fft": args.n_fft,
-            "--n_mels": args.n_mels}
+            "--strides": args.strides, **{f"--{flag}": values[flag] for flag in FRONTEND_FLAGS if flag in values}}
 
 
 def registry_report(args: argparse.Namespace) -> None:
@@ -153,10 +148,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         registry_name, strides = name, entry.model_kwargs["strides"]
     strides = list(args.strides or strides)
     try:
-        frontend = create_frontend(registry_name, sr=args.resample_rate, win_length=args.window_size,
-                                   hopsize=args.hop_size, n_fft=args.n_fft, n_mels=args.n_mels)
+        frontend = create_frontend(registry_name, **frontend_settings(vars(args)))
         input_size = clip_input_size(frontend)
-        model = build_model(registry_name, args.model_width, args.head_type, args.strides, args.se_dims, input_size)
+        model = untrained_model(registry_name, args.model_width, args.head_type, args.strides, args.se_dims, input_size)
         cost = analyze(model, input_size, args.bits_per_elem)
     except ValueError as e:
         raise InputError(str(e)) from None

@@ -24,6 +24,7 @@ from helpers.inference.embeddings import embed_files, save_embeddings
 from helpers.inference.interrupt import Interrupted, StopSignals
 from helpers.inference.formats import check_output_path
 from helpers.inference.resolve import RuntimeConfig, resolve_model
+from models.pretrained import DEFAULT_MODEL
 from helpers.inference.tagging import add_precision_arg
 
 
@@ -32,7 +33,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
     parser.add_argument("--output", required=True, help=".npz or .parquet file to write")
-    parser.add_argument("--model_name", "--model", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
+    parser.add_argument("--model_name", "--model", default=DEFAULT_MODEL,
+                        help=f"registry name, e.g. mn04_as, dymn10_as (default: {DEFAULT_MODEL}, shipped; another "
+                             "downloads once)")
     parser.add_argument("--layer", type=int, default=None,
                         help="feature map to average instead of the pooled embedding (0-16, negative from the end)")
     parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="evaluate this checkpoint (a training checkpoint or a state dict)")
     parser.add_argument("--save_predictions", type=str, default=None,
                         help="evaluation only: write names, logits and targets to this .npz")
-    add_model_args(parser, model_name="mn10_as", pretrain_final_temp=30.0)
+    add_model_args(parser, pretrain_final_temp=30.0)
     add_optimizer_args(parser, lr=0.0008, lr_flag="max_lr", n_epochs=200, warm_up_len=8,
                        ramp_down_start=80, ramp_down_len=95)
     data = parser.add_argument_group("data")

@@ -33,13 +33,16 @@ from common.errors import InputError, as_input_error, check_suffix, run_cli
 from common.files import check_output
 from helpers.inference.onnx_export import DEFAULT_OPSET, OPSETS, agreement, compare_with_torch, export_onnx, quantize_onnx
 from helpers.inference.resolve import ModelRef, RuntimeConfig, resolve_model
+from models.pretrained import DEFAULT_MODEL
 from helpers.inference.tagging import LoadedModel, top_k
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model_name", "--model", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
+    parser.add_argument("--model_name", "--model", default=DEFAULT_MODEL,
+                        help=f"registry name, e.g. mn04_as, dymn10_as (default: {DEFAULT_MODEL}, shipped; another "
+                             "downloads once)")
     parser.add_argument("--output", default=None,
                         help="ONNX file to write (default: <model_name>.onnx, or <model_name>_frontend.onnx)")
     parser.add_argument("--with_frontend", action="store_true", help="include the mel frontend (waveform input)")

@@ -31,6 +31,7 @@ from helpers.inference.writers import OutputWriter
 from helpers.inference.batching import iter_files
 from helpers.inference.resolve import ModelRef, RuntimeConfig, resolve_model
 from helpers.inference.tagging import LoadedModel, add_precision_arg, format_tags, top_k
+from common.flags import add_frontend_flags
 from models.config import FrontendConfig, ModelConfig
 from models.pretrained import DEFAULT_MODEL
 
@@ -39,8 +40,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
     parser.add_argument("--model_name", default=None,
-                        help="registry name, e.g. mn04_as, dymn10_as (default: mn10_as; with --onnx: the "
-                             "settings stored in the file)")
+                        help=f"registry name, e.g. mn04_as, dymn10_as (default: {DEFAULT_MODEL}, shipped; "
+                             "another downloads once; with --onnx: the settings stored in the file)")
     parser.add_argument("--ensemble", nargs="+", default=None, help="several model names; averages logits")
     parser.add_argument("--checkpoint", default=None,
                         help="a checkpoint written by a training script (ex_*.py): tags with its own classes")
@@ -50,10 +51,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add_precision_arg(parser)
     parser.add_argument("--strides", nargs=4, type=int, default=None, help="MN/DyMN strides (default: registry)")
     parser.add_argument("--head_type", default=None, help="MN head (default: registry)")
-    parser.add_argument("--sample_rate", type=int, default=None, help="(default: registry or checkpoint, 32000)")
-    parser.add_argument("--window_size", type=int, default=None, help="STFT window in samples (default: registry)")
-    parser.add_argument("--hop_size", type=int, default=None, help="STFT hop in samples (default: registry)")
-    parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: registry)")
+    add_frontend_flags(parser, sample_rate=True)
     parser.add_argument("--top_k", type=int, default=10, help="labels printed / written per file")
     parser.add_argument("--output", default=None,
                         help="write results to a .json, .csv or .parquet file (CSV and Parquet rows are written as "
@@ -107,8 +105,7 @@ def load(args: argparse.Namespace) -> tuple[list[Path], LoadedModel]:
     """The files and the model; unreadable input or an unknown model is an InputError."""
     with as_input_error():
         files = find_audio_files(args.audio_path)
-        frontend = FrontendConfig(sr=args.sample_rate, win_length=args.window_size, hopsize=args.hop_size,
-                                  n_mels=args.n_mels)
+        frontend = FrontendConfig.from_flags(vars(args))
         # a registry name's architecture flags; with --onnx, the name whose settings the export must have
         arch = None if args.checkpoint or (args.onnx and not args.model_name) else ModelConfig(
             args.model_name or DEFAULT_MODEL, strides=tuple(args.strides) if args.strides else None,

@@ -1,13 +1,13 @@
 """Sound event detection: tag recordings or live audio window by window and report when each sound occurs.
 
     python windowed_inference.py --model_name mn04_as --audio_path recording.wav
-    python windowed_inference.py --model dymn10_as --audio_path field/ --window_size 5 --hop_length 1 \
+    python windowed_inference.py --model dymn10_as --audio_path field/ --window_length 5 --hop_length 1 \
         --threshold 0.4 --events events.csv --plot activity.png
     arecord -f S16_LE -r 32000 -c 1 -t raw | python windowed_inference.py --model mn04_as --audio_path - \
-        --raw s16le --sample_rate 32000 --hop_length 1 --events -
+        --raw s16le --input_rate 32000 --hop_length 1 --events -
 
 Recordings are streamed in blocks (memory does not grow with their length), cut into windows of
---window_size seconds every --hop_length seconds (the last window zero-padded, so the whole file is
+--window_length seconds every --hop_length seconds (the last window zero-padded, so the whole file is
 covered; a recording shorter than a window is one window of its own length, and a note says so),
 and each window is tagged. For every window the top tags are printed as it is done;
 --events writes the DCASE event list (filename,onset,offset,event_label,probability): hop-long
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from common.errors import AudioLoadError, InputError, as_input_error, check_suffix, exit_status, run_cli
 from common.files import check_output
+from common.flags import add_old_spelling
 from datasets.audio import audio_duration, find_audio_files, stream_audio
 from datasets.mic import Microphone, input_devices
 from datasets.stream import RAW_FORMATS, Stream, open_stream
@@ -46,6 +47,7 @@ from helpers.inference.outputs import PlotKeeper
 from helpers.inference.writers import LineOutput
 from helpers.inference.sed import Event, window_samples
 from helpers.inference.resolve import RuntimeConfig, resolve_model
+from models.pretrained import DEFAULT_MODEL
 from helpers.inference.tagging import LoadedModel, add_precision_arg
 from helpers.inference.windows import FRAME_WINDOW_SECONDS, MODES, WindowEngine, shared_support
 from models.factory import FRONTEND_DEFAULTS
@@ -54,8 +56,11 @@ from models.factory import FRONTEND_DEFAULTS
 def add_stream_args(parser: argparse.ArgumentParser) -> None:
     live = parser.add_argument_group("live audio (docs/live-audio.md)")
     live.add_argument("--raw", choices=sorted(RAW_FORMATS), default=None,
-                      help="standard input is headerless PCM in this format (needs --sample_rate)")
-    live.add_argument("--sample_rate", type=int, default=None, help="sample rate of a --raw stream in Hz")
+                      help="standard input is headerless PCM in this format (needs --input_rate)")
+    live.add_argument("--input_rate", type=int, default=None,
+                      help="sample rate of a --raw stream in Hz (the model's own rate is its setting)")
+    add_old_spelling(live, "--sample_rate", "--input_rate", "the raw stream's rate; inference.py's --sample_rate "
+                     "is the model's", type=int)
     live.add_argument("--channels", type=int, default=None, help="channels of a --raw stream (default 1)")
     live.add_argument("--mic", nargs="?", const="", default=None, metavar="DEVICE",
                       help="record from a microphone (default device, or a number or name from --list_devices)")
@@ -77,12 +82,12 @@ def check_stream_args(args: argparse.Namespace) -> None:
         raise InputError("--audio_path -: standard input is read alone, without other files")
     if args.mic is not None and args.audio_path:
         raise InputError("--mic and --audio_path exclude each other")
-    if (args.raw or args.sample_rate or args.channels) and not stdin:
-        raise InputError("--raw, --sample_rate and --channels describe standard input: give --audio_path -")
-    if args.raw and not args.sample_rate:
-        raise InputError("--raw needs --sample_rate (the stream's rate in Hz)")
-    if (args.sample_rate is not None and args.sample_rate < 1) or (args.channels is not None and args.channels < 1):
-        raise InputError("--sample_rate and --channels must be at least 1")
+    if (args.raw or args.input_rate or args.channels) and not stdin:
+        raise InputError("--raw, --input_rate and --channels describe standard input: give --audio_path -")
+    if args.raw and not args.input_rate:
+        raise InputError("--raw needs --input_rate (the stream's rate in Hz)")
+    if (args.input_rate is not None and args.input_rate < 1) or (args.channels is not None and args.channels < 1):
+        raise InputError("--input_rate and --channels must be at least 1")
     if args.wall_clock and not live_events(args):
         raise InputError("--wall_clock dates JSON event lines: give --events - or --events FILE.jsonl")
     if args.stall_timeout is not None and not stdin:
@@ -98,11 +103,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--audio_path", nargs="+", default=None,
                         help="audio files and/or folders; - reads standard input as it arrives")
-    parser.add_argument("--model_name", "--model", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
+    parser.add_argument("--model_name", "--model", default=DEFAULT_MODEL,
+                        help=f"registry name, e.g. mn04_as, dymn10_as (default: {DEFAULT_MODEL}, shipped; another "
+                             "downloads once)")
     parser.add_argument("--ensemble", nargs="+", default=None, help="several model names; averages logits")
     parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
     add_precision_arg(parser)
-    parser.add_argument("--window_size", type=float, default=10.0, help="window length in seconds")
+    parser.add_argument("--window_length", type=float, default=10.0, help="window length in seconds")
+    add_old_spelling(parser, "--window_size", "--window_length", "seconds here; --window_size is STFT samples in "
+                     "inference.py and the training scripts", type=float)
     parser.add_argument("--hop_length", type=float, default=2.5, help="hop between windows in seconds")
     parser.add_argument("--batch_size", type=int, default=8, help="windows tagged together")
     parser.add_argument("--windows", choices=MODES, default="exact",
@@ -137,7 +146,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         raise InputError(f"--threshold must be between 0 and 1, got {args.threshold}")
     check_stream_args(args)
     with as_input_error():  # before any model is loaded; checked again at the model's sample rate
-        window_samples(args.window_size, args.hop_length, FRONTEND_DEFAULTS["sr"], FRONTEND_DEFAULTS["n_fft"])
+        window_samples(args.window_length, args.hop_length, FRONTEND_DEFAULTS["sr"], FRONTEND_DEFAULTS["n_fft"])
     check_output_path("--events", args.events, "events")
     check_output_path("--probabilities", args.probabilities, "probabilities")
     check_suffix("--plot", args.plot, (".png",))
@@ -151,7 +160,7 @@ def load(args: argparse.Namespace) -> tuple[list, LoadedModel]:
     model is an InputError. A stream's header is read first, so that a bad one fails at once."""
     with as_input_error():
         if args.audio_path == ["-"]:
-            sources: list = [open_stream(sys.stdin.fileno(), "stdin", args.raw, args.sample_rate, args.channels,
+            sources: list = [open_stream(sys.stdin.fileno(), "stdin", args.raw, args.input_rate, args.channels,
                                          args.stall_timeout)]
         elif args.mic is not None:
             sources = [Microphone(args.mic or None, args.hop_length, max(2 * args.hop_length, 1.0))]
@@ -161,7 +170,7 @@ def load(args: argparse.Namespace) -> tuple[list, LoadedModel]:
             raise ValueError(f"--plot draws one recording; {len(sources)} files given")
         tagger = resolve_model(args.ensemble or args.model_name,
                                RuntimeConfig("cuda" if args.cuda else "cpu", args.precision))
-        window_samples(args.window_size, args.hop_length, tagger.sample_rate, tagger.frontend.n_fft)
+        window_samples(args.window_length, args.hop_length, tagger.sample_rate, tagger.frontend.n_fft)
         if args.frames and shared_support(tagger):
             raise ValueError(f"--frames needs the shared pass: {shared_support(tagger)}")
     if args.windows == "shared" and shared_support(tagger):
@@ -195,7 +204,7 @@ def make_sinks(args: argparse.Namespace, tagger: LoadedModel, several: bool) -> 
 def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tagger: LoadedModel, sinks: Sinks,
                stop: StopSignals, several: bool) -> Optional[StreamResult]:
     """Tag one file or stream through the live loop; None for a file that cannot be opened."""
-    window, hop = window_samples(args.window_size, args.hop_length, tagger.sample_rate)
+    window, hop = window_samples(args.window_length, args.hop_length, tagger.sample_rate)
     mode = "exact" if shared_support(tagger) else args.windows  # the shared pass needs the model's support
     engine = WindowEngine(tagger, window, hop, mode, args.batch_size, args.frames,
                           round(args.frame_window * tagger.sample_rate))
@@ -203,7 +212,7 @@ def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tag
     if isinstance(source, Path):
         name, bad = str(source), None
         try:
-            blocks = stream_audio(source, tagger.sample_rate, block_seconds=args.window_size +
+            blocks = stream_audio(source, tagger.sample_rate, block_seconds=args.window_length +
                                   args.batch_size * args.hop_length)
             duration = audio_duration(source)
         except AudioLoadError as e:
@@ -228,8 +237,8 @@ def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tag
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
     if 0 < result.num_samples < window:
-        print(f"note: {name} ({result.num_samples / tagger.sample_rate:.2f} s) is shorter than --window_size "
-              f"{args.window_size:g} s: tagged as one window over its own length", file=sys.stderr)
+        print(f"note: {name} ({result.num_samples / tagger.sample_rate:.2f} s) is shorter than --window_length "
+              f"{args.window_length:g} s: tagged as one window over its own length", file=sys.stderr)
     return result
 
 
@@ -239,7 +248,7 @@ def finish_outputs(args: argparse.Namespace, tagger: LoadedModel, sinks: Sinks, 
     if sinks.events_out is not None:
         sinks.events_out.close()
     elif args.events:
-        meta = {"model": tagger.name, "window_size": args.window_size, "hop_length": args.hop_length,
+        meta = {"model": tagger.name, "window_length": args.window_length, "hop_length": args.hop_length,
                 "threshold": args.threshold}
         with open_output(args.events, events_schema(meta), option="--events") as writer:
             writer.add([dataclasses.astuple(e) for e in events])
@@ -249,7 +258,7 @@ def finish_outputs(args: argparse.Namespace, tagger: LoadedModel, sinks: Sinks, 
         sinks.probabilities.close()
         print(f"wrote {'frame' if args.frames else 'window'} probabilities to {args.probabilities}", file=sys.stderr)
     if sinks.plot is not None and last is not None:
-        window, hop = window_samples(args.window_size, args.hop_length, tagger.sample_rate)
+        window, hop = window_samples(args.window_length, args.hop_length, tagger.sample_rate)
         sinks.plot.write(name, tagger.sample_rate, window, hop, last.num_samples, events)
         print(f"wrote activity plot to {args.plot}", file=sys.stderr)
 

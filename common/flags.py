@@ -47,11 +47,12 @@ def add_old_spelling(parser: argparse.ArgumentParser, old: str, new: str, note: 
 
 
 def add_frontend_flags(parser: argparse.ArgumentParser, training: bool = False,
-                       sample_rate: bool = False) -> None:
+                       sample_rate: bool = False, bands: bool = True) -> None:
     """The mel frontend's flags (the original's names). Left out, a setting is the model's (its
     registry entry or checkpoint), else the standard one. `training` adds the settings that only
     change training (masking, band-edge jitter); `sample_rate` adds `--sample_rate` as a second
-    spelling of `--resample_rate` (the original inference.py's)."""
+    spelling of `--resample_rate` (the original inference.py's); `bands=False` leaves out the mel
+    band edges (--fmin, --fmax), for a command that needs only the spectrogram's shape."""
     g = parser.add_argument_group("preprocessing (the mel frontend; default: the model's settings)")
     rate = ["--resample_rate"] + (["--sample_rate"] if sample_rate else [])
     g.add_argument(*rate, dest="resample_rate", type=int, default=None,
@@ -60,9 +61,10 @@ def add_frontend_flags(parser: argparse.ArgumentParser, training: bool = False,
     g.add_argument("--hop_size", type=int, default=None, help="STFT hop in samples (default: the model's, 320)")
     g.add_argument("--n_fft", type=int, default=None, help="FFT size (default: the model's, 1024)")
     g.add_argument("--n_mels", type=int, default=None, help="mel bands (default: the model's, 128)")
-    g.add_argument("--fmin", type=float, default=None, help="lowest mel band edge in Hz (default: the model's, 0)")
-    g.add_argument("--fmax", type=float, default=None,
-                   help="highest mel band edge in Hz (default: the model's, else sr/2 - fmax_aug_range/2)")
+    if bands:
+        g.add_argument("--fmin", type=float, default=None, help="lowest mel band edge in Hz (default: the model's, 0)")
+        g.add_argument("--fmax", type=float, default=None,
+                       help="highest mel band edge in Hz (default: the model's, else sr/2 - fmax_aug_range/2)")
     if training:
         g.add_argument("--freqm", type=int, default=0, help="frequency mask width (training only)")
         g.add_argument("--timem", type=int, default=0, help="time mask width (training only)")

@@ -230,6 +230,6 @@ def open_stream(fd: int, name: str, raw: Optional[str] = None, rate: Optional[in
         native = _pcm_blocks(reader, dtype, scale, header_channels, size)
     else:
         header_rate, header_channels, native = _pyav_blocks(reader)
-    _check_given(name, "--sample_rate", header_rate, rate)
+    _check_given(name, "--input_rate", header_rate, rate)
     _check_given(name, "--channels", header_channels, channels)
     return Stream(name, header_rate, header_channels, native)

@@ -177,7 +177,7 @@ def test_commands_write_parquet(tmp_path: Path, mn04_checkpoint: Path, labels_fi
     assert run_cli(lambda: embeddings.main(["--model_name", "mn04_as", "--audio_path", demo, "--output", str(tmp_path / "e.parquet")])) == 0
     assert load_embeddings(tmp_path / "e.parquet")["embeddings"].shape == (1, 384)
     assert run_cli(lambda: windowed_inference.main([
-        "--model_name", "mn04_as", "--audio_path", demo, "--window_size", "2", "--hop_length", "1", "--top_k", "0", "--threshold", "0.3",
+        "--model_name", "mn04_as", "--audio_path", demo, "--window_length", "2", "--hop_length", "1", "--top_k", "0", "--threshold", "0.3",
         "--events", str(tmp_path / "ev.parquet"), "--probabilities", str(tmp_path / "p.parquet")])) == 0
     events = pq.read_table(tmp_path / "ev.parquet").to_pylist()
     assert events and set(events[0]) == {"filename", "onset", "offset", "event_label", "probability"}
@@ -193,7 +193,7 @@ def test_events_to_an_upper_case_jsonl_file_are_json_lines(tmp_path: Path, mn04_
     import windowed_inference
     out = tmp_path / "events.JSONL"
     assert run_cli(lambda: windowed_inference.main([
-        "--model_name", "mn04_as", "--audio_path", str(REPO / "resources" / "demo_bells.wav"), "--window_size", "2", "--hop_length", "1",
+        "--model_name", "mn04_as", "--audio_path", str(REPO / "resources" / "demo_bells.wav"), "--window_length", "2", "--hop_length", "1",
         "--top_k", "0", "--events", str(out), "--wall_clock"])) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines and {line["event"] for line in lines} == {"start", "end"} and all("time" in line for line in lines)

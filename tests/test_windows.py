@@ -254,7 +254,7 @@ def test_cli_shared_frames_npz_csv_and_plot(tmp_path: Path, mn04_checkpoint: Pat
     path = tmp_path / "field.wav"
     sf.write(path, np.tile(load_audio(REPO / "resources" / "demo_bells.wav", SR), 4)[:20 * SR], SR)  # 20 s
     npz, table, png = tmp_path / "frames.npz", tmp_path / "frames.csv", tmp_path / "frames.png"
-    common = ["--model_name", "mn04_as", "--audio_path", str(path), "--window_size", "10", "--hop_length", "1",
+    common = ["--model_name", "mn04_as", "--audio_path", str(path), "--window_length", "10", "--hop_length", "1",
               "--windows", "shared", "--frames", "--top_k", "0"]
     result = _cli(*common, "--probabilities", str(npz), "--plot", str(png))
     assert result.returncode == 0, result.stderr
@@ -273,7 +273,7 @@ def test_cli_shared_frames_npz_csv_and_plot(tmp_path: Path, mn04_checkpoint: Pat
 
 
 def test_cli_refuses_a_window_shorter_than_one_fft_frame(tmp_path: Path) -> None:
-    result = _cli("--model_name", "mn04_as", "--audio_path", str(tmp_path), "--window_size", "0.01")
+    result = _cli("--model_name", "mn04_as", "--audio_path", str(tmp_path), "--window_length", "0.01")
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
-        "error: window_size must be at least 0.032 s (one FFT frame of 1024 samples at 32000 Hz), got 0.01 s")
+        "error: window_length must be at least 0.032 s (one FFT frame of 1024 samples at 32000 Hz), got 0.01 s")
     assert not list(tmp_path.iterdir())

@@ -15,6 +15,7 @@ from common.flags import add_frontend_flags
 from helpers.training.precision import PRECISIONS
 from helpers.training.recipes import add_recipe_args
 from models.factory import FAMILIES
+from models.pretrained import DEFAULT_MODEL
 
 
 def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_size: int,
@@ -57,13 +58,13 @@ def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_si
     speed.add_argument("--prefetch_factor", type=int, default=None, help="batches each worker loads ahead (default 2)")
 
 
-def add_model_args(parser: argparse.ArgumentParser, model_name: str = "mn10_as",
-                   pretrain_final_temp: float = 1.0) -> None:
-    """Model arguments: --model_name, --pretrained, --pretrain_final_temp, --model_width,
-    --strides, --head_type, --se_dims."""
+def add_model_args(parser: argparse.ArgumentParser, pretrain_final_temp: float = 1.0) -> None:
+    """Model arguments: --model_name (default: the shipped DEFAULT_MODEL), --pretrained,
+    --pretrain_final_temp, --model_width, --strides, --head_type, --se_dims."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model_name", type=str, default=model_name,
-                   help="registry name; 'dymn*' names build a DyMN")
+    g.add_argument("--model_name", type=str, default=DEFAULT_MODEL,
+                   help=f"registry name (default {DEFAULT_MODEL}, shipped; with --pretrained another name downloads "
+                        "its weights once); 'dymn*' names build a DyMN")
     g.add_argument("--pretrained", action="store_true", help="start from --model_name's weights")
     g.add_argument("--model_width", type=float, default=1.0, help="width when not pretrained")
     g.add_argument("--strides", type=int, nargs=4, default=None,
