@@ -5,7 +5,7 @@
 
 The embedding is the model's pooled embedding (the global average of the last conv layer: 384
 values for width 0.4, 960 for 1.0, 1920 for 2.0), or with --layer N the global average of feature
-map N (0 stem, 1-15 blocks, 16 last conv). The .npz holds `filenames`, `embeddings` (n, D),
+map N (MN and DyMN: 0 stem, 1-15 blocks, 16 last conv; each family declares its count). The .npz holds `filenames`, `embeddings` (n, D),
 `model`, `layer` and `sample_rate`; read it with helpers.inference.embeddings.load_embeddings or np.load.
 Ctrl-C or SIGTERM stops the run and saves the embeddings done so far (exit code 130 / 143).
 Exit code: 0 all files embedded, 1 some failed (the others are saved), 2 nothing embedded.
@@ -24,8 +24,9 @@ from helpers.inference.embeddings import embed_files, save_embeddings
 from helpers.inference.interrupt import Interrupted, StopSignals
 from helpers.inference.formats import check_output_path
 from helpers.inference.resolve import RuntimeConfig, resolve_model
-from models.pretrained import DEFAULT_MODEL
 from helpers.inference.tagging import add_precision_arg
+from models.factory import FAMILIES, feature_maps
+from models.pretrained import DEFAULT_MODEL
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -36,8 +37,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model_name", "--model", default=DEFAULT_MODEL,
                         help=f"registry name, e.g. mn04_as, dymn10_as (default: {DEFAULT_MODEL}, shipped; another "
                              "downloads once)")
+    maps = ", ".join(f"{family.label} 0-{family.feature_maps - 1}" for family in FAMILIES.values())
     parser.add_argument("--layer", type=int, default=None,
-                        help="feature map to average instead of the pooled embedding (0-16, negative from the end)")
+                        help=f"feature map to average instead of the pooled embedding ({maps}; negative from the end)")
     parser.add_argument("--cuda", action="store_true", help="run on GPU (fp16 autocast) if available")
     add_precision_arg(parser)
     parser.add_argument("--batch_size", type=int, default=16, help="files of equal length run together")
@@ -45,8 +47,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.batch_size < 1:
         raise InputError("--batch_size must be at least 1")
     check_output_path("--output", args.output, "embeddings")
-    if args.layer is not None and not -17 <= args.layer <= 16:
-        raise InputError(f"--layer must be in -17..16 (17 feature maps), got {args.layer}")
+    count = feature_maps(args.model_name)
+    if args.layer is not None and not -count <= args.layer < count:
+        raise InputError(f"--layer must be in {-count}..{count - 1} ({args.model_name} has {count} feature maps), "
+                         f"got {args.layer}")
     return args
 
 

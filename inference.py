@@ -49,8 +49,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="tag with this model exported by export_onnx.py (float or int8), with onnxruntime")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU (fp16 autocast); an error without one")
     add_precision_arg(parser)
-    parser.add_argument("--strides", nargs=4, type=int, default=None, help="MN/DyMN strides (default: registry)")
-    parser.add_argument("--head_type", default=None, help="MN head (default: registry)")
+    parser.add_argument("--strides", nargs=4, type=int, default=None, help="block strides (default: registry)")
+    parser.add_argument("--head_type", default=None, help="classifier head (default: registry)")
     add_frontend_flags(parser, sample_rate=True)
     parser.add_argument("--top_k", type=int, default=10, help="labels printed / written per file")
     parser.add_argument("--output", default=None,

@@ -116,10 +116,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8, help="windows tagged together")
     parser.add_argument("--windows", choices=MODES, default="exact",
                         help="exact: every window through the network on its own; shared: one pass over the "
-                             "recording cut into windows (MN only, ~4x faster at 1-s hops, but not within the "
-                             "agreement bounds of docs/long-recordings.md, so exact is the default for every model)")
+                             "recording cut into windows (models whose family supports it; ~4x faster at 1-s "
+                             "hops, but not within the agreement bounds of docs/long-recordings.md, so exact is "
+                             "the default for every model)")
     parser.add_argument("--frames", action="store_true",
-                        help="also write probabilities every frame of the last feature map (0.32 s, MN only) "
+                        help="also write probabilities every frame of the last feature map (0.32 s; needs the shared pass) "
                              "to --probabilities, and draw them in --plot")
     parser.add_argument("--frame_window", type=float, default=FRAME_WINDOW_SECONDS,
                         help="--frames: each frame's probability is the head on the mean of the frames within "

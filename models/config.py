@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 from common.flags import frontend_settings
-from models.factory import FAMILIES, frontend_kwargs, model_config
+from models.factory import family_options, frontend_kwargs, model_config
 from models.pretrained import DEFAULT_MODEL, REGISTRY
 
 
@@ -57,7 +57,8 @@ class ModelConfig:
     """The model a command builds: registry `name` (its family, and with `pretrained` its weights
     and architecture), `width` (without `pretrained`), `strides` / `head_type` (None: the
     registry's, else the family's), and the family-specific `options` the families declare
-    (`models.factory.Family.cli_options`: MN's se_dims, DyMN's pretrain_final_temp)."""
+    (`models.factory.OPTIONS`, each family's `Family.options`: MN's se_dims, DyMN's
+    pretrain_final_temp); `models.factory.model_config` lets each family read its own."""
     name: str = DEFAULT_MODEL
     pretrained: bool = False
     width: float = 1.0
@@ -69,11 +70,10 @@ class ModelConfig:
     def from_flags(cls, values: Mapping[str, Any]) -> "ModelConfig":
         """From parsed flag values (the training scripts' model group): --model_name,
         --pretrained, --model_width, --strides, --head_type and every family's options."""
-        declared = [option for family in FAMILIES.values() for option in family.cli_options]
         strides = values.get("strides")
         return cls(values["model_name"], bool(values.get("pretrained")), values.get("model_width", 1.0),
                    tuple(strides) if strides is not None else None, values.get("head_type"),
-                   {option: values[option] for option in declared if option in values})
+                   family_options(values))
 
     def to_dict(self, num_classes: int) -> dict[str, Any]:
         """The full model configuration (`models.factory.model_config`) for `num_classes`: what a

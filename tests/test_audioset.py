@@ -321,7 +321,7 @@ def test_evaluation_where_no_clip_is_readable_is_one_line(tmp_path, capsys):
     from models.checkpoint import RunRecord, save_run_record
     from models.factory import model_config, model_from_config
     _write(tmp_path / EVAL_FILE, [f"Yevl{i:08d}.mp3" for i in range(3)], 0, bad_rows=(0, 1, 2))
-    config = model_config("mn01", NUM_CLASSES, False, 0.1, None, None, "c", 1.0)
+    config = model_config("mn01", NUM_CLASSES, False, 0.1, None, None, se_dims="c")
     save_run_record(tmp_path / "ft.pt", RunRecord(model_from_config(config).state_dict(), config, {}, []))
     code, out, err = _run(["--dataset_dir", str(tmp_path), "--checkpoint", str(tmp_path / "ft.pt"),
                            "--num_workers", "0"], capsys)

@@ -287,7 +287,7 @@ def test_cli_unknown_name() -> None:
 @pytest.mark.parametrize("argv, message", [
     (["--strides", "3", "2", "2", "2"], "strides must be four values of 1 or 2"),
     (["--model_name", "dymn04_as", "--head_type", "multihead_attention_pooling"], "DyMN supports head_type"),
-    (["--model_name", "dymn04_as", "--se_dims", "c"], "no squeeze-excitation"),
+    (["--model_name", "dymn04_as", "--se_dims", "c"], "dymn04_as is a DyMN, which has no --se_dims (an option of MN)"),
     (["--se_dims", "x"], "se_dims must be letters"),
     (["--n_mels", "2"], "n_mels must be greater than 3"),
     (["--window_size", "2048"], "must not exceed n_fft"),

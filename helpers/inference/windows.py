@@ -4,8 +4,9 @@ Windows of `window` samples start every `hop` samples (hop > window leaves gaps)
 the stream the last window is zero-padded; a stream shorter than one window is one window of its
 own length (padding would dilute its tags with silence). Two modes:
 - "exact": every window through the whole network on its own (today's windowed inference);
-- "shared": the network runs once over the stream (`helpers.inference.shared_pass`, MN only) and
-  each window is the head applied to the average of the last feature map's frames that lie in it.
+- "shared": the network runs once over the stream (`helpers.inference.shared_pass`, for models
+  whose family supports it: `Family.shared_pass`) and each window is the head applied to the
+  average of the last feature map's frames that lie in it.
 Memory is bounded: the engine holds at most one window (exact) or one chunk with its margins
 (shared) of audio, and the frames the next windows still need.
 """

@@ -14,7 +14,7 @@ from common.errors import InputError, fail
 from common.flags import add_frontend_flags
 from helpers.training.precision import PRECISIONS
 from helpers.training.recipes import add_recipe_args
-from models.factory import FAMILIES
+from models.factory import FAMILIES, OPTIONS
 from models.pretrained import DEFAULT_MODEL
 
 
@@ -58,24 +58,28 @@ def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_si
     speed.add_argument("--prefetch_factor", type=int, default=None, help="batches each worker loads ahead (default 2)")
 
 
-def add_model_args(parser: argparse.ArgumentParser, pretrain_final_temp: float = 1.0) -> None:
+def add_model_args(parser: argparse.ArgumentParser, model_name: str = DEFAULT_MODEL, **option_defaults: Any) -> None:
     """Model arguments: --model_name (default: the shipped DEFAULT_MODEL), --pretrained,
-    --pretrain_final_temp, --model_width, --strides, --head_type, --se_dims."""
+    --model_width, --strides, --head_type, and every family's own flags (`models.factory.OPTIONS`;
+    `option_defaults` changes their defaults)."""
+    unknown = sorted(set(option_defaults) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"no model family has the options {', '.join(unknown)}")
     g = parser.add_argument_group("model")
-    g.add_argument("--model_name", type=str, default=DEFAULT_MODEL,
+    prefixes = ", ".join(f"{family.prefix}*: {family.label}" for family in FAMILIES.values())
+    g.add_argument("--model_name", type=str, default=model_name,
                    help=f"registry name (default {DEFAULT_MODEL}, shipped; with --pretrained another name downloads "
-                        "its weights once); 'dymn*' names build a DyMN")
+                        f"its weights once); its prefix picks the model family ({prefixes})")
     g.add_argument("--pretrained", action="store_true", help="start from --model_name's weights")
     g.add_argument("--model_width", type=float, default=1.0, help="width when not pretrained")
     g.add_argument("--strides", type=int, nargs=4, default=None,
                    help="four strides (default: the checkpoint's, else 2 2 2 2)")
     g.add_argument("--head_type", type=str, default=None,
                    choices=("mlp", "fully_convolutional", "multihead_attention_pooling"),
-                   help="MN classifier head (default: the checkpoint's, else mlp)")
-    defaults = {"pretrain_final_temp": pretrain_final_temp}
-    for family in FAMILIES.values():  # each family's own flags
-        for option, keywords in family.cli_options.items():
-            g.add_argument(f"--{option}", **{**keywords, "default": defaults.get(option, keywords["default"])})
+                   help="classifier head (default: the checkpoint's, else mlp)")
+    for name, option in OPTIONS.items():  # each family's own flags
+        g.add_argument(f"--{name}", type=option.type, default=option_defaults.get(name, option.default),
+                       help=option.help)
 
 
 def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, n_epochs: int,

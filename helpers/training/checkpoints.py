@@ -15,6 +15,7 @@ from common.files import check_output, lock_folder, remove_stale_temporaries
 from helpers.training.distributed import unwrap
 from helpers.training.precision import Precision
 from models.checkpoint import CHECKPOINT_FORMAT, RunRecord, plain, read_run_record, save_checkpoint
+from models.factory import get_family
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +125,14 @@ def restore_training_state(record: RunRecord, model: nn.Module,
     return int(record.epoch) + 1
 
 
-def epoch_weights_name(width: float, task: str, epoch: int, metric: str, value: float) -> str:
-    """The original's per-epoch file name, e.g. mn10_as_epoch_5_mAP_450.pt (width, task, epoch,
-    metric x 1000; a non-finite value is written as nan)."""
+def epoch_weights_name(model_config: Mapping[str, Any], task: str, epoch: int, metric: str, value: float) -> str:
+    """The original's per-epoch file name of the model `model_config` describes, e.g.
+    mn10_as_epoch_5_mAP_450.pt (its family's weight-file prefix and width, task, epoch, metric x
+    1000; a non-finite value is written as nan)."""
     score = round(value * 1000) if math.isfinite(value) else "nan"
-    return f"mn{str(width).replace('.', '')}_{task}_epoch_{epoch}_{metric}_{score}.pt"
+    prefix = get_family(model_config["family"]).weights_prefix
+    width = str(model_config.get("width_mult", 1.0)).replace(".", "")
+    return f"{prefix}{width}_{task}_epoch_{epoch}_{metric}_{score}.pt"
 
 
 def save_epoch_weights(out_dir: Path, record: RunRecord, only_if_missing: bool = False) -> None:

@@ -307,7 +307,7 @@ def _fine_tune(config: TrainingConfig, task: Task, train_set: Dataset, val_set: 
             continue
         if best is None or _better(last, best["metrics"], task.selection):
             best = {"epoch": epoch, "metrics": last}
-        weights = epoch_weights_name(run.model_config["width_mult"], task.name, epoch, task.metric_tag,
+        weights = epoch_weights_name(run.model_config, task.name, epoch, task.metric_tag,
                                      last[task.selection])
         record = training_record(run.model, run.optimizer, run.scheduler, run.precision, epoch, seed,
                                  config.flags, run.model_config, run.frontend_config, task.class_names, last,
