@@ -24,7 +24,7 @@ from helpers.inference.embeddings import embed_files, save_embeddings
 from helpers.inference.interrupt import Interrupted, StopSignals
 from helpers.inference.formats import check_output_path
 from helpers.inference.resolve import RuntimeConfig, resolve_model
-from helpers.inference.tagging import add_precision_arg
+from helpers.inference.tagging import add_precision_arg, model_record
 from models.factory import FAMILIES, feature_maps
 from models.pretrained import DEFAULT_MODEL
 
@@ -46,7 +46,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise InputError("--batch_size must be at least 1")
-    check_output_path("--output", args.output, "embeddings")
+    check_output_path("--output", args.output, "embeddings", inputs=[*args.audio_path, args.model_name])
     count = feature_maps(args.model_name)
     if args.layer is not None and not -count <= args.layer < count:
         raise InputError(f"--layer must be in {-count}..{count - 1} ({args.model_name} has {count} feature maps), "
@@ -70,7 +70,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             done, embeddings, errors = e.partial  # type: ignore[attr-defined]
         stop.hold()
         if done:
-            save_embeddings(args.output, done, embeddings, tagger.name, args.layer, tagger.sample_rate)
+            save_embeddings(args.output, done, embeddings, tagger.name, args.layer, tagger.sample_rate,
+                            model=model_record(tagger), inputs=files)
             print(f"wrote {embeddings.shape[0]} embedding(s) of dimension {embeddings.shape[1]} to {args.output}")
     if stop.signum is not None:
         print(f"interrupted by {signal.Signals(stop.signum).name}: {len(done)} of {len(files)} file(s) embedded"

@@ -30,7 +30,7 @@ import torch
 
 from datasets.audio import AudioLoadError, find_audio_files, load_audio
 from common.errors import InputError, as_input_error, check_suffix, run_cli
-from common.files import check_output
+from common.files import check_not_input, check_output
 from helpers.inference.onnx_export import DEFAULT_OPSET, OPSETS, agreement, compare_with_torch, export_onnx, quantize_onnx
 from helpers.inference.resolve import ModelRef, RuntimeConfig, resolve_model
 from models.pretrained import DEFAULT_MODEL
@@ -105,6 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     output = Path(args.output or default)
     check_suffix("--output", output, (".onnx",))
     check_output(output, "--output")
+    check_not_input("--output", output, [*filter(None, [args.check]), *(args.calibration or [])])
     if not (math.isfinite(args.tolerance) and args.tolerance > 0):
         raise InputError(f"--tolerance must be a positive number, got {args.tolerance}")
     with as_input_error():

@@ -30,7 +30,7 @@ from helpers.inference.formats import check_output_path, open_output, tags_schem
 from helpers.inference.writers import OutputWriter
 from helpers.inference.batching import iter_files
 from helpers.inference.resolve import ModelRef, RuntimeConfig, resolve_model
-from helpers.inference.tagging import LoadedModel, add_precision_arg, format_tags, top_k
+from helpers.inference.tagging import LoadedModel, add_precision_arg, format_tags, model_record, top_k
 from common.flags import add_frontend_flags
 from models.config import FrontendConfig, ModelConfig
 from models.pretrained import DEFAULT_MODEL
@@ -67,11 +67,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def model_files(args: argparse.Namespace) -> list[str]:
+    """The model files a run reads (--checkpoint, --onnx): inputs no output may overwrite."""
+    return [path for path in (args.checkpoint, args.onnx) if path]
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """InputError for values out of range and for flags that contradict or would be ignored."""
     if args.top_k < 1 or args.batch_size < 1:
         raise InputError("--top_k and --batch_size must be at least 1")
-    check_output_path("--output", args.output, "tags")
+    check_output_path("--output", args.output, "tags", inputs=[*args.audio_path, *model_files(args)])
     for flag, needs in (("--all_classes", "--output"), ("--resume", "--output")):
         if getattr(args, flag[2:]) and not args.output:
             raise InputError(f"{flag} is about the {needs} file: give {needs} too")
@@ -122,7 +127,7 @@ def open_tags_output(args: argparse.Namespace, tagger: LoadedModel, files: list[
     if not args.output:
         return None, files
     writer = open_output(args.output, tags_schema({"model": tagger.name, "sample_rate": tagger.sample_rate}),
-                         resume=args.resume)
+                         resume=args.resume, model=model_record(tagger), inputs=[*files, *model_files(args)])
     if args.resume:
         files = [f for f in files if str(f) not in writer.done]
         print(f"resuming: {len(writer.done)} file(s) already in {args.output}, {len(files)} to tag", file=sys.stderr)

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import AudioLoadError, InputError, as_input_error, check_suffix, exit_status, run_cli
-from common.files import check_output
+from common.files import check_not_input, check_output
 from common.flags import add_old_spelling
 from datasets.audio import audio_duration, find_audio_files, stream_audio
 from datasets.mic import Microphone, input_devices
@@ -48,7 +48,7 @@ from helpers.inference.writers import LineOutput
 from helpers.inference.sed import Event, window_samples
 from helpers.inference.resolve import RuntimeConfig, resolve_model
 from models.pretrained import DEFAULT_MODEL
-from helpers.inference.tagging import LoadedModel, add_precision_arg
+from helpers.inference.tagging import LoadedModel, add_precision_arg, model_record
 from helpers.inference.windows import FRAME_WINDOW_SECONDS, MODES, WindowEngine, shared_support
 from models.factory import FRONTEND_DEFAULTS
 
@@ -148,11 +148,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     check_stream_args(args)
     with as_input_error():  # before any model is loaded; checked again at the model's sample rate
         window_samples(args.window_length, args.hop_length, FRONTEND_DEFAULTS["sr"], FRONTEND_DEFAULTS["n_fft"])
-    check_output_path("--events", args.events, "events")
-    check_output_path("--probabilities", args.probabilities, "probabilities")
+    inputs = [*(args.audio_path or []), args.model_name]
+    check_output_path("--events", args.events, "events", inputs)
+    check_output_path("--probabilities", args.probabilities, "probabilities", inputs)
     check_suffix("--plot", args.plot, (".png",))
     if args.plot:
         check_output(args.plot, "--plot")
+        check_not_input("--plot", args.plot, inputs)
     return args
 
 
@@ -182,19 +184,26 @@ def load(args: argparse.Namespace) -> tuple[list, LoadedModel]:
     return sources, tagger
 
 
+def input_files(args: argparse.Namespace, sources: list) -> list[Path]:
+    """The files a run reads (the audio files found, a model file): no output may be one."""
+    return [*(s for s in sources if isinstance(s, Path)), *[Path(args.model_name)] * bool(args.model_name)]
+
+
 def live_events(args: argparse.Namespace) -> bool:
     """Whether --events is a live stream of JSON lines (standard output or a .jsonl file, in any
     case) rather than the event list written at the end."""
     return bool(args.events) and output_format(args.events, "events", "--events").live
 
 
-def make_sinks(args: argparse.Namespace, tagger: LoadedModel, several: bool) -> Sinks:
+def make_sinks(args: argparse.Namespace, tagger: LoadedModel, several: bool, inputs: list[Path]) -> Sinks:
     """The outputs written while the windows arrive (see helpers/inference/live.py), opened
     through the output-format registry (helpers/inference/formats.py)."""
     files = [args.probabilities, args.plot, args.events if args.events != "-" else None]
-    events_out = open_output(args.events, events_schema({}), option="--events") if live_events(args) else None
+    record = model_record(tagger)
+    events_out = open_output(args.events, events_schema({}), option="--events", model=record,
+                             inputs=inputs) if live_events(args) else None
     probabilities = open_output(args.probabilities, probabilities_schema(tagger.class_names, tagger.name, args.frames),
-                                option="--probabilities") if args.probabilities else None
+                                option="--probabilities", model=record, inputs=inputs) if args.probabilities else None
     return Sinks(tagger.class_names, top_k=0 if args.events == "-" else args.top_k,
                  windows_out=LineOutput("-") if args.top_k and args.events != "-" else None,
                  events_out=events_out, probabilities=probabilities,
@@ -243,7 +252,7 @@ def tag_source(args: argparse.Namespace, source: Path | Stream | Microphone, tag
     return result
 
 
-def finish_outputs(args: argparse.Namespace, tagger: LoadedModel, sinks: Sinks, events: list[Event],
+def finish_outputs(args: argparse.Namespace, tagger: LoadedModel, sinks: Sinks, events: list[Event], inputs: list[Path],
                    last: Optional[StreamResult], name: str) -> None:
     """The files written whole at the end, each atomically."""
     if sinks.events_out is not None:
@@ -251,7 +260,8 @@ def finish_outputs(args: argparse.Namespace, tagger: LoadedModel, sinks: Sinks, 
     elif args.events:
         meta = {"model": tagger.name, "window_length": args.window_length, "hop_length": args.hop_length,
                 "threshold": args.threshold}
-        with open_output(args.events, events_schema(meta), option="--events") as writer:
+        with open_output(args.events, events_schema(meta), option="--events", model=model_record(tagger),
+                         inputs=inputs) as writer:
             writer.add([dataclasses.astuple(e) for e in events])
     if args.events and args.events != "-":
         print(f"wrote {len(events)} event(s) to {args.events}", file=sys.stderr)
@@ -266,7 +276,8 @@ def finish_outputs(args: argparse.Namespace, tagger: LoadedModel, sinks: Sinks, 
 
 def run(args: argparse.Namespace, sources: list, tagger: LoadedModel, stop: StopSignals) -> int:
     """Tag every source, then write the outputs; the exit status (module doc)."""
-    sinks = make_sinks(args, tagger, isinstance(sources[0], Path) and len(sources) > 1)
+    inputs = input_files(args, sources)
+    sinks = make_sinks(args, tagger, isinstance(sources[0], Path) and len(sources) > 1, inputs)
     events: list[Event] = []
     done = failed = 0
     last: Optional[StreamResult] = None
@@ -282,7 +293,7 @@ def run(args: argparse.Namespace, sources: list, tagger: LoadedModel, stop: Stop
             if stopped or (result is not None and result.reader_gone):
                 break
         if done:
-            finish_outputs(args, tagger, sinks, events, last, getattr(sources[0], "name", str(sources[0])))
+            finish_outputs(args, tagger, sinks, events, inputs, last, getattr(sources[0], "name", str(sources[0])))
     except (InputError, OSError):  # a failed write: leave no partial file
         if sinks.probabilities is not None:
             sinks.probabilities.abort()

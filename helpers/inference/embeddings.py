@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -54,15 +54,18 @@ def _stacked(files: Sequence[Path], rows: dict[Path, np.ndarray], errors: dict[P
 
 
 def save_embeddings(path: str | os.PathLike, filenames: Sequence[str | os.PathLike], embeddings: np.ndarray,
-                    model_name: str, layer: Optional[int] = None, sample_rate: int = 32000) -> None:
+                    model_name: str, layer: Optional[int] = None, sample_rate: int = 32000, *,
+                    model: Optional[Mapping[str, Any]] = None, inputs: Sequence[str | os.PathLike] = ()) -> None:
     """Write `filenames` (str) with their `embeddings` (n, D) float32 and the `model`, `layer`
     (-1 for the pooled embedding, which is the last layer's average) and `sample_rate`, in the
-    format `path`'s suffix names (.npz or .parquet; helpers/inference/formats.py), atomically."""
+    format `path`'s suffix names (.npz or .parquet; helpers/inference/formats.py), atomically;
+    `model` and `inputs` as `formats.open_output` takes them (the model record; the files read)."""
     if len(filenames) != len(embeddings):
         raise ValueError(f"{len(filenames)} file names for {len(embeddings)} embeddings")
     embeddings = np.asarray(embeddings, dtype=np.float32)
     meta = {"model": model_name, "layer": -1 if layer is None else layer, "sample_rate": sample_rate}
-    with open_output(path, embeddings_schema(embeddings.shape[1] if embeddings.ndim == 2 else 0, meta)) as writer:
+    schema = embeddings_schema(embeddings.shape[1] if embeddings.ndim == 2 else 0, meta)
+    with open_output(path, schema, model=model, inputs=inputs) as writer:
         writer.add([(str(name), row) for name, row in zip(filenames, embeddings)])
 
 

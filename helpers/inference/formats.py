@@ -1,7 +1,8 @@
 """The one registry of output formats: a file's suffix picks its writer, for every kind of result.
 
-    check_output_path("--output", "tags.parquet", "tags")    # before any work: suffix, folder, pyarrow
-    writer = open_output("tags.parquet", tags_schema({"model": "mn04_as"}), resume=True)
+    check_output_path("--output", "tags.parquet", "tags", inputs=args.audio_path)  # before any work
+    writer = open_output("tags.parquet", tags_schema({"model": "mn04_as"}), resume=True,
+                         model=model_record(tagger), inputs=files)
     writer.add([("a.wav", 1, 0, "/m/09x0r", "Speech", 0.91)])
     writer.close()                                          # also after an interruption
 
@@ -10,23 +11,28 @@ Kinds: "tags" (inference.py --output), "probabilities" (windowed_inference.py --
 the function of its name here. `FORMATS` maps a suffix to its `OutputFormat`: the writer class
 (helpers/inference/writers.py: temporary file and rename, symlinks written through, a full disk one
 line, --resume carry-over) and the kinds it holds. `open_output` is the one way an output is opened,
-so that what every output must satisfy is checked in one place.
+so that what every output must satisfy is checked in one place: it is none of the command's
+inputs (issue 31 item 9), it records the model that wrote it, and a --resume by another model is
+refused (item 10).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from common.errors import InputError
-from common.files import check_output
-from helpers.inference.writers import (Column, CsvWriter, JsonLinesWriter, JsonWriter, NpzWriter, OutputWriter,
-                                       ParquetWriter, Schema, Table, write_target)
+from common.files import check_not_input, check_output
+from helpers.inference.writers import (MODEL_RECORD, Column, CsvWriter, JsonLinesWriter, JsonWriter, NpzWriter,
+                                       OutputWriter, ParquetWriter, Schema, Table, write_target)
 
 KINDS = ("tags", "probabilities", "events", "embeddings")
 STDOUT = "-"  # standard output: a live stream of JSON lines (events)
+# the fields of a model record that must agree for a --resume (the name may be spelled otherwise)
+MODEL_FIELDS = ("checksum", "classes", "classes_sha256", "frontend")
 
 
 @dataclass(frozen=True)
@@ -71,23 +77,60 @@ def output_format(path: str | os.PathLike, kind: str, option: str = "--output") 
     return fmt
 
 
-def check_output_path(option: str, path: Optional[str | os.PathLike], kind: str) -> Optional[OutputFormat]:
-    """Before any work: `path` (when given) has a format for `kind` and can be written (its folder,
-    or a symbolic link's target's). Returns the format (None without a path)."""
+def check_output_path(option: str, path: Optional[str | os.PathLike], kind: str,
+                      inputs: Iterable[str | os.PathLike] = ()) -> Optional[OutputFormat]:
+    """Before any work: `path` (when given) has a format for `kind`, can be written (its folder,
+    or a symbolic link's target's) and is none of the `inputs` (the files a command reads: the
+    same file under any spelling, `common.files.check_not_input`). Returns the format (None
+    without a path)."""
     if not path:
         return None
     fmt = output_format(path, kind, option)
     if str(path) != STDOUT:
         check_output(write_target(path), option)
+        check_not_input(option, path, inputs)
     return fmt
 
 
-def open_output(path: str | os.PathLike, schema: Schema, resume: bool = False,
-                option: str = "--output") -> OutputWriter:
+def check_resumed_model(fmt: OutputFormat, path: str | os.PathLike, record: Optional[Mapping[str, Any]],
+                        option: str = "--output") -> None:
+    """InputError unless the earlier output at `path` (if any) was written by the model `record`
+    describes (`tagging.model_record`: weights, classes and frontend must agree; the name may be
+    spelled otherwise). An earlier output that records no model is resumed with a warning line."""
+    old = write_target(path)
+    if record is None or not old.is_file():
+        return
+    try:
+        earlier = fmt.writer.read_record(old)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not readable: carry_over says so
+    if earlier is None:
+        print(f"warning: {path}: {option} records no model (written before outputs recorded theirs): resuming it "
+              f"with {record.get('name')} unchecked", file=sys.stderr)
+        return
+    differ = [key for key in MODEL_FIELDS if earlier.get(key) != record.get(key)]
+    if differ:
+        raise InputError(f"{path}: --resume: it was written by {earlier.get('name')}, not by {record.get('name')} "
+                         f"(their {', '.join(differ)} differ): resume it with that model, or write another {option}")
+
+
+def open_output(path: str | os.PathLike, schema: Schema, resume: bool = False, option: str = "--output", *,
+                model: Optional[Mapping[str, Any]] = None, inputs: Iterable[str | os.PathLike] = ()) -> OutputWriter:
     """The writer of output `path` in the format its suffix names (`output_format`), holding
-    `schema`; with `resume` the rows of an earlier file there are carried over first (its
-    `done` says which inputs they are about; one that cannot be read back is an InputError)."""
-    writer = output_format(path, schema.kind, option).writer(path, schema)
+    `schema`; `model` (`helpers.inference.tagging.model_record`) is recorded in it (`MODEL_RECORD`:
+    a JSON field, a CSV's sidecar `<output>.model.json`, Parquet metadata, an .npz array of JSON);
+    an output that is one of the `inputs` is an InputError. With `resume` the rows of an earlier
+    file there are carried over first (its `done` says which inputs they are about), unless
+    another model wrote it (`check_resumed_model`); one that cannot be read back is an InputError."""
+    inputs = list(inputs)
+    if str(path) != STDOUT:
+        check_not_input(option, path, inputs)
+    if model is not None:
+        schema = replace(schema, meta={**schema.meta, MODEL_RECORD: dict(model)})
+    fmt = output_format(path, schema.kind, option)
+    if resume:
+        check_resumed_model(fmt, path, schema.meta.get(MODEL_RECORD), option)
+    writer = fmt.writer(path, schema)
     if resume:
         try:
             writer.carry_over()

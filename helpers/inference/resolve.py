@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from common.download import sha256sum
 from common.labels import label_table
 from helpers.inference.onnx_export import OnnxModel
 from helpers.inference.tagging import LoadedModel
@@ -80,6 +81,13 @@ class ModelRef:
         if path.suffix or len(path.parts) > 1:
             return cls("checkpoint", path=path)
         return cls("registry", (str(model),))
+
+    def checksum(self) -> str:
+        """What the weights are: a registry name's released file (its sha256 where known, else its
+        file name), an ensemble's, a file's sha256. Outputs record it (`tagging.model_record`)."""
+        if self.kind in ("registry", "ensemble"):
+            return ",".join(REGISTRY[n].sha256 or f"release:{REGISTRY[n].filename}" for n in self.names)
+        return "sha256:" + sha256sum(self.path)
 
     @property
     def label(self) -> str:
@@ -234,4 +242,7 @@ def resolve_model(model: ModelSource = DEFAULT_MODEL, runtime: RuntimeConfig = R
     ref = ModelRef.parse(model)
     backend = "onnxruntime" if ref.kind == "onnx" and runtime.backend == "torch" else runtime.backend
     runtime.torch_device()  # checked before anything is loaded
-    return BACKENDS[backend](ref, runtime, frontend, arch)
+    loaded = BACKENDS[backend](ref, runtime, frontend, arch)
+    overrides = arch.architecture() if arch is not None and ref.kind == "registry" else {}
+    loaded.checksum = ref.checksum() + "".join(f" {k}={v}" for k, v in sorted(overrides.items()))
+    return loaded

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +28,17 @@ from models.preprocess import AugmentMelSTFT
 POOLING_HEADS = ("mlp", "fully_convolutional", "linear", "concat")
 
 
+def model_record(model: "LoadedModel") -> dict[str, Any]:
+    """What identifies `model` in the outputs it writes (`formats.open_output(model=...)`), and a
+    --resume compares: its `name`, the `checksum` of its weights, its `classes` (count and the
+    sha256 of their names) and the `frontend` settings it runs on."""
+    names = "\n".join(model.class_names).encode()
+    settings = model.frontend.eval_settings() if hasattr(model.frontend, "eval_settings") else {}
+    return {"name": model.name, "checksum": model.checksum, "classes": len(model.class_names),
+            "classes_sha256": hashlib.sha256(names).hexdigest(),
+            "frontend": {k: (float(v) if isinstance(v, float) else v) for k, v in settings.items()}}
+
+
 @dataclass
 class LoadedModel:
     """An eval-mode model with its frontend and class names; call it on (B, L) waveforms at
@@ -40,6 +52,7 @@ class LoadedModel:
     class_ids: Optional[list[str]] = None  # AudioSet MIDs where the classes are AudioSet's
     multilabel: bool = True  # sigmoid per class; False: softmax over classes (single-label models)
     model_takes_waveforms: bool = False  # an ONNX graph with the frontend inside
+    checksum: Optional[str] = None  # what the weights are (the resolver's `ModelRef.checksum`)
 
     def spectrograms(self, waveforms: torch.Tensor) -> torch.Tensor:
         """The model's input for waveforms (B, L): (B, 1, n_mels, frames), or the waveforms."""

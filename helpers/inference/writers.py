@@ -10,7 +10,8 @@ Every output is a `Schema`: one or more tables of typed columns (`Column`), the 
 - an output that is a symbolic link is written through (its target is replaced), never replaced;
 - a full disk (or quota) is the scripts' one line naming the output, any other write error an
   InputError naming it (`writing`);
-- `carry_over()` copies the rows of an earlier output of the same schema (`--resume`).
+- `carry_over()` copies the rows of an earlier output of the same schema (`--resume`);
+  `read_record(path)` reads back the model record (`meta[MODEL_RECORD]`) an output holds.
 
 JSON lines are the exception: each line is written and flushed as it comes (a live stream of
 events, to a file or standard output), so they have no temporary file.
@@ -32,9 +33,10 @@ from typing import IO, Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from common.errors import InputError
-from common.files import DISK_FULL, atomic_path, disk_full
+from common.files import DISK_FULL, atomic_path, atomic_write, disk_full
 
 Row = Sequence[Any]  # one value per column; a vector column's value is a 1-D float array
+MODEL_RECORD = "model_record"  # the meta key of the model that wrote an output (formats.open_output)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,11 @@ class OutputWriter:
         """Write the rows of the earlier output `old`; their keys, one per row."""
         raise ValueError(f"{type(self).__name__} cannot continue an earlier file")
 
+    @classmethod
+    def read_record(cls, old: Path) -> Optional[dict[str, Any]]:
+        """The model record (`meta[MODEL_RECORD]`) of the earlier output `old`; None if it has none."""
+        return None
+
     def add(self, rows: Sequence[Row], table: Optional[str] = None) -> None:
         """The rows of one result (in column order) to `table` (default: the first)."""
         target = self.schema.table if table is None else next(t for t in self.schema.tables if t.name == table)
@@ -226,6 +233,27 @@ class CsvWriter(OutputWriter):
         where = self._header.index(self.schema.table.key)
         return [row[where] for row in rows if len(row) > where]
 
+    @staticmethod
+    def sidecar(target: Path) -> Path:
+        """Where a CSV's model record lies: `<file>.model.json` beside it (a CSV has no header
+        fields, and a comment line would break the readers of plain CSV)."""
+        return target.with_name(target.name + ".model.json")
+
+    @classmethod
+    def read_record(cls, old: Path) -> Optional[dict[str, Any]]:
+        sidecar = cls.sidecar(old)
+        return json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else None
+
+    def _finish(self) -> None:
+        sidecar = self.sidecar(write_target(self.path))
+        record = self.schema.meta.get(MODEL_RECORD)
+        if record is None:
+            with contextlib.suppress(FileNotFoundError):
+                sidecar.unlink()  # an earlier run's: not this file's model
+            return
+        with atomic_write(sidecar) as f:
+            json.dump(record, f, indent=2)
+
 
 class JsonWriter(OutputWriter):
     """One JSON document, written at `close`: {**meta, json_key: records, "errors": [...]}, a
@@ -250,6 +278,10 @@ class JsonWriter(OutputWriter):
         records = json.loads(old.read_text(encoding="utf-8"))[self.schema.json_key]
         self.records += records
         return [r[self.schema.table.key] for r in records]
+
+    @classmethod
+    def read_record(cls, old: Path) -> Optional[dict[str, Any]]:
+        return json.loads(old.read_text(encoding="utf-8")).get(MODEL_RECORD)
 
     def _finish(self) -> None:
         errors = {"errors": self.errors} if self.schema.errors else {}
@@ -366,7 +398,8 @@ class NpzWriter(OutputWriter):
         if any(c.indexed for t in self.schema.tables for c in t.columns):
             arrays[self.schema.names] = np.array(self.names)
         arrays.update({name: np.array(values) for name, values in self._strings.items()})
-        arrays.update({key: np.array(value) for key, value in self.schema.meta.items()})
+        arrays.update({key: np.array(json.dumps(value) if isinstance(value, Mapping) else value)
+                       for key, value in self.schema.meta.items()})  # a mapping (the model record) as JSON
         with open(self._tmp, "wb") as f:
             np.savez(f, **arrays)
         del arrays
@@ -420,6 +453,12 @@ class ParquetWriter(OutputWriter):
             self._pending += rows
             if len(self._pending) >= self.GROUP_ROWS:
                 self._flush()
+
+    @classmethod
+    def read_record(cls, old: Path) -> Optional[dict[str, Any]]:
+        import pyarrow.parquet as pq
+        metadata = pq.read_schema(old).metadata or {}
+        return json.loads(metadata.get(b"efficientat", b"{}")).get(MODEL_RECORD)
 
     def _carry(self, old: Path) -> list[str]:
         import pyarrow.parquet as pq
