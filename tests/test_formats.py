@@ -172,8 +172,10 @@ def test_commands_write_parquet(tmp_path: Path, mn04_checkpoint: Path, labels_fi
     tags = pq.read_table(tmp_path / "tags.parquet")
     assert tags.column_names == ["file", "rank", "index", "mid", "label", "probability"]
     assert tags.column("label").to_pylist() == ["Clang", "Ding", "Singing bowl"]
-    assert json.loads(tags.schema.metadata[b"efficientat"]) == {"kind": "tags", "model": "mn04_as",
-                                                                "sample_rate": 32000}
+    meta = json.loads(tags.schema.metadata[b"efficientat"])
+    assert meta["model_record"]["name"] == "mn04_as" and meta["model_record"]["classes"] == 527
+    assert {k: v for k, v in meta.items() if k != "model_record"} == {"kind": "tags", "model": "mn04_as",
+                                                                       "sample_rate": 32000}
     assert run_cli(lambda: embeddings.main(["--model_name", "mn04_as", "--audio_path", demo, "--output", str(tmp_path / "e.parquet")])) == 0
     assert load_embeddings(tmp_path / "e.parquet")["embeddings"].shape == (1, 384)
     assert run_cli(lambda: windowed_inference.main([
