@@ -22,12 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from helpers.analysis.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
+from helpers.analysis.complexity import CLIP_SECONDS, analyze, untrained_model, clip_input_size, registry_costs
 from helpers.analysis.complexity_plots import plot_tradeoffs
 from common.errors import InputError, check_suffix, run_cli
 from common.files import atomic_write, check_output
+from common.flags import FRONTEND_FLAGS, add_frontend_flags, frontend_settings
 from models.factory import DEFAULT_FAMILY, FAMILIES, OPTIONS, create_frontend, family_of
-from models.pretrained import get_entry, name_to_width
+from models.pretrained import DEFAULT_MODEL, get_entry, name_to_width
 
 ARCHITECTURE_OPTIONS = {name: option for name, option in OPTIONS.items() if option.architecture}
 
@@ -37,7 +38,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     default = FAMILIES[DEFAULT_FAMILY]
     parser.add_argument("--model_name", default=None,
-                        help="registry name: any model of any family, any variant (default: mn10_as)")
+                        help=f"registry name: any model of any family, any variant (default: {DEFAULT_MODEL})")
     parser.add_argument("--model_width", type=float, default=None,
                         help=f"analyze a plain {default.label} of this width instead (printed as "
                              f"{default.prefix}<width without the dot>)")
@@ -53,12 +54,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="peak memory with the memory-efficient inverted-residual rule, not layer by layer")
     parser.add_argument("--bits_per_elem", type=int, default=16, help="bits per activation element (16 = fp16)")
     parser.add_argument("--receptive_field", action="store_true", help="also print the receptive field")
-    parser.add_argument("--resample_rate", type=int, default=None, help="sample rate in Hz (default: 32000)")
-    parser.add_argument("--window_size", type=int, default=None, help="STFT window in samples (default: 800)")
-    parser.add_argument("--hop_size", type=int, default=None,
-                        help="STFT hop in samples (default: the registry's, else 320)")
-    parser.add_argument("--n_fft", type=int, default=None, help="FFT size (default: 1024)")
-    parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: the registry's, else 128)")
+    add_frontend_flags(parser, bands=False)
     parser.add_argument("--table", default=None,
                         help="write the costs of every AudioSet model to a .csv or .json file")
     parser.add_argument("--plot", default=None,
@@ -72,16 +68,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             family_of(args.model_name) != DEFAULT_FAMILY or name_to_width(args.model_name) != args.model_width):
         raise InputError(f"--model_width {args.model_width} analyzes a plain {default.label} of that width, which "
                          f"--model_name {args.model_name} is not: give one of them")
-    args.model_name = args.model_name or "mn10_as"
     return args
 
 
 def model_flags(args: argparse.Namespace) -> dict[str, object]:
     """The flags that change one model's settings (not allowed with --table / --plot)."""
-    options = {f"--{option}": getattr(args, option) for option in ARCHITECTURE_OPTIONS}
+    values = vars(args)
+    options = {f"--{option}": values[option] for option in ARCHITECTURE_OPTIONS}
     return {"--model_width": args.model_width, "--head_type": args.head_type, **options, "--strides": args.strides,
-            "--resample_rate": args.resample_rate, "--window_size": args.window_size, "--hop_size": args.hop_size,
-            "--n_fft": args.n_fft, "--n_mels": args.n_mels}
+            **{f"--{flag}": values[flag] for flag in FRONTEND_FLAGS if flag in values}}
 
 
 def registry_report(args: argparse.Namespace) -> None:
@@ -152,18 +147,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         name, registry_name = FAMILIES[DEFAULT_FAMILY].prefix + str(args.model_width).replace(".", ""), None
         strides = FAMILIES[DEFAULT_FAMILY].default("strides")
     else:
+        name = args.model_name or DEFAULT_MODEL
         try:
-            entry = get_entry(args.model_name)
+            entry = get_entry(name)
         except ValueError as e:
             raise InputError(str(e)) from None
-        name, registry_name, strides = args.model_name, args.model_name, entry.model_kwargs.get("strides")
+        registry_name, strides = name, entry.model_kwargs.get("strides")
     strides = list(args.strides or strides or ())
     try:
-        frontend = create_frontend(registry_name, sr=args.resample_rate, win_length=args.window_size,
-                                   hopsize=args.hop_size, n_fft=args.n_fft, n_mels=args.n_mels)
+        frontend = create_frontend(registry_name, **frontend_settings(vars(args)))
         input_size = clip_input_size(frontend)
         options = {option: getattr(args, option) for option in ARCHITECTURE_OPTIONS}
-        model = build_model(registry_name, args.model_width, args.head_type, args.strides, options, input_size)
+        model = untrained_model(registry_name, args.model_width, args.head_type, args.strides, options, input_size)
         cost = analyze(model, input_size, args.bits_per_elem)
     except ValueError as e:
         raise InputError(str(e)) from None

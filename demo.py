@@ -29,7 +29,9 @@ import torch  # noqa: E402
 
 from common.errors import InputError, as_input_error, run_cli  # noqa: E402
 from helpers.demo.analysis import Settings  # noqa: E402
-from helpers.demo.models import DEFAULT_MODEL, Taggers  # noqa: E402
+from common.flags import add_old_spelling  # noqa: E402
+from helpers.demo.models import Taggers  # noqa: E402
+from models.pretrained import DEFAULT_MODEL  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -42,7 +44,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "ONNX exports, or ensembles written a+b")
     parser.add_argument("--max_upload_mb", type=float, default=4096,
                         help="uploads larger than this are refused before they are sent")
-    parser.add_argument("--window_size", type=float, default=10.0, help="window length in seconds (the default)")
+    parser.add_argument("--window_length", type=float, default=10.0, help="window length in seconds (the default)")
+    add_old_spelling(parser, "--window_size", "--window_length", "seconds, as windowed_inference.py's", type=float)
     parser.add_argument("--hop_length", type=float, default=1.0, help="hop between windows in seconds (the default)")
     parser.add_argument("--threshold", type=float, default=0.3, help="probability at which a class is active")
     parser.add_argument("--threads", type=int, default=1,
@@ -59,7 +62,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    defaults = Settings(args.model, args.window_size, args.hop_length, args.threshold)
+    defaults = Settings(args.model, args.window_length, args.hop_length, args.threshold)
     taggers = Taggers()
     with as_input_error():  # every model given is loaded once now, so that a bad one fails here
         for reference in dict.fromkeys([args.model, *args.models]):

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from resources.make_demo import SAMPLE_RATE, bells  # noqa: E402
 from tests import browser  # noqa: E402
 
-SETTINGS = ["--model_name", "mn04_as", "--window_size", "10", "--hop_length", "1"]
+SETTINGS = ["--model_name", "mn04_as", "--window_length", "10", "--hop_length", "1"]
 
 
 def write_recording(path: Path, minutes: float) -> None:

@@ -21,9 +21,10 @@ from torch import nn
 from common.download import cached_file
 from models.families import FAMILIES, REGISTRY
 from models.family import RELEASE_URL, PretrainedEntry
+from models.weights import load_weights
 
-__all__ = ["NAME_TO_WIDTH", "REGISTRY", "RELEASE_URL", "PretrainedEntry", "checkpoint_path", "get_entry",
-           "load_pretrained_weights", "load_state_dict", "name_to_width", "resolve_model_kwargs"]
+__all__ = ["DEFAULT_MODEL", "NAME_TO_WIDTH", "REGISTRY", "RELEASE_URL", "PretrainedEntry", "checkpoint_path",
+           "get_entry", "load_pretrained_weights", "load_state_dict", "name_to_width", "resolve_model_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ def name_to_width(name: Optional[str]) -> float:
         return 1.0
     prefixes = [prefix for prefix in NAME_TO_WIDTH if name.startswith(prefix)]
     return NAME_TO_WIDTH[max(prefixes, key=len)] if prefixes else 1.0
+
+
+# the model every command and the Python API use unless another is named: its checkpoint ships in
+# resources/ (common.download.SHIPPED_DIR), so it needs no network; any other model is downloaded
+# once, and only when it is named
+DEFAULT_MODEL = "mn04_as"
 
 
 def get_entry(name: str) -> PretrainedEntry:
@@ -89,33 +96,14 @@ def load_state_dict(name: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{e}; delete it and run again to download {name} anew") from None
 
 
-def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
-    """One-line ValueError naming the cached file unless `state` has exactly the model's keys and
-    shapes: the file in the cache is not the released one."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    given = {k: v.shape for k, v in state.items()}
-    missing, unexpected = expected.keys() - given.keys(), given.keys() - expected.keys()
-    reshaped = [k for k in expected.keys() & given.keys() if expected[k] != given[k]]
-    if missing or unexpected or reshaped:
-        raise ValueError(f"{checkpoint_path(name)} does not fit {name} ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, {len(reshaped)} differently shaped tensors): it is "
-                         "not the released file; delete it and run again to download it")
-
-
 def load_pretrained_weights(model: nn.Module, name: str) -> None:
-    """Load checkpoint `name` into `model` (an AudioTagger built with the checkpoint's architecture):
-    the classifier is first sized to the checkpoint's classes, the weights are loaded strictly,
-    and a model built for another number of classes then gets a fresh classifier for it (logged)."""
-    state = load_state_dict(name)
+    """Load checkpoint `name` into `model` (an AudioTagger built with the checkpoint's architecture)
+    through `models.weights.load_weights` (the classifier sized to the checkpoint's classes, every
+    tensor loaded strictly); a model built for another number of classes then gets a fresh
+    classifier for it (logged). A cached file that does not fit is not the released one."""
     num_classes = model.num_classes
-    try:
-        ckpt_classes = model.classes_in(state)
-    except KeyError:  # no classifier of this architecture: _check_fits says so
-        ckpt_classes = num_classes
-    if ckpt_classes != num_classes:
-        model.reset_classifier(ckpt_classes)
-    _check_fits(model, state, name)
-    model.load_state_dict(state)
+    ckpt_classes = load_weights(model, load_state_dict(name), str(checkpoint_path(name)), name,
+                                hint=": it is not the released file; delete it and run again to download it")
     if ckpt_classes != num_classes:
         replaced = model.reset_classifier(num_classes)
         logger.info("%s: classifier for %d classes replaced by a new one with %d classes (%s re-initialized)",

@@ -419,7 +419,7 @@ def test_torchrun_two_processes_match_single_process_evaluation(audioset_dir, tm
 
 def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys, labels_file, mn04_checkpoint):
     from sklearn.metrics import average_precision_score, roc_auc_score
-    from helpers.inference.tagging import build_tagger
+    from helpers.inference.resolve import resolve_model
 
     audio = tmp_path / "audio"
     audio.mkdir()
@@ -443,7 +443,7 @@ def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys, l
     h = Mp3HDF5(data / EVAL_FILE)
     waves = torch.stack([torch.from_numpy(np.pad(w, (0, max(0, 320000 - len(w))))[:320000])
                          for w in (decode_mp3(h.mp3(i)) for i in range(len(h)))])
-    logits = build_tagger("mn04_as").forward(waves)[0].numpy()
+    logits = resolve_model("mn04_as").forward(waves)[0].numpy()
     pred = np.load(tmp_path / "p.npz")
     np.testing.assert_allclose(pred["logits"], logits, rtol=1e-5, atol=1e-5)
     assert list(pred["names"]) == ["bells", "tone0", "tone1", "tone2", "noise"]

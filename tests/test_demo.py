@@ -55,7 +55,7 @@ def _command(tmp: Path, clip: Path, *flags: str) -> Path:
     """windowed_inference.py on `clip` (run from its folder, so the files name it as the page does)."""
     out = tmp / "command"
     out.mkdir(exist_ok=True)
-    code = windowed_inference.main(["--model_name", "mn04_as", "--audio_path", clip.name, "--window_size", "2",
+    code = windowed_inference.main(["--model_name", "mn04_as", "--audio_path", clip.name, "--window_length", "2",
                                     "--hop_length", "1", "--top_k", "0", "--events", str(out / "events.csv"),
                                     "--plot", str(out / "plot.png"), *flags])
     assert code == 0
@@ -198,8 +198,8 @@ def test_a_live_session_without_audio_says_so(taggers: Taggers) -> None:
     assert live.snapshot(5).windows == 0 and live.ended_events() == []
 
 
-def test_write_results_names_files_after_the_recording_and_model(tmp_path: Path) -> None:
-    files = page_analysis.write_results(tmp_path, "a_b", "mn04_as", SETTINGS, [])
+def test_write_results_names_files_after_the_recording_and_model(taggers: Taggers, tmp_path: Path) -> None:
+    files = page_analysis.write_results(tmp_path, "a_b", taggers.get("mn04_as"), SETTINGS, [])
     assert [p.name for p in files] == ["a_b_events.csv", "a_b_events.json"]
     assert files[0].read_text() == "filename,onset,offset,event_label,probability\n"
     assert page_analysis.slug("night 1/ähm?.wav") == "night_1_hm_.wav" and page_analysis.slug("///") == "audio"
@@ -252,7 +252,8 @@ def keep_threads() -> Iterator[None]:
     (["--threads", "0"], "--max_upload_mb must be positive and --threads at least 1"),
     (["--models", "runs/missing/best.pt"], "runs/missing/best.pt"),
     (["--models", "dymn20_as"], "dymn20_as is not downloaded: run `python inference.py"),
-    (["--window_size", "0.01"], "window must be at least 0.032 s"),
+    (["--window_length", "0.01"], "window must be at least 0.032 s"),
+    (["--window_size", "0.01"], "window must be at least 0.032 s"),  # the old spelling maps
 ])
 def test_demo_py_refuses_bad_flags_in_one_line(argv: list[str], line: str, keep_threads: None,
                                               mn04_checkpoint: Path) -> None:

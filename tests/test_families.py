@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.analysis.complexity import analyze, build_model as build_for_costs, count_params
+from helpers.analysis.complexity import analyze, untrained_model, count_params
 from helpers.analysis.complexity_plots import series_styles, tradeoff_points
-from helpers.training.args import add_model_args, model_config_from_args
+from helpers.training.args import add_model_args
+from models.config import ModelConfig
 from helpers.training.checkpoints import epoch_weights_name
 from helpers.training.data import train_loader
 from helpers.training.distributed import DistInfo
@@ -98,7 +99,7 @@ def test_complexity_counts_the_model(family: Family) -> None:
     name = smallest(family)
     size = (1, 1, 128, 1000)
     model = create_model(name, pretrained=False)
-    cost = analyze(build_for_costs(name, input_size=size), size)
+    cost = analyze(untrained_model(name, input_size=size), size)
     assert cost.params == count_params(model) and cost.macs.total > 0
     blocks = sum(any(isinstance(m, kind) for kind in family.blocks) for m in model.modules())
     dynamic = sum(any(isinstance(m, kind) for kind in family.dynamic_convs) for m in model.modules())
@@ -119,7 +120,7 @@ def test_fine_tuning_step_from_the_training_flags(family: Family) -> None:
     add_model_args(parser)
     width = REGISTRY[name].model_kwargs.get("width_mult", 1.0)
     args = parser.parse_args(["--model_name", name, "--model_width", str(width)])
-    config = model_config_from_args(args, num_classes=2)
+    config = ModelConfig.from_flags(vars(args)).to_dict(num_classes=2)
     assert config["family"] == family.name and set(family.options) <= set(vars(args))
     torch.manual_seed(0)
     model = model_from_config(config)

@@ -232,16 +232,16 @@ def test_bf16_path_close_to_fp32(family, monkeypatch):
 
 
 def test_taggers_use_the_fast_path_on_the_cpu(mn04_checkpoint):
-    from helpers.inference.tagging import build_tagger
+    from helpers.inference.resolve import RuntimeConfig, resolve_model
 
-    tagger = build_tagger("mn04_as")
+    tagger = resolve_model("mn04_as")
     assert isinstance(tagger.model, fast.FastTagger) and isinstance(tagger.frontend, FastMelFrontend)
-    plain = build_tagger("mn04_as", fast=False)
+    plain = resolve_model("mn04_as", RuntimeConfig(fast=False))
     assert type(plain.model).__name__ == "MN" and type(plain.frontend) is AugmentMelSTFT
     waveform = torch.from_numpy(np.load(shared_path("golden", "metro_32k.npy")))[None]
     assert np.abs(tagger.predict(waveform) - plain.predict(waveform)).max() <= TOLERANCE
     assert for_inference(tagger.model) is tagger.model
-    ensemble = build_tagger(ensemble=["mn04_as", "mn04_as"])
+    ensemble = resolve_model(["mn04_as", "mn04_as"])
     assert all(isinstance(m, fast.FastTagger) for m in ensemble.model.models)
     assert np.abs(ensemble.predict(waveform) - plain.predict(waveform)).max() <= TOLERANCE
 

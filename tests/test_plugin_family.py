@@ -69,7 +69,7 @@ import json, sys
 import torch
 from models.factory import FAMILIES, REGISTRY, build_model, create_model, create_frontend
 from models.runtime import for_inference
-from helpers.inference.tagging import Tagger
+from helpers.inference.tagging import LoadedModel as Tagger
 from helpers.inference.windows import shared_support
 from common.errors import InputError
 import embeddings

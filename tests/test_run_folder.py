@@ -2,7 +2,6 @@
 never overwritten unless asked; a resumed run keeps its model, classes and optimizer settings."""
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +115,7 @@ def test_resume_refuses_other_model_classes_or_optimizer_settings(tmp_path: Path
 
 def test_check_args_ignores_flags_a_script_lacks() -> None:
     from helpers.training.args import check_args
-    check_args(argparse.Namespace(batch_size=4, lr=0.1))
+    check_args({"batch_size": 4, "lr": 0.1})
 
 
 def test_dcase_evaluation_leaves_out_an_unusable_clip(tmp_path, capsys, caplog) -> None:

@@ -3,7 +3,6 @@ device, the fused optimizer keeps fp16's overflow check on the device, and the s
 reach the model, the optimizer and the loaders."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 from pathlib import Path
 from typing import Sequence
@@ -54,7 +53,7 @@ def _batch(n: int = 2, samples: int = 16000) -> IndexedClip:
 
 
 def _audioset_loss() -> loop.LossFn:
-    return ex_audioset.distillation_loss_fn(argparse.Namespace(mixup_alpha=0.3, kd_lambda=0.1), Teacher())
+    return ex_audioset.distillation_loss_fn(0.3, 0.1, Teacher())
 
 
 @pytest.mark.parametrize("name", [smallest_name(family) for family in FAMILIES.values() if family.entries])

@@ -167,7 +167,7 @@ def clip_input_size(frontend: AugmentMelSTFT, clip_seconds: float = CLIP_SECONDS
     return 1, 1, frontend.n_mels, frontend.num_frames(round(clip_seconds * frontend.sr))
 
 
-def build_model(name: Optional[str] = None, width_mult: Optional[float] = None,
+def untrained_model(name: Optional[str] = None, width_mult: Optional[float] = None,
                 head_type: Optional[str] = None, strides: Optional[Sequence[int]] = None,
                 options: Optional[Mapping[str, Any]] = None, input_size: Sequence[int] = (1, 1, 128, 1000),
                 device: str | torch.device = "meta") -> nn.Module:
@@ -229,7 +229,7 @@ def registry_costs(bits_per_elem: int = 16) -> list[dict[str, Any]]:
         size = clip_input_size(create_frontend(name))
         key = (entry.family, tuple(sorted(arch.items())), size)
         if key not in _REGISTRY_TRACES:
-            model = build_model(name, input_size=size)
+            model = untrained_model(name, input_size=size)
             _REGISTRY_TRACES[key] = trace_model(model, size), count_params(model)
         cost = _cost(*_REGISTRY_TRACES[key], bits_per_elem)
         rows.append({

@@ -10,6 +10,7 @@ print, naming the file by the name it had in the browser.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -21,13 +22,14 @@ import torch
 
 from common.errors import AudioLoadError
 from datasets.audio import audio_duration, stream_audio
-from helpers.demo.models import DEFAULT_MODEL, Model
+from helpers.demo.models import Model
 from helpers.inference import tagging
 from helpers.inference.batching import iter_files, read_or_chunk
 from helpers.inference.live import counted
-from helpers.inference.outputs import write_event_file
+from helpers.inference.formats import events_schema, open_output
 from helpers.inference.sed import Event, WindowPredictions, detect_events, plot_activity, tag_blocks, window_samples
 from helpers.inference.windows import MODES, shared_support
+from models.pretrained import DEFAULT_MODEL
 
 BLOCK_SECONDS = 10.0  # decoded at a time (the progress moves by this much)
 BATCH_SIZE = 8  # windows tagged together, as windowed_inference.py
@@ -46,7 +48,7 @@ class PageError(ValueError):
 class Settings:
     """What the page's controls set (the flags of windowed_inference.py)."""
     model: str = DEFAULT_MODEL
-    window: float = 10.0  # --window_size, seconds
+    window: float = 10.0  # --window_length, seconds
     hop: float = 1.0  # --hop_length, seconds
     threshold: float = 0.3
     top_k: int = 10
@@ -65,7 +67,7 @@ class Settings:
         try:
             return window_samples(self.window, self.hop, tagger.sample_rate, tagger.frontend.n_fft)
         except ValueError as e:
-            raise PageError(str(e).replace("window_size", "window").replace("hop_length", "hop")) from None
+            raise PageError(str(e).replace("window_length", "window").replace("hop_length", "hop")) from None
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ def analyse(model: Model, path: Path, name: str, settings: Settings, folder: Pat
     folder.mkdir(parents=True, exist_ok=True)
     timeline = folder / f"{stem}_timeline.png"
     timeline_png(windows, model.class_names, timeline, events)
-    downloads = write_results(folder, stem, model.name, settings, events, embedding) + [timeline]
+    downloads = write_results(folder, stem, model, settings, events, embedding) + [timeline]
     tags = [(model.class_names[i], round(float(probs[i]), 4)) for i in tagging.top_k(probs, settings.top_k)]
     return Analysis(name, model.name, windows.duration, tags, events, timeline, downloads,
                     time.monotonic() - started, note)
@@ -133,17 +135,19 @@ def clip_outputs(tagger: Model, path: Path, on_samples: Callable[[int], None]
     return row[:classes], row[classes:].astype(np.float32)
 
 
-def write_results(folder: Path, stem: str, model: str, settings: Settings, events: Sequence[Event],
+def write_results(folder: Path, stem: str, model: Model, settings: Settings, events: Sequence[Event],
                   embedding: Optional[np.ndarray] = None) -> list[Path]:
     """The page's downloads, written the way the commands write them: the events as DCASE CSV and
-    as JSON with the settings (`outputs.write_event_file`), the embedding as .npy."""
+    as JSON with the settings and the model's record (`formats.open_output`), the embedding as .npy."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    meta = {"model": model, "window_size": settings.window, "hop_length": settings.hop,
+    meta = {"model": model.name, "window_length": settings.window, "hop_length": settings.hop,
             "threshold": settings.threshold}
     for suffix in (".csv", ".json"):
         written.append(folder / f"{stem}_events{suffix}")
-        write_event_file(str(written[-1]), list(events), meta)
+        with open_output(written[-1], events_schema(meta), option="--events", model=tagging.model_record(model),
+                         inputs=()) as writer:
+            writer.add([dataclasses.astuple(e) for e in events])
     if embedding is not None:
         written.append(folder / f"{stem}_embedding.npy")
         np.save(written[-1], embedding)

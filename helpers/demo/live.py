@@ -227,4 +227,4 @@ class LiveSession:
 
     def downloads(self, folder: Path) -> list[Path]:
         """The events found so far as the file mode's .csv and .json."""
-        return write_results(folder, f"live_{slug(self.model)}", self.model, self.settings, self.ended_events())
+        return write_results(folder, f"live_{slug(self.model)}", self.tagger, self.settings, self.ended_events())

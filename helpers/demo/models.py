@@ -14,19 +14,18 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from common.download import SHIPPED_DIR, cache_dir
-from helpers.inference import tagging
-from helpers.inference.api import Tagger
-from models.pretrained import REGISTRY, get_entry
+from helpers.inference.resolve import RuntimeConfig, resolve_model
+from helpers.inference.tagging import LoadedModel
+from models.pretrained import DEFAULT_MODEL, REGISTRY, get_entry
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "mn04_as"  # shipped in resources/: the page works offline in any clone
 # registry models listed in the picker even when not downloaded (the README's table)
 LISTED = ("mn01_as", "mn02_as", "mn04_as", "mn05_as", "mn10_as", "mn20_as", "mn30_as", "mn40_as",
           "mn40_as_ext", "dymn04_as", "dymn10_as", "dymn20_as")
 KEEP_LOADED = 3  # models held in memory at once (the least recently used one is let go)
 # a loaded model as the commands use it (the windows, events and live loop take it)
-Model = tagging.Tagger
+Model = LoadedModel
 
 
 def is_available(name: str) -> bool:
@@ -65,7 +64,7 @@ def load(reference: str) -> Model:
     """The one place the page loads a model: a registry name, checkpoint, ONNX file or "a+b"
     ensemble, through the resolver the commands use."""
     members = reference.split("+")
-    return Tagger(members if len(members) > 1 else reference).tagger
+    return resolve_model(members if len(members) > 1 else reference, RuntimeConfig())
 
 
 class Taggers:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from datasets.audio import AudioLoadError, native_length, stream_audio
 
-# Recordings longer than this are tagged chunk by chunk (Tagger.forward_chunks), so memory does not
+# Recordings longer than this are tagged chunk by chunk (LoadedModel.forward_chunks), so memory does not
 # grow with their length; shorter ones in one pass.
 CHUNK_SECONDS = 60.0
 

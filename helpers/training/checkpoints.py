@@ -60,10 +60,11 @@ def _epoch_weights_of(last: Path) -> list[Path]:
     return [last.parent / name for name in (record.epoch_weights, record.stale_weights) if name]
 
 
-def check_resumable(record: RunRecord, path: Path, args: Mapping[str, Any], model_config: Mapping[str, Any],
+def check_resumable(record: RunRecord, path: Path, flags: Mapping[str, Any], model_config: Mapping[str, Any],
                     class_names: Sequence[str]) -> None:
     """InputError naming what differs unless the run of checkpoint `record` (at `path`) had this
-    model, these classes and these optimizer / schedule / data settings (RESUME_FIXED); the number
+    model, these classes and these optimizer / schedule / data settings (RESUME_FIXED, of the parsed
+    `flags`); the number
     of epochs may grow."""
     if record.model_config != plain(dict(model_config)):
         theirs = record.model_config or {}
@@ -72,8 +73,8 @@ def check_resumable(record: RunRecord, path: Path, args: Mapping[str, Any], mode
         raise InputError(f"{path}: --resume needs the run's model, which had {diff or 'another configuration'}")
     if list(record.class_names) != list(class_names):
         raise InputError(f"{path}: --resume needs the run's classes; {_class_difference(record.class_names, class_names)}")
-    changed = [f"--{k} {record.config[k]!r} (now {args[k]!r})" for k in RESUME_FIXED
-               if k in record.config and k in args and record.config[k] != plain(args[k])]
+    changed = [f"--{k} {record.config[k]!r} (now {flags[k]!r})" for k in RESUME_FIXED
+               if k in record.config and k in flags and record.config[k] != plain(flags[k])]
     if changed:
         raise InputError(f"{path}: the run was trained with {', '.join(changed)}; a resumed run keeps its "
                          "optimizer, schedule and data settings: drop those flags, or start over with --overwrite")
