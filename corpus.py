@@ -5,6 +5,8 @@
     python corpus.py --manifest files.csv --output table/ --resume            # continue a stopped job
     python corpus.py --audio_path audio/ --output teacher/ --logits --ensemble mn40_as dymn20_as
     python corpus.py --export_teacher teacher/ --teacher_preds t.npy --fname_to_index t.json
+    python corpus.py --export_teacher teacher/ --teacher_preds t.npy --fname_to_index t.json \
+        --teacher_names relative --audio_root audio/ --pseudo_labels labels.csv   # audio without labels
 
 The table is a folder of Parquet part files, one row per input file: file, duration, error (null,
 or why the file could not be read), the top-k labels and probabilities, and with the flags all
@@ -71,6 +73,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     teacher.add_argument("--teacher_names", choices=NAME_MODES, default="ytid",
                          help="clip names: AudioSet YouTube IDs from file names, or paths relative to --audio_root")
     teacher.add_argument("--audio_root", default=None, help="with --teacher_names relative: prepare_hdf5's --audio_dir")
+    teacher.add_argument("--pseudo_labels", default=None, metavar="CSV",
+                         help="also write prepare_hdf5's filename,labels CSV with the teacher's labels (its top "
+                              "class and those at probability >= 0.5), for audio without labels")
     args = parser.parse_args(argv)
     check_flags(args)
     return args
@@ -96,6 +101,8 @@ def check_flags(args: argparse.Namespace) -> None:
             raise InputError("--export_teacher writes --teacher_preds and --fname_to_index: give both")
         if args.teacher_names == "relative" and not args.audio_root:
             raise InputError("--teacher_names relative needs --audio_root (prepare_hdf5's --audio_dir)")
+        if args.pseudo_labels and args.teacher_names != "relative":
+            raise InputError("--pseudo_labels names files relative to --audio_root: use --teacher_names relative")
         return
     if not (args.audio_path or args.manifest) or not args.output:
         raise InputError("give --audio_path and/or --manifest, and --output (the table's folder)")
@@ -149,8 +156,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.export_teacher:
         with as_input_error():
             rows = export_teacher(args.export_teacher, args.teacher_preds, args.fname_to_index,
-                                  args.teacher_names, args.audio_root)
-        print(f"wrote {rows} teacher row(s) to {args.teacher_preds} and {args.fname_to_index}")
+                                  args.teacher_names, args.audio_root, args.pseudo_labels)
+        written = [args.teacher_preds, args.fname_to_index] + ([args.pseudo_labels] if args.pseudo_labels else [])
+        print(f"wrote {rows} teacher row(s) to {', '.join(written)}")
         return 0
     printed = []
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 import pyarrow
 import ray
 import ray.data
+from ray.data.context import ShuffleStrategy
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 CODE_PACKAGES = ("common", "models", "datasets", "helpers")
 DEFAULT_OBJECT_STORE_MB = 2048  # embedded Ray's shared-memory object store (at most a fifth of the RAM)
-DECODE_MEMORY_MB = 256  # per decode task, + 8 MiB per file of its batch
+DECODE_MEMORY_MB = 320  # per decode task (a worker with torch imported: ~250 MiB), + 8 MiB per file of its batch
 ACTOR_MEMORY_MB = 1536  # per model actor; unequal reservations also keep Ray from fusing the two stages
 
 
@@ -177,6 +178,9 @@ def ray_session(cluster: ClusterSpec) -> Iterator[None]:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
+        # the listing's dedup and split run as plain tasks: the default shuffle starts aggregator
+        # actors, seconds per job, and they would compete with the model actors for CPUs
+        context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run INFO lines; warnings stay
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
         try:
