@@ -16,7 +16,7 @@ this machine; with --address auto or HOST:PORT the job joins a running cluster, 
 the inputs and the output folder at the same paths. Ctrl-C or SIGTERM stops the job with the parts
 written whole (exit code 130 / 143); --resume then processes only the files the table lacks.
 Exit code: 0 every file of the table tagged, 1 some failed (their rows hold the error), 2 bad
-arguments or input (nothing done).
+arguments or input (nothing done), 3 the Ray job failed (the parts written are whole: --resume).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Optional
 
 from common.errors import InputError, as_input_error, run_cli
 from helpers.inference.corpus_inputs import sort_inputs
-from helpers.inference.corpus_job import ClusterSpec, CorpusJob, PoolSpec, RunStats, run_corpus
+from helpers.inference.corpus_job import ClusterSpec, CorpusJob, JobFailed, PoolSpec, RunStats, run_corpus
 from helpers.inference.corpus_stages import DEFAULT_MODEL, Columns, ModelSpec
 from helpers.inference.corpus_teacher import NAME_MODES, export_teacher
 from helpers.inference.tagging import add_precision_arg
@@ -141,7 +141,8 @@ def summary(stats: RunStats, manifest: dict, output: str) -> str:
     counts = manifest["counts"]
     rate = f", {run['files_per_second']:.2f} files/s" if run["files_per_second"] else ""
     lines = [f"processed {stats.files} of {stats.todo} file(s) in {stats.seconds:.1f} s{rate}, {stats.failed} failed",
-             f"table {output}: {counts['rows']} row(s), {counts['failed']} with an error, in {manifest['parts']} part(s)"]
+             f"table {output}: {counts['rows']} row(s), {counts['failed']} with an error, "
+             f"in {manifest['parts']} part(s)"]
     if run["files_per_node"]:
         lines.append("files per node: " + ", ".join(f"{n} {c}" for n, c in run["files_per_node"].items()))
     if stats.files:
@@ -169,8 +170,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif len(printed) == MAX_ERROR_LINES + 1:
             print("error: more files failed: the table's error column holds every reason", file=sys.stderr)
 
-    with as_input_error():
+    try:
         stats, manifest = run_corpus(job_from_args(args), on_error)
+    except JobFailed as e:
+        print(e.details, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(summary(stats, manifest, args.output))
     if stats.signum is not None:
         print(f"interrupted by {signal.Signals(stats.signum).name}: the parts written are whole; --resume "

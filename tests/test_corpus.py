@@ -267,7 +267,8 @@ def _rows(files: list[str], logits: np.ndarray, errors: Optional[dict[int, str]]
     schema = table_schema(527, 2, False, None, True)
     ok = [i not in errors for i in range(len(files))]
     return pa.Table.from_pydict({
-        "file": files, "duration": [1.0 if g else None for g in ok], "error": [errors.get(i) for i in range(len(files))],
+        "file": files, "duration": [1.0 if g else None for g in ok],
+        "error": [errors.get(i) for i in range(len(files))],
         "top_indices": [[0, 1] if g else None for g in ok], "top_labels": [["a", "b"] if g else None for g in ok],
         "top_probabilities": [[0.9, 0.1] if g else None for g in ok],
         "logits": [row.tolist() if g else None for row, g in zip(logits, ok)]}, schema=schema)
@@ -289,7 +290,8 @@ def test_parts_are_whole_named_by_their_files_and_fenced_by_the_job_token(tmp_pa
 def test_teacher_export_names_rows_and_errors(tmp_path):
     assert clip_name("/a/Y--4gqARaEJE.wav") == "--4gqARaEJE" and clip_name("b/--4gqARaEJE_30.000.flac") == "--4gqARaEJE"
     assert clip_name("c/short.wav") is None
-    assert clip_name("/r/birds/x1.wav", "relative", "/r") == "birds/x1" and clip_name("/q/x.wav", "relative", "/r") is None
+    assert clip_name("/r/birds/x1.wav", "relative", "/r") == "birds/x1"
+    assert clip_name("/q/x.wav", "relative", "/r") is None
     table = tmp_path / "table"
     table.mkdir()
     (table / JOB_TOKEN).write_text("t")
@@ -376,6 +378,28 @@ def test_embedded_ensemble_logits_become_teacher_files_that_ex_audioset_trains_a
     assert log[0]["distillation_loss"] > 0 and np.isfinite(log[0]["train_loss"])  # trained against the teacher
 
 
+SIGNAL_CHECK = """
+import signal, sys
+import ray
+from helpers.inference.corpus_job import ClusterSpec, ray_session
+handler = lambda signum, frame: None
+signal.signal(signal.SIGTERM, handler)
+with ray_session(ClusterSpec(address=sys.argv[1])):
+    assert signal.getsignal(signal.SIGTERM) is handler, signal.getsignal(signal.SIGTERM)
+    assert ray.cluster_resources()["CPU"] == 2 and len(ray.nodes()) == 2
+assert not ray.is_initialized()
+"""
+
+
+def test_joining_a_cluster_keeps_the_jobs_signal_handlers(cluster, ray_env):
+    """ray.init makes SIGTERM exit at once; the job's handler (which keeps the parts whole and
+    the manifest true) must stay in place. In a driver process of its own, as corpus.py runs:
+    Ray reads RAY_ENV (127.0.0.1 only) when it is imported."""
+    done = subprocess.run([sys.executable, "-c", SIGNAL_CHECK, cluster], cwd=REPO, env=ray_env, text=True,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_cluster_job_equals_single_process_and_survives_a_killed_actor(cluster, ray_env, corpus, tmp_path,
                                                                        capsys, labels_file):
     manifest, names = corpus
@@ -428,7 +452,9 @@ def test_sigint_leaves_whole_parts_a_second_job_is_refused_and_resume_completes(
     assert "interrupted by SIGINT" in stderr
     done = _table(out)  # every part reads whole
     assert 0 < len(done) < len(names)
-    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+    stopped = json.loads((out / "manifest.json").read_text())
+    assert stopped["status"] == "interrupted" and stopped["counts"]["rows"] == len(done)
+    assert stopped["runs"][0]["files"] == len(done)  # parts published after the last progress row count too
 
     refused = subprocess.run([sys.executable, "corpus.py", *args], cwd=REPO, env=ray_env, capture_output=True,
                              text=True, timeout=120)
@@ -436,7 +462,7 @@ def test_sigint_leaves_whole_parts_a_second_job_is_refused_and_resume_completes(
     code, stdout, stderr = _finish(_start([*args, "--resume"], ray_env))
     assert code == 1, stderr
     left = len(names) - len(done)
-    assert f"processed {left} of {left} file(s)" in stdout
+    assert f"processed {left} of {left} file(s)" in stdout, stderr
     table = _table(out)
     assert sorted(table) == sorted(names)
     assert all(table[f] == row for f, row in done.items())  # the parts of the first run are kept as they were

@@ -1,4 +1,4 @@
-"""What the corpus job processes: audio files, folders and manifests, listed by Ray tasks.
+"""What the corpus job reads: audio files, folders and manifests, listed and decoded by Ray tasks.
 
 The driver only sorts the command line's paths into files, folders and manifests and looks one
 level into each folder; Ray tasks walk the sub-folders and read the manifests (text: one path per
@@ -6,18 +6,28 @@ line; CSV: a `file`, `path` or `filename` column), so millions of paths are neve
 driver. Every row has `file` (the path as given: the table's key) and `path` (absolute, what the
 workers open). Where files can repeat (manifests) or some are done already (`--resume`), one
 Ray aggregation by `file` keeps each file once and drops those already in the table.
+
+`decode` (the pipeline's first stage, CPU tasks scaled apart from the model actors) turns files
+into mono float32 waveforms at the model's rate through the project's one loader
+(`read_or_chunk`); a file that cannot be read becomes its error. Files longer than
+`CHUNK_SECONDS` are only marked: the model stage reads them chunk by chunk, so no long recording
+is ever held whole in memory or in Ray's object store. Nothing here imports torch: decode workers
+start fast and stay small.
 """
 from __future__ import annotations
 
 import csv
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data.aggregate import Max
@@ -25,6 +35,8 @@ from ray.data.aggregate import Max
 from common.errors import InputError
 from common.files import read_text
 from datasets.audio import APPLEDOUBLE_PREFIX, AUDIO_EXTENSIONS, AudioLoadError, find_audio_files
+from helpers.inference.batching import read_or_chunk
+from helpers.inference.corpus_table import where
 
 MANIFEST_COLUMNS = ("file", "path", "filename")  # the first of these a CSV manifest has is read
 
@@ -147,6 +159,13 @@ def _flag(batch: pa.Table, done: int) -> pa.Table:
     return batch.append_column("done", pa.array([done] * batch.num_rows, pa.int8()))
 
 
+def _done_files(batch: pa.Table) -> pa.Table:
+    """The (file, path "", done 1) rows of the part files named in `batch`."""
+    files = [pq.read_table(p, columns=["file"]).column("file") for p in batch.column("part").to_pylist()]
+    column = pa.chunked_array([c for f in files for c in f.chunks], pa.string())
+    return _flag(pa.table({"file": column, "path": pa.array([""] * len(column), pa.string())}), 1)
+
+
 def _not_done(batch: pa.Table) -> pa.Table:
     keep = pc.equal(batch.column("done"), 0)
     return batch.filter(keep).select(["file", "path"])
@@ -161,9 +180,41 @@ def to_process(rows: ray.data.Dataset, may_repeat: bool, done_parts: Optional[Se
         return rows
     flagged = rows.map_batches(_flag, batch_format="pyarrow", fn_kwargs={"done": 0})
     if done_parts:
-        done = ray.data.read_parquet(list(done_parts), columns=["file"]).map_batches(
-            lambda b: b.append_column("path", pa.array([""] * b.num_rows, pa.string())), batch_format="pyarrow")
-        flagged = flagged.union(done.map_batches(_flag, batch_format="pyarrow", fn_kwargs={"done": 1}))
+        # tasks read the parts' file column (not ray.data.read_parquet: its path resolution imports
+        # fsspec's HTTP filesystem from several threads, which fails at random without aiohttp)
+        done = ray.data.from_items([{"part": p} for p in done_parts], override_num_blocks=min(len(done_parts), 64))
+        flagged = flagged.union(done.map_batches(_done_files, batch_format="pyarrow"))
     grouped = flagged.groupby("file", num_partitions=partitions).aggregate(
         Max("done", alias_name="done"), Max("path", alias_name="path"))
     return grouped.map_batches(_not_done, batch_format="pyarrow")
+
+
+def decode(batch: pa.Table, sample_rate: int) -> pa.Table:
+    """Decode the files of `batch` (file, path): their waveforms (empty for errors and for long
+    files, marked `long`), durations, errors, and where and how long decoding took."""
+    node, pid = where()
+    waves, durations, errors, long, seconds = [], [], [], [], []
+    for given, path in zip(batch.column("file").to_pylist(), batch.column("path").to_pylist()):
+        start = time.perf_counter()
+        wave, error, is_long = np.zeros(0, np.float32), None, False
+        try:
+            whole, _ = read_or_chunk(Path(path), sample_rate)
+            if whole is None:
+                is_long = True
+            else:
+                wave = whole
+        except AudioLoadError as e:
+            error = str(e).replace(path, given, 1)
+        waves.append(wave)
+        durations.append(len(wave) / sample_rate if len(wave) else None)
+        errors.append(error)
+        long.append(is_long)
+        seconds.append(time.perf_counter() - start)
+    offsets = np.cumsum([0] + [len(w) for w in waves], dtype=np.int64)
+    values = np.concatenate(waves) if waves else np.zeros(0, np.float32)
+    return pa.table({
+        "file": batch.column("file"), "path": batch.column("path"),
+        "waveform": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32())),
+        "long": pa.array(long, pa.bool_()), "duration": pa.array(durations, pa.float64()),
+        "error": pa.array(errors, pa.string()), "_decode_node": pa.array([node] * len(waves), pa.string()),
+        "_decode_pid": pa.array([pid] * len(waves), pa.int64()), "_decode_s": pa.array(seconds, pa.float64())})

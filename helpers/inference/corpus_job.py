@@ -5,8 +5,8 @@ Without an address Ray starts on this machine (all cores, no dashboard, a bounde
 and stops with the job; with one the job joins a running cluster. The driver checks that every
 node sees the output folder and the inputs, lists what is left to do (`corpus_inputs`), streams
 the pipeline of `corpus_stages` and reads back only one summary row per part written: a progress
-bar, the failures as they come, files per node. SIGINT / SIGTERM stop the job between parts; the
-parts written are whole, and `--resume` continues the table.
+bar, the failures as they come, files per node. SIGINT / SIGTERM stop the job at once: a part is
+published whole (renamed into place) or not at all, and `--resume` continues the table.
 """
 from __future__ import annotations
 
@@ -29,25 +29,28 @@ from typing import Any, Callable, Iterator, Optional
 import pyarrow
 import ray
 import ray.data
-from ray.data.context import ShuffleStrategy
+import ray.exceptions
 import torch
+from ray.data.context import ShuffleStrategy
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from common.errors import InputError
+from common.errors import InputError, as_input_error
 from common.files import TEMP_TAG, unlock_folder
-from helpers.inference.corpus_inputs import Inputs, listing, to_process
-from helpers.inference.corpus_stages import (Columns, ModelSpec, ModelStage, TableShape, decode, model_identity,
-                                             resolve_tagger, table_shape, write)
-from helpers.inference.corpus_table import (PART_PREFIX, claim_folder, job_token, part_files, read_manifest,
-                                            table_counts, write_manifest)
-from helpers.inference.interrupt import SIGNALS, Interrupted, StopSignals
+from helpers.inference.corpus_inputs import Inputs, decode, listing, to_process
+from helpers.inference.corpus_stages import (Columns, ModelSpec, ModelStage, TableShape, model_identity,
+                                             resolve_tagger, table_shape)
+from helpers.inference.corpus_table import (PART_PREFIX, claim_folder, node_check, part_files, read_manifest,
+                                            table_counts, write, write_manifest)
+from helpers.inference.interrupt import SIGNALS, StopSignals
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 CODE_PACKAGES = ("common", "models", "datasets", "helpers")
 DEFAULT_OBJECT_STORE_MB = 2048  # embedded Ray's shared-memory object store (at most a fifth of the RAM)
-DECODE_MEMORY_MB = 320  # per decode task (a worker with torch imported: ~250 MiB), + 8 MiB per file of its batch
+DECODE_MEMORY_MB = 256  # per decode task (a worker without torch: ~120 MiB), + 8 MiB per file of its batch
+# what the workers need of this process's environment: where the model weights are cached
+WORKER_ENV = ("EFFICIENTAT_MODEL_DIR",)
 ACTOR_MEMORY_MB = 1536  # per model actor; unequal reservations also keep Ray from fusing the two stages
 
 
@@ -86,6 +89,26 @@ class CorpusJob:
     pool: PoolSpec = PoolSpec()
     resume: bool = False
     progress: bool = True
+
+
+class JobFailed(RuntimeError):
+    """The Ray job failed (an error in a stage that Ray's retries did not get past, a lost
+    cluster): `details` is Ray's report; the message its last line and what to do."""
+
+    def __init__(self, error: Exception) -> None:
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        self.details = str(error)
+        super().__init__(f"the Ray job failed: {lines[-1].strip() if lines else type(error).__name__}; the parts "
+                         "written are whole: fix the cause and rerun with --resume")
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM while the job runs. A KeyboardInterrupt, as Ray Data expects of a
+    Ctrl-C: an Exception raised inside its wait would be logged as a failure of Ray's own."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -158,53 +181,62 @@ def _stage_code(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def ray_session(cluster: ClusterSpec) -> Iterator[None]:
-    """Ray started here (no address) or joined for the block; shut down (or left) after it."""
+    """Ray started here (no address) or joined for the block; shut down (or left) after it. The
+    workers get this code (`_stage_code`) and the model cache folder of this process, if set."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from this tool
+    handlers = {s: signal.getsignal(s) for s in SIGNALS}
     with tempfile.TemporaryDirectory(prefix="efficientat-code-") as code:
-        options = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True,
-                   "runtime_env": {"working_dir": str(_stage_code(Path(code)))}}
-        try:
-            if cluster.address is None:
-                memory = cluster.object_store_mb or min(DEFAULT_OBJECT_STORE_MB, _ram_mb() // 5)
-                ray.init(address="local", num_cpus=cluster.num_cpus or os.cpu_count(),
-                         object_store_memory=memory << 20, **options)
-            else:
-                ray.init(address=cluster.address, **options)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise InputError(f"--address {cluster.address}: cannot join the Ray cluster "
-                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        for signum in SIGNALS:  # Ray's core worker replaces the SIGTERM handler: the job's own comes back
-            signal.signal(signum, signal.getsignal(signum))
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        # the listing's dedup and split run as plain tasks: the default shuffle starts aggregator
-        # actors, seconds per job, and they would compete with the model actors for CPUs
-        context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run INFO lines; warnings stay
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+        env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+        _init(cluster, {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True,
+                        "runtime_env": {"working_dir": str(_stage_code(Path(code))), "env_vars": env}})
+        for signum, handler in handlers.items():  # ray.init makes SIGTERM exit at once: the job's handler comes back
+            signal.signal(signum, handler)
+        _quiet_data_context()
         try:
             yield
         finally:
             ray.shutdown()
 
 
+def _init(cluster: ClusterSpec, options: dict[str, Any]) -> None:
+    """ray.init for `cluster`; InputError when Ray cannot start or the cluster cannot be joined."""
+    try:
+        if cluster.address is None:
+            memory = cluster.object_store_mb or min(DEFAULT_OBJECT_STORE_MB, _ram_mb() // 5)
+            ray.init(address="local", num_cpus=cluster.num_cpus or os.cpu_count(),
+                     object_store_memory=memory << 20, **options)
+        else:
+            ray.init(address=cluster.address, **options)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        where = f"--address {cluster.address}: cannot join the Ray cluster" if cluster.address else \
+            "cannot start Ray on this machine"
+        raise InputError(f"{where} ({why})") from None
+
+
+def _quiet_data_context() -> None:
+    """Ray Data as this job runs it: no progress bars or INFO lines of its own (the job has its
+    bar and summary; warnings stay), and a shuffle of plain tasks."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    # the listing's dedup and split run as plain tasks: the default shuffle starts aggregator
+    # actors, seconds per job, and they would compete with the model actors for CPUs
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+
+
 def _ram_mb() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
-
-
-@ray.remote(num_cpus=0)
-def _probe(folder: str, token: str, roots: list[str]) -> tuple[str, str, list[str]]:
-    problems = [f"{folder}: not the job's output folder (another filesystem?)"] if job_token(folder) != token else []
-    problems += [f"{r}: not there" for r in roots if not os.path.exists(r)]
-    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), problems
 
 
 def check_nodes(folder: Path, token: str, roots: list[str]) -> dict[str, str]:
     """Make sure every alive node sees the output folder (by its job token) and the inputs;
     InputError naming the first node that does not. Returns node id -> "IP (id)" names."""
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    probes = [_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(
+    probe = ray.remote(num_cpus=0)(node_check)
+    probes = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(
         str(folder), token, roots) for n in nodes]
     names = {}
     for node, ip, problems in ray.get(probes, timeout=300):
@@ -313,25 +345,30 @@ def run_corpus(job: CorpusJob, on_error: Callable[[str], None] = lambda message:
     """Run `job` (see the module doc) and return what this run did and the final manifest.
     Bad input (flags, model, inputs, a refused output folder, a node that cannot see the folder)
     is an InputError before anything is written."""
-    tagger = resolve_tagger(job.model)
-    shape, settings = table_shape(tagger), _settings(job, model_identity(job.model, tagger), table_shape(tagger))
+    with as_input_error():  # an unknown model name, a checkpoint that does not load
+        tagger = resolve_tagger(job.model)
+    shape = table_shape(tagger)
+    settings = _settings(job, model_identity(job.model, tagger), shape)
     del tagger
     earlier = _check_resume(job, settings) if job.resume else None
     token = claim_folder(job.output, job.resume)
-    started = time.time()
+    before = table_counts(job.output)
     run: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "address": job.cluster.address,
                            "argv": sys.argv[1:]}
     write_manifest(job.output, _manifest(job, settings, shape, earlier, "running", run))
-    stats, stop = RunStats(), StopSignals()
+    stats, stop, status = RunStats(), StopSignals(error=Stopped), "failed"
+    started = time.time()
     with stop.installed():
         try:
             _run(job, shape, token, stats, stop, on_error)
-        except Interrupted:
-            stats.signum = stop.signum
+            status = "complete"
+        except Stopped:
+            stats.signum, status = stop.signum, "interrupted"
         finally:
             stop.hold()
             stats.seconds = time.time() - started
-            status = "interrupted" if stats.signum else "complete"
+            after = table_counts(job.output)  # the table is the truth: parts written but not yet reported count
+            stats.files, stats.failed = after["rows"] - before["rows"], after["failed"] - before["failed"]
             run.update(stats.record(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             manifest = _manifest(job, settings, shape, earlier, status, run)
             write_manifest(job.output, manifest)
@@ -347,6 +384,8 @@ def _run(job: CorpusJob, shape: TableShape, token: str, stats: RunStats, stop: S
             todo, stats.todo = plan(job, job.resume)
             if stats.todo:
                 drive(pipeline(todo, job, shape, token), stats, job, stop, on_error)
+    except ray.exceptions.RayError as e:
+        raise JobFailed(e) from e
     finally:
         if job.cluster.address is None:  # every worker stopped with Ray: what a stopped write left is garbage
             for tmp in job.output.glob(f".{PART_PREFIX}*.{TEMP_TAG}-*.tmp"):

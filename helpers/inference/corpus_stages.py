@@ -1,13 +1,10 @@
 """The three stages of the corpus job's Ray Data pipeline, each run where Ray places it.
 
-1. `decode` (Ray tasks, CPU): files -> mono float32 waveforms at the model's rate, through the
-   project's one loader (`read_or_chunk`); a file that cannot be read becomes its error. Files
-   longer than `CHUNK_SECONDS` are only marked: the model stage reads them chunk by chunk, so no
-   long recording is ever held whole in memory or in Ray's object store.
+1. `corpus_inputs.decode` (Ray tasks, CPU, without torch): files -> waveforms at the model's rate.
 2. `ModelStage` (a pool of Ray actors, each holding one model, CPU or GPU): the waveforms of a
    batch go through `iter_files` as in inference.py / embeddings.py (files of equal length
    batched, long files chunked, non-finite outputs turned into errors) and become table rows.
-3. `write` (Ray tasks): a part file per batch of rows (`corpus_table.write_part`), and a summary
+3. `corpus_table.write` (Ray tasks, without torch): a part file per batch of rows, and a summary
    row for the driver's progress bar.
 
 The model is built in one place, `resolve_tagger`, on the driver (to check the flags and learn the
@@ -15,29 +12,23 @@ table's shape) and in every actor.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import ray
 import torch
 
 from common.download import sha256sum
 from common.errors import AudioLoadError
 from helpers.inference.batching import CHUNK_SECONDS, iter_files, read_or_chunk
-from helpers.inference.corpus_table import table_schema, write_part
+from helpers.inference.corpus_table import table_schema, where
 from helpers.inference.tagging import Tagger, build_tagger, select_device, top_k
 from models.pretrained import checkpoint_path
 
 DEFAULT_MODEL = "mn10_as"  # inference.py's default
-INTERNAL = ("_decode_node", "_decode_pid", "_decode_s", "_model_node", "_model_pid", "_model_s")
 
 
 @dataclass(frozen=True)
@@ -96,41 +87,6 @@ def model_identity(spec: ModelSpec, tagger: Tagger) -> dict[str, Any]:
             "frontend": tagger.frontend.eval_settings(), "classes": len(tagger.class_names)}
 
 
-def _where() -> tuple[str, int]:
-    return ray.get_runtime_context().get_node_id(), os.getpid()
-
-
-def decode(batch: pa.Table, sample_rate: int) -> pa.Table:
-    """Decode the files of `batch` (file, path): their waveforms (empty for errors and for long
-    files, marked `long`), durations, errors, and where and how long decoding took."""
-    node, pid = _where()
-    waves, durations, errors, long, seconds = [], [], [], [], []
-    for given, path in zip(batch.column("file").to_pylist(), batch.column("path").to_pylist()):
-        start = time.perf_counter()
-        wave, error, is_long = np.zeros(0, np.float32), None, False
-        try:
-            whole, _ = read_or_chunk(Path(path), sample_rate)
-            if whole is None:
-                is_long = True
-            else:
-                wave = whole
-        except AudioLoadError as e:
-            error = str(e).replace(path, given, 1)
-        waves.append(wave)
-        durations.append(len(wave) / sample_rate if len(wave) else None)
-        errors.append(error)
-        long.append(is_long)
-        seconds.append(time.perf_counter() - start)
-    offsets = np.cumsum([0] + [len(w) for w in waves], dtype=np.int64)
-    values = np.concatenate(waves) if waves else np.zeros(0, np.float32)
-    return pa.table({
-        "file": batch.column("file"), "path": batch.column("path"),
-        "waveform": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32())),
-        "long": pa.array(long, pa.bool_()), "duration": pa.array(durations, pa.float64()),
-        "error": pa.array(errors, pa.string()), "_decode_node": pa.array([node] * len(waves), pa.string()),
-        "_decode_pid": pa.array([pid] * len(waves), pa.int64()), "_decode_s": pa.array(seconds, pa.float64())})
-
-
 class _Batch:
     """One batch's decoded files as the model stage reads them (`iter_files`'s reader)."""
 
@@ -173,7 +129,7 @@ class ModelStage:
         self.tagger = resolve_tagger(spec, select_device(gpu))
         self.columns, self.shape, self.batch_size = columns, shape, batch_size
         self.schema = shape.schema(columns)
-        self.node, self.pid = _where()
+        self.node, self.pid = where()
 
     def _outputs(self, logits: torch.Tensor, embedding: torch.Tensor) -> np.ndarray:
         rows = [logits.cpu().numpy()] + ([embedding.cpu().numpy()] if self.columns.embeddings else [])
@@ -227,20 +183,3 @@ class ModelStage:
                 arrays[k] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1],
                                                                mask=pa.array(~ok))
         return pa.Table.from_arrays(arrays, schema=self.schema)
-
-
-def write(batch: pa.Table, folder: str, token: str, schema: pa.Schema) -> pa.Table:
-    """Write `batch`'s rows as one part file; a one-row summary for the driver: rows, failures
-    (their messages), files per model node and decode node, and the decode and model seconds."""
-    errors = [e for e in batch.column("error").to_pylist() if e is not None]
-    models = Counter(batch.column("_model_node").to_pylist())
-    decoders = Counter(batch.column("_decode_node").to_pylist())
-    pids = {"decode": sorted(set(batch.column("_decode_pid").to_pylist())),
-            "model": sorted(set(batch.column("_model_pid").to_pylist()))}
-    part = write_part(folder, batch.select(schema.names).cast(schema), token)
-    return pa.table({
-        "part": [part.name if part else None], "rows": [batch.num_rows], "failed": [len(errors)],
-        "errors": pa.array([errors], pa.list_(pa.string())),
-        "nodes": [json.dumps({"model": models, "decode": decoders, "pids": pids})],
-        "decode_s": [float(pc.sum(batch.column("_decode_s")).as_py() or 0.0)],
-        "model_s": [float(pc.sum(batch.column("_model_s")).as_py() or 0.0)]})

@@ -7,7 +7,8 @@ Every part is written whole or not at all: to a hidden temporary file beside it,
 of adding a second copy. Before the rename a writer checks the folder's job token: a writer left
 over from a stopped job never publishes into the next job's table. Readers (pyarrow, pandas,
 DuckDB `read_parquet('out/*.parquet')`) never see the temporaries: their names start with a dot
-and end in .tmp. This module is the one place that writes part files.
+and end in .tmp. This module is the one place that writes part files: `write` is the pipeline's
+last stage (Ray tasks, without torch).
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import hashlib
 import json
 import os
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
+import ray
 
 from common.errors import InputError
 from common.files import TEMP_TAG, atomic_write, lock_folder, publish, temp_path
@@ -160,3 +164,33 @@ def iter_batches(folder: str | os.PathLike, columns: Sequence[str], valid_only: 
                          f"--{missing[0]}?)")
     condition = pds.field("error").is_null() if valid_only else None
     yield from table.to_batches(columns=list(columns), filter=condition, batch_size=batch_size)
+
+
+def where() -> tuple[str, int]:
+    """The Ray node id and the pid of the worker running this stage (for files per node)."""
+    return ray.get_runtime_context().get_node_id(), os.getpid()
+
+
+def node_check(folder: str, token: str, roots: list[str]) -> tuple[str, str, list[str]]:
+    """On a node: its id and IP, and what it misses: the job's output `folder` (by its job token)
+    and the inputs' `roots`."""
+    problems = [f"{folder}: not the job's output folder (another filesystem?)"] if job_token(folder) != token else []
+    problems += [f"{r}: not there" for r in roots if not os.path.exists(r)]
+    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), problems
+
+
+def write(batch: pa.Table, folder: str, token: str, schema: pa.Schema) -> pa.Table:
+    """Write `batch`'s rows as one part file; a one-row summary for the driver: rows, failures
+    (their messages), files per model node and decode node, and the decode and model seconds."""
+    errors = [e for e in batch.column("error").to_pylist() if e is not None]
+    models = Counter(batch.column("_model_node").to_pylist())
+    decoders = Counter(batch.column("_decode_node").to_pylist())
+    pids = {"decode": sorted(set(batch.column("_decode_pid").to_pylist())),
+            "model": sorted(set(batch.column("_model_pid").to_pylist()))}
+    part = write_part(folder, batch.select(schema.names).cast(schema), token)
+    return pa.table({
+        "part": [part.name if part else None], "rows": [batch.num_rows], "failed": [len(errors)],
+        "errors": pa.array([errors], pa.list_(pa.string())),
+        "nodes": [json.dumps({"model": models, "decode": decoders, "pids": pids})],
+        "decode_s": [float(pc.sum(batch.column("_decode_s")).as_py() or 0.0)],
+        "model_s": [float(pc.sum(batch.column("_model_s")).as_py() or 0.0)]})

@@ -100,7 +100,8 @@ def _check_table(folder: str | os.PathLike) -> int:
 def _name(file: str, names: str, root: Optional[str]) -> str:
     name = clip_name(file, names, root)
     if name is None:
-        why = "no YouTube ID in its file name: use --teacher_names relative" if names == "ytid" else f"not inside {root}"
+        why = ("no YouTube ID in its file name: use --teacher_names relative" if names == "ytid"
+               else f"not inside {root}")
         raise InputError(f"{file}: gives no clip name ({why})")
     return name
 
