@@ -1,7 +1,7 @@
 """The corpus job's speed (docs/corpus.md quotes every figure this prints):
 
 1. files/s on `--clips` generated 10-s clips (default 2,000), the same folder through
-   single-process `inference.py` and through `corpus.py` on the embedded Ray (this machine's cores,
+   single-process `inference.py` (its default threads, and one torch thread) and through `corpus.py` on the embedded Ray (this machine's cores,
    default flags): whole-command wall time (Ray's start-up included) and the job's own throughput
    (manifest.json's files_per_second, from the first file listed to the last part written), and the
    ratio corpus / inference.py of each round: the overhead (or gain) of the engine;
@@ -64,31 +64,41 @@ def write_clips(folder: Path, count: int, sample_rate: int, suffix: str, seed: i
     return paths
 
 
-def run_command(argv: list[str]) -> float:
-    """Wall seconds of one command (its output discarded; its exit code must be 0)."""
+def run_command(argv: list[str], **env: str) -> float:
+    """Wall seconds of one command (its output discarded; its exit code must be 0), with `env`
+    added to this process's environment."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **env})
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:2])} failed ({done.returncode}): {done.stderr[-2000:]}")
     return time.perf_counter() - start
 
 
 def end_to_end(folder: Path, clips: int, rounds: int, model: str, tmp: Path) -> dict:
-    """Part 1: inference.py and corpus.py on the same folder, alternating, `rounds` times."""
+    """Part 1: inference.py (its default torch threads, and one thread: OMP_NUM_THREADS=1, as
+    each model actor of the job runs) and corpus.py on the same folder, in turn, `rounds` times."""
     print(f"\n1. {clips} 10-s clips ({folder.name}), {model}, {os.cpu_count()} CPU(s): files/s")
     job_rates = []
+    tag = ["inference.py", "--model_name", model, "--audio_path", str(folder), "--output", str(tmp / "tags.json")]
     for r in range(rounds):
         where = load()
-        single = run_command(["inference.py", "--model_name", model, "--audio_path", str(folder),
-                              "--output", str(tmp / f"tags{r}.json")])
+        single = run_command(tag)
+        one_where = load()
+        one = run_command(tag, OMP_NUM_THREADS="1")
         out = tmp / f"table{r}"
+        job_where = load()
         job = run_command(["corpus.py", "--model_name", model, "--audio_path", str(folder), "--output", str(out),
                            "--quiet"])
         last = json.loads((out / "manifest.json").read_text())["runs"][-1]
         job_rates.append(last)
-        print(f"   round {r + 1} ({where}): inference.py {clips / single:6.1f} files/s ({single:5.1f} s) | "
-              f"corpus.py {clips / job:6.1f} files/s ({job:5.1f} s; in the job {last['files_per_second']:6.1f}) "
-              f"| ratio corpus/inference {single / job:.2f} (in the job {last['files_per_second'] * single / clips:.2f})")
+        print(f"   round {r + 1} ({where}): inference.py {clips / single:6.1f} files/s ({single:5.1f} s)\n"
+              f"   round {r + 1} ({one_where}): inference.py, 1 thread {clips / one:6.1f} files/s ({one:5.1f} s)\n"
+              f"   round {r + 1} ({job_where}): corpus.py {clips / job:6.1f} files/s ({job:5.1f} s; in the job "
+              f"{last['files_per_second']:6.1f})\n"
+              f"   round {r + 1}: ratio corpus / inference.py {single / job:.2f}, corpus / inference.py 1 thread "
+              f"{one / job:.2f} (in the job: {last['files_per_second'] * single / clips:.2f}, "
+              f"{last['files_per_second'] * one / clips:.2f})")
         shutil.rmtree(out)
     return min(job_rates, key=lambda run: run["seconds"])
 
