@@ -22,26 +22,31 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from helpers.analysis.complexity import CLIP_SECONDS, analyze, build_model, clip_input_size, registry_costs
+from helpers.analysis.complexity import CLIP_SECONDS, analyze, untrained_model, clip_input_size, registry_costs
 from helpers.analysis.complexity_plots import plot_tradeoffs
 from common.errors import InputError, check_suffix, run_cli
 from common.files import atomic_write, check_output
-from models.factory import create_frontend, family_of
-from models.pretrained import get_entry, name_to_width
+from common.flags import FRONTEND_FLAGS, add_frontend_flags, frontend_settings
+from models.factory import DEFAULT_FAMILY, FAMILIES, OPTIONS, create_frontend, family_of
+from models.pretrained import DEFAULT_MODEL, get_entry, name_to_width
+
+ARCHITECTURE_OPTIONS = {name: option for name, option in OPTIONS.items() if option.architecture}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    default = FAMILIES[DEFAULT_FAMILY]
     parser.add_argument("--model_name", default=None,
-                        help="registry name: any MN or DyMN, any variant (default: mn10_as)")
+                        help=f"registry name: any model of any family, any variant (default: {DEFAULT_MODEL})")
     parser.add_argument("--model_width", type=float, default=None,
-                        help="analyze a plain MN of this width instead (printed as mn<width without the dot>)")
+                        help=f"analyze a plain {default.label} of this width instead (printed as "
+                             f"{default.prefix}<width without the dot>)")
     parser.add_argument("--head_type", default=None,
                         choices=("mlp", "fully_convolutional", "multihead_attention_pooling"),
                         help="classification head (default: the registry's)")
-    parser.add_argument("--se_dims", default=None,
-                        help="MN squeeze-excitation axes: letters of c, f, t, or none (default: c)")
+    for option, spec in ARCHITECTURE_OPTIONS.items():  # the families' architecture options
+        parser.add_argument(f"--{option}", type=spec.type, default=None, help=f"{spec.help} (default: {spec.default})")
     parser.add_argument("--strides", type=int, nargs=4, default=None,
                         help="block strides, 1 or 2 (default: the registry's)")
     parser.add_argument("--complexity_type", default="computation", choices=("computation", "memory"))
@@ -49,12 +54,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="peak memory with the memory-efficient inverted-residual rule, not layer by layer")
     parser.add_argument("--bits_per_elem", type=int, default=16, help="bits per activation element (16 = fp16)")
     parser.add_argument("--receptive_field", action="store_true", help="also print the receptive field")
-    parser.add_argument("--resample_rate", type=int, default=None, help="sample rate in Hz (default: 32000)")
-    parser.add_argument("--window_size", type=int, default=None, help="STFT window in samples (default: 800)")
-    parser.add_argument("--hop_size", type=int, default=None,
-                        help="STFT hop in samples (default: the registry's, else 320)")
-    parser.add_argument("--n_fft", type=int, default=None, help="FFT size (default: 1024)")
-    parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: the registry's, else 128)")
+    add_frontend_flags(parser, bands=False)
     parser.add_argument("--table", default=None,
                         help="write the costs of every AudioSet model to a .csv or .json file")
     parser.add_argument("--plot", default=None,
@@ -65,19 +65,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.model_width is not None and not (math.isfinite(args.model_width) and 0 < args.model_width <= 100):
         raise InputError(f"--model_width must be positive, finite and at most 100, got {args.model_width}")
     if args.model_name and args.model_width is not None and (
-            family_of(args.model_name) != "mn" or name_to_width(args.model_name) != args.model_width):
-        raise InputError(f"--model_width {args.model_width} analyzes a plain MN of that width, which "
+            family_of(args.model_name) != DEFAULT_FAMILY or name_to_width(args.model_name) != args.model_width):
+        raise InputError(f"--model_width {args.model_width} analyzes a plain {default.label} of that width, which "
                          f"--model_name {args.model_name} is not: give one of them")
-    args.model_name = args.model_name or "mn10_as"
     return args
 
 
 def model_flags(args: argparse.Namespace) -> dict[str, object]:
     """The flags that change one model's settings (not allowed with --table / --plot)."""
-    return {"--model_width": args.model_width, "--head_type": args.head_type, "--se_dims": args.se_dims,
-            "--strides": args.strides, "--resample_rate": args.resample_rate,
-            "--window_size": args.window_size, "--hop_size": args.hop_size, "--n_fft": args.n_fft,
-            "--n_mels": args.n_mels}
+    values = vars(args)
+    options = {f"--{option}": values[option] for option in ARCHITECTURE_OPTIONS}
+    return {"--model_width": args.model_width, "--head_type": args.head_type, **options, "--strides": args.strides,
+            **{f"--{flag}": values[flag] for flag in FRONTEND_FLAGS if flag in values}}
 
 
 def registry_report(args: argparse.Namespace) -> None:
@@ -112,9 +111,10 @@ def registry_report(args: argparse.Namespace) -> None:
 def print_computation(name: str, input_size: tuple[int, ...], cost: Any) -> None:
     """Parameters and MACs, by layer kind."""
     macs = cost.macs
+    dynamic = "/".join(macs.dynamic_conv_kinds) or "dynamic conv"
     counted = [("Conv2d", macs.conv_layers, macs.conv),
-               ("DynamicConv", macs.dynamic_conv_layers, macs.dynamic_conv),
-               ("DynamicConv kernel mixing", macs.dynamic_conv_layers, macs.kernel_mixing),
+               (dynamic, macs.dynamic_conv_layers, macs.dynamic_conv),
+               (f"{dynamic} kernel mixing", macs.dynamic_conv_layers, macs.kernel_mixing),
                ("Linear", macs.linear_layers, macs.linear)]
     print(f"Input spectrogram: {input_size[2]} mel bins x {input_size[3]} frames")
     for kind, layers, count in counted:
@@ -144,19 +144,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         registry_report(args)
         return 0
     if args.model_width is not None:
-        name, registry_name, strides = "mn" + str(args.model_width).replace(".", ""), None, (2, 2, 2, 2)
+        name, registry_name = FAMILIES[DEFAULT_FAMILY].prefix + str(args.model_width).replace(".", ""), None
+        strides = FAMILIES[DEFAULT_FAMILY].default("strides")
     else:
+        name = args.model_name or DEFAULT_MODEL
         try:
-            entry = get_entry(args.model_name)
+            entry = get_entry(name)
         except ValueError as e:
             raise InputError(str(e)) from None
-        name, registry_name, strides = args.model_name, args.model_name, entry.model_kwargs["strides"]
-    strides = list(args.strides or strides)
+        registry_name, strides = name, entry.model_kwargs.get("strides")
+    strides = list(args.strides or strides or ())
     try:
-        frontend = create_frontend(registry_name, sr=args.resample_rate, win_length=args.window_size,
-                                   hopsize=args.hop_size, n_fft=args.n_fft, n_mels=args.n_mels)
+        frontend = create_frontend(registry_name, **frontend_settings(vars(args)))
         input_size = clip_input_size(frontend)
-        model = build_model(registry_name, args.model_width, args.head_type, args.strides, args.se_dims, input_size)
+        options = {option: getattr(args, option) for option in ARCHITECTURE_OPTIONS}
+        model = untrained_model(registry_name, args.model_width, args.head_type, args.strides, options, input_size)
         cost = analyze(model, input_size, args.bits_per_elem)
     except ValueError as e:
         raise InputError(str(e)) from None
@@ -167,7 +169,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print_memory(args, name, cost)
     if args.receptive_field:
         rf_f, rf_t = cost.receptive_field
-        print(f"Receptive field size of {name} with strides {strides}: Frequency: {rf_f}, Time: {rf_t}")
+        with_strides = f" with strides {strides}" if strides else ""
+        print(f"Receptive field size of {name}{with_strides}: Frequency: {rf_f}, Time: {rf_t}")
     return 0
 
 

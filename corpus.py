@@ -31,9 +31,10 @@ from typing import Optional
 from common.errors import InputError, as_input_error, run_cli
 from helpers.inference.corpus_inputs import sort_inputs
 from helpers.inference.corpus_job import ClusterSpec, CorpusJob, JobFailed, PoolSpec, RunStats, run_corpus
-from helpers.inference.corpus_stages import DEFAULT_MODEL, Columns, ModelSpec
+from helpers.inference.corpus_stages import Columns, ModelSpec
 from helpers.inference.corpus_teacher import NAME_MODES, export_teacher
 from helpers.inference.tagging import add_precision_arg
+from models.pretrained import DEFAULT_MODEL
 
 MAX_ERROR_LINES = 20  # failures printed as they come; the table's error column holds all of them
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -28,21 +30,18 @@ from datasets.items import IndexedClip
 from common.errors import InputError, run_cli
 from common.files import atomic_write, check_output
 from common.labels import class_names
-from helpers.inference.tagging import build_tagger
+from helpers.inference.resolve import ModelRef, RuntimeConfig, resolve_model
+from helpers.inference.tagging import LoadedModel
 from helpers.training.metrics import format_tagging_results, multilabel_metrics
 from helpers.training.args import (add_model_args, add_optimizer_args, add_preprocessing_args, add_run_args,
-                                   frontend_config_from_args, frontend_overrides, model_config_from_args,
-                                   resolve_dataset_dir, resolve_out_dir, TrainingParser)
+                                   resolve_dataset_dir, TrainingParser)
+from helpers.training.config import TrainingConfig
 from helpers.training.data import DistributedWeightedSampler
 from helpers.training.distributed import DistInfo, all_reduce_sum, gather_cat, setup_distributed
 from helpers.training.evaluation import predict
 from helpers.training.loop import fine_tune
 from helpers.training.mixup import mix, mixup
 from helpers.training.tasks import LossFn, Task, tagging_metrics
-from models.checkpoint import is_run_record, load_checkpoint, load_finetuned
-from models.factory import model_from_config
-from models.runtime import fast_inference
-from models.preprocess import AugmentMelSTFT
 
 WANDB_PROJECT = "EfficientAudioTagging"
 WANDB_TAGS = ("AudioSet", "Audio Tagging", "Knowledge Disitillation")
@@ -57,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="evaluate this checkpoint (a training checkpoint or a state dict)")
     parser.add_argument("--save_predictions", type=str, default=None,
                         help="evaluation only: write names, logits and targets to this .npz")
-    add_model_args(parser, model_name="mn10_as", pretrain_final_temp=30.0)
+    add_model_args(parser, pretrain_final_temp=30.0)
     add_optimizer_args(parser, lr=0.0008, lr_flag="max_lr", n_epochs=200, warm_up_len=8,
                        ramp_down_start=80, ramp_down_len=95)
     data = parser.add_argument_group("data")
@@ -101,16 +100,16 @@ def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, known: torch.
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    config = TrainingConfig.from_flags(vars(args))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    dist = setup_distributed(args.cuda)
-    (train if args.train else evaluate_only)(args, dist)
+    dist = setup_distributed(config.run.cuda)
+    (train if args.train else evaluate_only)(args, config, dist)
 
 
-def audioset_task(args: argparse.Namespace, dist: DistInfo, teacher: Optional[TeacherPredictions] = None,
-                  sampler: Optional[DistributedWeightedSampler] = None,
+def audioset_task(dist: DistInfo, loss_fn: LossFn, sampler: Optional[DistributedWeightedSampler] = None,
                   datasets: Sequence[AudioSetDataset] = (), names: Optional[list[str]] = None) -> Task:
     """AudioSet as a task of the training loop: the 527 classes (`names`, default: the label
-    table), the distillation loss, mAP selection, class-balanced sampling; after each epoch the
+    table), the loss `loss_fn` (`distillation_loss_fn`), mAP selection, class-balanced sampling; after each epoch the
     undecodable rows of `datasets` are counted (logged as bad_rows) and the main process prints
     the mAP / ROC / d' lines."""
     def epoch_end(epoch: int, metrics: dict[str, float]) -> dict[str, int]:
@@ -120,19 +119,19 @@ def audioset_task(args: argparse.Namespace, dist: DistInfo, teacher: Optional[Te
         return {"bad_rows": bad_rows}
 
     return Task("as", class_names() if names is None else names, multilabel=True,
-                loss_fn=distillation_loss_fn(args, teacher),
+                loss_fn=loss_fn,
                 metrics_fn=tagging_metrics, selection="mAP", metric_tag="mAP", project=WANDB_PROJECT,
                 tags=WANDB_TAGS, notes="AudioSet training by knowledge distillation", sampler=sampler,
                 epoch_end=epoch_end, report=print)
 
 
-def distillation_loss_fn(args: argparse.Namespace, teacher: Optional[TeacherPredictions]) -> LossFn:
-    """The loss callback: label BCE (mixup as the inputs) weighted --kd_lambda, plus the
-    distillation loss against the teacher (when there is one) weighted 1 - kd_lambda."""
+def distillation_loss_fn(mixup_alpha: float, kd_lambda: float, teacher: Optional[TeacherPredictions]) -> LossFn:
+    """The loss callback: label BCE (mixup as the inputs, --mixup_alpha) weighted --kd_lambda, plus
+    the distillation loss against the teacher (when there is one) weighted 1 - kd_lambda."""
     def loss_fn(model: torch.nn.Module, x: torch.Tensor, batch: IndexedClip) -> dict[str, torch.Tensor]:
         y, perm, lam = batch.target, None, None
-        if args.mixup_alpha > 0:
-            perm, lam = mixup(len(x), args.mixup_alpha)
+        if mixup_alpha > 0:
+            perm, lam = mixup(len(x), mixup_alpha)
             perm, lam = perm.to(x.device, non_blocking=True), lam.to(x.device, non_blocking=True)
             x, y = mix(x, perm, lam), mix(y, perm, lam)
         logits = model(x)[0]
@@ -141,7 +140,7 @@ def distillation_loss_fn(args: argparse.Namespace, teacher: Optional[TeacherPred
             return {"loss": label_loss, "label_loss": label_loss.detach()}
         probs, known = (t.to(x.device, non_blocking=True) for t in teacher.lookup(batch.name))
         kd_loss = distillation_loss(logits, probs, known.float(), perm, lam)
-        loss = args.kd_lambda * label_loss + (1.0 - args.kd_lambda) * kd_loss
+        loss = kd_lambda * label_loss + (1.0 - kd_lambda) * kd_loss
         return {"loss": loss, "label_loss": label_loss.detach(), "distillation_loss": kd_loss.detach()}
     return loss_fn
 
@@ -162,7 +161,7 @@ def load_teacher(args: argparse.Namespace, train_set: AudioSetDataset, dist: Dis
     return teacher
 
 
-def balanced_sampler(args: argparse.Namespace, train_set: AudioSetDataset,
+def balanced_sampler(args: argparse.Namespace, seed: int, train_set: AudioSetDataset,
                      dist: DistInfo) -> DistributedWeightedSampler:
     """Class-balanced sampling without replacement of --epoch_len clips per epoch."""
     weights = sample_weights(train_set.packed_targets())
@@ -170,68 +169,54 @@ def balanced_sampler(args: argparse.Namespace, train_set: AudioSetDataset,
     if epoch_len < args.epoch_len and dist.is_main:
         print(f"--epoch_len {args.epoch_len} exceeds the {epoch_len} labelled training clips; "
               f"epochs have {epoch_len} clips")
-    return DistributedWeightedSampler(weights, epoch_len, dist.rank, dist.world_size, args.seed)
+    return DistributedWeightedSampler(weights, epoch_len, dist.rank, dist.world_size, seed)
 
 
-def train(args: argparse.Namespace, dist: DistInfo) -> None:
+def train(args: argparse.Namespace, config: TrainingConfig, dist: DistInfo) -> None:
     """Knowledge distillation on the balanced (+ unbalanced) set, evaluated on the eval set."""
     files = [BALANCED_FILE] + ([] if args.balanced_only else [UNBALANCED_FILE])
-    dataset_dir = resolve_dataset_dir(args.dataset_dir, DATASET_ENV, files + [EVAL_FILE])
-    sr = frontend_config_from_args(args)["sr"]
-    train_set = AudioSetDataset([dataset_dir / f for f in files], resample_rate=sr, clip_length=args.clip_length,
-                                gain_augment=args.gain_augment, in_mem=args.in_mem)
-    eval_set = AudioSetDataset([dataset_dir / EVAL_FILE], resample_rate=sr, clip_length=args.clip_length,
+    data = config.data
+    dataset_dir = resolve_dataset_dir(data.dataset_dir, DATASET_ENV, files + [EVAL_FILE])
+    sr = config.frontend_settings()["sr"]
+    train_set = AudioSetDataset([dataset_dir / f for f in files], resample_rate=sr, clip_length=data.clip_length,
+                                gain_augment=data.gain_augment, in_mem=args.in_mem)
+    eval_set = AudioSetDataset([dataset_dir / EVAL_FILE], resample_rate=sr, clip_length=data.clip_length,
                                bad_rows="mask", in_mem=args.in_mem)
-    sampler = balanced_sampler(args, train_set, dist)
-    task = audioset_task(args, dist, load_teacher(args, train_set, dist), sampler, (train_set, eval_set))
-    augmented = RollDataset(train_set) if args.roll else train_set
-    augmented = WavMixDataset(augmented) if args.wavmix else augmented
-    fine_tune(args, task, augmented, eval_set, dist, resolve_out_dir(args))
+    sampler = balanced_sampler(args, config.run.seed, train_set, dist)
+    loss_fn = distillation_loss_fn(config.optim.mixup_alpha, args.kd_lambda, load_teacher(args, train_set, dist))
+    task = audioset_task(dist, loss_fn, sampler, (train_set, eval_set))
+    augmented = RollDataset(train_set) if data.roll else train_set
+    augmented = WavMixDataset(augmented) if data.wavmix else augmented
+    fine_tune(config, task, augmented, eval_set, dist, config.run.out_dir)
 
 
-def model_from_state_dict(args: argparse.Namespace, path: str) -> tuple[torch.nn.Module, AugmentMelSTFT]:
-    """A bare state dict (a released file or the original's epoch files) in the model the model
-    arguments describe, with the frontend of the preprocessing arguments."""
-    config = model_config_from_args(argparse.Namespace(**{**vars(args), "pretrained": False}), 527)
-    config["T_max"] = 1.0  # the temperature trained DyMNs run at (ignored by MN)
-    model = model_from_config(config, load_pretrained=False)
-    try:
-        model.load_state_dict(load_checkpoint(path))
-    except RuntimeError as e:
-        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1][:200]
-        raise InputError(f"{path}: does not fit the model given by --model_name "
-                         f"/ --model_width / --head_type / --strides ({detail})") from None
-    return model, AugmentMelSTFT(**frontend_config_from_args(args))
-
-
-def model_to_evaluate(args: argparse.Namespace, dist: DistInfo) -> tuple[torch.nn.Module, AugmentMelSTFT, str]:
-    """(model, frontend, title): --checkpoint (a training checkpoint or a bare state dict), or a
-    released model or ensemble with its frontend, as inference.py builds them."""
-    state = load_checkpoint(args.checkpoint, mmap=True) if args.checkpoint else {}
-    if is_run_record(state):  # a checkpoint written by --train
-        model, settings, _, _ = load_finetuned(args.checkpoint, state)
-        return model, AugmentMelSTFT(**settings), args.checkpoint
+def model_to_evaluate(args: argparse.Namespace, config: TrainingConfig, dist: DistInfo) -> LoadedModel:
+    """--checkpoint (a training checkpoint, or a bare state dict in the model the model flags
+    describe), or a released model or ensemble with the preprocessing flags' frontend, resolved
+    as every command resolves a model (helpers/inference/resolve.py), on the run's device."""
     if args.checkpoint:
-        return (*model_from_state_dict(args, args.checkpoint), args.checkpoint)
+        ref = ModelRef("checkpoint", path=Path(args.checkpoint))
+    else:
+        ref = ModelRef.parse(args.ensemble or config.model.name)
     try:
-        tagger = build_tagger(args.model_name, args.ensemble, dist.device, args.strides,
-                              args.head_type, **frontend_overrides(args))
-    except ValueError as e:  # unknown name, members with different frontends, ...
+        return resolve_model(ref, RuntimeConfig(str(dist.device)), config.frontend.for_eval(), config.model)
+    except ValueError as e:  # unknown name, members with different frontends, weights that do not fit, ...
         raise InputError(str(e)) from None
-    return tagger.model, tagger.frontend, tagger.name
 
 
-def evaluate_only(args: argparse.Namespace, dist: DistInfo) -> None:
+def evaluate_only(args: argparse.Namespace, config: TrainingConfig, dist: DistInfo) -> None:
     """Evaluate a model on the AudioSet eval set; print mAP / ROC / d' (optionally save predictions)."""
-    dataset_dir = resolve_dataset_dir(args.dataset_dir, DATASET_ENV, [EVAL_FILE])
-    task = audioset_task(args, dist, names=[])  # evaluation needs no class names
-    model, frontend, title = model_to_evaluate(args, dist)
-    model, frontend = fast_inference(model.to(dist.device), frontend.to(dist.device))
+    dataset_dir = resolve_dataset_dir(config.data.dataset_dir, DATASET_ENV, [EVAL_FILE])
+    # evaluation needs no class names and no teacher
+    task = audioset_task(dist, distillation_loss_fn(config.optim.mixup_alpha, args.kd_lambda, None), names=[])
+    loaded = model_to_evaluate(args, config, dist)
+    model, frontend, title = loaded.model, loaded.frontend, loaded.name
     # the original evaluates under fp16 autocast on CUDA
-    args.precision = args.precision or ("fp16" if dist.device.type == "cuda" else "fp32")
+    precision = config.run.precision or ("fp16" if dist.device.type == "cuda" else "fp32")
     eval_set = AudioSetDataset([dataset_dir / EVAL_FILE], resample_rate=frontend.sr,
-                               clip_length=args.clip_length, bad_rows="mask", in_mem=args.in_mem)
-    logits, targets, _ = predict(model, frontend, eval_set, task, args, dist)
+                               clip_length=config.data.clip_length, bad_rows="mask", in_mem=args.in_mem)
+    evaluation = replace(config, run=replace(config.run, precision=precision))
+    logits, targets, _ = predict(model, frontend, eval_set, task, evaluation, dist)
     bad_rows = set(gather_cat(torch.from_numpy(eval_set.bad_indices()), dist).tolist())
     if not dist.is_main:
         return

@@ -26,7 +26,7 @@ refitted on training + validation clips; the validation line then gives the scor
 """
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -35,28 +35,28 @@ from torch.utils.data import Dataset
 
 from datasets import custom
 from common.errors import InputError, run_cli
-from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.args import finetune_parser, resolve_dataset_dir
+from helpers.training.config import TrainingConfig
 from helpers.training.distributed import DistInfo, setup_distributed
 from helpers.training.evaluation import model_for_evaluation
 from helpers.training.recipes import evaluate_trained, recipe_summary, train_recipe
-from helpers.training.script_main import parse_script_args
 from models.checkpoint import load_checkpoint
 from helpers.training.tasks import (Task, classification_metrics, mean_std, multilabel_loss, single_label_loss,
                                     tagging_metrics)
 
 
-def evaluate_splits(checkpoint: str | Path, splits: dict[str, Dataset], task: Task, args: argparse.Namespace,
+def evaluate_splits(checkpoint: str | Path, splits: dict[str, Dataset], task: Task, config: TrainingConfig,
                     dist: DistInfo) -> dict[str, dict[str, float]]:
     """Metrics of the checkpoint on each split (the first one being the validation split), printed;
     a probe refitted on the validation clips reports its validation score from before the refit."""
-    model, frontend, loaded = model_for_evaluation(checkpoint, args, task, dist)
+    model, frontend, loaded = model_for_evaluation(checkpoint, config, task, dist)
     probe = load_checkpoint(checkpoint, mmap=True).get("probe") or {}
     results = {}
     for split, dataset in splits.items():
         if split == next(iter(splits)) and probe.get("refit"):  # the final head has seen these clips
             metrics, seen = probe["validation_before_refit"], ", head fitted on the training clips"
         else:
-            metrics, seen = evaluate_trained(checkpoint, model, frontend, dataset, task, args, dist), ""
+            metrics, seen = evaluate_trained(checkpoint, model, frontend, dataset, task, config, dist), ""
         if dist.is_main:
             print(f"{split} ({loaded}{seen}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         results[split] = metrics
@@ -74,7 +74,8 @@ def custom_task(data: custom.CustomData, mixup_alpha: float) -> Task:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = finetune_parser("Fine-tune on your own folder of labelled audio.", experiment_name="Custom",
-                             batch_size=32, lr=6e-5, dataset_env=custom.ENV_VAR)
+                             batch_size=32, lr=6e-5, dataset_env=custom.ENV_VAR, recipe="auto", conflicts=[
+        ("all_folds", "checkpoint", "--checkpoint evaluates one model on its own validation --fold; drop --all_folds")])
     g = parser.add_argument_group("your data")
     g.add_argument("--csv", type=str, default=None, help="label table (default: <dataset_dir>/labels.csv)")
     g.add_argument("--clip_length", type=float, default=10.0,
@@ -84,38 +85,39 @@ def main(argv: Optional[list[str]] = None) -> None:
     g.add_argument("--all_folds", action="store_true", help="cross-validate over every fold of the fold column")
     g.add_argument("--val_fraction", type=float, default=0.2,
                    help="share of clips held out for validation when the CSV has no split or fold column")
-    args = parse_script_args(parser, argv, recipe="auto", conflicts=[
-        ("all_folds", "checkpoint", "--checkpoint evaluates one model on its own validation --fold; drop --all_folds")])
+    args = parser.parse_args(argv)
+    config = TrainingConfig.from_flags(vars(args))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    root = resolve_dataset_dir(args.dataset_dir, custom.ENV_VAR)
+    root = resolve_dataset_dir(config.data.dataset_dir, custom.ENV_VAR)
 
     def load(fold: Optional[int]) -> custom.CustomData:
-        return custom.get_datasets(root, args.csv, fold, args.val_fraction, args.seed,
-                                   True if args.multilabel else None, sample_rate(args),
-                                   args.clip_length, args.cache_path)
+        return custom.get_datasets(root, args.csv, fold, args.val_fraction, config.run.seed,
+                                   True if args.multilabel else None, config.sample_rate(),
+                                   args.clip_length, config.data.cache_path)
 
     first = load(args.fold)
     if (args.all_folds or args.fold is not None) and not first.folds:
         raise InputError(f"--fold and --all_folds need a fold column in {args.csv or root / custom.DEFAULT_CSV}")
     runs = {fold: load(fold) for fold in first.folds} if args.all_folds else {args.fold: first}
-    dist = setup_distributed(args.cuda)
+    dist = setup_distributed(config.run.cuda)
     if dist.is_main:
         kind = "multi-label" if first.multilabel else "single-label"
         print(f"{kind} task, {len(first.class_names)} classes: {', '.join(first.class_names)}")
 
     scores = []
     for fold, data in runs.items():
-        task = custom_task(data, args.mixup_alpha)
+        task = custom_task(data, config.optim.mixup_alpha)
         name = f"fold {fold}" if fold is not None else "validation"
-        if not args.checkpoint:  # else evaluate the given checkpoint only
-            out_dir = resolve_out_dir(args) / (f"fold{fold}" if args.all_folds else "")
-            result = train_recipe(args, task, data.train, data.val, dist, out_dir, refit=True)
-        checkpoint = args.checkpoint or result.checkpoints["best"]
+        if not config.run.checkpoint:  # else evaluate the given checkpoint only
+            out_dir = config.run.out_dir / (f"fold{fold}" if args.all_folds else "")
+            result = train_recipe(config, task, data.train, data.val, dist, out_dir, refit=True)
+        checkpoint = config.run.checkpoint or result.checkpoints["best"]
         evaluations = {name: data.val, **({"test": data.test} if data.test is not None else {})}
-        results = evaluate_splits(checkpoint, evaluations, task, args, dist)
+        results = evaluate_splits(checkpoint, evaluations, task, config, dist)
         if dist.is_main:  # the other processes get no metrics
             scores.append(results[name][task.selection])
-            print(recipe_summary(checkpoint) + (" (chosen by --recipe auto)" if args.recipe == "auto" else ""))
+            print(recipe_summary(checkpoint) + (" (chosen by --recipe auto)" if config.recipe.recipe == "auto" else ""))
     if dist.is_main and len(scores) > 1:
         mean, std = mean_std(scores)
         print(f"{task.selection} over {len(scores)} folds: {mean:.4f} +- {std:.4f} (sample std)")

@@ -19,9 +19,10 @@ import torch
 from datasets import dcase20
 from datasets.items import Clip
 from common.errors import run_cli
-from helpers.training.args import finetune_parser, resolve_dataset_dir, resolve_out_dir, sample_rate
+from helpers.training.args import finetune_parser, resolve_dataset_dir
+from helpers.training.config import TrainingConfig
 from helpers.training.distributed import setup_distributed
-from helpers.training.script_main import parse_script_args, train_or_evaluate
+from helpers.training.script_main import train_or_evaluate
 from helpers.training.tasks import Task, classification_metrics, mixstyle, single_label_loss
 
 
@@ -31,14 +32,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--mixstyle_p", type=float, default=0.0,
                         help="probability of frequency-wise MixStyle per batch (replaces mixup)")
     parser.add_argument("--mixstyle_alpha", type=float, default=0.4)
-    args = parse_script_args(parser, argv)
+    args = parser.parse_args(argv)
+    config = TrainingConfig.from_flags(vars(args))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    root = resolve_dataset_dir(args.dataset_dir, dcase20.ENV_VAR)
-    train_set, test_set, scenes = dcase20.get_datasets(root, sample_rate(args), args.cache_path)
-    dist = setup_distributed(args.cuda)
+    root = resolve_dataset_dir(config.data.dataset_dir, dcase20.ENV_VAR)
+    train_set, test_set, scenes = dcase20.get_datasets(root, config.sample_rate(), config.data.cache_path)
+    dist = setup_distributed(config.run.cuda)
 
     # MixStyle, when on, replaces mixup: plain cross-entropy on the re-styled spectrograms
-    cross_entropy = single_label_loss(0.0 if args.mixstyle_p > 0 else args.mixup_alpha)
+    cross_entropy = single_label_loss(0.0 if args.mixstyle_p > 0 else config.optim.mixup_alpha)
 
     def loss_fn(model: torch.nn.Module, x: torch.Tensor, batch: Clip) -> dict[str, torch.Tensor]:
         if args.mixstyle_p > 0:
@@ -62,8 +65,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     task = Task("dcase", scenes, multilabel=False, loss_fn=loss_fn, metrics_fn=metrics_fn,
                 selection="accuracy", metric_tag="acc", project="DCASE20",
                 tags=("Tau Urban Acoustic Scenes 2020 Mobile", "Acoustic Scene Classification", "Fine-Tuning"))
-    out_dir = None if args.checkpoint else resolve_out_dir(args)
-    metrics, made = train_or_evaluate(args, task, train_set, test_set, dist, out_dir)
+    out_dir = None if config.run.checkpoint else config.run.out_dir
+    metrics, made = train_or_evaluate(config, task, train_set, test_set, dist, out_dir)
     if dist.is_main:
         print(f"accuracy {metrics['accuracy']:.4f} (val_loss {metrics['val_loss']:.4f}); {made}")
         for device in test_set.device_names:

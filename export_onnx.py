@@ -30,15 +30,19 @@ import torch
 
 from datasets.audio import AudioLoadError, find_audio_files, load_audio
 from common.errors import InputError, as_input_error, check_suffix, run_cli
-from common.files import check_output
+from common.files import check_not_input, check_output
 from helpers.inference.onnx_export import DEFAULT_OPSET, OPSETS, agreement, compare_with_torch, export_onnx, quantize_onnx
-from helpers.inference.tagging import Tagger, build_tagger, top_k
+from helpers.inference.resolve import ModelRef, RuntimeConfig, resolve_model
+from models.pretrained import DEFAULT_MODEL
+from helpers.inference.tagging import LoadedModel, top_k
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model_name", "--model", default="mn10_as", help="registry name, e.g. mn04_as, dymn10_as")
+    parser.add_argument("--model_name", "--model", default=DEFAULT_MODEL,
+                        help=f"registry name, e.g. mn04_as, dymn10_as (default: {DEFAULT_MODEL}, shipped; another "
+                             "downloads once)")
     parser.add_argument("--output", default=None,
                         help="ONNX file to write (default: <model_name>.onnx, or <model_name>_frontend.onnx)")
     parser.add_argument("--with_frontend", action="store_true", help="include the mel frontend (waveform input)")
@@ -61,7 +65,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def check_export(args: argparse.Namespace, output: Path, tagger: Tagger, clip: np.ndarray) -> int:
+def check_export(args: argparse.Namespace, output: Path, tagger: LoadedModel, clip: np.ndarray) -> int:
     """--check: onnxruntime against PyTorch on the clip (and a quieter reversed copy); 0 when the
     largest difference is within --tolerance, else 1."""
     waveforms = np.stack([clip, 0.5 * clip[::-1]])
@@ -75,7 +79,7 @@ def check_export(args: argparse.Namespace, output: Path, tagger: Tagger, clip: n
     return 0 if ok else 1
 
 
-def quantize(args: argparse.Namespace, output: Path, tagger: Tagger, clips: list[np.ndarray]) -> None:
+def quantize(args: argparse.Namespace, output: Path, tagger: LoadedModel, clips: list[np.ndarray]) -> None:
     """--quantize int8: replace the float model at `output` by its int8 version, calibrated on
     `clips` (static) or dynamic without; print the agreement with PyTorch on the clips."""
     frontend = tagger.frontend
@@ -101,10 +105,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     output = Path(args.output or default)
     check_suffix("--output", output, (".onnx",))
     check_output(output, "--output")
+    check_not_input("--output", output, [*filter(None, [args.check]), *(args.calibration or [])])
     if not (math.isfinite(args.tolerance) and args.tolerance > 0):
         raise InputError(f"--tolerance must be a positive number, got {args.tolerance}")
     with as_input_error():
-        tagger = build_tagger(args.model_name, fast=False)
+        tagger = resolve_model(ModelRef("registry", (args.model_name,)), RuntimeConfig(fast=False))
         clip = load_audio(args.check, tagger.sample_rate) if args.check else None
         if clip is not None and len(clip) <= tagger.frontend.n_fft // 2 + 1:
             raise AudioLoadError(f"{args.check}: too short for the check ({len(clip)} samples)")

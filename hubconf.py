@@ -5,7 +5,8 @@
     model = torch.hub.load("path/to/clone", "dymn04_as", source="local", num_classes=50)
     model = torch.hub.load("path/to/clone", "mn04_as", source="local", pretrained=False)
 
-`tagger` takes the arguments of `helpers.inference.api.Tagger` (model, device, precision).
+`tagger` takes the arguments of `helpers.inference.api.Tagger` (model, device, precision; the model
+defaults to the shipped `models.pretrained.DEFAULT_MODEL`, mn04_as).
 
 Each entry point returns the model (MN or DyMN) with the released weights (pretrained=True,
 downloaded once into the cache) or fresh weights of the same architecture (pretrained=False);
@@ -23,12 +24,12 @@ from torch import nn
 
 from helpers.inference.api import Tagger
 from models.factory import create_model
-from models.pretrained import REGISTRY, get_entry
+from models.pretrained import DEFAULT_MODEL, REGISTRY, get_entry
 
 dependencies = ["torch", "numpy", "soxr", "soundfile", "av", "tqdm"]
 
 
-def tagger(model: str = "mn04_as", device: str = "cpu", precision: str = "fp32", **kwargs: Any) -> Tagger:
+def tagger(model: str = DEFAULT_MODEL, device: str = "cpu", precision: str = "fp32", **kwargs: Any) -> Tagger:
     """The Python API's Tagger: tag, probabilities, embed, detect (see README, "Python API")."""
     return Tagger(model, device=device, precision=precision, **kwargs)
 

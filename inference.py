@@ -23,24 +23,25 @@ from typing import Optional
 
 import numpy as np
 
-from common.errors import InputError, as_input_error, run_cli
+from common.errors import InputError, as_input_error, exit_status, run_cli
 from datasets.audio import find_audio_files
 from helpers.inference.interrupt import Interrupted, StopSignals
-from helpers.inference.tables import TableWriter, check_table_output
+from helpers.inference.formats import check_output_path, open_output, tags_schema
+from helpers.inference.writers import OutputWriter
 from helpers.inference.batching import iter_files
-from helpers.inference.tagging import (Tagger, add_precision_arg, build_onnx_tagger, build_tagger, format_tags,
-                                       select_device, top_k)
-
-TAG_COLUMNS = ["file", "rank", "index", "mid", "label", "probability"]
-
+from helpers.inference.resolve import ModelRef, RuntimeConfig, resolve_model
+from helpers.inference.tagging import LoadedModel, add_precision_arg, format_tags, model_record, top_k
+from common.flags import add_frontend_flags
+from models.config import FrontendConfig, ModelConfig
+from models.pretrained import DEFAULT_MODEL
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--audio_path", nargs="+", required=True, help="audio files and/or folders")
     parser.add_argument("--model_name", default=None,
-                        help="registry name, e.g. mn04_as, dymn10_as (default: mn10_as; with --onnx: the "
-                             "settings stored in the file)")
+                        help=f"registry name, e.g. mn04_as, dymn10_as (default: {DEFAULT_MODEL}, shipped; "
+                             "another downloads once; with --onnx: the settings stored in the file)")
     parser.add_argument("--ensemble", nargs="+", default=None, help="several model names; averages logits")
     parser.add_argument("--checkpoint", default=None,
                         help="a checkpoint written by a training script (ex_*.py): tags with its own classes")
@@ -48,15 +49,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="tag with this model exported by export_onnx.py (float or int8), with onnxruntime")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU (fp16 autocast); an error without one")
     add_precision_arg(parser)
-    parser.add_argument("--strides", nargs=4, type=int, default=None, help="MN/DyMN strides (default: registry)")
-    parser.add_argument("--head_type", default=None, help="MN head (default: registry)")
-    parser.add_argument("--sample_rate", type=int, default=None, help="(default: registry or checkpoint, 32000)")
-    parser.add_argument("--window_size", type=int, default=None, help="STFT window in samples (default: registry)")
-    parser.add_argument("--hop_size", type=int, default=None, help="STFT hop in samples (default: registry)")
-    parser.add_argument("--n_mels", type=int, default=None, help="mel bands (default: registry)")
+    parser.add_argument("--strides", nargs=4, type=int, default=None, help="block strides (default: registry)")
+    parser.add_argument("--head_type", default=None, help="classifier head (default: registry)")
+    add_frontend_flags(parser, sample_rate=True)
     parser.add_argument("--top_k", type=int, default=10, help="labels printed / written per file")
     parser.add_argument("--output", default=None,
-                        help="write results to a .json or .csv file (CSV rows are written as files finish)")
+                        help="write results to a .json, .csv or .parquet file (CSV and Parquet rows are written as "
+                             "files finish)")
     parser.add_argument("--all_classes", action="store_true", help="write every class's probability to --output")
     parser.add_argument("--resume", action="store_true",
                         help="keep the results already in --output and tag only the files it lacks")
@@ -68,11 +67,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def model_files(args: argparse.Namespace) -> list[str]:
+    """The model files a run reads (--checkpoint, --onnx): inputs no output may overwrite."""
+    return [path for path in (args.checkpoint, args.onnx) if path]
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """InputError for values out of range and for flags that contradict or would be ignored."""
     if args.top_k < 1 or args.batch_size < 1:
         raise InputError("--top_k and --batch_size must be at least 1")
-    check_table_output("--output", args.output)
+    check_output_path("--output", args.output, "tags", inputs=[*args.audio_path, *model_files(args)])
     for flag, needs in (("--all_classes", "--output"), ("--resume", "--output")):
         if getattr(args, flag[2:]) and not args.output:
             raise InputError(f"{flag} is about the {needs} file: give {needs} too")
@@ -85,7 +89,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise InputError("--ensemble names its models: it excludes --model_name")
 
 
-def ranked(probs: np.ndarray, tagger: Tagger, args: argparse.Namespace) -> list[dict]:
+def ranked(probs: np.ndarray, tagger: LoadedModel, args: argparse.Namespace) -> list[dict]:
     """The --top_k (or --all_classes) labels of one file as output records."""
     order = top_k(probs, len(probs) if args.all_classes else args.top_k)
     return [{"rank": r + 1, "index": int(i), "mid": tagger.class_ids[i] if tagger.class_ids else "",
@@ -93,37 +97,44 @@ def ranked(probs: np.ndarray, tagger: Tagger, args: argparse.Namespace) -> list[
             for r, i in enumerate(order)]
 
 
-def load(args: argparse.Namespace) -> tuple[list[Path], Tagger]:
-    """The files and the tagger; unreadable input or an unknown model is an InputError."""
+def model_ref(args: argparse.Namespace) -> ModelRef:
+    """What the model flags name (each flag says what its value is)."""
+    if args.onnx:
+        return ModelRef("onnx", path=Path(args.onnx))
+    if args.checkpoint:
+        return ModelRef("checkpoint", path=Path(args.checkpoint))
+    return ModelRef.parse(args.ensemble or args.model_name or DEFAULT_MODEL)
+
+
+def load(args: argparse.Namespace) -> tuple[list[Path], LoadedModel]:
+    """The files and the model; unreadable input or an unknown model is an InputError."""
     with as_input_error():
         files = find_audio_files(args.audio_path)
-        frontend = {"sr": args.sample_rate, "win_length": args.window_size, "hopsize": args.hop_size,
-                    "n_mels": args.n_mels}
-        if args.onnx:
-            return files, build_onnx_tagger(args.onnx, args.model_name, **frontend)
-        return files, build_tagger(args.model_name or "mn10_as", args.ensemble, select_device(args.cuda),
-                                   args.strides, args.head_type, args.checkpoint, args.precision, **frontend)
+        frontend = FrontendConfig.from_flags(vars(args))
+        # a registry name's architecture flags; with --onnx, the name whose settings the export must have
+        arch = None if args.checkpoint or (args.onnx and not args.model_name) else ModelConfig(
+            args.model_name or DEFAULT_MODEL, strides=tuple(args.strides) if args.strides else None,
+            head_type=args.head_type)
+        runtime = RuntimeConfig("cuda" if args.cuda else "cpu", args.precision)
+        return files, resolve_model(model_ref(args), runtime, frontend, arch)
 
 
-def open_output(args: argparse.Namespace, tagger: Tagger, files: list[Path]) -> tuple[Optional[TableWriter], list[Path]]:
-    """The --output writer (None without --output) and the files left to tag (--resume skips those
-    the earlier --output holds)."""
+def open_tags_output(args: argparse.Namespace, tagger: LoadedModel, files: list[Path]
+                     ) -> tuple[Optional[OutputWriter], list[Path]]:
+    """The --output writer (None without --output; the format its suffix names,
+    helpers/inference/formats.py) and the files left to tag (--resume skips those the earlier
+    --output holds)."""
     if not args.output:
         return None, files
-    writer = TableWriter(args.output, TAG_COLUMNS, {"model": tagger.name, "sample_rate": tagger.sample_rate})
+    writer = open_output(args.output, tags_schema({"model": tagger.name, "sample_rate": tagger.sample_rate}),
+                         resume=args.resume, model=model_record(tagger), inputs=[*files, *model_files(args)])
     if args.resume:
-        with as_input_error():
-            try:
-                done = writer.carry_over()
-            except ValueError:
-                writer.abort()
-                raise
-        files = [f for f in files if str(f) not in done]
-        print(f"resuming: {len(done)} file(s) already in {args.output}, {len(files)} to tag", file=sys.stderr)
+        files = [f for f in files if str(f) not in writer.done]
+        print(f"resuming: {len(writer.done)} file(s) already in {args.output}, {len(files)} to tag", file=sys.stderr)
     return writer, files
 
 
-def tag(args: argparse.Namespace, tagger: Tagger, files: list[Path], writer: Optional[TableWriter],
+def tag(args: argparse.Namespace, tagger: LoadedModel, files: list[Path], writer: Optional[OutputWriter],
         stop: StopSignals, counts: Counter) -> None:
     """Tag `files`, printing and writing each result as it comes; `counts` the tagged and failed."""
     for path, probs, error in iter_files(files, tagger.sample_rate, tagger.predict, args.batch_size,
@@ -141,14 +152,14 @@ def tag(args: argparse.Namespace, tagger: Tagger, files: list[Path], writer: Opt
             print(format_tags(probs, tagger.class_names, args.top_k), flush=True)
             if writer is not None:
                 tags = ranked(probs, tagger, args)
-                writer.add({"file": str(path), "tags": tags}, ([str(path), *t.values()] for t in tags))
+                writer.add([(str(path), *t.values()) for t in tags])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     files, tagger = load(args)
-    writer, todo = open_output(args, tagger, files)
+    writer, todo = open_tags_output(args, tagger, files)
     stop = StopSignals()
     counts: Counter = Counter()
     with stop.installed():
@@ -170,10 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"interrupted by {signal.Signals(stop.signum).name}: {counts['tagged']} of {len(todo)} file(s) tagged"
               + (f", written to {args.output} (--resume continues)" if writer is not None and writer.count else ""),
               file=sys.stderr)
-        return 128 + stop.signum
-    if not (counts["tagged"] or (writer is not None and writer.count)):
-        return 2
-    return 1 if counts["failed"] else 0
+    return exit_status(counts["tagged"] + (writer.count if writer is not None else 0), counts["failed"], stop.signum)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from datasets.audioset import (BALANCED_FILE, EVAL_FILE, NUM_CLASSES, AudioSetDa
                                TeacherPredictions)
 from datasets.hdf5 import Mp3HDF5Writer, encode_mp3, pack_targets  # noqa: E402
 from datasets.items import IndexedClip  # noqa: E402
-from helpers.training.args import apply_speed_options  # noqa: E402
+from helpers.training.config import SpeedConfig  # noqa: E402
 from helpers.training.evaluation import mel  # noqa: E402
 from helpers.training.loop import train_step  # noqa: E402
 from helpers.training.precision import Precision  # noqa: E402
@@ -92,17 +92,19 @@ def bench_decode(path: Path, resample_rate: int, repeats: int) -> float:
     return best_rate(read_all, len(ds), repeats, lambda: None)
 
 
-def bench_model(name: str, data: Path, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def bench_model(name: str, data: Path, args: argparse.Namespace, device: torch.device,
+                precision_name: str) -> dict[str, float]:
     """Training and inference samples/s of model `name` (random weights) with its frontend: the
     training step is ex_audioset.py's (`helpers.training.loop.train_step` with the distillation
     loss and mixup) on waveforms already on the device."""
     torch.manual_seed(0)
-    model = apply_speed_options(create_model(name, pretrained=False).to(device), args)
+    speed = SpeedConfig(args.compile, args.channels_last, args.cudnn_benchmark)
+    model = speed.apply(create_model(name, pretrained=False).to(device))
     frontend = AugmentMelSTFT().to(device)
     optimizer = make_optimizer(model, 1e-4, fused=device.type == "cuda")
-    precision = Precision(args.precision, device)
+    precision = Precision(precision_name, device)
     teacher = TeacherPredictions(data / "teacher.npy", data / "index.pkl")
-    loss_fn = ex_audioset.distillation_loss_fn(argparse.Namespace(mixup_alpha=0.3, kd_lambda=0.1), teacher)
+    loss_fn = ex_audioset.distillation_loss_fn(0.3, 0.1, teacher)
     n = args.batch_size
     batch = IndexedClip(0.1 * torch.randn(n, 1, CLIP_SAMPLES, device=device), [f"{i:011d}" for i in range(n)],
                         (torch.rand(n, NUM_CLASSES, device=device) < 0.01).float(), torch.arange(n))
@@ -131,7 +133,7 @@ def bench_model(name: str, data: Path, args: argparse.Namespace, device: torch.d
     return result
 
 
-def bench_end_to_end(data: Path, model: str, args: argparse.Namespace) -> float:
+def bench_end_to_end(data: Path, model: str, args: argparse.Namespace, precision: str) -> float:
     """Samples/s of the training pass of one `ex_audioset.py --train` epoch over all generated
     clips (its logged train_seconds: loader start-up included, evaluation and checkpoints not)."""
     out_dir = data / f"run_{model}"
@@ -139,7 +141,7 @@ def bench_end_to_end(data: Path, model: str, args: argparse.Namespace) -> float:
             "--n_epochs", "1", "--epoch_len", str(args.clips), "--batch_size", str(args.batch_size),
             "--num_workers", str(args.workers), "--teacher_preds", str(data / "teacher.npy"),
             "--fname_to_index", str(data / "index.pkl"), "--logger", "none", "--out_dir", str(out_dir),
-            "--precision", args.precision]
+            "--precision", precision]
     argv += [f"--{flag}" for flag in ("cuda", "compile", "channels_last", "cudnn_benchmark")
              if getattr(args, flag)]
     log = io.StringIO()  # the script's own progress and results, shown if it fails
@@ -174,10 +176,10 @@ def main() -> None:
         parser.error("--cuda: no CUDA device")
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.cuda else "cpu")
-    args.precision = args.precision or ("fp16" if args.cuda else "fp32")
+    precision = args.precision or ("fp16" if args.cuda else "fp32")
     name = torch.cuda.get_device_name(device) if args.cuda else f"CPU, {args.threads} threads"
     options = [flag for flag in ("compile", "channels_last", "cudnn_benchmark") if getattr(args, flag)]
-    print(f"{name}; torch {torch.__version__}, CUDA {torch.version.cuda}; {args.precision}, "
+    print(f"{name}; torch {torch.__version__}, CUDA {torch.version.cuda}; {precision}, "
           f"batch {args.batch_size}, options: {', '.join(options) or 'none'}")
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp), args.clips)
@@ -187,13 +189,13 @@ def main() -> None:
                 print(f"decode + pad to 10 s + resample to {rate} Hz: {rate_clips:.1f} clips/s per worker")
         if "model" not in args.skip:
             for model in args.models:
-                r = bench_model(model, data, args, device)
+                r = bench_model(model, data, args, device, precision)
                 memory = f", training peak memory {r['train_peak_gib']:.1f} GiB" if "train_peak_gib" in r else ""
                 print(f"{model}: training {r['train']:.1f} samples/s, inference {r['infer']:.1f} "
                       f"clips/s{memory}")
         if "end_to_end" not in args.skip:
             for model in args.models:
-                rate = bench_end_to_end(data, model, args)
+                rate = bench_end_to_end(data, model, args, precision)
                 print(f"{model}: ex_audioset.py --train end to end {rate:.1f} samples/s "
                       f"({args.workers} workers, {args.clips} clips)")
 

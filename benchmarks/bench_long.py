@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from datasets.audio import load_audio  # noqa: E402
 from helpers.inference.sed import WindowPredictions, detect_events  # noqa: E402
-from helpers.inference.tagging import build_tagger  # noqa: E402
+from helpers.inference.resolve import resolve_model  # noqa: E402
 from helpers.inference.windows import WindowEngine  # noqa: E402
 
 SHARED = Path(os.environ.get("EFFICIENTAT_SHARED", REPO.parent / "shared"))
@@ -90,11 +90,11 @@ def events_match(a: list, b: list, hop: float) -> tuple[int, int]:
 
 def agreement(args: argparse.Namespace) -> None:
     wave, _ = real_sequence()
-    window, hop = round(args.window_size * SR), round(args.hop_length * SR)
-    print(f"sequence of real recordings: {len(wave) / SR:.0f} s; windows {args.window_size:g} s, hop "
+    window, hop = round(args.window_length * SR), round(args.hop_length * SR)
+    print(f"sequence of real recordings: {len(wave) / SR:.0f} s; windows {args.window_length:g} s, hop "
           f"{args.hop_length:g} s, threshold {args.threshold}")
     for name in args.model_name:
-        tagger = build_tagger(name)
+        tagger = resolve_model(name)
         probs = {}
         for mode in ("exact", "shared"):
             t0 = time.perf_counter()
@@ -128,8 +128,8 @@ def localization(args: argparse.Namespace) -> None:
     from helpers.inference.shared_pass import MovingFrames, SharedPass
 
     wave, where = real_sequence()
-    tagger = build_tagger(args.model_name[0])
-    shared = SharedPass(tagger, context=round(args.window_size * SR))
+    tagger = resolve_model(args.model_name[0])
+    shared = SharedPass(tagger, context=round(args.window_length * SR))
     embeddings = shared.embeddings(wave)
     times = np.arange(len(embeddings)) * shared.frame / SR
     classes = sorted({tuple(names) for _, _, names in where if names})
@@ -153,7 +153,7 @@ def localization(args: argparse.Namespace) -> None:
         smoothed = torch.cat([moving.push(embeddings), moving.push(embeddings[:0], final=True)])
         report(f"frames, moving mean of {count} ({count * shared.frame / SR:.1f} s)",
                tagger.probabilities(shared.logits(smoothed)))
-    for window, hop in ((args.window_size, args.hop_length), (1.0, 0.32), (2.0, 0.32), (3.0, 0.32)):
+    for window, hop in ((args.window_length, args.hop_length), (1.0, 0.32), (2.0, 0.32), (3.0, 0.32)):
         probs = tag(tagger, wave, "exact", round(window * SR), round(hop * SR))
         predictions = WindowPredictions("seq", SR, round(window * SR), round(hop * SR), len(wave), probs)
         bounds, segments = predictions.segments()
@@ -216,13 +216,13 @@ def speed(args: argparse.Namespace) -> None:
             write_recording(path, args.minutes)
         random = model_cache(Path(tmp) / "cache", args.model_name)
         os.environ["EFFICIENTAT_MODEL_DIR"] = str(Path(tmp) / "cache")
-        print(f"recording: {args.minutes:g} min at {SR} Hz; windows {args.window_size:g} s, hop {args.hop_length:g} s; "
+        print(f"recording: {args.minutes:g} min at {SR} Hz; windows {args.window_length:g} s, hop {args.hop_length:g} s; "
               f"{os.cpu_count()} CPUs" + (f"; random weights for {', '.join(random)}" if random else ""))
         for name in args.model_name:
             walls = {}
             for mode in ("exact", "shared"):
                 command = [sys.executable, "windowed_inference.py", "--model_name", name, "--audio_path", str(path),
-                           "--window_size", str(args.window_size), "--hop_length", str(args.hop_length),
+                           "--window_length", str(args.window_length), "--hop_length", str(args.hop_length),
                            "--windows", mode, "--top_k", "0", "--batch_size", str(args.batch_size)]
                 wall, rss = run_command(command)
                 walls[mode] = wall
@@ -238,7 +238,7 @@ if __name__ == "__main__":
     parser.add_argument("--localization", action="store_true", help="frame-level AP of frames and windows")
     parser.add_argument("--minutes", type=float, default=None, help="length of the speed/memory recording")
     parser.add_argument("--model_name", nargs="+", default=["mn04_as"])
-    parser.add_argument("--window_size", type=float, default=10.0)
+    parser.add_argument("--window_length", type=float, default=10.0)
     parser.add_argument("--hop_length", type=float, default=1.0)
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--batch_size", type=int, default=8)

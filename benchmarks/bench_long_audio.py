@@ -26,14 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from datasets.audio import audio_duration  # noqa: E402
 from helpers.inference.sed import detect_events, tag_windows  # noqa: E402
-from helpers.inference.tagging import build_tagger, select_device  # noqa: E402
+from helpers.inference.resolve import RuntimeConfig, resolve_model  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--minutes", type=float, default=60.0, help="length of the generated recording")
-parser.add_argument("--sample_rate", type=int, default=32000, help="rate of the generated file")
+parser.add_argument("--input_rate", type=int, default=32000, help="rate of the generated file")
 parser.add_argument("--format", choices=("wav", "flac", "mp3"), default="wav")
 parser.add_argument("--model_name", default="mn04_as")
-parser.add_argument("--window_size", type=float, default=10.0)
+parser.add_argument("--window_length", type=float, default=10.0)
 parser.add_argument("--hop_length", type=float, default=2.5)
 parser.add_argument("--batch_size", type=int, default=8)
 parser.add_argument("--cuda", action="store_true")
@@ -79,23 +79,23 @@ with tempfile.TemporaryDirectory() as tmp:
     path = Path(args.keep) if args.keep else Path(tmp) / f"long.{args.format}"
     if not path.exists():
         t0 = time.perf_counter()
-        write_recording(path, args.minutes * 60, args.sample_rate)
+        write_recording(path, args.minutes * 60, args.input_rate)
         print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.0f} MiB) in {time.perf_counter() - t0:.0f} s")
     seconds = audio_duration(path) or args.minutes * 60
     rss_start = peak_rss_mib()
-    tagger = build_tagger(args.model_name, device=select_device(args.cuda))
+    tagger = resolve_model(args.model_name, RuntimeConfig("cuda" if args.cuda else "cpu"))
     tagger.predict(np.zeros((1, 32000), dtype=np.float32))  # warm-up, so the model's memory is counted here
     rss_model = peak_rss_mib()
     t0 = time.perf_counter()
-    pred = tag_windows(tagger, path, args.window_size, args.hop_length, args.batch_size, progress=False)
+    pred = tag_windows(tagger, path, args.window_length, args.hop_length, args.batch_size, progress=False)
     events = detect_events(pred, tagger.class_names)
     wall = time.perf_counter() - t0
     rss_peak = peak_rss_mib()
 
 whole = pred.num_samples * 4 / 2 ** 20
 print(f"model {args.model_name} on {tagger.device} ({os.cpu_count()} CPUs, {torch.get_num_threads()} "
-      f"threads), {args.window_size:g}-s windows every {args.hop_length:g} s, batch {args.batch_size}")
-print(f"recording: {seconds / 60:.1f} min {args.format} at {args.sample_rate} Hz -> {pred.num_samples} samples "
+      f"threads), {args.window_length:g}-s windows every {args.hop_length:g} s, batch {args.batch_size}")
+print(f"recording: {seconds / 60:.1f} min {args.format} at {args.input_rate} Hz -> {pred.num_samples} samples "
       f"at {tagger.sample_rate} Hz (whole recording as float32: {whole:.0f} MiB)")
 print(f"windows: {len(pred.probabilities)}, events at threshold 0.3: {len(events)}")
 print(f"wall time: {wall:.1f} s ({seconds / wall:.1f}x real time, {len(pred.probabilities) / wall:.1f} windows/s)")

@@ -38,9 +38,9 @@ from datasets import custom  # noqa: E402
 from helpers.training import linear_probe  # noqa: E402
 from helpers.training.clip_features import Embedder, crop_starts, file_clips, select_features, trim_silence  # noqa: E402
 from helpers.training.linear_probe import fit_probe  # noqa: E402
-from helpers.training.args import finetune_parser, frontend_config_from_args  # noqa: E402
-from helpers.training.loop import model_from_args  # noqa: E402
-from helpers.training.script_main import parse_script_args  # noqa: E402
+from helpers.training.args import finetune_parser  # noqa: E402
+from helpers.training.config import TrainingConfig  # noqa: E402
+from helpers.training.loop import make_model  # noqa: E402
 from models.preprocess import AugmentMelSTFT  # noqa: E402
 
 SETTINGS = {"whole": (4.0, 1), "3x2s": (2.0, 3), "5x2s": (2.0, 5), "3x3s": (3.0, 3)}
@@ -72,9 +72,10 @@ def export(data: Path, fold: int, tmp: Path) -> dict:
     rows = list(csv.DictReader(open(data / "subset.csv")))
     write_fold_csv(rows, fold, tmp / f"fold{fold}.csv", merge_val=False)
     split = custom.get_datasets(data, tmp / f"fold{fold}.csv", None, 0.2, 0, None, 32000, 4.0, None)
-    parser = finetune_parser("", experiment_name="x", batch_size=32, lr=6e-5, dataset_env=custom.ENV_VAR)
-    args = parse_script_args(parser, ["--pretrained_name", "mn04_as"], recipe="probe")
-    model, frontend_config = model_from_args(args, len(split.class_names))[1], frontend_config_from_args(args)
+    parser = finetune_parser("", experiment_name="x", batch_size=32, lr=6e-5, dataset_env=custom.ENV_VAR,
+                             recipe="probe")
+    config = TrainingConfig.from_flags(vars(parser.parse_args(["--pretrained_name", "mn04_as"])))
+    model, frontend_config = make_model(config, len(split.class_names))[1], config.frontend_settings()
     out = {"targets": {s: getattr(split, s).targets.numpy() for s in ("train", "val", "test")}}
     for name, (seconds, crops) in SETTINGS.items():
         embedder = MaxEmbedder(model, AugmentMelSTFT(**frontend_config), int(seconds * 32000), crops, None)

@@ -89,11 +89,11 @@ def logreg_baseline(table: Path, data: Path, model: str) -> tuple[float, float, 
     from sklearn.preprocessing import StandardScaler
 
     from helpers.inference.embeddings import embed_files
-    from helpers.inference.tagging import build_tagger
+    from helpers.inference.resolve import resolve_model
 
     started, cpu_started = time.perf_counter(), time.process_time()
     rows = list(csv.DictReader(open(table)))
-    _, features, errors = embed_files(build_tagger(model), [data / r["filename"] for r in rows])
+    _, features, errors = embed_files(resolve_model(model), [data / r["filename"] for r in rows])
     if errors:
         sys.exit(f"could not embed: {next(iter(errors.values()))}")
     train = [r["split"] == "train" for r in rows]

@@ -3,7 +3,7 @@
     python benchmarks/bench_stream.py                                   # mn04_as and mn10_as, hop 1 s and 0.25 s
     python benchmarks/bench_stream.py --models mn04_as --hops 1 --seconds 120
 
-For each model and hop, starts `windowed_inference.py --audio_path - --raw s16le --sample_rate 32000
+For each model and hop, starts `windowed_inference.py --audio_path - --raw s16le --input_rate 32000
 --top_k 1` and writes 32-kHz 16-bit mono PCM into its standard input at the pace of real time (10-ms
 writes). A window's line is due when the window's last sample has been written; its latency is the
 time from that write to the moment its "Window:" line is read from the program's stdout. Printed:
@@ -69,8 +69,8 @@ def model_dir() -> tuple[str, set[str]]:
 
 
 def run_one(model: str, hop: float, window: float, pcm: np.ndarray, env: dict, random_weights: bool) -> dict:
-    cmd = ["--model", model, "--audio_path", "-", "--raw", "s16le", "--sample_rate", str(RATE), "--top_k", "1",
-           "--window_size", str(window), "--hop_length", str(hop)]
+    cmd = ["--model", model, "--audio_path", "-", "--raw", "s16le", "--input_rate", str(RATE), "--top_k", "1",
+           "--window_length", str(window), "--hop_length", str(hop)]
     child = [sys.executable, "-c", CHILD.format(repo=str(REPO)), *cmd] if random_weights else \
         [sys.executable, str(REPO / "windowed_inference.py"), *cmd]
     proc = subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -115,20 +115,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["mn04_as", "mn10_as"])
     parser.add_argument("--hops", nargs="+", type=float, default=[1.0, 0.25])
-    parser.add_argument("--window_size", type=float, default=10.0)
+    parser.add_argument("--window_length", type=float, default=10.0)
     parser.add_argument("--seconds", type=float, default=60.0, help="audio fed per run, in real time")
     args = parser.parse_args()
     cache, checkpoints = model_dir()
     env = {**os.environ, "EFFICIENTAT_MODEL_DIR": cache}
     pcm = audio(args.seconds)
-    print(f"{args.seconds:g} s fed in real time per run, window {args.window_size:g} s; "
+    print(f"{args.seconds:g} s fed in real time per run, window {args.window_length:g} s; "
           f"load average {os.getloadavg()[0]:.1f} at start ({os.cpu_count()} cores)")
     print(f"{'model':32s} {'hop s':>6s} {'windows':>7s} {'p50 s':>7s} {'p95 s':>7s} {'max s':>7s} "
           f"{'CPU % of a core':>15s} {'peak RSS MiB':>12s}")
     for model in args.models:
         random_weights = get_entry(model).filename not in checkpoints
         for hop in args.hops:
-            r = run_one(model, hop, args.window_size, pcm, env, random_weights)
+            r = run_one(model, hop, args.window_length, pcm, env, random_weights)
             print(f"{r['model']:32s} {r['hop']:6g} {r['windows']:7d} {r['p50']:7.3f} {r['p95']:7.3f} {r['max']:7.3f} "
                   f"{r['cpu']:15.1f} {r['rss']:12.0f}", flush=True)
 

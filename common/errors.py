@@ -41,6 +41,17 @@ def fail(message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
+def exit_status(done: int, failed: int, signum: Optional[int] = None) -> int:
+    """The exit status of a command over many inputs: 128 + the signal that stopped it (130 for
+    SIGINT, 143 for SIGTERM; what was done is written), 2 when nothing was done, 1 when some
+    inputs failed (the others are done), 0 when all were done."""
+    if signum is not None:
+        return 128 + signum
+    if not done:
+        return 2
+    return 1 if failed else 0
+
+
 def no_space_message(error: OSError) -> Optional[str]:
     """The one line for an OSError of a full disk or quota (ENOSPC, EDQUOT), naming the file
     when the error does; None for any other error."""

@@ -8,8 +8,9 @@ import fcntl
 import logging
 import os
 import re
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -105,6 +106,29 @@ def check_output(path: str | os.PathLike, option: str) -> None:
             pass
     except OSError as e:
         raise InputError(f"{path}: {option} cannot be written ({e.strerror or e} in {folder})") from None
+
+
+def check_not_input(option: str, path: str | os.PathLike | None, inputs: Iterable[str | os.PathLike]) -> None:
+    """InputError unless output `path` (given as `option`) is none of the `inputs` (files; folders
+    and "-" are skipped): the same file under any spelling (a relative path, a symbolic or hard
+    link: same device and inode), which writing the output would destroy. An output that does not
+    exist yet is no input."""
+    if path is None or str(path) == "-":
+        return
+    try:
+        out = os.stat(path)
+    except OSError:
+        return
+    for source in inputs:
+        if str(source) == "-":
+            continue
+        try:
+            given = os.stat(source)
+        except OSError:
+            continue
+        if (given.st_dev, given.st_ino) == (out.st_dev, out.st_ino) and not stat.S_ISDIR(given.st_mode):
+            raise InputError(f"{path}: {option} is also an input ({source}): writing it would destroy that input; "
+                             "give another output path")
 
 
 def _alive(pid: int) -> bool:

@@ -21,8 +21,9 @@ import av
 import numpy as np
 import soundfile as sf
 
-from common.errors import AudioLoadError  # noqa: F401  (re-exported: datasets.audio.AudioLoadError)
 import soxr
+
+from common.errors import AudioLoadError  # noqa: F401  (re-exported: datasets.audio.AudioLoadError)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,27 @@ SOUNDFILE_EXTENSIONS = {".wav", ".wave", ".flac", ".ogg", ".oga", ".aiff", ".aif
                         ".snd", ".caf", ".w64", ".rf64"}
 AUDIO_EXTENSIONS = SOUNDFILE_EXTENSIONS | {".mp3", ".m4a", ".mp4", ".aac", ".opus", ".wma", ".webm",
                                            ".mka", ".mkv", ".ac3", ".amr", ".3gp"}
+
+
+class Resampler:
+    """The project's one resampler: mono float32 from `rate_in` to `rate_out` Hz, block by block
+    (soxr's streaming resampler at quality "HQ", librosa's default). Blocks of any sizes give
+    exactly the samples of the whole signal resampled at once; the last block is passed with
+    last=True so the filter's tail comes out. Equal rates pass the samples through."""
+
+    def __init__(self, rate_in: int, rate_out: int) -> None:
+        self.rate_in, self.rate_out = int(rate_in), int(rate_out)
+        self._soxr = soxr.ResampleStream(self.rate_in, self.rate_out, 1, dtype="float32", quality="HQ") \
+            if self.rate_in != self.rate_out else None
+
+    def __call__(self, mono: np.ndarray, last: bool = False) -> np.ndarray:
+        mono = np.ascontiguousarray(mono, dtype=np.float32)
+        return mono if self._soxr is None else self._soxr.resample_chunk(mono, last=last)
+
+
+def resample(mono: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """A whole mono signal from `rate_in` to `rate_out` Hz (`Resampler`, in one block)."""
+    return Resampler(rate_in, rate_out)(mono, last=True)
 
 
 def _checked_path(path: str | os.PathLike) -> Path:
@@ -167,8 +189,7 @@ def _mono_resampled(path: Path, rate: int, blocks: Iterator[np.ndarray], sample_
     pending: list[np.ndarray] = []
     pending_frames = 0
     try:
-        resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ") \
-            if rate != sample_rate else None
+        resampler = Resampler(rate, sample_rate)
         for block in itertools.chain(blocks, [None]):
             last = block is None
             if not last:
@@ -185,8 +206,7 @@ def _mono_resampled(path: Path, rate: int, blocks: Iterator[np.ndarray], sample_
             check_finite(path, mono, rate, total)
             peak = max(peak, float(np.abs(mono).max())) if len(mono) else peak
             total += len(mono)
-            if resampler is not None:
-                mono = resampler.resample_chunk(mono, last=last)
+            mono = resampler(mono, last=last)
             if len(mono):
                 yield np.ascontiguousarray(mono, dtype=np.float32)
     except AudioLoadError:

@@ -17,9 +17,9 @@ from typing import Iterator, Optional
 
 import av
 import numpy as np
-import soxr
 
 from common.errors import AudioLoadError
+from datasets.audio import Resampler
 
 logger = logging.getLogger(__name__)
 
@@ -182,24 +182,22 @@ class Stream:
 
     def blocks(self, sample_rate: int) -> Iterator[np.ndarray]:
         self.sample_rate = sample_rate
-        resampler = soxr.ResampleStream(self.rate, self.sample_rate, 1, dtype="float32", quality="HQ") \
-            if self.rate != self.sample_rate else None
+        resampler = Resampler(self.rate, self.sample_rate)
         seen, ended = 0, None
         try:
             for block in self._native:
                 mono = np.ascontiguousarray(block.mean(axis=0) if block.shape[0] > 1 else block[0])
                 mono = self._mark_bad(mono, seen)
                 seen += len(mono)
-                if resampler is not None:
-                    mono = resampler.resample_chunk(mono)
+                mono = resampler(mono)
                 if len(mono):
                     yield np.ascontiguousarray(mono, dtype=np.float32)
         except Exception as e:  # a stall or a signal: what was received still ends the stream
             ended = e
         if seen == 0 and ended is None:
             raise AudioLoadError(f"{self.name}: the stream holds no audio samples")
-        if resampler is not None and seen:
-            tail = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        if seen:
+            tail = resampler(np.zeros(0, dtype=np.float32), last=True)
             if len(tail):
                 yield np.ascontiguousarray(tail, dtype=np.float32)
         if ended is not None:
@@ -232,6 +230,6 @@ def open_stream(fd: int, name: str, raw: Optional[str] = None, rate: Optional[in
         native = _pcm_blocks(reader, dtype, scale, header_channels, size)
     else:
         header_rate, header_channels, native = _pyav_blocks(reader)
-    _check_given(name, "--sample_rate", header_rate, rate)
+    _check_given(name, "--input_rate", header_rate, rate)
     _check_given(name, "--channels", header_channels, channels)
     return Stream(name, header_rate, header_channels, native)

@@ -12,7 +12,8 @@ from torch import nn
 
 from common.errors import InputError
 from common.files import atomic_write
-from models.factory import model_from_config
+from models.factory import FAMILIES, model_from_config
+from models.weights import load_weights
 
 CHECKPOINT_FORMAT = "efficientat-training-checkpoint"
 
@@ -163,8 +164,21 @@ def load_finetuned(checkpoint_path: str | os.PathLike, state: Optional[dict[str,
                          "model's head does not compute; evaluate it with the training script's --checkpoint")
     model = model_from_config(record.model_config, load_pretrained=False, epoch=record.epoch)
     try:
-        model.load_state_dict(record.model)
-    except RuntimeError as e:
-        raise InputError(f"{checkpoint_path}: weights do not fit the stored model configuration "
-                         f"({str(e).splitlines()[0]})") from None
+        load_weights(model, record.model, str(checkpoint_path), "the model configuration stored in it")
+    except ValueError as e:
+        raise InputError(str(e)) from None
     return model.eval(), dict(record.frontend_config), list(record.class_names), bool(record.multilabel)
+
+
+def model_from_weights(state: Mapping[str, Any], config: Mapping[str, Any], source: str | os.PathLike,
+                       what: str) -> nn.Module:
+    """The model a `models.factory.model_config` dict describes, with the weights of a bare state
+    dict `state` read from `source` (`models.weights.load_weights`: their class count wins), in eval
+    mode and run as trained weights run: the family's `pretrained_defaults` (DyMN's final softmax
+    temperature) over the configuration. InputError naming `source` and `what` when they do not fit."""
+    model = model_from_config({**config, **FAMILIES[config["family"]].pretrained_defaults}, load_pretrained=False)
+    try:
+        load_weights(model, state, str(source), what)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return model.eval()

@@ -6,8 +6,8 @@ embedding) with less work: every batch norm folded into the convolution before i
 activations throughout; 1x1 convolutions as one matrix product over channels, or as a oneDNN
 convolution where the layer is narrow (`pointwise`), and the largest layers as oneDNN
 convolutions with the activation fused (`conv_activation`). Each stage becomes the fast twin its
-family names for its block type (models/mn/fast.py, models/dymn/fast.py, listed in
-models.factory.FAMILIES); a stage without one runs folded and otherwise unchanged. The fast path
+family's record names for its block type (`models.family.Family.fast_twins`); a stage without one
+runs folded and otherwise unchanged. The fast path
 lets glibc's malloc keep freed blocks (`keep_freed_memory`), which alone saves thousands of page
 faults per clip. All are for inference only: `train()` raises; training uses the original
 modules. models/runtime.py picks what a command runs (`for_inference`, `fast_inference`).

@@ -15,7 +15,7 @@ import inference
 from common.errors import InputError
 from efficientat import Event, Tagger
 from helpers.inference.sed import detect_events, tag_windows
-from helpers.inference.tagging import build_tagger
+from helpers.inference.resolve import resolve_model
 from tests.conftest import REPO
 
 DEMO = REPO / "resources" / "demo_bells.wav"
@@ -36,7 +36,7 @@ def test_file_tags_are_the_commands_tags(tagger, demo):
     tags = tagger.tag(str(DEMO), top_k=3)
     assert [name for name, _ in tags] == ["Clang", "Ding", "Singing bowl"]
     assert [round(p, 3) for _, p in tags] == [0.589, 0.537, 0.069]  # inference.py's printout
-    reference = build_tagger("mn04_as").predict(demo[0])
+    reference = resolve_model("mn04_as").predict(demo[0])
     np.testing.assert_allclose(tagger.probabilities(DEMO), reference, rtol=0, atol=1e-6)
 
 
@@ -74,7 +74,7 @@ def test_long_arrays_are_chunked_like_files(tagger, demo, tmp_path):
     sf.write(tmp_path / "long.wav", long, rate, subtype="FLOAT")
     from_file = tagger.probabilities(tmp_path / "long.wav")
     np.testing.assert_allclose(tagger.probabilities(long, sample_rate=rate), from_file, atol=1e-6)
-    whole = build_tagger("mn04_as").predict(long)
+    whole = resolve_model("mn04_as").predict(long)
     assert np.abs(from_file - whole).max() < 0.02  # chunks combine as one pass would
 
 
@@ -86,7 +86,7 @@ def test_events_equal_windowed_inference(tagger, demo):
     assert events and all(isinstance(e, Event) for e in events)
     bells = [e for e in events if e.event_label in ("Clang", "Ding")]
     assert bells and all(7.0 <= e.onset and e.offset <= 15.0 for e in bells), events
-    reference = detect_events(tag_windows(tagger.tagger, DEMO, 2.0, 1.0, progress=False), tagger.class_names, 0.3)
+    reference = detect_events(tag_windows(tagger.loaded, DEMO, 2.0, 1.0, progress=False), tagger.class_names, 0.3)
     assert tagger.detect(DEMO, window=2.0, hop=1.0) == reference
     assert [e.event_label for e in tagger.detect(waveform, sample_rate=rate, window=2.0, hop=1.0)] == \
         [e.event_label for e in reference]

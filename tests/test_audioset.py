@@ -321,7 +321,7 @@ def test_evaluation_where_no_clip_is_readable_is_one_line(tmp_path, capsys):
     from models.checkpoint import RunRecord, save_run_record
     from models.factory import model_config, model_from_config
     _write(tmp_path / EVAL_FILE, [f"Yevl{i:08d}.mp3" for i in range(3)], 0, bad_rows=(0, 1, 2))
-    config = model_config("mn01", NUM_CLASSES, False, 0.1, None, None, "c", 1.0)
+    config = model_config("mn01", NUM_CLASSES, False, 0.1, None, None, se_dims="c")
     save_run_record(tmp_path / "ft.pt", RunRecord(model_from_config(config).state_dict(), config, {}, []))
     code, out, err = _run(["--dataset_dir", str(tmp_path), "--checkpoint", str(tmp_path / "ft.pt"),
                            "--num_workers", "0"], capsys)
@@ -419,7 +419,7 @@ def test_torchrun_two_processes_match_single_process_evaluation(audioset_dir, tm
 
 def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys, labels_file, mn04_checkpoint):
     from sklearn.metrics import average_precision_score, roc_auc_score
-    from helpers.inference.tagging import build_tagger
+    from helpers.inference.resolve import resolve_model
 
     audio = tmp_path / "audio"
     audio.mkdir()
@@ -443,7 +443,7 @@ def test_evaluation_parity_with_sklearn_and_direct_inference(tmp_path, capsys, l
     h = Mp3HDF5(data / EVAL_FILE)
     waves = torch.stack([torch.from_numpy(np.pad(w, (0, max(0, 320000 - len(w))))[:320000])
                          for w in (decode_mp3(h.mp3(i)) for i in range(len(h)))])
-    logits = build_tagger("mn04_as").forward(waves)[0].numpy()
+    logits = resolve_model("mn04_as").forward(waves)[0].numpy()
     pred = np.load(tmp_path / "p.npz")
     np.testing.assert_allclose(pred["logits"], logits, rtol=1e-5, atol=1e-5)
     assert list(pred["names"]) == ["bells", "tone0", "tone1", "tone2", "noise"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from conftest import REPO, expect_path
-from helpers.analysis.complexity import (ModelCost, analyze, build_model, count_macs, peak_memory_cnn,
+from helpers.analysis.complexity import (ModelCost, analyze, untrained_model, count_macs, peak_memory_cnn,
                                          peak_memory_mnv3, receptive_field, registry_costs)
 from helpers.analysis.trace import trace_model
 from helpers.analysis.complexity_plots import plot_tradeoffs, plotted_rows
@@ -34,7 +34,7 @@ AUDIOSET_NAMES = [n for n, e in REGISTRY.items() if e.audioset]
 @lru_cache(maxsize=None)
 def width_cost(key: str, head: str) -> ModelCost:
     """Costs of a fresh MN of a golden width, built and traced once per (width, head)."""
-    return analyze(build_model(width_mult=WIDTHS[key], head_type=head), INPUT)
+    return analyze(untrained_model(width_mult=WIDTHS[key], head_type=head), INPUT)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_mn01_memory_efficient() -> None:
 
 
 def test_bits_per_elem_scales_memory() -> None:
-    trace = trace_model(build_model(width_mult=1.0), INPUT)
+    trace = trace_model(untrained_model(width_mult=1.0), INPUT)
     assert peak_memory_mnv3(trace, bits_per_elem=8).peak_kb == 1024.0
     assert peak_memory_cnn(trace, bits_per_elem=32).peak_kb == 10240.0
     with pytest.raises(ValueError, match="bits per element"):
@@ -163,15 +163,15 @@ def test_meta_trace_equals_cpu_trace() -> None:
                    {"name": "dymn04_as"}):
         size = (1, 1, 32, 48)
         torch.manual_seed(0)
-        on_cpu = trace_model(build_model(**kwargs, input_size=size, device="cpu"), size)
-        on_meta = trace_model(build_model(**kwargs, input_size=size), size)
+        on_cpu = trace_model(untrained_model(**kwargs, input_size=size, device="cpu"), size)
+        on_meta = trace_model(untrained_model(**kwargs, input_size=size), size)
         assert on_cpu == on_meta
         assert count_macs(on_cpu).total > 0
 
 
 @pytest.mark.parametrize("strides, expected", [((2, 2, 2, 2), 595), ((2, 2, 2, 1), 467), ((2, 2, 1, 1), 291)])
 def test_receptive_field(strides: tuple[int, ...], expected: int) -> None:
-    for model in (build_model(width_mult=0.4, strides=strides), build_model("dymn04_as", strides=strides)):
+    for model in (untrained_model(width_mult=0.4, strides=strides), untrained_model("dymn04_as", strides=strides)):
         assert receptive_field(trace_model(model, INPUT)) == (expected, expected)
 
 
@@ -208,7 +208,7 @@ def test_dymn_counts(name: str, params: int, giga_macs: float, digits: int, regi
     row = registry_rows[name]
     assert row["params"] == params
     assert round(row["macs"] / 1e9, digits) == giga_macs
-    cost = analyze(build_model(name), INPUT)
+    cost = analyze(untrained_model(name), INPUT)
     macs = cost.macs
     assert macs.total == row["macs"] == macs.conv + macs.dynamic_conv + macs.kernel_mixing + macs.linear
     assert macs.dynamic_conv_layers == 44 and macs.reference_total < 0.15 * macs.total
@@ -237,7 +237,7 @@ def test_plot_single_png(registry_rows: dict, tmp_path: Path) -> None:
 # --- command line --------------------------------------------------------------------------------------
 
 def test_cli_sentence_mn10_as(cli: Callable) -> None:
-    code, out, err = cli()
+    code, out, err = cli("--model_name", "mn10_as")
     assert code == 0, err
     assert out.splitlines()[-1] == (
         "Model 'mn10_as' has 4.88 million parameters and inference of a single 10-seconds audio clip "
@@ -287,7 +287,7 @@ def test_cli_unknown_name() -> None:
 @pytest.mark.parametrize("argv, message", [
     (["--strides", "3", "2", "2", "2"], "strides must be four values of 1 or 2"),
     (["--model_name", "dymn04_as", "--head_type", "multihead_attention_pooling"], "DyMN supports head_type"),
-    (["--model_name", "dymn04_as", "--se_dims", "c"], "no squeeze-excitation"),
+    (["--model_name", "dymn04_as", "--se_dims", "c"], "dymn04_as is a DyMN, which has no --se_dims (an option of MN)"),
     (["--se_dims", "x"], "se_dims must be letters"),
     (["--n_mels", "2"], "n_mels must be greater than 3"),
     (["--window_size", "2048"], "must not exceed n_fft"),

@@ -329,7 +329,7 @@ def test_embedded_ensemble_logits_become_teacher_files_that_ex_audioset_trains_a
     """The KD round trip on one's own unlabelled audio, on the Ray that corpus.py starts itself."""
     import ex_audioset
     from datasets.prepare_hdf5 import main as prepare
-    from helpers.inference.tagging import build_tagger
+    from helpers.inference.resolve import resolve_model
     own = tmp_path / "own"
     names = _own_audio(own)
     table = tmp_path / "teacher_table"
@@ -343,7 +343,10 @@ def test_embedded_ensemble_logits_become_teacher_files_that_ex_audioset_trains_a
     meta = json.loads((table / "manifest.json").read_text())
     assert meta["settings"]["model"]["name"] == "ensemble(mn04_as, mn04_as)" and meta["counts"]["rows"] == 8
     assert [w["file"] for w in meta["settings"]["model"]["weights"]] == ["mn04_as_mAP_432.pt"] * 2
-    tagger = build_tagger("mn04_as")
+    tagger = resolve_model("mn04_as")
+    from helpers.inference.writers import ParquetWriter
+    records = [ParquetWriter.read_record(p) for p in part_files(table)]  # each part names its model
+    assert records and all(r["name"] == "ensemble(mn04_as, mn04_as)" and r["classes"] == 527 for r in records)
     for file, row in rows.items():
         expected = tagger.forward(torch.from_numpy(load_audio(file))[None])[0][0]
         np.testing.assert_allclose(row["logits"], expected.numpy(), atol=2e-4, err_msg=file)

@@ -112,7 +112,7 @@ def test_windowed_probabilities_on_a_full_disk_is_the_same_one_line(tmp_path: Pa
     sf.write(clip, (0.1 * np.random.default_rng(0).standard_normal(60 * 32000)).astype(np.float32), 32000)
     _fill(small_disk, 4096)
     out = small_disk / "p.csv"
-    result = _script(["windowed_inference.py", "--model_name", "mn04_as", "--audio_path", clip, "--window_size", "2",
+    result = _script(["windowed_inference.py", "--model_name", "mn04_as", "--audio_path", clip, "--window_length", "2",
                       "--hop_length", "1", "--top_k", "0", "--probabilities", out])
     assert result.returncode == 1, result.stderr
     assert _error_lines(result.stderr) == [f"error: {out}: no space left on device"]

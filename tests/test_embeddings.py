@@ -12,13 +12,13 @@ import torch
 
 from datasets.audio import load_audio
 from helpers.inference.embeddings import embed_files, load_embeddings, save_embeddings
-from helpers.inference.tagging import build_tagger
+from helpers.inference.resolve import resolve_model
 from tests.conftest import REPO, shared_path
 
 
 @pytest.fixture(scope="module")
 def tagger(mn04_checkpoint, labels_file):
-    return build_tagger("mn04_as")
+    return resolve_model("mn04_as")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_cli_writes_npz(clips: Path, tmp_path: Path, mn04_checkpoint: Path, labe
     assert result.returncode == 0, result.stderr
     assert "wrote 4 embedding(s) of dimension" in result.stdout
     with np.load(out) as data:
-        assert sorted(data.files) == ["embeddings", "filenames", "layer", "model", "sample_rate"]
+        assert sorted(data.files) == ["embeddings", "filenames", "layer", "model", "model_record", "sample_rate"]
         assert [Path(n).name for n in data["filenames"]] == ["a.wav", "b.wav", "c.wav", "d.flac"]
         assert int(data["layer"]) == 12 and str(data["model"]) == "mn04_as"
         assert data["embeddings"].shape[0] == 4 and np.isfinite(data["embeddings"]).all()

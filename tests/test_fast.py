@@ -10,6 +10,8 @@ import torch
 from models import fast
 from models.dymn.model import get_model as get_dymn
 from models.ensemble import EnsembleModel
+from models.factory import FAMILIES, create_model
+from models.family import Family
 from models.fast import check_precision
 from models.frontend_twins import FastMelFrontend
 from models.mn.block_types import InvertedResidual
@@ -36,6 +38,23 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             elif isinstance(m, torch.nn.Linear):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / m.in_features ** 0.5)
     return model.eval()
+
+
+def smallest_name(family: Family) -> str:
+    """The family's released architecture of the smallest width (AudioSet taggers first)."""
+    entries = [e for e in family.entries if e.audioset] or list(family.entries)
+    if not entries:
+        pytest.skip(f"family {family.name} has no registry rows")
+    return min(entries, key=lambda e: e.model_kwargs.get("width_mult", 1.0)).name
+
+
+def family_model(family: Family, num_classes: int = 10) -> torch.nn.Module:
+    """The family's smallest released architecture with random weights (`randomize`), in eval mode."""
+    torch.manual_seed(0)
+    return randomize(create_model(smallest_name(family), num_classes=num_classes, pretrained=False))
+
+
+EACH_FAMILY = pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
 
 
 def assert_same_outputs(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -200,10 +219,10 @@ def test_precision_names_and_bf16_without_cpu_support(monkeypatch):
         for_inference(get_mn(width_mult=0.1), "bf16")
 
 
-@pytest.mark.parametrize("build", [get_mn, get_dymn])
-def test_bf16_path_close_to_fp32(build, monkeypatch):
+@EACH_FAMILY
+def test_bf16_path_close_to_fp32(family, monkeypatch):
     monkeypatch.setattr(fast, "bf16_supported", lambda: True)  # runs emulated where unsupported
-    model = randomize(build(width_mult=0.1, num_classes=10))
+    model = family_model(family)
     x = torch.randn(2, 1, 128, 40)
     with torch.no_grad():
         logits, embedding = model(x)
@@ -213,16 +232,16 @@ def test_bf16_path_close_to_fp32(build, monkeypatch):
 
 
 def test_taggers_use_the_fast_path_on_the_cpu(mn04_checkpoint):
-    from helpers.inference.tagging import build_tagger
+    from helpers.inference.resolve import RuntimeConfig, resolve_model
 
-    tagger = build_tagger("mn04_as")
+    tagger = resolve_model("mn04_as")
     assert isinstance(tagger.model, fast.FastTagger) and isinstance(tagger.frontend, FastMelFrontend)
-    plain = build_tagger("mn04_as", fast=False)
+    plain = resolve_model("mn04_as", RuntimeConfig(fast=False))
     assert type(plain.model).__name__ == "MN" and type(plain.frontend) is AugmentMelSTFT
     waveform = torch.from_numpy(np.load(shared_path("golden", "metro_32k.npy")))[None]
     assert np.abs(tagger.predict(waveform) - plain.predict(waveform)).max() <= TOLERANCE
     assert for_inference(tagger.model) is tagger.model
-    ensemble = build_tagger(ensemble=["mn04_as", "mn04_as"])
+    ensemble = resolve_model(["mn04_as", "mn04_as"])
     assert all(isinstance(m, fast.FastTagger) for m in ensemble.model.models)
     assert np.abs(ensemble.predict(waveform) - plain.predict(waveform)).max() <= TOLERANCE
 
@@ -239,13 +258,13 @@ def test_inference_precision_flag(mn04_checkpoint):
         assert result.returncode == 2 and "no native bfloat16" in result.stderr
 
 
-@pytest.mark.parametrize("build, kwargs", [(get_mn, {"width_mult": 0.4}), (get_dymn, {"width_mult": 0.4}),
-                                           (get_mn, {"width_mult": 0.3, "se_dims": "cf"})])
-def test_fused_convolutions_match(build, kwargs, monkeypatch):
+@pytest.mark.parametrize("make", [pytest.param(lambda f=f: family_model(f), id=name) for name, f in FAMILIES.items()]
+                         + [pytest.param(lambda: randomize(get_mn(num_classes=10, width_mult=0.3, se_dims="cf")),
+                                         id="mn-se-cf")])
+def test_fused_convolutions_match(make, monkeypatch):
     """Large layers run as oneDNN convolutions with the activation fused; forced for every layer here."""
     monkeypatch.setattr(fast, "FUSED_MIN_OUTPUTS", 0)
-    model = randomize(build(num_classes=10, **kwargs))
-    assert_same_outputs(model, torch.randn(2, 1, 128, 48))
+    assert_same_outputs(make(), torch.randn(2, 1, 128, 48))
 
 
 def test_narrow_pointwise_paths_match():

@@ -92,7 +92,7 @@ def test_load_model_from_weights_file(model: hear.HearModel, audio: torch.Tensor
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pt"):
         hear.load_model(tmp_path / "junk.pt", model_name="mn04_as")
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="does not fit"):
         hear.load_model(str(mn04_checkpoint), model_name="mn10_as")
 
 

@@ -10,7 +10,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from helpers.inference.tagging import build_tagger, format_tags
+from helpers.inference.resolve import resolve_model
+from helpers.inference.tagging import format_tags
+from models.config import FrontendConfig
 from models.mn.model import get_model as get_mn
 from models.pretrained import get_entry
 from tests.conftest import REPO, shared_path
@@ -88,7 +90,7 @@ def test_csv_output_with_all_classes(tmp_path, metro, mn04_checkpoint, labels_fi
     ("zero", ["--audio_path", "{tmp}/clip.wav"], "contains no audio samples"),
     ("dir", ["--audio_path", "{tmp}/folder"], "folder contains no audio files"),
     ("zero", ["--audio_path", "{tmp}/clip.wav", "--model_name", "mn04_sa"], "did you mean mn04_as"),
-    ("zero", ["--audio_path", "{tmp}/clip.wav", "--output", "{tmp}/out.txt"], "must end in .json or .csv"),
+    ("zero", ["--audio_path", "{tmp}/clip.wav", "--output", "{tmp}/out.txt"], "must end in .csv, .json or .parquet"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, mn04_checkpoint, labels_file, make, args, problem):
     clip = tmp_path / "clip.wav"
@@ -117,8 +119,8 @@ def test_registry_frontend_settings_and_explicit_flags(tmp_path, monkeypatch, la
     monkeypatch.setenv("EFFICIENTAT_MODEL_DIR", str(tmp_path))
     (tmp_path / labels_file.name).write_bytes(labels_file.read_bytes())
     torch.save(get_mn(width_mult=1.0).state_dict(), tmp_path / get_entry("mn10_as_mels_64").filename)
-    assert build_tagger("mn10_as_mels_64").frontend.n_mels == 64  # no flag needed
-    assert build_tagger("mn10_as_mels_64", n_mels=64).frontend.n_mels == 64  # the same value is fine
+    assert resolve_model("mn10_as_mels_64").frontend.n_mels == 64  # no flag needed
+    assert resolve_model("mn10_as_mels_64", frontend=FrontendConfig(n_mels=64)).frontend.n_mels == 64  # the same value is fine
     clip = tmp_path / "noise.wav"
     sf.write(clip, np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32), 16000)
     result = run("--model_name", "mn10_as_mels_64", "--audio_path", str(clip), "--top_k", "4",
@@ -135,7 +137,7 @@ def test_registry_frontend_settings_and_explicit_flags(tmp_path, monkeypatch, la
 def test_frontend_settings_contradicting_the_model_are_errors(name, settings, message):
     """Checked before any checkpoint is loaded or downloaded."""
     with pytest.raises(ValueError, match=message):
-        build_tagger(name, **settings)
+        resolve_model(name, frontend=FrontendConfig(**settings))
 
 
 def test_frontend_flag_contradicting_the_model_is_one_line(tmp_path):

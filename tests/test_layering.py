@@ -11,6 +11,7 @@ functions)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,81 @@ def test_long_function_finder():
 
     source = function("fits", MAX_FUNCTION_LINES) + "\n\n" + function("too_long", MAX_FUNCTION_LINES + 1)
     assert [entry.split()[1] for entry in _long_functions(source, "x.py")] == ["too_long"]
+
+
+# --- a model family is one folder -------------------------------------------------------------------
+
+def _family_packages() -> list[str]:
+    """The packages of the repository's model families (models/families.py)."""
+    from models.families import FAMILY_MODULES
+    return sorted({module.rsplit(".", 1)[0] for module in FAMILY_MODULES})
+
+
+def _outside_families(path: Path) -> bool:
+    """Modules that must not know a family: all but the family packages and the tests."""
+    module = _module(path)
+    return not _within(module, *_family_packages()) and not _within(module, "tests")
+
+
+def test_no_module_outside_a_family_imports_one():
+    packages = _family_packages()
+    assert len(packages) >= 2
+    offending = [f"{_module(p)} imports {name}" for p in _project_files() if _outside_families(p)
+                 for name in sorted(_imports(p)) if _within(name, *packages)]
+    assert not offending, "\n".join(offending)
+
+
+def _family_words() -> tuple[set[str], set[str]]:
+    """(names of the families: keys, labels, model-name prefixes; the classes their packages define)."""
+    from models.families import FAMILIES
+    names = {word for f in FAMILIES.values() for word in (f.name, f.label, f.prefix)}
+    classes = {node.name for p in _project_files() if _within(_module(p), *_family_packages())
+               for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.ClassDef)}
+    return names, classes
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    return {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+
+
+def _family_mentions(source: str, names: set[str], classes: set[str], allowed: set[str] = frozenset()) -> list[str]:
+    """Where code (not docstrings or comments) names a family: an identifier that is one of its
+    classes or has a family name as a word ("build_mn"), a string that is a family name, a family
+    module or holds one of its classes or names as a word ("MN/DyMN strides", "DynamicConv")."""
+    tree = ast.parse(source)
+    docstrings = _docstrings(tree)
+    modules = {f"models.{name}" for name in names}
+    words = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names | classes, key=len, reverse=True))) + r")\b")
+    found = []
+    for node in ast.walk(tree):
+        identifier = (getattr(node, "id", None) or getattr(node, "attr", None) or
+                      (node.name if isinstance(node, (ast.alias, ast.ClassDef, ast.FunctionDef)) else None))
+        if identifier and (identifier in classes or names & set(re.split(r"[_.]", identifier))):
+            found.append(f"{node.lineno if hasattr(node, 'lineno') else '?'}: {identifier}")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings \
+                and node.value not in allowed and (words.search(node.value) or any(m in node.value for m in modules)):
+            found.append(f"{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_no_module_outside_a_family_names_one():
+    from models.families import FAMILY_MODULES
+    names, classes = _family_words()
+    assert {"MN", "dymn"} <= names and {"InvertedResidual", "DynamicConv"} <= classes
+    offending = [f"{p.relative_to(REPO)}:{where}" for p in _project_files() if _outside_families(p)
+                 for where in _family_mentions(p.read_text(), names, classes, set(FAMILY_MODULES))]
+    assert not offending, "\n".join(offending)
+
+
+def test_family_mention_finder():
+    names, classes = {"mn", "MN", "dymn", "DyMN"}, {"DynamicConv"}
+    source = ('"""MN and DyMN: a docstring may name them."""\n'
+              'import models.dymn.arch\nfrom x import build_mn\nDynamicConv\nif f == "mn": pass\n'
+              'help = "MN/DyMN strides"\nlabel = "DynamicConv kernels"\nmodule = "models.mn.family"\n'
+              'name = "mn10_as"\nmnemonic, common = 1, "dynamic"\n')
+    found = sorted(entry.split(": ", 1)[1] for entry in _family_mentions(source, names, classes))
+    assert found == sorted(["models.dymn.arch", "build_mn", "DynamicConv", "'mn'", "'MN/DyMN strides'",
+                            "'DynamicConv kernels'", "'models.mn.family'"])
+    assert _family_mentions('m = "models.mn.family"\n', names, classes, {"models.mn.family"}) == []

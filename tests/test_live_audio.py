@@ -28,7 +28,7 @@ from tests.conftest import REPO
 
 SCRIPT = str(REPO / "windowed_inference.py")
 RATE = 44100
-SETTINGS = ["--model", "mn04_as", "--window_size", "4", "--hop_length", "1", "--threshold", "0.2"]
+SETTINGS = ["--model", "mn04_as", "--window_length", "4", "--hop_length", "1", "--threshold", "0.2"]
 
 
 def test_events_while_streaming_equal_detect_events() -> None:
@@ -122,7 +122,7 @@ def test_streams_give_the_events_of_the_files(audio: dict, mn04_checkpoint: Path
     stream = [*SETTINGS, "--audio_path", "-", "--events", "-"]
     for name, result, suffix in (
             ("wav", run(stream, audio["wav_stream"]), ".wav"),
-            ("s16le", stream_with_a_stall([*stream, "--raw", "s16le", "--sample_rate", str(RATE), "--channels", "2"],
+            ("s16le", stream_with_a_stall([*stream, "--raw", "s16le", "--input_rate", str(RATE), "--channels", "2"],
                                           audio["s16le"]), ".wav"),
             ("mp3", run(stream, audio["mp3"]), ".mp3")):
         assert result.returncode == 0, (name, result.stderr)
@@ -141,7 +141,7 @@ def test_start_lines_come_before_eof_and_signals_close_events(audio: dict, tmp_p
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         jsonl, probs = tmp_path / f"ev{code}.jsonl", tmp_path / f"p{code}.npz"
         proc = subprocess.Popen([sys.executable, SCRIPT, *SETTINGS, "--audio_path", "-", "--raw", "s16le",
-                                 "--sample_rate", "32000", "--events", str(jsonl), "--probabilities", str(probs),
+                                 "--input_rate", "32000", "--events", str(jsonl), "--probabilities", str(probs),
                                  "--top_k", "1", "--wall_clock"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=REPO, bufsize=0)
         proc.stdin.write(silence)
@@ -168,7 +168,7 @@ def test_start_lines_come_before_eof_and_signals_close_events(audio: dict, tmp_p
 
 
 def test_stall_timeout_ends_the_stream(audio: dict, mn04_checkpoint: Path, labels_file: Path) -> None:
-    args = [*SETTINGS, "--audio_path", "-", "--raw", "s16le", "--sample_rate", str(RATE), "--channels", "2",
+    args = [*SETTINGS, "--audio_path", "-", "--raw", "s16le", "--input_rate", str(RATE), "--channels", "2",
             "--events", "-", "--stall_timeout", "0.5"]
     proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=REPO, bufsize=0)
@@ -185,16 +185,16 @@ def test_stall_timeout_ends_the_stream(audio: dict, mn04_checkpoint: Path, label
 
 def test_a_closed_pipe_ends_an_endless_stream_quietly(mn04_checkpoint: Path, labels_file: Path) -> None:
     result = subprocess.run(["bash", "-c", f"cat /dev/zero | {sys.executable} {SCRIPT} {' '.join(SETTINGS)} "
-                             "--audio_path - --raw s16le --sample_rate 32000 --events - | head -1; "
+                             "--audio_path - --raw s16le --input_rate 32000 --events - | head -1; "
                              "echo rc=${PIPESTATUS[1]} >&2"], capture_output=True, cwd=REPO, timeout=300)
     assert json.loads(result.stdout)["label"] == "Silence"
     assert b"rc=0" in result.stderr and b"Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--audio_path", "-", "--raw", "s16le"], "--raw needs --sample_rate"),
-    (["--audio_path", "a.wav", "--raw", "s16le", "--sample_rate", "8000"], "describe standard input"),
-    (["--audio_path", "-", "--sample_rate", "0"], "must be at least 1"),
+    (["--audio_path", "-", "--raw", "s16le"], "--raw needs --input_rate"),
+    (["--audio_path", "a.wav", "--raw", "s16le", "--input_rate", "8000"], "describe standard input"),
+    (["--audio_path", "-", "--input_rate", "0"], "must be at least 1"),
     (["--audio_path", "-", "x.wav"], "standard input is read alone"),
     (["--mic", "--audio_path", "a.wav"], "exclude each other"),
     ([], "give --audio_path"),
@@ -209,21 +209,21 @@ def test_stream_flags_that_do_not_fit(args: list[str], message: str) -> None:
 
 
 def test_bad_streams(audio: dict, mn04_checkpoint: Path, labels_file: Path) -> None:
-    wrong_rate = run([*SETTINGS, "--audio_path", "-", "--sample_rate", "16000"], audio["wav_stream"])
+    wrong_rate = run([*SETTINGS, "--audio_path", "-", "--input_rate", "16000"], audio["wav_stream"])
     assert wrong_rate.returncode == 2
-    assert wrong_rate.stderr.decode().strip() == "error: stdin: the stream's header says sample_rate 44100, " \
-                                                 "--sample_rate says 16000"
+    assert wrong_rate.stderr.decode().strip() == "error: stdin: the stream's header says input_rate 44100, " \
+                                                 "--input_rate says 16000"
     text = run([*SETTINGS, "--audio_path", "-"], b"hello, this is not audio\n" * 100)
     assert text.returncode == 2 and text.stderr.startswith(b"error: stdin: not a readable audio stream")
-    odd = run([*SETTINGS, "--audio_path", "-", "--raw", "s16le", "--sample_rate", "32000", "--events", "-",
+    odd = run([*SETTINGS, "--audio_path", "-", "--raw", "s16le", "--input_rate", "32000", "--events", "-",
                "--threshold", "0.01"], np.zeros(32000 * 3, "<i2").tobytes() + b"\x01")
     assert odd.returncode == 0 and b"1 byte(s) that make no whole sample frame" in odd.stderr
-    assert b"shorter than --window_size 4 s: tagged as one window" in odd.stderr  # 3 s: one window of 3 s
+    assert b"shorter than --window_length 4 s: tagged as one window" in odd.stderr  # 3 s: one window of 3 s
     short = json_events(odd.stdout)
     assert short and all(e[:2] == (0.0, 3.0) for e in short)
     signal_ = np.zeros(32000 * 12, "<f4")
     signal_[5 * 32000] = np.nan
-    nan = run([*SETTINGS, "--audio_path", "-", "--raw", "f32le", "--sample_rate", "32000", "--top_k", "1"],
+    nan = run([*SETTINGS, "--audio_path", "-", "--raw", "f32le", "--input_rate", "32000", "--top_k", "1"],
               signal_.tobytes())
     assert nan.returncode == 0, nan.stderr
     assert nan.stderr.count(b"NaN or infinite samples at 4.990 s") == 1
@@ -291,7 +291,7 @@ def test_the_pipelines_in_the_docs_run(tmp_path: Path, mn04_checkpoint: Path, la
         channels = int(re.search(r"(?:-c|-ac) (\d+)", left).group(1)) if re.search(r"(?:-c|-ac) \d+", left) else 1
         samples = 0.1 * np.random.default_rng(0).standard_normal((3 * rate, channels))
         if "--raw" in args:
-            assert args[args.index("--sample_rate") + 1] == str(rate)
+            assert args[args.index("--input_rate") + 1] == str(rate)
             data = (samples * 32767).astype("<i2").tobytes()
         elif ".mp3" in left:
             data = encode_mp3(samples.T.astype(np.float32), rate, xing_header=False)

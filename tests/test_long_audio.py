@@ -11,7 +11,7 @@ import torch
 
 from datasets.audio import load_audio
 from helpers.inference.batching import read_or_chunk, run_on_files
-from helpers.inference.tagging import Tagger
+from helpers.inference.tagging import LoadedModel
 from models.dymn.model import get_model as get_dymn
 from models.ensemble import EnsembleModel
 from models.mn.model import get_model as get_mn
@@ -20,9 +20,9 @@ from models.preprocess import AugmentMelSTFT
 SR = 32000
 
 
-def _tagger(model: torch.nn.Module) -> Tagger:
+def _tagger(model: torch.nn.Module) -> LoadedModel:
     torch.manual_seed(0)
-    return Tagger(model.eval(), AugmentMelSTFT().eval(), [f"c{i}" for i in range(model.num_classes)], "test",
+    return LoadedModel(model.eval(), AugmentMelSTFT().eval(), [f"c{i}" for i in range(model.num_classes)], "test",
                   torch.device("cpu"))
 
 

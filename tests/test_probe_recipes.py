@@ -88,7 +88,7 @@ def test_one_clip_per_class_and_an_inner_layer_probe(tmp_path: Path, capsys: pyt
     data_dir = make_custom(tmp_path / "mine", clips_per_class=3, split=True)  # 1 train, 1 val, 1 test per class
     out = tmp_path / "run"
     printed = run("custom", ["--dataset_dir", data_dir, "--pretrained_name", "mn04_as", "--clip_length", 1,
-                             "--out_dir", out, "--cache_dir", "", "--probe_features", "layer:-2", *FAST], capsys)
+                             "--out_dir", out, "--embedding_cache", "", "--probe_features", "layer:-2", *FAST], capsys)
     assert "C 1 fixed (some class has one clip: no cross-validation)" in caplog.text
     assert "layer:-2 features, whole clips (no CV to choose crops by), C 1 fixed" in printed and "test (" in printed
     proc = subprocess.run([sys.executable, "inference.py", "--checkpoint", str(out / "best.pt"), "--audio_path",
@@ -103,7 +103,7 @@ def test_custom_multilabel_probe_finetune(tmp_path: Path, capsys: pytest.Capture
     data_dir = make_custom(tmp_path / "multi", clips_per_class=4, multilabel=True)
     printed = run("custom", ["--dataset_dir", data_dir, "--pretrained_name", "mn04_as", "--clip_length", 1,
                              "--recipe", "probe_finetune", "--probe_epochs", 1, "--val_fraction", 0.5,
-                             "--out_dir", tmp_path / "run", "--cache_dir", "", *FAST], capsys)
+                             "--out_dir", tmp_path / "run", "--embedding_cache", "", *FAST], capsys)
     assert "multi-label task, 2 classes" in printed and "recipe probe_finetune: as asked" in caplog.text
     assert "mAP 1.0000" in printed
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -114,7 +114,7 @@ def test_custom_multilabel_probe_finetune(tmp_path: Path, capsys: pytest.Capture
 def test_esc50_probe_recipe_and_its_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                mn04_checkpoint: Path) -> None:
     data_dir = make_esc50(tmp_path / "ESC-50")
-    common = ["--dataset_dir", data_dir, "--fold", 2, "--cache_dir", "", *FAST]
+    common = ["--dataset_dir", data_dir, "--fold", 2, "--embedding_cache", "", *FAST]
     printed = run("esc50", ["--pretrained_name", "mn04_as", "--recipe", "probe", "--out_dir", tmp_path / "run",
                             *common], capsys)
     assert "fold 2: accuracy 1.0000" in printed and "recipe probe, concat features" in printed
@@ -134,6 +134,6 @@ def test_probe_recipes_need_audio_files_and_pretrained_weights(tmp_path: Path, c
     with pytest.raises(SystemExit):
         run("custom", ["--dataset_dir", custom_dir, "--probe_features", "pooled", *FAST], capsys)
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(InputError, match="--cache_dir is a file"):
+    with pytest.raises(InputError, match="--embedding_cache is a file"):
         run("custom", ["--dataset_dir", custom_dir, "--pretrained_name", "mn04_as", "--recipe", "probe",
-                       "--cache_dir", tmp_path / "a_file", "--clear_cache", "--out_dir", tmp_path / "r", *FAST], capsys)
+                       "--embedding_cache", tmp_path / "a_file", "--clear_cache", "--out_dir", tmp_path / "r", *FAST], capsys)

@@ -4,14 +4,15 @@ they cross-validate better, whole clips where they do not, where no clip is long
 no CV is possible), on generated features behind a stand-in embedder."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from common.errors import InputError
 from helpers.training import recipes
+from helpers.training.config import RecipeConfig
 from helpers.training.linear_probe import fit_probe
 from helpers.training.probe_windows import (WindowSetting, better_by_cv, candidate_settings, check_probe_window,
                                             crops_apply)
@@ -84,9 +85,8 @@ def choose(tmp_path: Path, n_clips: int, whole_noise: float, crop_noise: float,
         noise = whole_noise if setting.crops == 1 else crop_noise
         return StubEmbedder(setting, [centres[k] + rng.normal(0, noise, (setting.crops, 8)) for k in labels], length)
 
-    args = argparse.Namespace(probe_features="concat", probe_window="auto", probe_crops=3, probe_folds=5, seed=0)
-    task = argparse.Namespace(multilabel=False)
-    _, features, _, windows, _ = recipes._train_probe(args, task, train, make_embedder)
+    task = SimpleNamespace(multilabel=False)
+    _, features, _, windows, _ = recipes._train_probe(RecipeConfig(), 0, task, train, make_embedder)
     return windows, features[0], made
 
 

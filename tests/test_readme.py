@@ -25,7 +25,7 @@ FIRST_COMMAND = "python inference.py --model_name mn04_as --audio_path resources
 RUN_HERE = {
     "python inference.py --model_name mn04_as --audio_path resources/demo_bells.wav --top_k 3 --output tags.json":
         ["tags.json"],
-    "python windowed_inference.py --model_name mn04_as --audio_path resources/demo_bells.wav --window_size 2 "
+    "python windowed_inference.py --model_name mn04_as --audio_path resources/demo_bells.wav --window_length 2 "
     "--hop_length 1 --events events.csv": ["events.csv"],
     "python embeddings.py --model_name mn04_as --audio_path resources/demo_bells.wav --output demo_mn04.npz":
         ["demo_mn04.npz"],
@@ -41,7 +41,7 @@ RUN_ELSEWHERE = {
     "python ex_audioset.py --model_name=mn10_as --dataset_dir=/data/audioset":
         ("tests/test_audioset.py", "test_evaluation_parity_with_sklearn_and_direct_inference"),
     "arecord -q -f S16_LE -r 32000 -c 1 -t raw | python windowed_inference.py --model mn04_as --audio_path - "
-    "--raw s16le --sample_rate 32000 --hop_length 1 --events -":
+    "--raw s16le --input_rate 32000 --hop_length 1 --events -":
         ("tests/test_live_audio.py", "test_the_pipelines_in_the_docs_run"),
     "python corpus.py --audio_path my_corpus --output my_table --all_classes --embeddings":
         ("tests/test_corpus.py", "test_cluster_job_equals_single_process_and_survives_a_killed_actor"),

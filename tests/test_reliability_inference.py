@@ -216,7 +216,7 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys, mn04_checkpoint, scrip
     clip = _noise(tmp_path / "clip.wav")
     extra = ["--output", str(tmp_path / "e.npz")] if script == "embeddings" else []
     code, err = _cli(script, ["--model_name", "mn04_as", "--audio_path", str(clip), "--cuda", *extra], capsys)
-    assert code == 2 and "--cuda: no CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "PyTorch sees no CUDA GPU (--cuda: leave it out" in err and len(err.strip().splitlines()) == 1
 
 
 # --- ONNX ---------------------------------------------------------------------------------------
@@ -224,9 +224,9 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys, mn04_checkpoint, scrip
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, mn04_checkpoint) -> Path:
     from helpers.inference.onnx_export import export_onnx
-    from helpers.inference.tagging import build_tagger
+    from helpers.inference.resolve import RuntimeConfig, resolve_model
     path = tmp_path_factory.mktemp("onnx") / "mn04.onnx"
-    tagger = build_tagger("mn04_as", fast=False)
+    tagger = resolve_model("mn04_as", RuntimeConfig(fast=False))
     export_onnx(tagger.model, path, None, n_mels=128, settings=tagger.frontend.eval_settings())
     return path
 

@@ -2,7 +2,6 @@
 never overwritten unless asked; a resumed run keeps its model, classes and optimizer settings."""
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +115,7 @@ def test_resume_refuses_other_model_classes_or_optimizer_settings(tmp_path: Path
 
 def test_check_args_ignores_flags_a_script_lacks() -> None:
     from helpers.training.args import check_args
-    check_args(argparse.Namespace(batch_size=4, lr=0.1))
+    check_args({"batch_size": 4, "lr": 0.1})
 
 
 def test_dcase_evaluation_leaves_out_an_unusable_clip(tmp_path, capsys, caplog) -> None:
@@ -130,7 +129,7 @@ def test_dcase_evaluation_leaves_out_an_unusable_clip(tmp_path, capsys, caplog) 
     root = make_dcase20(tmp_path / "tau", clips_per_device=1, seconds=0.2)
     test_rows = (root / "evaluation_setup" / "fold1_evaluate.csv").read_text().splitlines()[1:]
     (root / test_rows[0].split("\t")[0]).write_bytes(b"not audio " * 50)
-    config = model_config("mn01", 2, False, 0.1, None, None, "c", 1.0)
+    config = model_config("mn01", 2, False, 0.1, None, None, se_dims="c")
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "ft.pt", {"model": model_from_config(config).state_dict(), "model_config": config,
                                          "frontend_config": {}, "class_names": ["airport", "park"],

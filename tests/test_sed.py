@@ -15,7 +15,7 @@ import soundfile as sf
 from datasets.audio import load_audio
 from helpers.inference.sed import WindowPredictions, detect_events, num_windows, plot_activity, tag_windows, window_samples
 from helpers.inference.windows import WindowEngine
-from helpers.inference.tagging import build_tagger
+from helpers.inference.resolve import resolve_model
 from tests.conftest import REPO, shared_path
 
 
@@ -79,15 +79,15 @@ def _predictions(probs: list[list[float]], num_samples: int, window: int = 4, ho
 def test_a_recording_shorter_than_a_window_gets_its_own_tags(tmp_path: Path) -> None:
     import torch
     from helpers.inference.sed import tag_windows
-    from helpers.inference.tagging import Tagger
+    from helpers.inference.tagging import LoadedModel
     from models.mn.model import get_model
     from models.preprocess import AugmentMelSTFT
     torch.manual_seed(0)
-    tagger = Tagger(get_model(width_mult=0.1).eval(), AugmentMelSTFT().eval(), [str(i) for i in range(527)],
+    tagger = LoadedModel(get_model(width_mult=0.1).eval(), AugmentMelSTFT().eval(), [str(i) for i in range(527)],
                     "random", torch.device("cpu"))
     clip = (0.2 * np.sin(np.arange(3 * 32000) / 7)).astype(np.float32)
     sf.write(tmp_path / "short.wav", clip, 32000, subtype="FLOAT")
-    pred = tag_windows(tagger, tmp_path / "short.wav", window_size=10.0, hop_length=2.5, progress=False)
+    pred = tag_windows(tagger, tmp_path / "short.wav", window_length=10.0, hop_length=2.5, progress=False)
     assert pred.probabilities.shape == (1, 527) and pred.ends.tolist() == [3.0]
     np.testing.assert_allclose(pred.probabilities[0], tagger.predict(clip)[0], atol=1e-6)
 
@@ -131,7 +131,7 @@ def test_ideal_detector_with_all_windows_agreeing_localizes_exactly() -> None:
 
 @pytest.fixture(scope="module")
 def tagger(mn04_checkpoint, labels_file):
-    return build_tagger("mn04_as")
+    return resolve_model("mn04_as")
 
 
 @pytest.fixture(scope="module")
@@ -203,13 +203,13 @@ def test_cli_short_clip_and_json(tmp_path: Path, mn04_checkpoint: Path, labels_f
     path = tmp_path / "short.wav"
     sf.write(path, clip, 32000, subtype="FLOAT")
     events_json = tmp_path / "ev.json"
-    result = _run("--model_name", "mn04_as", "--audio_path", str(path), "--window_size", "5",
+    result = _run("--model_name", "mn04_as", "--audio_path", str(path), "--window_length", "5",
                   "--hop_length", "1", "--threshold", "0.01", "--events", str(events_json), "--top_k", "3")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "Window: 0.00 - 3.00" and len([x for x in lines if x.startswith("Window")]) == 1
     data = json.loads(events_json.read_text())
-    assert data["model"] == "mn04_as" and data["window_size"] == 5.0 and data["threshold"] == 0.01
+    assert data["model"] == "mn04_as" and data["window_length"] == 5.0 and data["threshold"] == 0.01
     assert data["events"] and all(e["onset"] == 0.0 and e["offset"] == 3.0 for e in data["events"])
     assert set(data["events"][0]) == {"filename", "onset", "offset", "event_label", "probability"}
 

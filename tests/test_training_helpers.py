@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from datasets.items import IndexedClip
 from common.errors import InputError
-from helpers.training.args import add_model_args, model_config_from_args, resolve_dataset_dir
+from helpers.training.args import add_model_args, resolve_dataset_dir
+from models.config import ModelConfig
+from helpers.training.config import OptimConfig
 from helpers.training.data import ShardSampler, eval_loader, train_loader
 from helpers.training.distributed import DistInfo, cleanup_distributed, setup_distributed, unwrap, wrap_ddp
 from helpers.training.evaluation import evaluate, mel
@@ -63,8 +65,7 @@ def test_schedule_finetuning_values_and_lambdalr():
     assert f(75) == f(200) == pytest.approx(0.01)
     # the LambdaLR is stepped after each epoch: epoch e trains with lr * f(e)
     opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=1e-3)
-    args = argparse.Namespace(warm_up_len=10, ramp_down_start=10, ramp_down_len=65, last_lr_value=0.01)
-    sched = make_scheduler(opt, args)
+    sched = make_scheduler(opt, OptimConfig(warm_up_len=10, ramp_down_start=10, ramp_down_len=65, last_lr_value=0.01))
     lrs = []
     for _ in range(12):
         lrs.append(opt.param_groups[0]["lr"])
@@ -259,13 +260,13 @@ def test_model_config_roundtrip_mn_and_dymn():
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     args = parser.parse_args(["--model_name", "mn01_as", "--model_width", "0.1"])
-    config = model_config_from_args(args, num_classes=10)
+    config = ModelConfig.from_flags(vars(args)).to_dict(num_classes=10)
     assert config == {"family": "mn", "num_classes": 10, "width_mult": 0.1, "strides": [2, 2, 2, 2],
                       "head_type": "mlp", "pretrained_name": None, "se_dims": "c"}
     model = model_from_config(config)
     assert model.num_classes == 10
     args = parser.parse_args(["--model_name", "dymn04_as", "--model_width", "0.4"])
-    config = model_config_from_args(args, num_classes=5)
+    config = ModelConfig.from_flags(vars(args)).to_dict(num_classes=5)
     assert config["family"] == "dymn" and config["T_max"] == 30.0
     dymn = model_from_config(config, epoch=3)
     temps = {m.temperature for m in dymn.modules() if hasattr(m, "temperature")}
@@ -276,7 +277,7 @@ def test_model_config_pretrained_uses_registry():
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     args = parser.parse_args(["--model_name", "mn04_as", "--pretrained"])
-    config = model_config_from_args(args, num_classes=527)
+    config = ModelConfig.from_flags(vars(args)).to_dict(num_classes=527)
     assert config["width_mult"] == 0.4 and config["pretrained_name"] == "mn04_as"
 
 

@@ -11,7 +11,8 @@ import torch
 
 from tests.conftest import REPO, shared_path
 from datasets.audio import load_audio
-from helpers.inference.tagging import Tagger, build_tagger
+from helpers.inference.resolve import resolve_model
+from helpers.inference.tagging import LoadedModel
 from helpers.inference.windows import WindowEngine, num_windows
 from models.mn.model import get_model as get_mn
 from models.preprocess import AugmentMelSTFT
@@ -63,10 +64,10 @@ def test_exact_window_comes_out_with_its_last_sample() -> None:
     assert engine.num_samples == 50 and len(engine._samples.held) <= 30
 
 
-def _small_mn_tagger(**kwargs) -> Tagger:
+def _small_mn_tagger(**kwargs) -> LoadedModel:
     torch.manual_seed(0)
     model = for_inference(get_mn(width_mult=0.1, **kwargs).eval())
-    return Tagger(model, AugmentMelSTFT().eval(), [f"c{i}" for i in range(model.num_classes)], "test",
+    return LoadedModel(model, AugmentMelSTFT().eval(), [f"c{i}" for i in range(model.num_classes)], "test",
                   torch.device("cpu"))
 
 
@@ -190,7 +191,7 @@ def test_dymn_and_se_over_time_refuse_the_shared_pass() -> None:
     from helpers.inference.windows import shared_support
     from models.dymn.model import get_model as get_dymn
 
-    dymn = Tagger(get_dymn(width_mult=0.4).eval(), AugmentMelSTFT().eval(), ["c"] * 527, "d", torch.device("cpu"))
+    dymn = LoadedModel(get_dymn(width_mult=0.4).eval(), AugmentMelSTFT().eval(), ["c"] * 527, "d", torch.device("cpu"))
     assert "DyMN" in shared_support(dymn)
     assert "frequency or time" in shared_support(_small_mn_tagger(se_dims="ct"))
     with pytest.raises(ValueError, match="DyMN"):
@@ -200,7 +201,7 @@ def test_dymn_and_se_over_time_refuse_the_shared_pass() -> None:
 def test_shared_agrees_with_exact_on_a_steady_real_recording(mn04_checkpoint, labels_file) -> None:
     """The real checkpoint on the metro recording looped (steady sound): within the issue's bounds."""
 
-    tagger = build_tagger("mn04_as")
+    tagger = resolve_model("mn04_as")
     signal = np.tile(load_audio(shared_path("audio", "metro_station-paris.wav"), SR), 4)
     probs = {mode: np.stack([p for _, p in _run(WindowEngine(tagger, 10 * SR, 2 * SR, mode), signal, [SR * 7])])
              for mode in ("exact", "shared")}
@@ -210,13 +211,13 @@ def test_shared_agrees_with_exact_on_a_steady_real_recording(mn04_checkpoint, la
 
 RSS_SCRIPT = """
 import sys, numpy as np, torch
-from helpers.inference.tagging import Tagger
+from helpers.inference.tagging import LoadedModel
 from helpers.inference.windows import WindowEngine
 from models.mn.model import get_model
 from models.runtime import for_inference
 from models.preprocess import AugmentMelSTFT
 torch.manual_seed(0)
-tagger = Tagger(for_inference(get_model(width_mult=0.4).eval()), AugmentMelSTFT().eval(), ["c"] * 527, "t",
+tagger = LoadedModel(for_inference(get_model(width_mult=0.4).eval()), AugmentMelSTFT().eval(), ["c"] * 527, "t",
                 torch.device("cpu"))
 engine = WindowEngine(tagger, 320000, 320000, "exact", batch_size=16)
 rng = np.random.default_rng(0)
@@ -253,7 +254,7 @@ def test_cli_shared_frames_npz_csv_and_plot(tmp_path: Path, mn04_checkpoint: Pat
     path = tmp_path / "field.wav"
     sf.write(path, np.tile(load_audio(REPO / "resources" / "demo_bells.wav", SR), 4)[:20 * SR], SR)  # 20 s
     npz, table, png = tmp_path / "frames.npz", tmp_path / "frames.csv", tmp_path / "frames.png"
-    common = ["--model_name", "mn04_as", "--audio_path", str(path), "--window_size", "10", "--hop_length", "1",
+    common = ["--model_name", "mn04_as", "--audio_path", str(path), "--window_length", "10", "--hop_length", "1",
               "--windows", "shared", "--frames", "--top_k", "0"]
     result = _cli(*common, "--probabilities", str(npz), "--plot", str(png))
     assert result.returncode == 0, result.stderr
@@ -272,7 +273,7 @@ def test_cli_shared_frames_npz_csv_and_plot(tmp_path: Path, mn04_checkpoint: Pat
 
 
 def test_cli_refuses_a_window_shorter_than_one_fft_frame(tmp_path: Path) -> None:
-    result = _cli("--model_name", "mn04_as", "--audio_path", str(tmp_path), "--window_size", "0.01")
+    result = _cli("--model_name", "mn04_as", "--audio_path", str(tmp_path), "--window_length", "0.01")
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
-        "error: window_size must be at least 0.032 s (one FFT frame of 1024 samples at 32000 Hz), got 0.01 s")
+        "error: window_length must be at least 0.032 s (one FFT frame of 1024 samples at 32000 Hz), got 0.01 s")
     assert not list(tmp_path.iterdir())

@@ -2,27 +2,28 @@
 and receptive field, computed the way the original EfficientAT tools compute them.
 
 Everything is read from one traced forward pass of a single 10-second spectrogram (batch 1;
-helpers/analysis/trace.py): hooks record every executed convolution (static Conv2d and DyMN's DynamicConv), every Linear call
-and every inverted residual block with its input and output sizes. Only shapes matter, so models
+helpers/analysis/trace.py): hooks record every executed convolution (static Conv2d and the dynamic
+convolutions a family names, such as DyMN's), every Linear call and every inverted residual block
+with its input and output sizes. Only shapes matter, so models
 are built and traced on the "meta" device: no weights are allocated, nothing is computed, and even
 the width-4.0 models take well under a second.
 
 MACs: Conv2d = Cout * (kh * kw * Cin / groups + [bias]) * Hout * Wout; Linear = its weight and
 bias elements, once per call (the original counter's rules). The original counter skips DyMN's
-dynamic convolutions; here each DynamicConv counts as a bias-free conv of its kernel shape plus
-the mixing of its K kernels (K * kernel elements), see `MacCount`.
+dynamic convolutions; here each dynamic convolution counts as a bias-free conv of its kernel shape
+plus the mixing of its K kernels (K * kernel elements), see `MacCount`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from helpers.analysis.trace import ModelTrace, trace_model
-from models.factory import FAMILIES, create_frontend, create_model, family_of
+from models.factory import FAMILIES, build_model as build_family_model, create_frontend, create_model, family_of
 from models.preprocess import AugmentMelSTFT
 from models.pretrained import REGISTRY, get_entry
 
@@ -49,6 +50,7 @@ class MacCount:
     linear: int
     linear_layers: int
     uncounted: dict[str, int]
+    dynamic_conv_kinds: tuple[str, ...] = ()  # type names of the dynamic convolutions
 
     @property
     def reference_total(self) -> int:
@@ -65,7 +67,7 @@ def count_macs(trace: ModelTrace) -> MacCount:
     dynamic = [c for c in trace.convs if c.dynamic]
     return MacCount(sum(c.macs for c in static), len(static), sum(c.macs for c in dynamic), len(dynamic),
                     sum(c.mixing_macs for c in dynamic), sum(l.macs for l in trace.linears),
-                    len(trace.linears), trace.uncounted)
+                    len(trace.linears), trace.uncounted, tuple(dict.fromkeys(c.kind for c in dynamic)))
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,11 @@ def peak_memory_mnv3(trace: ModelTrace, bits_per_elem: int = 16) -> PeakMemory:
       reads the stored block input, so only the slice after it counts (E = input channels).
       DyMN blocks follow this rule: their context is computed from the block input beforehand,
       and dynamic convs, dynamic ReLU and coordinate attention then work slice by slice.
-    The stem alone, the last conv and the head are not recorded."""
+    The stem alone, the last conv and the head are not recorded. A model without blocks of this
+    kind (a family counting none) has nothing to slice: it runs layer by layer (`peak_memory_cnn`)."""
     _check_bits(bits_per_elem)
+    if not trace.blocks:
+        return peak_memory_cnn(trace, bits_per_elem)
     entries = []
     for index, block in enumerate(trace.blocks):
         convs = trace.block_convs(index)
@@ -162,26 +167,30 @@ def clip_input_size(frontend: AugmentMelSTFT, clip_seconds: float = CLIP_SECONDS
     return 1, 1, frontend.n_mels, frontend.num_frames(round(clip_seconds * frontend.sr))
 
 
-def build_model(name: Optional[str] = None, width_mult: Optional[float] = None,
+def untrained_model(name: Optional[str] = None, width_mult: Optional[float] = None,
                 head_type: Optional[str] = None, strides: Optional[Sequence[int]] = None,
-                se_dims: Optional[str] = None, input_size: Sequence[int] = (1, 1, 128, 1000),
+                options: Optional[Mapping[str, Any]] = None, input_size: Sequence[int] = (1, 1, 128, 1000),
                 device: str | torch.device = "meta") -> nn.Module:
-    """The architecture of registry model `name` (or, without a name, a plain MN of `width_mult`)
-    with fresh weights on `device`; nothing is downloaded. Arguments that are not None override
-    the registry's. MN squeeze-excitation on 'f'/'t' is sized for `input_size`."""
+    """The architecture of registry model `name` (or, without a name, a plain model of the default
+    family of `width_mult`) with fresh weights on `device`; nothing is downloaded. Arguments that
+    are not None override the registry's; `options` are the family's architecture options
+    (`Option.architecture`, e.g. MN's se_dims). Arguments that follow the input size (MN's
+    frequency / time squeeze-excitation) are sized for `input_size`."""
     family = FAMILIES[family_of(name)]
     if name:
         get_entry(name)  # unknown names: ValueError with close matches
-    kwargs: dict[str, Any] = {"head_type": head_type, "strides": strides}
-    if family.accepts("se_dims"):
-        kwargs.update(se_dims=se_dims, input_dim_f=input_size[2], input_dim_t=input_size[3])
-    elif se_dims is not None:
-        raise ValueError(f"{name} is a {family.label}, which has no squeeze-excitation (se_dims is for MN only)")
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    for option in given:
+        if option not in family.options:
+            owners = [f.label for f in FAMILIES.values() if option in f.options]
+            raise ValueError(f"{name or 'this model'} is a {family.label}, which has no --{option} (an option of "
+                             f"{', '.join(owners) or 'no family'})")
+    kwargs = {"head_type": head_type, "strides": strides, **given, **family.input_size_kwargs(input_size)}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     with torch.device(device):
         if name:
             return create_model(name, pretrained=False, **kwargs)
-        return family.build(width_mult=1.0 if width_mult is None else width_mult, **kwargs)
+        return build_family_model(family.name, width_mult=1.0 if width_mult is None else width_mult, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -220,12 +229,12 @@ def registry_costs(bits_per_elem: int = 16) -> list[dict[str, Any]]:
         size = clip_input_size(create_frontend(name))
         key = (entry.family, tuple(sorted(arch.items())), size)
         if key not in _REGISTRY_TRACES:
-            model = build_model(name, input_size=size)
+            model = untrained_model(name, input_size=size)
             _REGISTRY_TRACES[key] = trace_model(model, size), count_params(model)
         cost = _cost(*_REGISTRY_TRACES[key], bits_per_elem)
         rows.append({
-            "name": name, "family": entry.family, "width_mult": arch["width_mult"],
-            "head_type": arch.get("head_type", "mlp"), "strides": ",".join(map(str, arch["strides"])),
+            "name": name, "family": entry.family, "width_mult": arch.get("width_mult"),
+            "head_type": arch.get("head_type", "mlp"), "strides": ",".join(map(str, arch.get("strides", ()))),
             "n_mels": size[2], "frames": size[3], "params": cost.params, "macs": cost.macs.total,
             "peak_memory_kB": cost.peak_memory.peak_kb,
             "peak_memory_efficient_kB": cost.peak_memory_efficient.peak_kb,

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from common.files import atomic_write
-from models.factory import DEFAULT_FAMILY, FAMILIES
+from models.factory import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,11 @@ PANELS = {
                          ("peak_memory_efficient_kB", "peak_memory_kB"), 1.0),
 }
 MEMORY_RULES = {"peak_memory_efficient_kB": "memory-efficient", "peak_memory_kB": "layer-by-layer"}
-SERIES_STYLE = {"MN": ("tab:blue", "o"), "MN, other spectrogram size": ("tab:green", "s"),
-                "MN, fully convolutional head": ("tab:purple", "D"), "DyMN": ("tab:red", "^")}
+# every family's series styles (Family.plot_styles), in family order
+SERIES_STYLE = {series: style for family in FAMILIES.values() for series, style in family.plot_styles.items()}
+# for series no family styles (a family without plot_styles still gets its points)
+FALLBACK_STYLES = [("tab:orange", "v"), ("tab:brown", "P"), ("tab:pink", "X"), ("tab:gray", "*"),
+                   ("tab:olive", "p"), ("tab:cyan", "h")]
 
 
 @dataclass(frozen=True)
@@ -48,14 +51,16 @@ class Point:
 
 
 def series_of(row: dict[str, Any]) -> str:
-    label = FAMILIES[row["family"]].label
-    if label != FAMILIES[DEFAULT_FAMILY].label:
-        return label
-    if row["head_type"] == "fully_convolutional":
-        return "MN, fully convolutional head"
-    if (row["n_mels"], row["frames"]) != (128, 1000):
-        return "MN, other spectrogram size"
-    return "MN"
+    """The series a row is drawn in: its family's choice (`Family.series`)."""
+    return FAMILIES[row["family"]].series(row)
+
+
+def series_styles(points: Sequence[Point]) -> dict[str, tuple[str, str]]:
+    """(colour, marker) of every series among `points`: the families' styles, then fallback
+    styles in turn for the series none styles."""
+    unstyled = [s for s in dict.fromkeys(p.series for p in points) if s not in SERIES_STYLE]
+    extra = {s: FALLBACK_STYLES[i % len(FALLBACK_STYLES)] for i, s in enumerate(unstyled)}
+    return {**SERIES_STYLE, **extra}
 
 
 def plotted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -74,7 +79,7 @@ def tradeoff_points(rows: Sequence[dict[str, Any]]) -> dict[str, list[Point]]:
 
 
 def _draw(ax: Any, panel: Panel, points: list[Point], bits_per_elem: int) -> None:
-    for series, (color, marker) in SERIES_STYLE.items():
+    for series, (color, marker) in series_styles(points).items():
         for hollow in (False, True):
             chosen = [p for p in points if p.series == series and p.hollow == hollow]
             if not chosen:

@@ -1,22 +1,27 @@
-"""One traced forward pass of a model: every executed convolution (static Conv2d and DyMN's
-DynamicConv), every Linear call and every block of a family's `block_types` with its input and
-output sizes, the record complexity analysis computes costs from (helpers/analysis/complexity.py).
-Only shapes matter, so models are traced on the "meta" device."""
+"""One traced forward pass of a model: every executed convolution (static Conv2d and the dynamic
+convolutions a family names, `Family.dynamic_convs`), every Linear call and every block a family
+counts (`Family.blocks`) with its input and output sizes, the record complexity analysis
+computes costs from (helpers/analysis/complexity.py). Only shapes matter, so models are traced on
+the "meta" device."""
 from __future__ import annotations
 
 import math
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from models.dymn.dy_block import DynamicConv
 from models.factory import FAMILIES
-from models.mn.block_types import ConcurrentSEBlock
 
-BLOCK_TYPES = tuple({block: None for family in FAMILIES.values() for block in family.block_types})
+# block type -> (residual, squeeze-excitation); dynamic conv type -> kernels it mixes: of every family
+BLOCKS = {block: traits for family in FAMILIES.values() for block, traits in family.blocks.items()}
+DYNAMIC_CONVS = {layer: kernels for family in FAMILIES.values() for layer, kernels in family.dynamic_convs.items()}
+
+
+def _rule(table: dict[type, Callable], module: nn.Module) -> Optional[Callable]:
+    return next((rule for kind, rule in table.items() if isinstance(module, kind)), None)
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -48,10 +53,11 @@ class ConvCall(_Tensors):
     dilation: tuple[int, int]
     groups: int
     bias: bool
-    dynamic: bool = False  # DyMN DynamicConv: per-sample mixture of `num_kernels` kernels
+    dynamic: bool = False  # a dynamic conv: per-sample mixture of `num_kernels` kernels
     num_kernels: int = 1
     block: Optional[int] = None  # index into ModelTrace.blocks, None outside the blocks
     reads_block_input: bool = False  # its input is the enclosing block's input tensor itself
+    kind: str = "Conv2d"  # the layer's type name
 
     @property
     def kernel_numel(self) -> int:
@@ -83,7 +89,7 @@ class LinearCall:
 
 @dataclass(frozen=True)
 class BlockCall(_Tensors):
-    """One executed inverted residual block (MN or DyMN)."""
+    """One executed block of a type a family counts (an inverted residual block)."""
     name: str
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -119,8 +125,8 @@ def trace_model(model: nn.Module, input_size: Sequence[int] = (1, 1, 128, 1000))
 
     def block_start(module: nn.Module, inputs: tuple) -> None:
         open_blocks.append((len(blocks), inputs[0]))
-        has_se = any(isinstance(m, ConcurrentSEBlock) for m in module.modules())
-        blocks.append(BlockCall(names[module], tuple(inputs[0].shape), (), module.use_res_connect, has_se))
+        residual, has_se = _rule(BLOCKS, module)(module)
+        blocks.append(BlockCall(names[module], tuple(inputs[0].shape), (), residual, has_se))
 
     def block_end(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         index, _ = open_blocks.pop()
@@ -128,12 +134,13 @@ def trace_model(model: nn.Module, input_size: Sequence[int] = (1, 1, 128, 1000))
 
     def conv_done(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         block, block_input = open_blocks[-1] if open_blocks else (None, None)
-        dynamic = isinstance(module, DynamicConv)
+        kernels = _rule(DYNAMIC_CONVS, module)
         convs.append(ConvCall(
             names[module], tuple(inputs[0].shape), tuple(output.shape), _pair(module.kernel_size),
             _pair(module.stride), _pair(getattr(module, "dilation", 1)), module.groups,
-            getattr(module, "bias", None) is not None, dynamic, module.k if dynamic else 1, block,
-            inputs[0] is block_input))
+            getattr(module, "bias", None) is not None, kernels is not None,
+            1 if kernels is None else kernels(module), block, inputs[0] is block_input,
+            type(module).__name__))
 
     def linear_done(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
         linears.append(LinearCall(names[module], module.weight.numel(),
@@ -144,14 +151,21 @@ def trace_model(model: nn.Module, input_size: Sequence[int] = (1, 1, 128, 1000))
 
     handles = []
     for module in model.modules():
-        if isinstance(module, BLOCK_TYPES):
+        if _rule(BLOCKS, module):
             handles += [module.register_forward_pre_hook(block_start), module.register_forward_hook(block_end)]
-        if isinstance(module, (nn.Conv2d, DynamicConv)):
+        if isinstance(module, nn.Conv2d) or _rule(DYNAMIC_CONVS, module):
             handles.append(module.register_forward_hook(conv_done))
         elif isinstance(module, nn.Linear):
             handles.append(module.register_forward_hook(linear_done))
         elif not any(True for _ in module.children()):
             handles.append(module.register_forward_hook(other_leaf_done))
+    _run_hooked(model, input_size, handles)
+    return ModelTrace(input_size, tuple(convs), tuple(linears), tuple(blocks), dict(uncounted))
+
+
+def _run_hooked(model: nn.Module, input_size: tuple[int, ...], handles: list) -> None:
+    """One forward pass on a random input, in eval mode and without gradients; the hooks
+    `handles` are removed and the model's mode restored after it."""
     was_training = model.training
     device = next(model.parameters()).device
     try:
@@ -162,4 +176,3 @@ def trace_model(model: nn.Module, input_size: Sequence[int] = (1, 1, 128, 1000))
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return ModelTrace(input_size, tuple(convs), tuple(linears), tuple(blocks), dict(uncounted))

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
-import soxr
 import torch
 
 from common.errors import AudioLoadError
-from datasets.audio import check_finite, find_audio_files
+from datasets.audio import check_finite, find_audio_files, resample
 from helpers.inference import batching, tagging
+from helpers.inference.resolve import RuntimeConfig, resolve_model
 from helpers.inference.sed import Event, detect_events, tag_blocks, tag_windows
-from models.pretrained import REGISTRY
+from models.pretrained import DEFAULT_MODEL
 
 Audio = Union[str, os.PathLike, np.ndarray, torch.Tensor, Sequence[Any]]
 # a 2-D array is one recording (channels, samples); more rows than this is taken for a batch by mistake
@@ -34,54 +34,55 @@ MAX_CHANNELS = 8
 
 
 class Tagger:
-    """A model ready to tag audio. `model`: a registry name ("mn04_as", shipped with the
-    repository; others download once), a checkpoint of a training script (`runs/x/best.pt`), a
+    """A model ready to tag audio. `model`: a registry name (default `DEFAULT_MODEL`, "mn04_as",
+    shipped with the repository; any other downloads once, when named), a checkpoint of a training script (`runs/x/best.pt`), a
     list of registry names (an ensemble, logits averaged) or an ONNX file from export_onnx.py.
     `device`: "cpu" or "cuda" (fp16 autocast, as the original); `precision`: "fp32", or "bf16"
     on CPUs with native bfloat16."""
 
-    def __init__(self, model: str | os.PathLike | Sequence[str] = "mn04_as", device: str | torch.device = "cpu",
+    def __init__(self, model: str | os.PathLike | Sequence[str] = DEFAULT_MODEL, device: str | torch.device = "cpu",
                  precision: str = "fp32", batch_size: int = 16) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
-        self.tagger = _build(model, torch.device(device), precision)
+        # the one resolver every command uses (helpers/inference/resolve.py)
+        self.loaded = resolve_model(model, RuntimeConfig(str(device), precision))
 
     @property
     def name(self) -> str:
-        return self.tagger.name
+        return self.loaded.name
 
     @property
     def class_names(self) -> list[str]:
-        return self.tagger.class_names
+        return self.loaded.class_names
 
     @property
     def sample_rate(self) -> int:
         """The rate the model runs at; arrays at other rates are resampled to it."""
-        return self.tagger.sample_rate
+        return self.loaded.sample_rate
 
     def __repr__(self) -> str:
-        return f"Tagger({self.name!r}, device={str(self.tagger.device)!r}, classes={len(self.class_names)})"
+        return f"Tagger({self.name!r}, device={str(self.loaded.device)!r}, classes={len(self.class_names)})"
 
     def tag(self, audio: Audio, sample_rate: Optional[int] = None, top_k: int = 5) -> list:
         """The `top_k` (label, probability) pairs, highest first (probabilities rounded to 4
         digits; `probabilities` has them all): a list for one input, a list of such lists for several."""
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
-        probs, single = self._run(audio, sample_rate, self.tagger.predict, self.tagger.predict_chunks)
+        probs, single = self._run(audio, sample_rate, self.loaded.predict, self.loaded.predict_chunks)
         tags = [[(self.class_names[i], round(float(p[i]), 4)) for i in tagging.top_k(p, top_k)] for p in probs]
         return tags[0] if single else tags
 
     def probabilities(self, audio: Audio, sample_rate: Optional[int] = None) -> np.ndarray:
         """Class probabilities (N, classes) float32, one row per recording (sigmoid; softmax for a
         single-label fine-tuned model)."""
-        return self._run(audio, sample_rate, self.tagger.predict, self.tagger.predict_chunks)[0]
+        return self._run(audio, sample_rate, self.loaded.predict, self.loaded.predict_chunks)[0]
 
     def embed(self, audio: Audio, sample_rate: Optional[int] = None, layer: Optional[int] = None) -> np.ndarray:
         """Clip embeddings (N, D) float32: the model's pooled embedding, or with `layer` the
         average of that feature map (0 stem, 1-15 blocks, 16 or -1 last conv), as embeddings.py."""
-        return self._run(audio, sample_rate, lambda batch: self.tagger.embed(batch, layer).cpu().numpy(),
-                         lambda chunks: self.tagger.embed_chunks(chunks, layer))[0]
+        return self._run(audio, sample_rate, lambda batch: self.loaded.embed(batch, layer).cpu().numpy(),
+                         lambda chunks: self.loaded.embed_chunks(chunks, layer))[0]
 
     def detect(self, audio: Audio, sample_rate: Optional[int] = None, window: float = 10.0, hop: float = 2.5,
                threshold: float = 0.3) -> list[Event] | list[list[Event]]:
@@ -92,9 +93,9 @@ class Tagger:
         found = []
         for name, item in items:
             if isinstance(item, Path):
-                windows = tag_windows(self.tagger, item, window, hop, self.batch_size, progress=False)
+                windows = tag_windows(self.loaded, item, window, hop, self.batch_size, progress=False)
             else:
-                windows = tag_blocks(self.tagger, [item], name, window, hop, self.batch_size)
+                windows = tag_blocks(self.loaded, [item], name, window, hop, self.batch_size)
             found.append(detect_events(windows, self.class_names, threshold))
         return found[0] if single else found
 
@@ -111,24 +112,6 @@ class Tagger:
         if errors:
             raise ValueError(next(iter(errors.values())))
         return np.stack([results[i] for i in range(len(items))]).astype(np.float32), single
-
-
-def _build(model: str | os.PathLike | Sequence[str], device: torch.device, precision: str) -> tagging.Tagger:
-    """The internal tagger for a registry name, a checkpoint, an ensemble or an ONNX file."""
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but PyTorch sees no CUDA GPU")
-    if not isinstance(model, (str, os.PathLike)):
-        return tagging.build_tagger(ensemble=list(model), device=device, precision=precision)
-    if str(model) in REGISTRY:
-        return tagging.build_tagger(str(model), device=device, precision=precision)
-    path = Path(model)
-    if path.suffix.lower() == ".onnx":
-        if device.type != "cpu" or precision != "fp32":
-            raise ValueError(f"{path}: an ONNX model runs on the CPU in fp32 (onnxruntime)")
-        return tagging.build_onnx_tagger(path)
-    if path.suffix or len(path.parts) > 1:
-        return tagging.build_tagger(device=device, checkpoint=path, precision=precision)
-    return tagging.build_tagger(str(model), device=device, precision=precision)  # unknown: close names
 
 
 def _recordings(audio: Audio, sample_rate: Optional[int], model_rate: int
@@ -177,9 +160,7 @@ def _mono(array: np.ndarray, sample_rate: Optional[int], model_rate: int, name: 
     if mono.size == 0:
         raise AudioLoadError(f"{name}: contains no audio samples")
     check_finite(name, mono, sample_rate)
-    if sample_rate != model_rate:
-        mono = soxr.resample(mono, sample_rate, model_rate, quality="HQ").astype(np.float32)
-    return mono
+    return resample(mono, sample_rate, model_rate)
 
 
 def _read(name: str, item: Path | np.ndarray, sample_rate: int, chunk_seconds: float

@@ -21,7 +21,7 @@ from datasets.audio import AudioLoadError, native_length, stream_audio
 if TYPE_CHECKING:  # imported where a batch is made: the corpus job's decode tasks read audio without torch
     import torch
 
-# Recordings longer than this are tagged chunk by chunk (Tagger.forward_chunks), so memory does not
+# Recordings longer than this are tagged chunk by chunk (LoadedModel.forward_chunks), so memory does not
 # grow with their length; shorter ones in one pass.
 CHUNK_SECONDS = 60.0
 

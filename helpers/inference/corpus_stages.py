@@ -7,7 +7,7 @@
 3. `corpus_table.write` (Ray tasks, without torch): a part file per batch of rows, and a summary
    row for the driver's progress bar.
 
-The model is built in one place, `resolve_tagger`, on the driver (to check the flags and learn the
+The model is resolved in one place, `resolve_tagger` (`resolve.resolve_model`), on the driver (to check the flags and learn the
 table's shape) and in every actor.
 """
 from __future__ import annotations
@@ -25,10 +25,9 @@ from common.download import sha256sum
 from common.errors import AudioLoadError
 from helpers.inference.batching import CHUNK_SECONDS, iter_files, read_or_chunk
 from helpers.inference.corpus_table import table_schema, where
-from helpers.inference.tagging import Tagger, build_tagger, select_device, top_k
-from models.pretrained import checkpoint_path
-
-DEFAULT_MODEL = "mn10_as"  # inference.py's default
+from helpers.inference.resolve import RuntimeConfig, resolve_model
+from helpers.inference.tagging import LoadedModel, model_record, top_k
+from models.pretrained import DEFAULT_MODEL, checkpoint_path
 
 
 @dataclass(frozen=True)
@@ -57,26 +56,27 @@ class TableShape:
     class_ids: Optional[tuple[str, ...]]
     embedding_dim: int
     sample_rate: int
+    model: Optional[dict[str, Any]] = None  # tagging.model_record, kept in every part's metadata
 
     def schema(self, columns: Columns) -> pa.Schema:
         return table_schema(len(self.class_names), columns.top_k, columns.all_classes,
-                            self.embedding_dim if columns.embeddings else None, columns.logits)
+                            self.embedding_dim if columns.embeddings else None, columns.logits, self.model)
 
 
-def resolve_tagger(spec: ModelSpec, device: torch.device | str = "cpu") -> Tagger:
+def resolve_tagger(spec: ModelSpec, device: str = "cpu") -> LoadedModel:
     """The corpus job's model (the one place it calls the model resolver)."""
-    return build_tagger(spec.model_name or DEFAULT_MODEL, list(spec.ensemble) if spec.ensemble else None,
-                        device, checkpoint=spec.checkpoint, precision=spec.precision)
+    ref: Any = spec.checkpoint or (list(spec.ensemble) if spec.ensemble else spec.model_name or DEFAULT_MODEL)
+    return resolve_model(ref, RuntimeConfig(device=device, precision=spec.precision))
 
 
-def table_shape(tagger: Tagger) -> TableShape:
+def table_shape(tagger: LoadedModel) -> TableShape:
     """The table's shape for `tagger` (one forward pass on a second of silence)."""
     embedding = tagger.forward(torch.zeros(1, tagger.sample_rate))[1]
     return TableShape(tuple(tagger.class_names), tuple(tagger.class_ids) if tagger.class_ids else None,
-                      int(embedding.shape[1]), tagger.sample_rate)
+                      int(embedding.shape[1]), tagger.sample_rate, model_record(tagger))
 
 
-def model_identity(spec: ModelSpec, tagger: Tagger) -> dict[str, Any]:
+def model_identity(spec: ModelSpec, tagger: LoadedModel) -> dict[str, Any]:
     """The model's name, the sha256 of every weights file it was built from and its frontend."""
     if spec.checkpoint:
         files = [Path(spec.checkpoint)]
@@ -126,7 +126,7 @@ class ModelStage:
     def __init__(self, spec: ModelSpec, columns: Columns, shape: TableShape, batch_size: int, gpu: bool,
                  threads: int) -> None:
         torch.set_num_threads(threads)
-        self.tagger = resolve_tagger(spec, select_device(gpu))
+        self.tagger = resolve_tagger(spec, "cuda" if gpu else "cpu")
         self.columns, self.shape, self.batch_size = columns, shape, batch_size
         self.schema = shape.schema(columns)
         self.node, self.pid = where()

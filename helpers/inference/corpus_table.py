@@ -28,6 +28,7 @@ import ray
 
 from common.errors import InputError
 from common.files import TEMP_TAG, atomic_write, lock_folder, publish, temp_path
+from helpers.inference.writers import MODEL_RECORD
 
 MANIFEST = "manifest.json"
 PART_PREFIX = "part-"
@@ -37,10 +38,12 @@ FORMAT_VERSION = 1
 
 
 def table_schema(class_count: int, top_k: int, all_classes: bool, embedding_dim: Optional[int],
-                 logits: bool) -> pa.Schema:
+                 logits: bool, model: Optional[dict[str, Any]] = None) -> pa.Schema:
     """The columns of a corpus table: file, duration (seconds), error (null, or the one-line
     reason), the top-k class indices, labels and probabilities (highest first), and with the
-    options the 527 (class_count) probabilities in class order, the clip embedding, the logits."""
+    options the 527 (class_count) probabilities in class order, the clip embedding, the logits.
+    `model` (`tagging.model_record`) goes into the metadata as in every output of
+    helpers/inference/writers.py (`ParquetWriter.read_record` reads it back)."""
     fields = [pa.field("file", pa.string(), nullable=False), pa.field("duration", pa.float64()),
               pa.field("error", pa.string()), pa.field("top_indices", pa.list_(pa.int16())),
               pa.field("top_labels", pa.list_(pa.string())), pa.field("top_probabilities", pa.list_(pa.float32()))]
@@ -50,7 +53,10 @@ def table_schema(class_count: int, top_k: int, all_classes: bool, embedding_dim:
         fields.append(pa.field("embedding", pa.list_(pa.float32(), embedding_dim)))
     if logits:
         fields.append(pa.field("logits", pa.list_(pa.float32(), class_count)))
-    return pa.schema(fields, metadata={"efficientat.top_k": str(top_k)})
+    meta = {"efficientat.top_k": str(top_k)}
+    if model is not None:
+        meta["efficientat"] = json.dumps({"kind": "corpus", MODEL_RECORD: model})
+    return pa.schema(fields, metadata=meta)
 
 
 def part_files(folder: str | os.PathLike) -> list[Path]:

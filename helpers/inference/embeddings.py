@@ -3,28 +3,28 @@
 The embedding of a clip is the model's pooled embedding (global average of the last conv output,
 as returned with the logits), or, for another `layer`, the global average over frequency and time
 of that feature map. Each file is embedded whole (recordings longer than
-`helpers.inference.tagging.CHUNK_SECONDS` chunk by chunk, see `Tagger.forward_chunks`); files of equal
+`helpers.inference.batching.CHUNK_SECONDS` chunk by chunk, see `LoadedModel.forward_chunks`); files of equal
 length are batched.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from common.files import atomic_write
-from helpers.inference.tables import write_target
+from helpers.inference.formats import embeddings_schema, open_output
 from helpers.inference.batching import iter_files
-from helpers.inference.tagging import Tagger
+from helpers.inference.tagging import LoadedModel
 
 
-def embed_files(tagger: Tagger, files: Sequence[Path], layer: Optional[int] = None,
+def embed_files(tagger: LoadedModel, files: Sequence[Path], layer: Optional[int] = None,
                 batch_size: int = 16, on_error: Optional[Callable[[Path, str], None]] = None
                 ) -> tuple[list[Path], np.ndarray, dict[Path, str]]:
     """(files embedded, in input order; their float32 embeddings (n_files, D); one-line error by
-    file for those that could not be read). `layer` as in `Tagger.embed`; `on_error` is told of
+    file for those that could not be read). `layer` as in `LoadedModel.embed`; `on_error` is told of
     each failure as it happens. Raised out of it (an interruption), the embeddings done so far are
     in the exception's `partial` attribute as the same triple."""
     rows: dict[Path, np.ndarray] = {}
@@ -54,19 +54,33 @@ def _stacked(files: Sequence[Path], rows: dict[Path, np.ndarray], errors: dict[P
 
 
 def save_embeddings(path: str | os.PathLike, filenames: Sequence[str | os.PathLike], embeddings: np.ndarray,
-                    model_name: str, layer: Optional[int] = None, sample_rate: int = 32000) -> None:
-    """Write an .npz (atomically) with `filenames` (str), `embeddings` (n, D) float32, `model`,
-    `layer` (-1 for the pooled embedding, which is the last layer's average) and `sample_rate`."""
+                    model_name: str, layer: Optional[int] = None, sample_rate: int = 32000, *,
+                    model: Optional[Mapping[str, Any]] = None, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """Write `filenames` (str) with their `embeddings` (n, D) float32 and the `model`, `layer`
+    (-1 for the pooled embedding, which is the last layer's average) and `sample_rate`, in the
+    format `path`'s suffix names (.npz or .parquet; helpers/inference/formats.py), atomically;
+    `model` and `inputs` as `formats.open_output` takes them (the model record; the files read)."""
     if len(filenames) != len(embeddings):
         raise ValueError(f"{len(filenames)} file names for {len(embeddings)} embeddings")
-    with atomic_write(write_target(path), "wb") as f:
-        np.savez(f, filenames=np.array([str(n) for n in filenames]),
-                 embeddings=np.asarray(embeddings, dtype=np.float32), model=np.array(model_name),
-                 layer=np.array(-1 if layer is None else layer), sample_rate=np.array(sample_rate))
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    meta = {"model": model_name, "layer": -1 if layer is None else layer, "sample_rate": sample_rate}
+    schema = embeddings_schema(embeddings.shape[1] if embeddings.ndim == 2 else 0, meta)
+    with open_output(path, schema, model=model, inputs=inputs) as writer:
+        writer.add([(str(name), row) for name, row in zip(filenames, embeddings)])
 
 
 def load_embeddings(path: str | os.PathLike) -> dict[str, Any]:
-    """The contents of a file written by `save_embeddings`, as plain Python/NumPy values."""
+    """The contents of a file written by `save_embeddings` (.npz or .parquet), as plain
+    Python/NumPy values: filenames, embeddings (n, D) float32, model, layer, sample_rate."""
+    if Path(path).suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"efficientat"])
+        column = table.column("embedding").combine_chunks()
+        width = column.type.list_size
+        matrix = column.values.to_numpy().reshape(-1, width) if len(column) else np.zeros((0, width), np.float32)
+        return {"filenames": [str(n) for n in table.column("filename").to_pylist()], "embeddings": matrix,
+                "model": meta["model"], "layer": int(meta["layer"]), "sample_rate": int(meta["sample_rate"])}
     with np.load(path, allow_pickle=False) as data:
         return {"filenames": [str(n) for n in data["filenames"]], "embeddings": data["embeddings"],
                 "model": str(data["model"]), "layer": int(data["layer"]),

@@ -19,17 +19,16 @@ depend on the other sounds in the batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from helpers.inference.tagging import Tagger
-from models.checkpoint import is_run_record, load_checkpoint, load_finetuned
-from models.factory import create_model, frontend_kwargs, model_config, model_from_config
-from models.runtime import fast_inference
+from helpers.inference.resolve import ModelRef, resolve_model
+from helpers.inference.tagging import LoadedModel
+from models.config import ModelConfig
 from models.preprocess import AugmentMelSTFT
+from models.pretrained import DEFAULT_MODEL
 
 
 class HearModel(nn.Module):
@@ -46,47 +45,23 @@ class HearModel(nn.Module):
         self.timestamp_hop_ms, self.timestamp_window_ms = timestamp_hop_ms, timestamp_window_ms
         self.sounds_per_batch, self.windows_per_batch = sounds_per_batch, windows_per_batch
 
-    def tagger(self) -> Tagger:
-        """A Tagger over this model on the device the module currently lives on."""
-        return Tagger(self.model, self.frontend, [], self.name, next(self.model.parameters()).device)
+    def tagger(self) -> LoadedModel:
+        """A LoadedModel over this model on the device the module currently lives on."""
+        return LoadedModel(self.model, self.frontend, [], self.name, next(self.model.parameters()).device)
 
 
-def _model_from_weights(model_name: str, weights: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
-    """Architecture of registry entry `model_name` with `weights` (any class count)."""
-    if not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"{path}: does not hold a state dict")
-    # the released architecture at the temperature released and fine-tuned DyMNs run at
-    model = model_from_config(model_config(model_name, 527, pretrained=True), load_pretrained=False)
-    try:
-        num_classes = model.classes_in(dict(weights))
-    except KeyError:  # no classifier of this architecture: loading names the missing keys
-        num_classes = model.num_classes
-    if num_classes != model.num_classes:
-        model.reset_classifier(num_classes)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit {model_name} ({str(e).splitlines()[0]})") from None
-    return model
-
-
-def load_model(model_file_path: str | os.PathLike = "", model_name: str = "mn10_as",
+def load_model(model_file_path: str | os.PathLike = "", model_name: str = DEFAULT_MODEL,
                timestamp_hop_ms: float = 50.0, timestamp_window_ms: float = 160.0) -> HearModel:
-    """HEAR entry point: the released `model_name` (downloaded on first use); or, with
-    `model_file_path`, a checkpoint of a training script (its own model and frontend settings),
-    or that architecture with the weights of a state-dict file (or {"model": state dict})."""
-    settings = frontend_kwargs(model_name)
-    if model_file_path:
-        path = Path(model_file_path)
-        state = load_checkpoint(path)
-        if is_run_record(state):
-            model, settings, _, _ = load_finetuned(path, state)
-        else:
-            model = _model_from_weights(model_name, state.get("model", state), path)
+    """HEAR entry point: the released `model_name` (default: the shipped one; others download
+    on first use); or, with `model_file_path`, a checkpoint of a training script (its own model and
+    frontend settings), or `model_name`'s architecture with the weights of a state-dict file (or
+    {"model": state dict}, any class count). Resolved by `helpers.inference.resolve`."""
+    if model_file_path:  # a file, whatever its name
+        loaded = resolve_model(ModelRef("checkpoint", path=Path(model_file_path)),
+                               arch=ModelConfig(model_name, pretrained=True))
     else:
-        model = create_model(model_name)
-    model, frontend = fast_inference(model, AugmentMelSTFT(**settings))
-    return HearModel(model, frontend, model_name, timestamp_hop_ms, timestamp_window_ms).eval()
+        loaded = resolve_model(model_name)
+    return HearModel(loaded.model, loaded.frontend, model_name, timestamp_hop_ms, timestamp_window_ms).eval()
 
 
 def _checked_audio(audio: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ from common.errors import AudioLoadError
 from datasets.stream import StreamStalled
 from helpers.inference.events import EventChange, EventTracker
 from helpers.inference.interrupt import Interrupted, StopSignals
-from helpers.inference.outputs import LineOutput, PlotKeeper, ProbabilityWriter, event_line, window_lines
+from helpers.inference.outputs import PlotKeeper, event_record, window_lines
+from helpers.inference.writers import JsonLinesWriter, LineOutput, OutputWriter
 from helpers.inference.windows import WindowEngine
 
 logger = logging.getLogger(__name__)
@@ -32,15 +33,16 @@ class Sinks:
     class_names: Sequence[str]
     top_k: int = 0
     windows_out: Optional[LineOutput] = None  # window lines (stdout)
-    events_out: Optional[LineOutput] = None  # JSON lines
-    probabilities: Optional[ProbabilityWriter] = None
+    events_out: Optional[JsonLinesWriter] = None  # event starts and ends as they happen
+    probabilities: Optional[OutputWriter] = None  # windows (and frames) of a probabilities schema
     plot: Optional[PlotKeeper] = None
     wall_clock: bool = False
     files_only_on_stdout: bool = False  # nothing but stdout is written: stop once its reader has gone
     name_in_lines: bool = False  # JSON lines carry the file name (several files)
 
     def stdout_gone(self) -> bool:
-        outs = [o for o in (self.windows_out, self.events_out) if o is not None and o.path == "-"]
+        outs = [o for o in (self.windows_out, self.events_out and self.events_out.lines)
+                if o is not None and o.path == "-"]
         return self.files_only_on_stdout and any(o.gone for o in outs)
 
 
@@ -89,7 +91,7 @@ class StreamRun:
         if s.windows_out is not None and s.top_k:
             s.windows_out.write(window_lines(start / rate, end / rate, probs, s.class_names, s.top_k))
         if s.probabilities is not None:
-            s.probabilities.add(self.name, start / rate, end / rate, probs)
+            s.probabilities.add([(self.name, start / rate, end / rate, probs)], table="windows")
         if s.plot is not None:
             s.plot.rows.append(probs)
         return [] if final else self.tracker.push(index, probs)
@@ -97,8 +99,8 @@ class StreamRun:
     def _emit(self, changes: list[EventChange]) -> None:
         if self.sinks.events_out is not None:
             for change in changes:
-                self.sinks.events_out.write(event_line(change, self.name if self.sinks.name_in_lines else None,
-                                                       self.started if self.sinks.wall_clock else None))
+                self.sinks.events_out.add_record(event_record(change, self.name if self.sinks.name_in_lines else None,
+                                                              self.started if self.sinks.wall_clock else None))
 
     def _push(self, block: Optional[np.ndarray]) -> None:
         """Hand samples to the engine once they complete a window (None: all that wait): a live
@@ -123,7 +125,7 @@ class StreamRun:
             return
         times, probs = self.engine.take_frames()
         if self.sinks.probabilities is not None:
-            self.sinks.probabilities.add_frames(self.name, times, probs)
+            self.sinks.probabilities.add([(self.name, t, row) for t, row in zip(times, probs)], table="frames")
         if self.sinks.plot is not None:
             self.sinks.plot.frame_times.append(times)
             self.sinks.plot.frame_rows.append(probs)

@@ -1,4 +1,4 @@
-"""ONNX export of MN and DyMN models, optionally with the mel frontend, and an onnxruntime check.
+"""ONNX export of a model of any family, optionally with the mel frontend, and an onnxruntime check.
 
 Two parts of the PyTorch graph do not export as they are, so the export works on equivalent
 export-only modules:
@@ -7,11 +7,9 @@ export-only modules:
   reflect padding and windowed one-sided DFT, written as a strided conv1d whose kernels are the
   window times cosine and sine rows (only the frequency bins the mel filterbank uses), then power,
   mel projection, log and normalization.
-- DyMN's `DynamicConv` folds the batch into the channel axis (groups = groups x batch), which
-  fixes the batch size in the graph. `BatchFreeDynamicConv` computes the same thing with the batch
-  kept apart: a batched matrix product with the per-sample mixed kernel for 1x1 convolutions, and
-  for grouped (depthwise) ones the K static kernels' outputs mixed by the attention weights
-  (convolution is linear in the kernel).
+- A layer that does not export as it is gets the export twin its family's record names
+  (`Family.export_twins`), e.g. DyMN's `BatchFreeDynamicConv` for `DynamicConv`, whose batch
+  folded into the channel axis would fix the batch size in the graph (models/dymn/fast.py).
 
 `quantize_onnx` turns an exported float model into an int8 one with ONNX Runtime: static
 quantization (activation ranges measured on calibration inputs the user provides) of the network's
@@ -53,7 +51,7 @@ FRONTEND_KEY = "efficientat_frontend"
 
 def exportable_model(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with every layer its family names an export twin for replaced by
-    it (DyMN's DynamicConv by BatchFreeDynamicConv)."""
+    it (`Family.export_twins`)."""
     twins = {layer: twin for family in FAMILIES.values() for layer, twin in family.export_twins.items()}
     model = copy.deepcopy(model).eval()
     for parent in list(model.modules()):

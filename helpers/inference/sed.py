@@ -1,6 +1,6 @@
 """Sound event detection over recordings of any length with a clip tagger.
 
-The recording is streamed block by block (never held whole), cut into windows of `window_size`
+The recording is streamed block by block (never held whole), cut into windows of `window_length`
 seconds every `hop_length` seconds, and each window is tagged. Windows cover the whole file: the
 last one is zero-padded at the end. A recording shorter than a window is one window of its own
 length, so it gets exactly the tags of the whole clip (padding would dilute them with silence).
@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datasets.audio import audio_duration, stream_audio
-from helpers.inference.tagging import Tagger, top_k
+from helpers.inference.tagging import LoadedModel, top_k
 from helpers.inference.windows import WindowEngine, num_windows
 
 
@@ -90,23 +90,23 @@ class Event:
 EVENT_FIELDS = ("filename", "onset", "offset", "event_label", "probability")
 
 
-def window_samples(window_size: float, hop_length: float, sample_rate: int, min_window: int = 2) -> tuple[int, int]:
-    """Window and hop in samples; ValueError unless both are positive and the window holds at
+def window_samples(window_length: float, hop_length: float, sample_rate: int, min_window: int = 2) -> tuple[int, int]:
+    """Window and hop (seconds) in samples; ValueError unless both are positive and the window holds at
     least `min_window` samples (the frontend's FFT: a shorter window has no spectrogram frame of
     its own). A hop longer than the window leaves gaps between windows."""
-    if not (math.isfinite(window_size) and math.isfinite(hop_length)):
-        raise ValueError(f"window_size and hop_length must be finite numbers of seconds, got {window_size} "
+    if not (math.isfinite(window_length) and math.isfinite(hop_length)):
+        raise ValueError(f"window_length and hop_length must be finite numbers of seconds, got {window_length} "
                          f"and {hop_length}")
-    window, hop = round(window_size * sample_rate), round(hop_length * sample_rate)
+    window, hop = round(window_length * sample_rate), round(hop_length * sample_rate)
     if window < max(2, min_window):
-        raise ValueError(f"window_size must be at least {max(2, min_window) / sample_rate:g} s (one FFT frame of "
-                         f"{max(2, min_window)} samples at {sample_rate} Hz), got {window_size:g} s")
+        raise ValueError(f"window_length must be at least {max(2, min_window) / sample_rate:g} s (one FFT frame of "
+                         f"{max(2, min_window)} samples at {sample_rate} Hz), got {window_length:g} s")
     if hop <= 0:
         raise ValueError(f"hop_length must be positive, got {hop_length} s")
     return window, hop
 
 
-def tag_windows(tagger: Tagger, path: str | os.PathLike, window_size: float = 10.0,
+def tag_windows(tagger: LoadedModel, path: str | os.PathLike, window_length: float = 10.0,
                 hop_length: float = 2.5, batch_size: int = 8, progress: bool = True, mode: str = "exact",
                 frames: bool = False, frame_window: Optional[float] = None) -> WindowPredictions:
     """Stream `path` through a `WindowEngine` (mode "exact" or "shared"; frames=True adds the
@@ -114,19 +114,19 @@ def tag_windows(tagger: Tagger, path: str | os.PathLike, window_size: float = 10
     around it; default `windows.FRAME_WINDOW_SECONDS`); raises AudioLoadError for unreadable files. Memory is bounded by
     the engine and one decoded block, whatever the recording's length (the results grow by one
     row per window or frame)."""
-    window_samples(window_size, hop_length, tagger.sample_rate)  # bad settings before the file
-    blocks = stream_audio(path, tagger.sample_rate, block_seconds=max(window_size, 10.0))
-    return tag_blocks(tagger, blocks, str(path), window_size, hop_length, batch_size, audio_duration(path),
+    window_samples(window_length, hop_length, tagger.sample_rate)  # bad settings before the file
+    blocks = stream_audio(path, tagger.sample_rate, block_seconds=max(window_length, 10.0))
+    return tag_blocks(tagger, blocks, str(path), window_length, hop_length, batch_size, audio_duration(path),
                       progress, mode, frames, frame_window)
 
 
-def tag_blocks(tagger: Tagger, blocks: Iterable[np.ndarray], name: str, window_size: float = 10.0,
+def tag_blocks(tagger: LoadedModel, blocks: Iterable[np.ndarray], name: str, window_length: float = 10.0,
                hop_length: float = 2.5, batch_size: int = 8, duration: Optional[float] = None,
                progress: bool = False, mode: str = "exact", frames: bool = False,
                frame_window: Optional[float] = None) -> WindowPredictions:
     """`tag_windows` for a recording given as consecutive mono blocks at the tagger's sample rate
     (`duration` in seconds, where known, sizes the progress bar)."""
-    window, hop = window_samples(window_size, hop_length, tagger.sample_rate)
+    window, hop = window_samples(window_length, hop_length, tagger.sample_rate)
     engine = WindowEngine(tagger, window, hop, mode, batch_size, frames,
                           None if frame_window is None else round(frame_window * tagger.sample_rate))
     expected = num_windows(round(duration * tagger.sample_rate), window, hop) if duration else None

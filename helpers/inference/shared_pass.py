@@ -1,7 +1,8 @@
-"""One pass of an MN over a long stretch of audio, shared by every window that overlaps it.
+"""One pass of a model over a long stretch of audio, shared by every window that overlaps it.
 
-A window's exact output needs the network run over that window alone, because every MN
-squeeze-excitation (SE) scales its channels by a context pooled over all the frames it sees. Run
+A window's exact output needs the network run over that window alone, because a channel gate
+(MN's squeeze-excitation, SE) scales its channels by a context pooled over all the frames it sees.
+A family says which of its stages have such a gate and how to run them (`Family.shared_pass`). Run
 once over a long input, a plain SE would pool over the whole input instead. Here each SE frame
 gets the context of a moving window of the analysis window's length, centred on that frame, at
 that layer's own time resolution (what an exact window around that frame would pool), so the
@@ -26,36 +27,47 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.mn.fast import FastInvertedResidual
-from models.mn.block_types import ConcurrentSEBlock, InvertedResidual
+from models.factory import FAMILIES
+from models.family import SharedStage
+from models.fast import ConvActivation, FoldedStage, PointwiseConv
+from models.layers import ConvNormActivation
+
+# stage type -> how the shared pass runs it, of every family (Family.shared_pass)
+SHARED_STAGES = {stage: shared for family in FAMILIES.values() for stage, shared in family.shared_pass.items()}
+# stages of convolutions and pointwise activations only: local in time
+LOCAL_STAGES = (ConvNormActivation, PointwiseConv, ConvActivation)
+Gate = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _local(stage: nn.Module) -> bool:
+    return isinstance(stage, LOCAL_STAGES) or isinstance(stage, FoldedStage) and _local(stage.stage)
 
 
 def unsupported_reason(model: nn.Module) -> Optional[str]:
-    """Why `model` cannot run the shared pass (None if it can): an MN whose SE are channel-only
-    (every released MN) and whose head pools the last feature map."""
+    """Why `model` cannot run the shared pass (None if it can): every stage must be local in time
+    or of a type its family runs in the shared pass (`Family.shared_pass`, e.g. an MN block whose
+    SE is channel-only, as in every released MN), and the head must pool the last feature map."""
     if getattr(model, "head_type", None) not in ("mlp", "fully_convolutional") or not hasattr(model, "stages"):
-        return "only MN models with a pooling head (mlp, fully convolutional) share windows"
+        return "only models with a pooling head (mlp, fully convolutional) share windows"
     for stage in model.stages():
-        if isinstance(stage, FastInvertedResidual) and stage.se is not None or \
-                isinstance(stage, InvertedResidual) and any(_se_layer(m) is None for m in stage.block
-                                                            if isinstance(m, ConcurrentSEBlock)):
-            return "squeeze-excitation over frequency or time cannot be shared"
-        if not isinstance(stage, (FastInvertedResidual, InvertedResidual)) and \
-                any(isinstance(m, ConcurrentSEBlock) or "Dynamic" in type(m).__name__ for m in stage.modules()):
-            return "dynamic (DyMN) blocks pool context in every layer; they run exact windows"
-        if "Dynamic" in type(stage).__name__:
-            return "dynamic (DyMN) blocks pool context in every layer; they run exact windows"
+        shared = SHARED_STAGES.get(type(stage))
+        if shared is not None and shared.refusal(stage):
+            return shared.refusal(stage)
+        if shared is None and not _local(stage):
+            kind = type(stage.stage if isinstance(stage, FoldedStage) else stage).__name__
+            return f"{kind} stages have no shared-pass support in their family; they run exact windows"
     return None
 
 
-def _se_layer(se: ConcurrentSEBlock) -> Optional[nn.Module]:
-    layers = se.conc_se_layers
-    return layers[0] if len(layers) == 1 and layers[0].dim == 1 else None
+def _gate(stage: nn.Module) -> Optional[Gate]:
+    """The stage's channel gate (pooled context -> scale), None for a stage local in time."""
+    shared: Optional[SharedStage] = SHARED_STAGES.get(type(stage))
+    return None if shared is None else shared.gate(stage)
 
 
-def _moving_scale(se: nn.Module, x: torch.Tensor, half: float) -> torch.Tensor:
-    """SE scale (B, C, 1, T) of x (B, C, F, T) with each frame's context the mean over frames
-    within `half` frames of it (clipped at the ends of x); `half` inf pools over everything."""
+def _moving_scale(gate: Gate, x: torch.Tensor, half: float) -> torch.Tensor:
+    """The gate's scale (B, C, 1, T) of x (B, C, F, T) with each frame's context the mean over
+    frames within `half` frames of it (clipped at the ends of x); `half` inf pools over everything."""
     means = _frequency_mean(x).transpose(1, 2)  # (B, C, T)
     t = means.shape[-1]
     sums = nn.functional.pad(means.cumsum(-1), (1, 0))
@@ -63,7 +75,7 @@ def _moving_scale(se: nn.Module, x: torch.Tensor, half: float) -> torch.Tensor:
     lo = (centre - math.floor(half) if math.isfinite(half) else centre * 0).clamp(0, t)
     hi = (centre + math.ceil(half) if math.isfinite(half) else centre * 0 + t).clamp(0, t)
     context = (sums[..., hi] - sums[..., lo]) / (hi - lo).clamp(min=1)
-    scale = torch.sigmoid(se.fc2(torch.relu(se.fc1(context.transpose(1, 2)))))  # (B, T, C)
+    scale = gate(context.transpose(1, 2))  # (B, T, C)
     return scale.transpose(1, 2).unsqueeze(2).to(x.dtype)
 
 
@@ -91,10 +103,11 @@ def _in_pieces(compute: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 
 class SharedPass:
-    """The last feature map of an MN over stretches of audio, pooled over frequency: one
+    """The last feature map of a model over stretches of audio, pooled over frequency: one
     embedding per frame of `frame` samples, frame j centred at sample j * frame of the stretch's
-    start (stretches start at multiples of `frame`). `context` is the SE's moving window in
-    samples (the analysis window); None pools each SE over the whole stretch (for comparison)."""
+    start (stretches start at multiples of `frame`). The model's stages run as their families'
+    `Family.shared_pass` says. `context` is the SE's moving window in samples (the analysis
+    window); None pools each SE over the whole stretch (for comparison)."""
 
     SPECTROGRAM_PIECE = 2000  # frames (20 s at the released 10-ms hop)
     LOCAL_PIECE = 2048  # spectrogram frames; a multiple of every time stride
@@ -107,12 +120,12 @@ class SharedPass:
         self.stages = list(self.model.stages())
         self.strides = self._stage_strides()  # time stride of each stage's input, in spectrogram frames
         self.hop = tagger.frontend.hopsize
-        self.local = next((i for i, stage in enumerate(self.stages) if self._se(stage) is not None), len(self.stages))
+        self.gates = [_gate(stage) for stage in self.stages]
+        self.local = next((i for i, gate in enumerate(self.gates) if gate is not None), len(self.stages))
         self.frame = self.hop * self.strides[-1]
         reach = tagger.frontend.n_fft // 2 + 1 + self._conv_reach() * self.hop
         if context is not None:
-            formal = sum(context // 2 + self.hop * s for s, stage in zip(self.strides, self.stages)
-                         if self._se(stage) is not None)
+            formal = sum(context // 2 + self.hop * s for s, gate in zip(self.strides, self.gates) if gate is not None)
             reach += min(formal, 2 * context)
         self.margin = math.ceil(reach / self.frame) * self.frame
 
@@ -138,40 +151,26 @@ class SharedPass:
                     reach += (weight.shape[-1] - 1) // 2 * dilation[-1] * stride
         return reach + self.strides[-1 if stages is None else stages]
 
-    @staticmethod
-    def _se(stage: nn.Module) -> Optional[nn.Module]:
-        if isinstance(stage, FastInvertedResidual):
-            return stage.channel_scale
-        if isinstance(stage, InvertedResidual):
-            return next((_se_layer(m) for m in stage.block if isinstance(m, ConcurrentSEBlock)), None)
-        return None
-
     def _half(self, x: torch.Tensor, out: torch.Tensor, stride: int) -> float:
         """Half the SE's moving window in frames of `out` (a block's input x at time `stride`)."""
         if self.context is None:
             return math.inf
         return self.context / 2 / (self.hop * stride * round(x.shape[-1] / out.shape[-1]))
 
-    def _block(self, stage: nn.Module, x: torch.Tensor, stride: int) -> torch.Tensor:
-        """A block with a moving-window SE (stage input x at time `stride`)."""
-        if isinstance(stage, FastInvertedResidual):
-            out = stage.depthwise(x if stage.expand is None else stage.expand(x))
-            out = out.mul_(_moving_scale(stage.channel_scale, out, self._half(x, out, stride)))
-            out = stage.project(out)
-            return out.add_(x) if stage.use_res_connect else out
-        out = x
-        for layer in stage.block:
-            out = out * _moving_scale(_se_layer(layer), out, self._half(x, out, stride)) \
-                if isinstance(layer, ConcurrentSEBlock) else layer(out)
-        return out + x if stage.use_res_connect else out
+    def _block(self, index: int, x: torch.Tensor, stride: int) -> torch.Tensor:
+        """Stage `index`, which has a moving-window gate, on its input x at time `stride`, run as
+        its family's `SharedStage` says."""
+        stage, gate = self.stages[index], self.gates[index]
+        scale = lambda out: _moving_scale(gate, out, self._half(x, out, stride))  # noqa: E731
+        return SHARED_STAGES[type(stage)].run(stage, x, scale)
 
     @torch.no_grad()
     def embeddings(self, audio: np.ndarray) -> torch.Tensor:
         """Per-frame embeddings (T', C) float32 of a stretch of audio (its first frame centred at
         its first sample)."""
         x = self._local_stages(self._spectrogram(audio))
-        for stride, stage in zip(self.strides[self.local:], self.stages[self.local:]):
-            x = stage(x) if self._se(stage) is None else self._block(stage, x, stride)
+        for i in range(self.local, len(self.stages)):
+            x = self.stages[i](x) if self.gates[i] is None else self._block(i, x, self.strides[i])
         return _frequency_mean(x)[0].contiguous()
 
     def _local_stages(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,15 @@
-"""Audio tagging with a released model, an ensemble or a fine-tuned checkpoint: model + matching
-frontend + class names.
+"""A model ready to run: `LoadedModel`, the network in eval mode with its frontend and class
+names, as `helpers.inference.resolve.resolve_model` makes it from whatever names a model.
 
-Scripts (inference.py, windowed inference, embedding extraction) build a `Tagger` once and feed it
-batches of waveforms; the frontend settings come from the model's registry entry unless overridden.
+Commands (inference.py, windowed inference, embeddings, the Python API) resolve a model once and
+feed it batches of waveforms; recordings longer than `batching.CHUNK_SECONDS` go through
+`forward_chunks` (one chunk at a time).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
-import os
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -17,27 +17,33 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.labels import label_table
 from helpers.inference.batching import CHUNK_SECONDS
-from models.checkpoint import load_finetuned
-from models.ensemble import EnsembleModel, ensemble_frontend_kwargs, get_ensemble_model
 from helpers.inference.onnx_export import OnnxModel
-from models.factory import FRONTEND_DEFAULTS, create_model, frontend_kwargs
+from models.ensemble import EnsembleModel
 from models.fast import PRECISIONS
-from models.frontend_twins import FastMelFrontend
-from models.runtime import fast_inference
 from models.preprocess import AugmentMelSTFT
-
-logger = logging.getLogger(__name__)
 
 # heads whose output depends on the last feature map only through its average over frequency and
 # time, so that chunks combine exactly (mlp: pooling first; fully convolutional: linear, then pooling)
 POOLING_HEADS = ("mlp", "fully_convolutional", "linear", "concat")
 
 
+def model_record(model: "LoadedModel") -> dict[str, Any]:
+    """What identifies `model` in the outputs it writes (`formats.open_output(model=...)`), and a
+    --resume compares: its `name`, the `checksum` of its weights, its `classes` (count and the
+    sha256 of their names) and the `frontend` settings it runs on."""
+    names = "\n".join(model.class_names).encode()
+    settings = model.frontend.eval_settings() if hasattr(model.frontend, "eval_settings") else {}
+    return {"name": model.name, "checksum": model.checksum, "classes": len(model.class_names),
+            "classes_sha256": hashlib.sha256(names).hexdigest(),
+            "frontend": {k: (float(v) if isinstance(v, float) else v) for k, v in settings.items()}}
+
+
 @dataclass
-class Tagger:
-    """An eval-mode model with its frontend; call it on (B, L) waveforms at `sample_rate`."""
+class LoadedModel:
+    """An eval-mode model with its frontend and class names; call it on (B, L) waveforms at
+    `sample_rate` (the frontend's rate). `name` is what was resolved (a registry name, an
+    ensemble, a file)."""
     model: nn.Module
     frontend: AugmentMelSTFT
     class_names: list[str]
@@ -46,6 +52,7 @@ class Tagger:
     class_ids: Optional[list[str]] = None  # AudioSet MIDs where the classes are AudioSet's
     multilabel: bool = True  # sigmoid per class; False: softmax over classes (single-label models)
     model_takes_waveforms: bool = False  # an ONNX graph with the frontend inside
+    checksum: Optional[str] = None  # what the weights are (the resolver's `ModelRef.checksum`)
 
     def spectrograms(self, waveforms: torch.Tensor) -> torch.Tensor:
         """The model's input for waveforms (B, L): (B, 1, n_mels, frames), or the waveforms."""
@@ -155,95 +162,10 @@ def _batch(waveforms: torch.Tensor | np.ndarray) -> torch.Tensor:
     return waveforms.unsqueeze(0) if waveforms.dim() == 1 else waveforms
 
 
-def select_device(cuda: bool) -> torch.device:
-    """CUDA if asked for, else CPU; ValueError when CUDA is asked for but there is no GPU (the
-    user would otherwise wait for a CPU run believing it to be a GPU one)."""
-    if cuda and not torch.cuda.is_available():
-        raise ValueError("--cuda: no CUDA GPU is available here (leave out --cuda to run on the CPU)")
-    return torch.device("cuda" if cuda else "cpu")
-
-
-def build_tagger(model_name: str = "mn10_as", ensemble: Optional[Sequence[str]] = None,
-                 device: torch.device | str = "cpu", strides: Optional[Sequence[int]] = None,
-                 head_type: Optional[str] = None, checkpoint: Optional[str | os.PathLike] = None,
-                 precision: str = "fp32", fast: bool = True, **frontend_overrides: Any) -> Tagger:
-    """A Tagger for a released model, an ensemble of them, or a checkpoint written by a training
-    script (fine-tuned on your classes; its class names and settings come from the checkpoint).
-    Model arguments left at None come from the registry. Frontend settings that are not None
-    replace the model's, except that the spectrogram's shape (`sr`, `win_length`, `hopsize`,
-    `n_fft`, `n_mels`) must be the one the model was trained with (its registry entry or
-    checkpoint): on another spectrogram a model gives confident nonsense, so a contradicting value
-    is a ValueError. On the CPU the model and frontend are the eval-only fast copies in
-    `precision` ("fp32", or "bf16" where the CPU has it; models/fast.py) unless fast=False (ONNX
-    export: onnxruntime optimizes the plain graph itself)."""
-    device = torch.device(device)
-    class_ids: Optional[list[str]] = None
-    multilabel = True
-    if checkpoint:
-        model, settings, names, multilabel = load_finetuned(checkpoint)
-        _check_frontend(str(checkpoint), settings, frontend_overrides)
-        name = str(checkpoint)
-    else:
-        if ensemble:
-            name = "ensemble(" + ", ".join(ensemble) + ")"
-            settings = ensemble_frontend_kwargs(list(ensemble))
-            _check_frontend(name, settings, frontend_overrides)
-            model = get_ensemble_model(list(ensemble))
-        else:
-            name, settings = model_name, frontend_kwargs(model_name)
-            _check_frontend(name, settings, frontend_overrides)
-            extra = {k: v for k, v in (("strides", strides), ("head_type", head_type)) if v is not None}
-            model = create_model(model_name, **extra)
-        table = label_table()
-        names, class_ids = [n for _, n in table], [mid for mid, _ in table]
-    settings = {**settings, **{k: v for k, v in frontend_overrides.items() if v is not None}}
-    model, frontend = model.to(device).eval(), AugmentMelSTFT(**settings).to(device).eval()
-    if fast:
-        model, frontend = fast_inference(model, frontend, precision)
-    return Tagger(model, frontend, names, name, device, class_ids, multilabel)
-
-
-def build_onnx_tagger(path: str | os.PathLike, model_name: Optional[str] = None,
-                      **frontend_overrides: Any) -> Tagger:
-    """A CPU Tagger running the exported model at `path` (export_onnx.py, float or int8) with
-    onnxruntime, on the spectrogram settings stored in the file at export; `model_name` and
-    overrides that contradict them are a ValueError. A file exported before the settings were
-    stored gets `model_name`'s (default mn10_as) with overrides, and a warning. 527 classes are
-    AudioSet's."""
-    model = OnnxModel(path)
-    settings = model.frontend_settings
-    if settings is None:
-        logger.warning("%s holds no spectrogram settings (exported before they were stored): assuming "
-                       "%s's; export it again to have them checked", path, model_name or "mn10_as")
-        settings = frontend_kwargs(model_name or "mn10_as", **frontend_overrides)
-    else:
-        if model_name is not None:
-            _check_frontend(str(path), settings, frontend_kwargs(model_name))
-        _check_frontend(str(path), settings, frontend_overrides)
-    if model.n_mels is not None and model.n_mels != settings["n_mels"]:
-        raise ValueError(f"{path} takes spectrograms of {model.n_mels} mel bands, not {settings['n_mels']}: "
-                         "leave the spectrogram settings to the model")
-    frontend = FastMelFrontend(AugmentMelSTFT(**settings))
-    table = label_table() if model.num_classes == 527 else None
-    names = [n for _, n in table] if table else [f"class {i}" for i in range(model.num_classes)]
-    return Tagger(model, frontend, names, str(path), torch.device("cpu"),
-                  [mid for mid, _ in table] if table else None, model_takes_waveforms=model.takes_waveforms)
-
-
 def add_precision_arg(parser: argparse.ArgumentParser) -> None:
     """The inference commands' --precision flag (CPU compute precision of the fast path)."""
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="CPU precision: bf16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX)")
-
-
-def _check_frontend(name: str, settings: dict[str, Any], given: dict[str, Any]) -> None:
-    """ValueError naming the spectrogram settings in `given` (not None) that differ from the
-    trained `settings`."""
-    wrong = [f"{key}={settings.get(key)}, not {value}" for key, value in given.items()
-             if key in FRONTEND_DEFAULTS and value is not None and settings.get(key) != value]
-    if wrong:
-        raise ValueError(f"{name} was trained with {'; '.join(wrong)}: leave the spectrogram settings to "
-                         "the model (another spectrogram gives meaningless tags)")
 
 
 def top_k(probabilities: np.ndarray, k: int) -> np.ndarray:

@@ -4,8 +4,9 @@ Windows of `window` samples start every `hop` samples (hop > window leaves gaps)
 the stream the last window is zero-padded; a stream shorter than one window is one window of its
 own length (padding would dilute its tags with silence). Two modes:
 - "exact": every window through the whole network on its own (today's windowed inference);
-- "shared": the network runs once over the stream (`helpers.inference.shared_pass`, MN only) and
-  each window is the head applied to the average of the last feature map's frames that lie in it.
+- "shared": the network runs once over the stream (`helpers.inference.shared_pass`, for models
+  whose family supports it: `Family.shared_pass`) and each window is the head applied to the
+  average of the last feature map's frames that lie in it.
 Memory is bounded: the engine holds at most one window (exact) or one chunk with its margins
 (shared) of audio, and the frames the next windows still need.
 """
@@ -18,12 +19,12 @@ import numpy as np
 import torch
 
 from helpers.inference.shared_pass import MovingFrames, SharedPass, unsupported_reason
-from helpers.inference.tagging import Tagger
+from helpers.inference.tagging import LoadedModel
 
 
 MODES = ("exact", "shared")
 # new audio one shared pass covers (on top of its margins); larger is faster, later and bigger
-CHUNK_SECONDS = 120.0
+SHARED_CHUNK_SECONDS = 120.0
 # the moving window of a frame probability (--frame_window): measured in docs/long-recordings.md
 FRAME_WINDOW_SECONDS = 3.0
 HEAD_BATCH = 512  # shared windows through the head at once (the head alone is cheap)
@@ -45,7 +46,7 @@ def num_windows(num_samples: int, window: int, hop: int) -> int:
     return full + int((full - 1) * hop + window < num_samples and full * hop < num_samples)
 
 
-def shared_support(tagger: Tagger) -> Optional[str]:
+def shared_support(tagger: LoadedModel) -> Optional[str]:
     """Why `tagger` cannot share windows (None if it can)."""
     if tagger.model_takes_waveforms:
         return "an exported (ONNX) model runs exact windows"
@@ -88,15 +89,15 @@ class WindowEngine:
     """Tag the windows of a stream fed block by block (`push`, then `finish`).
 
     mode "exact" returns each window from `push` as soon as its last sample arrives. mode "shared"
-    needs look-ahead: a window comes out once the audio reaches `lookahead` samples past its end
-    (the pass's margin, `chunk` samples of new audio per pass: about 143 s for 10-s windows with
-    mn04/mn10 at the default chunk); `finish` returns the rest at once. With frames=True the
+    needs look-ahead: a window comes out at the latest once the audio reaches `lookahead` samples
+    past its end (the pass's margin plus `chunk` samples of new audio per pass: about 143 s for
+    10-s windows with mn04/mn10 at the default chunk); `finish` returns the rest at once. With frames=True the
     shared pass also gives per-frame probabilities (`take_frames`), in either mode: the head on
     the mean embedding of the `frame_window` samples (rounded to an odd count of frames; default
     `FRAME_WINDOW_SECONDS`) centred on each frame.
     """
 
-    def __init__(self, tagger: Tagger, window: int, hop: int, mode: str = "exact", batch_size: int = 8,
+    def __init__(self, tagger: LoadedModel, window: int, hop: int, mode: str = "exact", batch_size: int = 8,
                  frames: bool = False, frame_window: Optional[int] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -111,7 +112,7 @@ class WindowEngine:
         self._shared: Optional[SharedPass] = None
         if mode == "shared" or frames:
             self._shared = SharedPass(tagger, context=window)
-            self.chunk = math.ceil(CHUNK_SECONDS * tagger.sample_rate / self._shared.frame) * self._shared.frame
+            self.chunk = math.ceil(SHARED_CHUNK_SECONDS * tagger.sample_rate / self._shared.frame) * self._shared.frame
             self._emb = torch.zeros(0, 0)
             self._emb_start = 0  # frame index of _emb[0]
             self._frames_done = 0  # frames computed (valid) so far
@@ -122,8 +123,10 @@ class WindowEngine:
 
     @property
     def lookahead(self) -> int:
-        """Samples of audio past a window's end that "shared" needs before returning it."""
-        return 0 if self.mode == "exact" else self._shared.margin + self.chunk
+        """The most samples of audio past a window's end (mode "shared") or a frame's (frames=True)
+        before `push` returns it: the shared pass runs when that much audio is in. 0 for exact
+        windows without frames."""
+        return 0 if self._shared is None else self._shared.margin + self.chunk
 
     def push(self, samples: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """Feed mono float32 samples; returns the windows completed so far, (index, probabilities)."""
@@ -132,7 +135,7 @@ class WindowEngine:
         self._samples.append(samples)
         if self._shared is not None:
             frame = self._shared.frame
-            while self.num_samples >= self._frames_done * frame + self.chunk + self._shared.margin:
+            while self.num_samples >= self._frames_done * frame + self.lookahead:
                 self._compute_frames((self._frames_done * frame + self.chunk) // frame)
         out = self._shared_windows() if self.mode == "shared" else self._exact_windows(final=False)
         self._drop_audio()

@@ -1,5 +1,7 @@
-"""The command-line argument groups every training script shares, and what they resolve to
-(dataset and output folders, model and frontend configuration)."""
+"""The command-line argument groups every training script shares, the parser that checks them,
+and the dataset folder they name. What the parsed flags configure is typed in
+`helpers.training.config` (`TrainingConfig.from_flags`), which is all the training code below the
+scripts takes."""
 from __future__ import annotations
 
 import argparse
@@ -8,39 +10,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, NoReturn, Optional, Sequence
 
-import torch
-from torch import nn
-
 from common.errors import InputError, fail
+from common.flags import add_frontend_flags
 from helpers.training.precision import PRECISIONS
-from models.checkpoint import read_run_record
-from models.factory import FAMILIES, frontend_kwargs, model_config
-from models.pretrained import REGISTRY
-
-
-def model_config_from_args(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
-    """`models.factory.model_config` from `add_model_args` arguments: with --pretrained the
-    architecture of --model_name's registry entry (explicit --strides / --head_type win),
-    otherwise --model_width etc.; the family follows the name ("dymn*" builds a DyMN)."""
-    return model_config(args.model_name, num_classes, args.pretrained, args.model_width, args.strides,
-                        args.head_type, args.se_dims, args.pretrain_final_temp)
-
-
-def frontend_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The AugmentMelSTFT settings given by `add_preprocessing_args` arguments, without the
-    ones left unset (None)."""
-    given = {"sr": args.resample_rate, "win_length": args.window_size, "hopsize": args.hop_size,
-             "n_fft": args.n_fft, "n_mels": args.n_mels, "freqm": args.freqm, "timem": args.timem,
-             "fmin": args.fmin, "fmax": args.fmax, "fmin_aug_range": args.fmin_aug_range,
-             "fmax_aug_range": args.fmax_aug_range}
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def frontend_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """AugmentMelSTFT keyword arguments: the preprocessing arguments given, then the registry
-    settings of --model_name (n_mels, hop size of the variants), then the standard defaults."""
-    name = getattr(args, "model_name", None)
-    return frontend_kwargs(name if name in REGISTRY else None, **frontend_overrides(args))
+from helpers.training.recipes import add_recipe_args
+from models.factory import FAMILIES, OPTIONS
+from models.pretrained import DEFAULT_MODEL
 
 
 def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_size: int,
@@ -83,40 +58,28 @@ def add_run_args(parser: argparse.ArgumentParser, experiment_name: str, batch_si
     speed.add_argument("--prefetch_factor", type=int, default=None, help="batches each worker loads ahead (default 2)")
 
 
-def memory_format(args: argparse.Namespace) -> torch.memory_format:
-    """The model's memory format from --channels_last."""
-    return torch.channels_last if args.channels_last else torch.preserve_format
-
-
-def apply_speed_options(model: nn.Module, args: argparse.Namespace) -> nn.Module:
-    """`model` (changed in place) with --channels_last and --compile, and cuDNN set per
-    --cudnn_benchmark. Compiling in place keeps the module and its state_dict keys, so DDP,
-    evaluation and checkpoints see the same model."""
-    model.to(memory_format=memory_format(args))
-    if args.compile:
-        model.compile()
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    return model
-
-
-def add_model_args(parser: argparse.ArgumentParser, model_name: str = "mn10_as",
-                   pretrain_final_temp: float = 1.0) -> None:
-    """Model arguments: --model_name, --pretrained, --pretrain_final_temp, --model_width,
-    --strides, --head_type, --se_dims."""
+def add_model_args(parser: argparse.ArgumentParser, model_name: str = DEFAULT_MODEL, **option_defaults: Any) -> None:
+    """Model arguments: --model_name (default: the shipped DEFAULT_MODEL), --pretrained,
+    --model_width, --strides, --head_type, and every family's own flags (`models.factory.OPTIONS`;
+    `option_defaults` changes their defaults)."""
+    unknown = sorted(set(option_defaults) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"no model family has the options {', '.join(unknown)}")
     g = parser.add_argument_group("model")
+    prefixes = ", ".join(f"{family.prefix}*: {family.label}" for family in FAMILIES.values())
     g.add_argument("--model_name", type=str, default=model_name,
-                   help="registry name; 'dymn*' names build a DyMN")
+                   help=f"registry name (default {DEFAULT_MODEL}, shipped; with --pretrained another name downloads "
+                        f"its weights once); its prefix picks the model family ({prefixes})")
     g.add_argument("--pretrained", action="store_true", help="start from --model_name's weights")
     g.add_argument("--model_width", type=float, default=1.0, help="width when not pretrained")
     g.add_argument("--strides", type=int, nargs=4, default=None,
                    help="four strides (default: the checkpoint's, else 2 2 2 2)")
     g.add_argument("--head_type", type=str, default=None,
                    choices=("mlp", "fully_convolutional", "multihead_attention_pooling"),
-                   help="MN classifier head (default: the checkpoint's, else mlp)")
-    defaults = {"pretrain_final_temp": pretrain_final_temp}
-    for family in FAMILIES.values():  # each family's own flags
-        for option, keywords in family.cli_options.items():
-            g.add_argument(f"--{option}", **{**keywords, "default": defaults.get(option, keywords["default"])})
+                   help="classifier head (default: the checkpoint's, else mlp)")
+    for name, option in OPTIONS.items():  # each family's own flags
+        g.add_argument(f"--{name}", type=option.type, default=option_defaults.get(name, option.default),
+                       help=option.help)
 
 
 def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, n_epochs: int,
@@ -139,21 +102,11 @@ def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, n_epochs: int
 
 
 def add_preprocessing_args(parser: argparse.ArgumentParser) -> None:
-    """Frontend arguments with the original's names. Sample rate, window, hop, n_fft and n_mels
-    default to the --model_name checkpoint's settings (32000, 800, 320, 1024, 128 for most);
-    masking is off (freqm = timem = 0) and eval-time fmax is sr/2 - fmax_aug_range/2."""
-    g = parser.add_argument_group("preprocessing")
-    g.add_argument("--resample_rate", type=int, default=None)
-    g.add_argument("--window_size", type=int, default=None)
-    g.add_argument("--hop_size", type=int, default=None)
-    g.add_argument("--n_fft", type=int, default=None)
-    g.add_argument("--n_mels", type=int, default=None)
-    g.add_argument("--freqm", type=int, default=0, help="frequency mask width (train only)")
-    g.add_argument("--timem", type=int, default=0, help="time mask width (train only)")
-    g.add_argument("--fmin", type=float, default=0.0)
-    g.add_argument("--fmax", type=float, default=None)
-    g.add_argument("--fmin_aug_range", type=int, default=10)
-    g.add_argument("--fmax_aug_range", type=int, default=2000)
+    """Frontend arguments with the original's names (`common.flags.add_frontend_flags`, training
+    settings included). Sample rate, window, hop, n_fft and n_mels default to the --model_name
+    checkpoint's settings (32000, 800, 320, 1024, 128 for most); masking is off
+    (freqm = timem = 0) and eval-time fmax is sr/2 - fmax_aug_range/2."""
+    add_frontend_flags(parser, training=True)
 
 
 # flags whose values must be at least 1 / at least 0 / positive, where a script has them
@@ -163,12 +116,12 @@ _NOT_NEGATIVE = ("num_workers", "weight_decay", "mixup_alpha", "warm_up_len", "r
 _POSITIVE = ("lr", "clip_length")
 
 
-def check_args(args: argparse.Namespace, flags: Optional[Mapping[str, str]] = None) -> None:
-    """InputError (one line naming the flag) for values no run can use: a batch size, epoch count
-    below 1, a negative worker count, a learning rate or clip length that is not a positive
-    number, ... `flags` maps an argument to the flag the script spells it with (default
+def check_args(values: Mapping[str, Any], flags: Optional[Mapping[str, str]] = None) -> None:
+    """InputError (one line naming the flag) for parsed flag `values` no run can use: a batch
+    size, epoch count below 1, a negative worker count, a learning rate or clip length that is not
+    a positive number, ... `flags` maps an argument to the flag the script spells it with (default
     --<name>); `TrainingParser` calls this with its own flags right after parsing."""
-    values, flags = vars(args), flags or {}
+    flags = flags or {}
     for names, ok, need in ((_AT_LEAST_ONE, lambda v: v >= 1, "at least 1"),
                             (_NOT_NEGATIVE, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
                             (_POSITIVE, lambda v: math.isfinite(v) and v > 0, "a positive number")):
@@ -184,16 +137,26 @@ def check_args(args: argparse.Namespace, flags: Optional[Mapping[str, str]] = No
 
 class TrainingParser(argparse.ArgumentParser):
     """The training scripts' parser: a bad flag is one line `error: ...` (not the usage block
-    first), and the parsed values are checked (`check_args`) under the flags the script spells."""
+    first), and the parsed values are checked (`check_args`) under the flags the script spells;
+    each (flag, other flag, message) of `conflicts` set together is an InputError with that message."""
+
+    def __init__(self, *args: Any, conflicts: Sequence[tuple[str, str, str]] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conflicts = list(conflicts)
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see --help)")
 
+    # argparse's hook: the parsing itself, the one place a Namespace is handled below the scripts
     def parse_args(self, args: Optional[Sequence[str]] = None,  # type: ignore[override]
                    namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
         parsed = super().parse_args(args, namespace)
+        values = vars(parsed)
         # argparse keeps its actions in _actions (no public accessor): dest -> the long flag
-        check_args(parsed, {a.dest: a.option_strings[-1] for a in self._actions if a.option_strings})
+        check_args(values, {a.dest: a.option_strings[-1] for a in self._actions if a.option_strings})
+        for first, second, message in self.conflicts:
+            if values.get(first) and values.get(second):
+                raise InputError(message)
         return parsed
 
 
@@ -203,11 +166,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
-
-
-def resolve_out_dir(args: argparse.Namespace) -> Path:
-    """--out_dir, or runs/<experiment_name>."""
-    return Path(args.out_dir) if args.out_dir else Path("runs") / args.experiment_name
 
 
 def resolve_dataset_dir(dataset_dir: Optional[str], env_var: Optional[str],
@@ -229,20 +187,23 @@ def resolve_dataset_dir(dataset_dir: Optional[str], env_var: Optional[str],
 class _PretrainedName(argparse.Action):
     """--pretrained_name NAME: the same as --pretrained --model_name NAME."""
 
+    # argparse's hook, called while parsing
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: Optional[str] = None) -> None:
         namespace.model_name, namespace.pretrained = values, True
 
 
 def finetune_parser(description: str, experiment_name: str, batch_size: int, lr: float,
-                    dataset_env: str) -> argparse.ArgumentParser:
+                    dataset_env: str, recipe: str = "finetune",
+                    conflicts: Sequence[tuple[str, str, str]] = ()) -> TrainingParser:
     """The arguments every fine-tuning script has, with the original's defaults where the scripts
     differ (run name, batch size, learning rate) and where they agree (80 epochs, warm-up 10,
     ramp-down from epoch 10 over 65 epochs, gain 12 dB, roll and waveform mixing on): the
     argument groups above (run, model, optimization, preprocessing), --pretrained_name, and
     the fine-tuning data group: --cache_path, --no_roll, --no_wavmix, --gain_augment and
-    --checkpoint (evaluate a fine-tuned checkpoint instead of training)."""
-    parser = TrainingParser(description=description)
+    --checkpoint (evaluate a fine-tuned checkpoint instead of training), and the recipe options
+    (`recipes.add_recipe_args`, default `recipe`); `conflicts` as `TrainingParser` takes them."""
+    parser = TrainingParser(description=description, conflicts=conflicts)
     add_run_args(parser, experiment_name=experiment_name, batch_size=batch_size, dataset_env=dataset_env)
     add_model_args(parser)
     parser.add_argument("--pretrained_name", action=_PretrainedName, metavar="NAME",
@@ -257,12 +218,5 @@ def finetune_parser(description: str, experiment_name: str, batch_size: int, lr:
     g.add_argument("--gain_augment", type=int, default=12, help="random gain range in dB (0 disables)")
     g.add_argument("--checkpoint", type=str, default=None,
                    help="evaluate this fine-tuned checkpoint (best.pt / last.pt) instead of training")
+    add_recipe_args(parser, default=recipe)
     return parser
-
-
-def sample_rate(args: argparse.Namespace) -> int:
-    """The rate to load clips at: that of --checkpoint's frontend when evaluating one, else the
-    frontend the arguments describe."""
-    if args.checkpoint:
-        return int(read_run_record(args.checkpoint, mmap=True).frontend_config.get("sr", 32000))
-    return int(frontend_config_from_args(args)["sr"])

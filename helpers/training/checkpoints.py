@@ -15,6 +15,7 @@ from common.files import check_output, lock_folder, remove_stale_temporaries
 from helpers.training.distributed import unwrap
 from helpers.training.precision import Precision
 from models.checkpoint import CHECKPOINT_FORMAT, RunRecord, plain, read_run_record, save_checkpoint
+from models.factory import get_family
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,11 @@ def _epoch_weights_of(last: Path) -> list[Path]:
     return [last.parent / name for name in (record.epoch_weights, record.stale_weights) if name]
 
 
-def check_resumable(record: RunRecord, path: Path, args: Mapping[str, Any], model_config: Mapping[str, Any],
+def check_resumable(record: RunRecord, path: Path, flags: Mapping[str, Any], model_config: Mapping[str, Any],
                     class_names: Sequence[str]) -> None:
     """InputError naming what differs unless the run of checkpoint `record` (at `path`) had this
-    model, these classes and these optimizer / schedule / data settings (RESUME_FIXED); the number
+    model, these classes and these optimizer / schedule / data settings (RESUME_FIXED, of the parsed
+    `flags`); the number
     of epochs may grow."""
     if record.model_config != plain(dict(model_config)):
         theirs = record.model_config or {}
@@ -71,8 +73,8 @@ def check_resumable(record: RunRecord, path: Path, args: Mapping[str, Any], mode
         raise InputError(f"{path}: --resume needs the run's model, which had {diff or 'another configuration'}")
     if list(record.class_names) != list(class_names):
         raise InputError(f"{path}: --resume needs the run's classes; {_class_difference(record.class_names, class_names)}")
-    changed = [f"--{k} {record.config[k]!r} (now {args[k]!r})" for k in RESUME_FIXED
-               if k in record.config and k in args and record.config[k] != plain(args[k])]
+    changed = [f"--{k} {record.config[k]!r} (now {flags[k]!r})" for k in RESUME_FIXED
+               if k in record.config and k in flags and record.config[k] != plain(flags[k])]
     if changed:
         raise InputError(f"{path}: the run was trained with {', '.join(changed)}; a resumed run keeps its "
                          "optimizer, schedule and data settings: drop those flags, or start over with --overwrite")
@@ -123,11 +125,14 @@ def restore_training_state(record: RunRecord, model: nn.Module,
     return int(record.epoch) + 1
 
 
-def epoch_weights_name(width: float, task: str, epoch: int, metric: str, value: float) -> str:
-    """The original's per-epoch file name, e.g. mn10_as_epoch_5_mAP_450.pt (width, task, epoch,
-    metric x 1000; a non-finite value is written as nan)."""
+def epoch_weights_name(model_config: Mapping[str, Any], task: str, epoch: int, metric: str, value: float) -> str:
+    """The original's per-epoch file name of the model `model_config` describes, e.g.
+    mn10_as_epoch_5_mAP_450.pt (its family's weight-file prefix and width, task, epoch, metric x
+    1000; a non-finite value is written as nan)."""
     score = round(value * 1000) if math.isfinite(value) else "nan"
-    return f"mn{str(width).replace('.', '')}_{task}_epoch_{epoch}_{metric}_{score}.pt"
+    prefix = get_family(model_config["family"]).weights_prefix
+    width = str(model_config.get("width_mult", 1.0)).replace(".", "")
+    return f"{prefix}{width}_{task}_epoch_{epoch}_{metric}_{score}.pt"
 
 
 def save_epoch_weights(out_dir: Path, record: RunRecord, only_if_missing: bool = False) -> None:

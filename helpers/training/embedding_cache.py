@@ -1,7 +1,7 @@
-"""The probe's on-disk cache of clip features (`--cache_dir`), so that a second run with other head
+"""The probe's on-disk cache of clip features (`--embedding_cache`), so that a second run with other head
 settings reads them back instead of running the network again.
 
-Where. `--cache_dir`, by default `$EFFICIENTAT_CACHE/embeddings` or the user cache folder
+Where. `--embedding_cache`, by default `$EFFICIENTAT_CACHE/embeddings` or the user cache folder
 (`$XDG_CACHE_HOME` or `~/.cache`)/efficientat/embeddings: never the working directory.
 
 Key. A folder per feature extractor, named by a hash of everything that changes a feature besides

@@ -1,8 +1,7 @@
 """Evaluation: one pass over an evaluation set gathered from all ranks (`evaluate`), and the
-model a script evaluates (a fine-tuned checkpoint, or the model arguments' model)."""
+model a script evaluates (a fine-tuned checkpoint, or the model its configuration names)."""
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from common.errors import InputError
-from helpers.training.args import apply_speed_options, frontend_config_from_args, model_config_from_args
+from helpers.training.config import TrainingConfig
 from helpers.training.data import eval_loader
 from helpers.training.distributed import DistInfo, broadcast_buffers, gather_cat, unwrap
 from helpers.training.precision import Precision
@@ -78,11 +77,11 @@ def evaluate(model: nn.Module, frontend: nn.Module, loader: DataLoader, precisio
     return Predictions(*gathered) if len(gathered) == 3 else Predictions(*gathered, None)
 
 
-def model_for_evaluation(checkpoint: Optional[str | Path], args: argparse.Namespace, task: Task,
+def model_for_evaluation(checkpoint: Optional[str | Path], config: TrainingConfig, task: Task,
                          dist: DistInfo) -> tuple[torch.nn.Module, AugmentMelSTFT, str]:
     """(model, frontend, description) to evaluate: a fine-tuned checkpoint, checked against the
     task's classes, or without one (the original's evaluation mode) the model of the model
-    arguments with an untrained classifier for the task's classes, which is logged as a warning.
+    flags (`config.model`) with an untrained classifier for the task's classes, which is logged as a warning.
     On the CPU in fp32 both are the eval-only fast copies (models/fast.py); under a reduced
     --precision the originals, as the training loop evaluates them: autocast rounds a folded
     convolution otherwise than the convolution and batch norm it replaces, so the fast copies
@@ -94,28 +93,29 @@ def model_for_evaluation(checkpoint: Optional[str | Path], args: argparse.Namesp
                              f"the {len(task.class_names)} of this dataset")
         title = str(checkpoint)
     else:
-        model = model_from_config(model_config_from_args(args, num_classes=len(task.class_names)))
+        model = model_from_config(config.model.to_dict(len(task.class_names)))
         logger.warning("no --checkpoint given: %s is evaluated with an untrained %d-class classifier",
-                       args.model_name, len(task.class_names))
-        frontend_config, title = frontend_config_from_args(args), args.model_name
+                       config.model.name, len(task.class_names))
+        frontend_config, title = config.frontend_settings(), config.model.name
     model, frontend = model.to(dist.device).eval(), AugmentMelSTFT(**frontend_config).to(dist.device).eval()
-    if getattr(args, "precision", None) in (None, "fp32"):
+    if config.run.precision in (None, "fp32"):
         model, frontend = fast_inference(model, frontend)
     return model, frontend, title
 
 
 def evaluate_model(model: torch.nn.Module, frontend: AugmentMelSTFT, dataset: Dataset, task: Task,
-                   args: argparse.Namespace, dist: DistInfo, batch_size: Optional[int] = None) -> dict[str, float]:
+                   config: TrainingConfig, dist: DistInfo, batch_size: Optional[int] = None) -> dict[str, float]:
     """The task's metrics of `model` on `dataset` (empty dict on ranks other than the main one)."""
-    predictions = predict(model, frontend, dataset, task, args, dist, batch_size)
+    predictions = predict(model, frontend, dataset, task, config, dist, batch_size)
     return task.metrics_fn(*predictions) if dist.is_main else {}
 
 
 def predict(model: torch.nn.Module, frontend: AugmentMelSTFT, dataset: Dataset, task: Task,
-            args: argparse.Namespace, dist: DistInfo, batch_size: Optional[int] = None) -> Predictions:
-    """`evaluate` over `dataset` with the script's batch size, workers, --precision and speed
+            config: TrainingConfig, dist: DistInfo, batch_size: Optional[int] = None) -> Predictions:
+    """`evaluate` over `dataset` with the run's batch size, workers, --precision and speed
     options (applied to `model` in place), dropping the rows `task.keep_fn` rejects."""
-    loader = eval_loader(dataset, batch_size or args.batch_size, args.num_workers, dist,
-                         prefetch_factor=args.prefetch_factor)
-    return evaluate(apply_speed_options(model, args), frontend, loader, Precision(args.precision, dist.device),
+    loader_config = config.loader
+    loader = eval_loader(dataset, batch_size or loader_config.batch_size, loader_config.num_workers, dist,
+                         prefetch_factor=loader_config.prefetch_factor)
+    return evaluate(config.speed.apply(model), frontend, loader, Precision(config.run.precision, dist.device),
                     dist, task.keep_fn)

@@ -2,7 +2,8 @@
 
 A script describes its data as a `helpers.training.tasks.Task` (class names, loss callback,
 metrics, wandb project; optionally a training sampler and an end-of-epoch hook) and calls
-`fine_tune(args, task, train_set, val_set, dist, out_dir)`. Per epoch: re-seed from (seed, epoch,
+`fine_tune(config, task, train_set, val_set, dist, out_dir)` with the run's typed configuration
+(`helpers.training.config.TrainingConfig`). Per epoch: re-seed from (seed, epoch,
 rank), the model's `update_params(epoch)` (DyMN temperature), one training pass, the scheduler
 step, evaluation on all ranks, the task's hook, logging and atomic checkpoints:
 
@@ -35,7 +36,6 @@ numbers, so a run resumed from an epoch checkpoint repeats the uninterrupted run
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -51,8 +51,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from common.errors import InputError
-from helpers.training.args import apply_speed_options, frontend_config_from_args, model_config_from_args
 from common.files import unlock_folder
+from helpers.training.config import TrainingConfig
 from helpers.training.checkpoints import (RUN_FILES, check_resumable, epoch_weights_name, prepare_run_folder,
                                           restore_training_state, save_epoch_weights, training_record)
 from helpers.training.data import eval_loader, train_loader
@@ -164,47 +164,49 @@ def _better(metrics: dict[str, float], best: dict[str, float], selection: str) -
     return key(metrics) > key(best)
 
 
-def model_from_args(args: argparse.Namespace, num_classes: int) -> tuple[dict[str, Any], nn.Module]:
-    """(model configuration, model) of the model arguments for `num_classes` classes; a model the
-    arguments cannot build (unknown name, conflicting settings) is an InputError."""
+def make_model(config: TrainingConfig, num_classes: int) -> tuple[dict[str, Any], nn.Module]:
+    """(model configuration, model) of the run's model for `num_classes` classes; a model the
+    flags cannot build (unknown name, conflicting settings) is an InputError."""
     try:
-        model_config = model_config_from_args(args, num_classes=num_classes)
+        model_config = config.model.to_dict(num_classes)
         return model_config, model_from_config(model_config)
     except ValueError as e:
         raise InputError(str(e)) from None
 
 
-def build_run(args: argparse.Namespace, task: Task, train_set: Dataset, val_set: Dataset, dist: DistInfo,
+def build_run(config: TrainingConfig, task: Task, train_set: Dataset, val_set: Dataset, dist: DistInfo,
               eval_batch_size: Optional[int] = None) -> Run:
-    """Model (`model_from_args`), frontend, optimizer (--lr), schedule, precision and loaders from
-    the arguments."""
-    seed_everything(args.seed)
-    model_config, model = model_from_args(args, len(task.class_names))
-    model = wrap_ddp(apply_speed_options(model.to(dist.device), args), dist)
-    frontend_config = frontend_config_from_args(args)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.adamw, fused=dist.device.type == "cuda")
-    loader_options = {"persistent_workers": args.persistent_workers, "prefetch_factor": args.prefetch_factor}
+    """Model (`make_model`), frontend, optimizer (--lr), schedule, precision and loaders of
+    the run's configuration."""
+    seed_everything(config.run.seed)
+    model_config, model = make_model(config, len(task.class_names))
+    model = wrap_ddp(config.speed.apply(model.to(dist.device)), dist)
+    frontend_config = config.frontend_settings()
+    optim, loader = config.optim, config.loader
+    optimizer = make_optimizer(model, optim.lr, optim.weight_decay, optim.adamw, fused=dist.device.type == "cuda")
+    loader_options = {"persistent_workers": loader.persistent_workers, "prefetch_factor": loader.prefetch_factor}
     return Run(model, AugmentMelSTFT(**frontend_config).to(dist.device), optimizer,
-               make_scheduler(optimizer, args), Precision(args.precision, dist.device),
-               train_loader(train_set, args.batch_size, args.num_workers, dist, args.seed, task.sampler,
+               make_scheduler(optimizer, optim), Precision(config.run.precision, dist.device),
+               train_loader(train_set, loader.batch_size, loader.num_workers, dist, config.run.seed, task.sampler,
                             **loader_options),
-               eval_loader(val_set, eval_batch_size or args.batch_size, args.num_workers, dist, **loader_options),
+               eval_loader(val_set, eval_batch_size or loader.batch_size, loader.num_workers, dist, **loader_options),
                model_config, frontend_config)
 
 
-def _resume(args: argparse.Namespace, run: Run, task: Task, out_dir: Path) -> tuple[int, Optional[RunRecord], Path]:
+def _resume(config: TrainingConfig, run: Run, task: Task, out_dir: Path) -> tuple[int, Optional[RunRecord], Path]:
     """(first epoch, the record resumed from, its folder), from --resume's checkpoint if given."""
-    if not args.resume:
+    resume = config.run.resume
+    if not resume:
         return 0, None, out_dir
-    resume_path = out_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
-    if args.resume == "auto" and not any((out_dir / name).exists() for name in RUN_FILES):
+    resume_path = out_dir / "last.pt" if resume == "auto" else Path(resume)
+    if resume == "auto" and not any((out_dir / name).exists() for name in RUN_FILES):
         # e.g. a fold of --all_folds that an interruption kept from starting
         log.warning("--resume: %s holds no run yet; starting it from epoch 0", out_dir)
         return 0, None, out_dir
     record = read_run_record(resume_path)
-    check_resumable(record, resume_path, vars(args), run.model_config, task.class_names)
-    start = restore_training_state(record, run.model, run.optimizer, run.scheduler, run.precision, args.seed)
-    if start >= args.n_epochs and resume_path.resolve().parent != out_dir.resolve():
+    check_resumable(record, resume_path, config.flags, run.model_config, task.class_names)
+    start = restore_training_state(record, run.model, run.optimizer, run.scheduler, run.precision, config.run.seed)
+    if start >= config.optim.n_epochs and resume_path.resolve().parent != out_dir.resolve():
         raise InputError(f"{resume_path}: that run has finished its {start} epochs, and its models are in "
                          f"{resume_path.parent}, not --out_dir {out_dir}; raise --n_epochs to train it further")
     task.report(f"resumed from {resume_path} after epoch {start - 1}")
@@ -248,11 +250,11 @@ def _commit_epoch(out_dir: Path, record: RunRecord, logger: RunLogger) -> None:
     logger.log(record.log, step=record.epoch)
 
 
-def _train_epoch(run: Run, task: Task, args: argparse.Namespace, dist: DistInfo,
+def _train_epoch(run: Run, task: Task, seed: int, dist: DistInfo,
                  epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
     """One epoch: seed, model settings, training pass, schedule step, evaluation, the task's
     metrics (main process) and hook (all processes). Returns (metrics, values to log)."""
-    seed_epoch(args.seed, epoch, dist.rank)
+    seed_epoch(seed, epoch, dist.rank)
     unwrap(run.model).update_params(epoch)
     started, cpu_started = time.perf_counter(), time.process_time()
     stats = train_one_epoch(run.model, run.frontend, run.train_dl, run.optimizer, task.loss_fn, run.precision,
@@ -274,29 +276,30 @@ def _train_epoch(run: Run, task: Task, args: argparse.Namespace, dist: DistInfo,
             "epoch_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}
 
 
-def fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set: Dataset,
+def fine_tune(config: TrainingConfig, task: Task, train_set: Dataset, val_set: Dataset,
               dist: DistInfo, out_dir: Path, eval_batch_size: Optional[int] = None) -> Result:
-    """Train for args.n_epochs on `train_set`, evaluating on `val_set` after every epoch; see the
+    """Train for --n_epochs on `train_set`, evaluating on `val_set` after every epoch; see the
     module docstring for the files written. With --resume the run continues from
     <out_dir>/last.pt (or the given file). The run folder is locked while it runs."""
-    prepare_run_folder(out_dir, args.resume, args.overwrite, dist.is_main)
+    prepare_run_folder(out_dir, config.run.resume, config.run.overwrite, dist.is_main)
     try:
-        return _fine_tune(args, task, train_set, val_set, dist, out_dir, eval_batch_size)
+        return _fine_tune(config, task, train_set, val_set, dist, out_dir, eval_batch_size)
     finally:
         unlock_folder(out_dir)
 
 
-def _fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set: Dataset,
+def _fine_tune(config: TrainingConfig, task: Task, train_set: Dataset, val_set: Dataset,
                dist: DistInfo, out_dir: Path, eval_batch_size: Optional[int]) -> Result:
-    run = build_run(args, task, train_set, val_set, dist, eval_batch_size)
-    start, record, source = _resume(args, run, task, out_dir)
-    logger = RunLogger(args.logger, task.project, args.experiment_name, vars(args), out_dir, dist,
+    run = build_run(config, task, train_set, val_set, dist, eval_batch_size)
+    start, record, source = _resume(config, run, task, out_dir)
+    logger = RunLogger(config.run.logger, task.project, config.run.experiment_name, config.flags, out_dir, dist,
                        tags=task.tags, notes=task.notes)
     best = _finish_commit(out_dir, record, source, logger) if record is not None and dist.is_main else None
     last = record.metrics if record is not None else {}
-    for epoch in range(start, args.n_epochs):
+    seed = config.run.seed
+    for epoch in range(start, config.optim.n_epochs):
         try:
-            last, values = _train_epoch(run, task, args, dist, epoch)
+            last, values = _train_epoch(run, task, seed, dist, epoch)
         except TrainingDiverged as e:
             kept = f"{out_dir / 'last.pt'} keeps epoch {epoch - 1}" if epoch > 0 else "nothing was saved"
             raise TrainingDiverged(f"{e}; {kept}") from None
@@ -304,10 +307,10 @@ def _fine_tune(args: argparse.Namespace, task: Task, train_set: Dataset, val_set
             continue
         if best is None or _better(last, best["metrics"], task.selection):
             best = {"epoch": epoch, "metrics": last}
-        weights = epoch_weights_name(run.model_config["width_mult"], task.name, epoch, task.metric_tag,
+        weights = epoch_weights_name(run.model_config, task.name, epoch, task.metric_tag,
                                      last[task.selection])
-        record = training_record(run.model, run.optimizer, run.scheduler, run.precision, epoch, args.seed,
-                                 vars(args), run.model_config, run.frontend_config, task.class_names, last,
+        record = training_record(run.model, run.optimizer, run.scheduler, run.precision, epoch, seed,
+                                 config.flags, run.model_config, run.frontend_config, task.class_names, last,
                                  multilabel=task.multilabel, task=task.name, best=best, log=values,
                                  epoch_weights=weights, stale_weights=record.epoch_weights if record else None)
         _commit_epoch(out_dir, record, logger)

@@ -1,11 +1,12 @@
 """Optimizer and the original's learning-rate schedule (exponential warm-up, plateau, linear ramp-down)."""
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 from torch import nn
+
+from helpers.training.config import OptimConfig
 
 
 class WarmupRampdown:
@@ -48,8 +49,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, adamw
     return cls(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer,
-                   args: argparse.Namespace) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR with `WarmupRampdown` from the schedule arguments; step it once after each epoch."""
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with `WarmupRampdown` from the schedule settings; step it once after each epoch."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupRampdown(
-        args.warm_up_len, args.ramp_down_start, args.ramp_down_len, args.last_lr_value))
+        optim.warm_up_len, optim.ramp_down_start, optim.ramp_down_len, optim.last_lr_value))

@@ -9,7 +9,6 @@ mask.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from datasets.augment import GainDataset, RollDataset, WavMixDataset, mix_targets
+from helpers.training.config import DataConfig
 from helpers.training.metrics import accuracy, multilabel_metrics
 from datasets.items import is_valid
 from helpers.training.mixup import mix, mixup
@@ -54,15 +54,15 @@ class Task:
     report: Callable[[str], None] = logger.info
 
 
-def augment_training_set(dataset: Dataset, args: argparse.Namespace,
+def augment_training_set(dataset: Dataset, data: DataConfig,
                          mix_target: Callable[[Any, Any, float], Any] = mix_targets) -> Dataset:
-    """Training wrappers in the original's order: roll, gain, waveform mixing (as switched by the
-    `finetune_parser` flags)."""
-    if not args.no_roll:
+    """Training wrappers in the original's order: roll, gain, waveform mixing (as `data` switches
+    them: the fine-tuning scripts' --no_roll, --gain_augment, --no_wavmix)."""
+    if data.roll:
         dataset = RollDataset(dataset)
-    if args.gain_augment > 0:
-        dataset = GainDataset(dataset, args.gain_augment)
-    if not args.no_wavmix:
+    if data.gain_augment > 0:
+        dataset = GainDataset(dataset, data.gain_augment)
+    if data.wavmix:
         dataset = WavMixDataset(dataset, mix_target=mix_target)
     return dataset
 

@@ -1,5 +1,5 @@
 """MN's eval-only fast twin (see models/fast.py): `FastInvertedResidual` for `InvertedResidual`,
-named in the family record (models.factory.FAMILIES["mn"].fast_twins)."""
+named in MN's family record (models/mn/family.py)."""
 from __future__ import annotations
 
 import torch
