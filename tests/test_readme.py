@@ -43,6 +43,8 @@ RUN_ELSEWHERE = {
     "arecord -q -f S16_LE -r 32000 -c 1 -t raw | python windowed_inference.py --model mn04_as --audio_path - "
     "--raw s16le --input_rate 32000 --hop_length 1 --events -":
         ("tests/test_live_audio.py", "test_the_pipelines_in_the_docs_run"),
+    "python corpus.py --audio_path my_corpus --output my_table --all_classes --embeddings":
+        ("tests/test_corpus.py", "test_cluster_job_equals_single_process_and_survives_a_killed_actor"),
     "python export_onnx.py --model_name mn04_as --with_frontend --output mn04_as_frontend.onnx --check "
     "resources/demo_bells.wav": ("tests/test_onnx_export.py", "test_cli_exports_mn04_with_frontend_and_checks"),
     "python demo.py --port 7860": ("tests/test_demo.py", "test_demo_py_serves_the_page_until_stopped"),

@@ -11,13 +11,15 @@ import itertools
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from datasets.audio import AudioLoadError, native_length, stream_audio
+
+if TYPE_CHECKING:  # imported where a batch is made: the corpus job's decode tasks read audio without torch
+    import torch
 
 # Recordings longer than this are tagged chunk by chunk (LoadedModel.forward_chunks), so memory does not
 # grow with their length; shorter ones in one pass.
@@ -86,6 +88,7 @@ def iter_files(files: Sequence[Path], sample_rate: int, fn: Callable[[torch.Tens
     pending: list[tuple[Path, np.ndarray]] = []
 
     def flush() -> Iterator[Outcome]:
+        import torch
         if pending:
             rows = fn(torch.from_numpy(np.stack([w for _, w in pending])))
             done = [(path, row) for (path, _), row in zip(pending, rows)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -26,16 +26,18 @@ class Interrupted(Exception):
 class StopSignals:
     """The handler of SIGINT and SIGTERM for one run (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: Callable[[int], BaseException] = Interrupted) -> None:
+        """`error(signum)` is what a signal raises (default `Interrupted`)."""
         self.signum: Optional[int] = None
         self._deferred = 0
+        self._error = error
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None:
             return
         self.signum = signum
         if not self._deferred:
-            raise Interrupted(signum)
+            raise self._error(signum)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopSignals"]:
@@ -60,14 +62,14 @@ class StopSignals:
         finally:
             self._deferred -= 1
         if self.signum is not None and not self._deferred:
-            raise Interrupted(self.signum)
+            raise self._error(self.signum)
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
         """Inside a held run, a block (waiting for input) that a signal interrupts at once; a signal
         noted before raises on entry."""
         if self.signum is not None:
-            raise Interrupted(self.signum)
+            raise self._error(self.signum)
         self._deferred -= 1
         try:
             yield
